@@ -1,0 +1,1 @@
+"""See why a merge works: spectra, similarities, attention decay, knockout, evaluation."""

@@ -1,0 +1,41 @@
+"""`python -m merging check RECIPE` and `python -m merging merge RECIPE OUT_DIR [--device cpu|cuda]`.
+
+Exit 0 on success; exit 2 with a one-line reason on stderr for bad input.
+"""
+
+import argparse
+import sys
+
+from merging.errors import LabError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m merging", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ck = sub.add_parser("check", help="compatibility report of the recipe's triple; writes nothing")
+    ck.add_argument("recipe")
+    mg = sub.add_parser("merge", help="merge the recipe into a Hugging Face model folder")
+    mg.add_argument("recipe")
+    mg.add_argument("out_dir")
+    mg.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    mg.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 500MB, 2GB (default 2GB)")
+    mg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            from merging.compat import main_check
+
+            return main_check(args)
+        from merging.engine import main_merge
+
+        return main_merge(args)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

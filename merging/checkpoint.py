@@ -1,0 +1,226 @@
+"""Lazy, per-tensor access to a model folder's weights (single-file or sharded safetensors).
+
+Headers are parsed once on open (cheap: a few KB per file) so names, shapes and dtypes are
+known without reading any weights; tensors are read one at a time through safe_open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from merging import hub
+from merging.errors import LabError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+_FULL_HASH_BYTES = 64 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of one file and the byte offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LabError(f"{path} is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _MAX_HEADER):
+            raise LabError(f"{path} is corrupt or truncated: header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LabError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in DTYPES or "data_offsets" not in info:
+            raise LabError(f"{path} is corrupt: tensor {name!r} has a bad header entry")
+        if info["data_offsets"][1] > data_len:
+            raise LabError(f"{path} is truncated: tensor {name!r} extends past the end of the file")
+    return header, 8 + n
+
+
+class Checkpoint:
+    """One model folder. Use Checkpoint.open(ref) and close() (or a with-block)."""
+
+    def __init__(self, path: Path, config: dict, files: dict[str, Path], meta: dict[str, dict],
+                 headers: dict[Path, int], bin_files: bool = False):
+        self.path = path
+        self.config = config
+        self._files = files  # tensor name -> file
+        self._meta = meta  # tensor name -> {"dtype", "shape"}
+        self._data_starts = headers  # file -> data offset
+        self._bin = bin_files
+        self._handles: dict[Path, object] = {}
+        self._fingerprint: str | None = None
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, ref: str | Path, allow_bin: bool = False) -> Checkpoint:
+        path = hub.resolve(ref)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise LabError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            raise LabError(f"{cfg_path} is not valid JSON") from None
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            file_of = _read_index(index)
+        elif (path / "model.safetensors").is_file():
+            file_of = None
+            shard_files = [path / "model.safetensors"]
+        else:
+            shard_files = sorted(path.glob("*.safetensors"))
+            file_of = None
+            if not shard_files:
+                return cls._open_bin(path, config, allow_bin)
+        if file_of is not None:
+            shard_files = sorted({path / f for f in file_of.values()})
+            for f in shard_files:
+                if not f.is_file():
+                    raise LabError(f"{index} names a missing shard: {f.name}")
+        files, meta, starts = {}, {}, {}
+        for f in shard_files:
+            header, start = read_header(f)
+            starts[f] = start
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if file_of is not None and file_of.get(name) != f.name:
+                    continue  # the index decides which shard owns a tensor
+                if name in files:
+                    raise LabError(f"tensor {name!r} appears in both {files[name].name} and {f.name}")
+                files[name] = f
+                meta[name] = {"dtype": info["dtype"], "shape": tuple(info["shape"])}
+        if file_of is not None:
+            missing = [n for n in file_of if n not in files]
+            if missing:
+                raise LabError(f"{index} lists tensor {missing[0]!r} but shard {file_of[missing[0]]} does not hold it")
+        return cls(path, config, files, meta, starts)
+
+    @classmethod
+    def _open_bin(cls, path: Path, config: dict, allow_bin: bool) -> Checkpoint:
+        bins = sorted(path.glob("*.bin"))
+        if not bins:
+            raise LabError(f"{path} has no *.safetensors weights")
+        if not allow_bin:
+            raise LabError(
+                f"{path} holds PyTorch .bin (pickle) weights, which can run code when loaded; "
+                "convert them to safetensors or allow .bin explicitly (then they load with weights_only=True)"
+            )
+        files, meta = {}, {}
+        for f in bins:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in sd.items():
+                files[name] = f
+                meta[name] = {"dtype": _dtype_code(t.dtype), "shape": tuple(t.shape)}
+        return cls(path, config, files, meta, {}, bin_files=True)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[self._check(name)]["shape"]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._meta[self._check(name)]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n * torch.tensor([], dtype=self.dtype(name)).element_size()
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        f = self._files[self._check(name)]
+        if self._bin:
+            sd = self._handles.get(f)
+            if sd is None:
+                sd = self._handles[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            return sd[name].to(device)
+        h = self._handles.get(f)
+        if h is None:
+            from safetensors import safe_open
+
+            h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        t = h.get_tensor(name)
+        return t if str(device) == "cpu" else t.to(device)
+
+    def _check(self, name: str) -> str:
+        if name not in self._files:
+            raise LabError(f"tensor {name!r} not found in {self.path}")
+        return name
+
+    @property
+    def fingerprint(self) -> str:
+        """Cheap identity for caches: config, every tensor's name/dtype/shape, and the bytes of
+        each file: all of them for small files, 64 evenly spaced 64 KB samples for large ones
+        (fine-tuning changes every tensor, so samples see it; hashing 16 GB would not be cheap)."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=12)
+            h.update(json.dumps(self.config, sort_keys=True).encode())
+            for name in self.names():
+                m = self._meta[name]
+                h.update(f"{name}|{m['dtype']}|{m['shape']}\n".encode())
+            for f in self.files():
+                size = f.stat().st_size
+                h.update(f"{f.name}:{size}".encode())
+                with open(f, "rb") as fh:
+                    if size <= _FULL_HASH_BYTES:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                        continue
+                    for i in range(64):
+                        fh.seek(size * i // 64)
+                        h.update(fh.read(1 << 16))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self._files)} tensors)"
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        wm = data["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LabError(f"{index} is not a valid safetensors index (no weight_map)") from None
+    return wm
+
+
+def _dtype_code(dtype: torch.dtype) -> str:
+    for code, dt in DTYPES.items():
+        if dt == dtype:
+            return code
+    raise LabError(f"unsupported tensor dtype {dtype}")

@@ -1,0 +1,122 @@
+"""Can this triple be merged? A report for people, and one clear reason when it cannot.
+
+`python -m merging check RECIPE` prints the report and writes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from merging.checkpoint import Checkpoint
+from merging.errors import LabError
+from merging.layout import Layout, derive_layout
+
+ROLES = ("vlm", "reasoner", "base")
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass
+class CompatReport:
+    refs: dict[str, str]
+    layouts: dict[str, Layout]
+    fingerprints: dict[str, str]
+    shape_mismatches: list[str] = field(default_factory=list)  # "name: vlm (a,b) vs reasoner (c,d)"
+    missing: list[str] = field(default_factory=list)  # "name missing in reasoner"
+    warnings: list[str] = field(default_factory=list)
+    reason: str | None = None  # why the triple cannot be merged; None when it can
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    def raise_if_incompatible(self) -> None:
+        if self.reason:
+            raise LabError(self.reason)
+
+    def lines(self) -> list[str]:
+        out = []
+        for role, lay in self.layouts.items():
+            out.append(f"{role:9s} {self.refs[role]}")
+            out.append(f"          family {lay.family}, {lay.num_layers} layers, hidden {lay.hidden_size}, "
+                       f"vocab {lay.vocab_size}, {len(lay.lm)} LM tensors, {len(lay.other)} untouched "
+                       f"(vision/projector), fingerprint {self.fingerprints[role]}")
+        out += [f"shape differs: {m}" for m in self.shape_mismatches]
+        out += [f"missing: {m}" for m in self.missing]
+        out += [f"warning: {w}" for w in self.warnings]
+        out.append("compatible: yes" if self.ok else f"compatible: NO - {self.reason}")
+        return out
+
+
+def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bool = False) -> CompatReport:
+    refs = {"vlm": vlm, "reasoner": reasoner}
+    if base:
+        refs["base"] = base
+    layouts, prints, shapes = {}, {}, {}
+    for role, ref in refs.items():
+        try:
+            with Checkpoint.open(ref, allow_bin=allow_bin) as ck:
+                layouts[role] = derive_layout(ck)
+                prints[role] = ck.fingerprint
+                shapes[role] = {c: ck.shape(a) for c, a in layouts[role].lm.items()}
+        except LabError as e:
+            raise LabError(f"{role}: {e}") from None
+    rep = CompatReport(refs, layouts, prints)
+    for role, lay in layouts.items():
+        rep.warnings += [f"{role}: {w}" for w in lay.warnings]
+    v = layouts["vlm"]
+    if not v.is_vlm:
+        rep.warnings.append("vlm: this model has no vision part; merging a text LLM works the same way")
+    for role in refs:
+        if role == "vlm":
+            continue
+        o = layouts[role]
+        if o.num_layers != v.num_layers:
+            rep.reason = rep.reason or f"layer counts differ: vlm has {v.num_layers}, {role} has {o.num_layers}"
+        if v.hidden_size and o.hidden_size and v.hidden_size != o.hidden_size:
+            rep.reason = rep.reason or f"hidden sizes differ: vlm {v.hidden_size}, {role} {o.hidden_size}"
+        for name, shape in shapes["vlm"].items():
+            if name not in shapes[role]:
+                if name in VOCAB_TENSORS:
+                    rep.warnings.append(f"{name} absent in {role} (tied embeddings?); the VLM's is kept")
+                    continue
+                rep.missing.append(f"{name} missing in {role}")
+                continue
+            if shapes[role][name] != shape:
+                msg = f"{name}: vlm {tuple(shape)} vs {role} {tuple(shapes[role][name])}"
+                rep.shape_mismatches.append(msg)
+                if name not in VOCAB_TENSORS:
+                    rep.reason = rep.reason or f"tensor shapes differ: {msg}"
+        extra = [n for n in shapes[role] if n not in shapes["vlm"]]
+        if extra:
+            rep.warnings.append(f"{role} has {len(extra)} LM tensors the vlm lacks (ignored), e.g. {extra[0]}")
+    if rep.missing and rep.reason is None:
+        rep.reason = f"tensor {rep.missing[0]}" + (f" (and {len(rep.missing) - 1} more)" if len(rep.missing) > 1 else "")
+    if v.vocab_size and any(layouts[r].vocab_size != v.vocab_size for r in refs):
+        sizes = ", ".join(f"{r} {layouts[r].vocab_size}" for r in refs)
+        rep.warnings.append(f"vocab sizes differ ({sizes}): embeddings and lm_head keep the VLM's unless "
+                            "embeddings: merge_shared_rows")
+    return rep
+
+
+def check_recipe(recipe) -> CompatReport:
+    return check_triple(recipe.vlm, recipe.reasoner, recipe.base)
+
+
+def main_check(args) -> int:
+    from merging import recipe as recipe_mod
+
+    rec = recipe_mod.load(args.recipe)
+    rep = check_recipe(rec)
+    print(f"method: {rec.method}  parameters: {rec.knobs()}")
+    print("\n".join(rep.lines()))
+    if not rep.ok:
+        print(f"error: cannot merge: {rep.reason}", file=sys.stderr)
+        return 2
+    try:
+        from merging import params
+
+        params.validate_lengths(rec, rep.layouts["vlm"].num_layers)
+    except ImportError:
+        pass
+    return 0

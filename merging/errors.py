@@ -1,0 +1,9 @@
+"""The one error type users see: a single line naming the thing at fault."""
+
+
+class LabError(Exception):
+    """Bad input or an impossible request. The CLI prints it on one line and exits 2."""
+
+    def __init__(self, message: str):
+        # Keep it to one line: the CLI and the app show it verbatim.
+        super().__init__(" ".join(str(message).split()))

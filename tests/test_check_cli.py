@@ -1,0 +1,106 @@
+"""`python -m merging check RECIPE`: the report, exit codes, one-line reasons, and no writes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.factories import make_tiny_triple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_check(recipe_path):
+    return subprocess.run([sys.executable, "-m", "merging", "check", str(recipe_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def write_recipe(path, vlm, reasoner, base, method="task_arithmetic", extra=""):
+    path.write_text(f"vlm: {vlm}\nreasoner: {reasoner}\nbase: {base}\nmethod: {method}\n"
+                    f"parameters: {{alpha: 0.5}}\n{extra}")
+    return path
+
+
+def snapshot(folder):
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def triples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    good = make_tiny_triple(root / "good")
+    deeper = make_tiny_triple(root / "deeper", num_layers=3)
+    return root, good, deeper
+
+
+def test_compatible_triple_reports_and_writes_nothing(triples):
+    root, good, _ = triples
+    recipe = write_recipe(root / "ok.yaml", good["vlm"], good["reasoner"], good["base"])
+    before = snapshot(root)
+    r = run_check(recipe)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "family llava, 2 layers, hidden 32, vocab 96" in out
+    assert "family llama, 2 layers" in out
+    assert "compatible: yes" in out
+    assert snapshot(root) == before
+
+
+def test_different_layer_count_exits_2_with_one_line(triples):
+    root, good, deeper = triples
+    r = run_check(write_recipe(root / "layers.yaml", good["vlm"], deeper["reasoner"], good["base"]))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer counts differ: vlm has 2, reasoner has 3" in lines[0]
+
+
+def test_different_hidden_size_and_missing_tensor(triples, tmp_path):
+    root, good, _ = triples
+    from transformers import LlamaForCausalLM
+
+    from tests.factories import llama_config
+
+    LlamaForCausalLM(llama_config(2, hidden_size=48, num_attention_heads=4)).save_pretrained(tmp_path / "wide")
+    r = run_check(write_recipe(tmp_path / "wide.yaml", good["vlm"], tmp_path / "wide", good["base"]))
+    assert r.returncode == 2 and "hidden sizes differ: vlm 32, reasoner 48" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    holed = tmp_path / "holed"
+    holed.mkdir()
+    for f in good["reasoner"].iterdir():
+        (holed / f.name).write_bytes(f.read_bytes())
+    sd = load_file(holed / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, holed / "model.safetensors", metadata={"format": "pt"})
+    r = run_check(write_recipe(tmp_path / "holed.yaml", good["vlm"], holed, good["base"]))
+    assert r.returncode == 2
+    assert "layers.1.mlp.up_proj.weight missing in reasoner" in r.stderr
+    assert "missing: layers.1.mlp.up_proj.weight missing in reasoner" in r.stdout
+
+
+@pytest.mark.parametrize("body, message", [
+    ("vlm: a\nreasoner: b\nmethod: warp_drive\n", "unknown method 'warp_drive'"),
+    ("vlm: a\nreasoner: b\nbase: c\nmethod: linear\nflavour: mint\n", "unknown recipe key 'flavour'"),
+    ("vlm: a\nreasoner: b\nmethod: task_arithmetic\n", "needs 'base'"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 7}\n", "out of range"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nlayers: [3, 1]\n", "'layers'"),
+    ("vlm: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_are_rejected_before_any_work(tmp_path, body, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(body)
+    r = run_check(p)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_missing_model_folder_is_named(triples, tmp_path):
+    _, good, _ = triples
+    r = run_check(write_recipe(tmp_path / "gone.yaml", good["vlm"], tmp_path / "nowhere", good["base"]))
+    assert r.returncode == 2 and f"reasoner: model folder not found: {tmp_path / 'nowhere'}" in r.stderr
+    r = run_check(tmp_path / "no-such-recipe.yaml")
+    assert r.returncode == 2 and "recipe file not found" in r.stderr
