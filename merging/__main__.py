@@ -1,4 +1,4 @@
-"""`python -m merging check RECIPE` and `python -m merging merge RECIPE OUT_DIR [--device cpu|cuda]`.
+"""`python -m merging check RECIPE`, `merge RECIPE OUT_DIR [--device cpu|cuda]`, `drift RECIPE OUT_DIR`.
 
 Exit 0 on success; exit 2 with a one-line reason on stderr for bad input.
 """
@@ -20,12 +20,21 @@ def main(argv=None) -> int:
     mg.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     mg.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 500MB, 2GB (default 2GB)")
     mg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dr = sub.add_parser("drift", help="short fine-tune of the VLM with DRIFT's reasoning prior (recipe drift: section)")
+    dr.add_argument("recipe")
+    dr.add_argument("out_dir")
+    dr.add_argument("--device", default="cpu")
+    dr.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "check":
             from merging.compat import main_check
 
             return main_check(args)
+        if args.cmd == "drift":
+            from merging.finetune import main_drift
+
+            return main_drift(args)
         from merging.engine import main_merge
 
         return main_merge(args)

@@ -75,32 +75,24 @@ NEW_LAYOUT = {
 }
 
 
+def _renamed(name: str, rules: list[tuple[str, str]]) -> str:
+    for pat, rep in rules:
+        if re.match(pat, name):
+            return re.sub(pat, rep, name, count=1)
+    return name
+
+
 def rename_keys(folder: Path, rules: list[tuple[str, str]]) -> None:
     """Rewrite every safetensors file in folder with keys renamed by the first matching rule."""
     for f in sorted(Path(folder).glob("*.safetensors")):
-        tensors = {}
         with safe_open(f, "pt") as fh:
             meta = fh.metadata()
-            for k in fh.keys():
-                new = k
-                for pat, rep in rules:
-                    if re.match(pat, k):
-                        new = re.sub(pat, rep, k, count=1)
-                        break
-                tensors[new] = fh.get_tensor(k)
+            tensors = {_renamed(k, rules): fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
         save_file(tensors, f, metadata=meta or {"format": "pt"})
     index = Path(folder) / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())
-        wm = {}
-        for k, v in data["weight_map"].items():
-            new = k
-            for pat, rep in rules:
-                if re.match(pat, k):
-                    new = re.sub(pat, rep, k, count=1)
-                    break
-            wm[new] = v
-        data["weight_map"] = wm
+        data["weight_map"] = {_renamed(k, rules): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
 
 

@@ -1,0 +1,117 @@
+"""DRIFT (arXiv 2510.15050): reasoning injected through the gradient during a short fine-tune.
+
+Not a merge: the prior D = W_reasoner - W_vlm of the attention and MLP projections (weights and
+biases, vision modules never) is kept once on the CPU, and a hook on each such parameter of the
+VLM's language model rewrites its gradient g (DESIGN.md section 2):
+
+  absolute:         g - a * D
+  gradnorm:         g - a * ||g|| * D / ||D||
+  adaptive_cosine:  g - a * ((cos(g, D) + 1) / 2) * ||g|| * D / ||D||      (default)
+
+A descent step on the rewritten gradient moves the weights toward the reasoner. The reference
+code skips names that do not match, so with newer transformers layouts zero hooks attach and
+training is silently plain; here every prior tensor must map to a parameter, or it is an error.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from merging.errors import LabError
+
+MODES = ("absolute", "gradnorm", "adaptive_cosine")
+PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
+DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "batch_size": (1, 1024),
+              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None}
+DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
+                  "mode": "adaptive_cosine"}
+_EPS = 1e-12
+
+
+def adjust_gradient(g: torch.Tensor, d: torch.Tensor, mode: str, alpha: float, d_norm: float | None = None) -> torch.Tensor:
+    """The DRIFT rewrite of one gradient g by its prior d (same shape)."""
+    if mode == "absolute":
+        return g - alpha * d
+    dn = float(d.norm()) if d_norm is None else d_norm
+    if dn == 0.0:
+        return g  # the reasoner equals the VLM here: nothing to steer toward
+    gn = g.norm()
+    unit = d / dn
+    if mode == "gradnorm":
+        return g - alpha * gn * unit
+    if mode == "adaptive_cosine":
+        cos = (g * d).sum() / (gn * dn + _EPS)
+        return g - alpha * ((cos + 1) / 2) * gn * unit
+    raise LabError(f"unknown DRIFT mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def compute_prior(vlm_ref: str, reasoner_ref: str, progress=None) -> dict[str, torch.Tensor]:
+    """canonical name -> D = W_r - W_v (float32, CPU) for every attention/MLP projection."""
+    from merging.checkpoint import Checkpoint
+    from merging.compat import check_triple
+
+    report = check_triple(vlm_ref, reasoner_ref)
+    report.raise_if_incompatible()
+    lv, lr = report.layouts["vlm"], report.layouts["reasoner"]
+    names = [c for c in lv.lm if PRIOR_NAMES.match(c)]
+    if not names:
+        raise LabError(f"DRIFT prior: no attention/MLP projections found in {vlm_ref}")
+    prior = {}
+    with Checkpoint.open(vlm_ref) as cv, Checkpoint.open(reasoner_ref) as cr:
+        for i, c in enumerate(names):
+            if c not in lr.lm:
+                raise LabError(f"DRIFT prior: {c} of the VLM has no match in the reasoner {reasoner_ref}")
+            prior[c] = cr.get(lr.lm[c]).float() - cv.get(lv.lm[c]).float()
+            if progress:
+                progress(i + 1, len(names), f"prior {c}")
+    return prior
+
+
+def attach_hooks(model, prior: dict[str, torch.Tensor], mode: str = "adaptive_cosine", alpha: float = 1.0) -> list:
+    """Register one gradient hook per prior tensor on the loaded model. Returns the handles
+    (call .remove() on each to detach). Raises LabError if any prior tensor has no parameter."""
+    from merging.inplace import map_parameters
+
+    if mode not in MODES:
+        raise LabError(f"unknown DRIFT mode {mode!r}; choose one of {', '.join(MODES)}")
+    bad = [c for c in prior if not PRIOR_NAMES.match(c)]
+    if bad:
+        raise LabError(f"DRIFT prior tensor {bad[0]!r} is not an attention/MLP projection of a decoder layer")
+    names = map_parameters(model, {c: tuple(d.shape) for c, d in prior.items()})
+    params = dict(model.named_parameters())
+    handles = []
+    for c, pname in names.items():
+        p = params[pname]
+        if not p.requires_grad:
+            raise LabError(f"DRIFT: parameter {pname} is frozen; the prior targets the language model only")
+        # One copy per device: on the CPU this is the prior itself (no extra memory).
+        d = prior[c].to(device=p.device, dtype=torch.float32)
+        d_norm = float(d.norm())
+
+        def hook(g, d=d, d_norm=d_norm):
+            return adjust_gradient(g.float(), d, mode, alpha, d_norm).to(g.dtype)
+
+        handles.append(p.register_hook(hook))
+    return handles
+
+
+def drift_settings(section: dict | None) -> dict:
+    """The recipe's `drift:` section over the defaults, validated."""
+    section = section or {}
+    unknown = [k for k in section if k not in DRIFT_KEYS]
+    if unknown:
+        raise LabError(f"unknown drift setting {unknown[0]!r}; allowed: {', '.join(DRIFT_KEYS)}")
+    out = {**DRIFT_DEFAULTS, **section}
+    if out["mode"] not in MODES:
+        raise LabError(f"drift mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
+    for k, rng in DRIFT_KEYS.items():
+        if rng is None:
+            continue
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (rng[0] <= v <= rng[1]):
+            raise LabError(f"drift {k} = {v!r} is out of range; allowed {rng[0]} to {rng[1]}")
+        if k in ("steps", "batch_size", "examples", "seed") and int(v) != v:
+            raise LabError(f"drift {k} must be a whole number, got {v!r}")
+    return out
