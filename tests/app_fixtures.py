@@ -1,0 +1,87 @@
+"""Start the real app (python app.py) in a subprocess for the app tests; import the fixtures you need.
+
+The bundled toy family is used when assets/toy has it; otherwise a --smoke family (seconds, loadable,
+untrained) is generated once per test session and passed with MERGE_LAB_TOY_DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "assets" / "toy"
+STARTUP_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toy_ready(folder: Path) -> bool:
+    return all((folder / p).exists() for p in ("vlm/config.json", "math/config.json", "base/config.json",
+                                                "samples/samples.json", "eval"))
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    if toy_ready(TOY):
+        return TOY
+    out = tmp_path_factory.mktemp("toy")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--out", str(out), "--smoke",
+                    "--threads", "1"], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    return out
+
+
+def start_app(toy: Path, cache_dir: Path, log_path: Path, extra_args=()) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "MERGE_LAB_TOY_DIR": str(toy), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                             "--cache-dir", str(cache_dir), "--threads", "1", *extra_args],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < STARTUP_S:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_app(proc)
+    raise RuntimeError(f"app did not answer within {STARTUP_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the app and its worker (same process group)
+        proc.wait(10)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def app_url(toy_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    proc, url = start_app(toy_dir, tmp / "cache", tmp / "app.log")
+    yield url
+    stop_app(proc)

@@ -1,0 +1,67 @@
+"""The real app in a real headless Chromium: merge through the UI, see a plot, ask the example question.
+
+Screenshots go to tests/_output/. Needs Debian's chromium at /usr/bin/chromium (apt-get install -y
+chromium); without it the test is skipped, unless LAB_REQUIRE_BROWSER=1 (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ("tests.app_fixtures",)
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+OUT = Path(__file__).resolve().parent / "_output"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    if not CHROMIUM.exists():
+        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1440, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(app_url)
+        yield pg
+        browser.close()
+
+
+def test_merge_plot_and_chat_in_browser(page):
+    from playwright.sync_api import expect
+
+    expect(page.get_by_role("heading", name="Merge lab")).to_be_visible()
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    page.screenshot(path=str(OUT / "app_start.png"), full_page=True)
+
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("Merged with task_arithmetic", timeout=90_000)
+
+    page.get_by_role("tab", name="4 · Why it works").click()
+    page.locator("#compute-similarity").click()
+    expect(page.locator("#plot-similarity .js-plotly-plot")).to_be_visible(timeout=90_000)
+    page.screenshot(path=str(OUT / "app_analysis.png"), full_page=True)
+
+    page.get_by_role("tab", name="3 · Chat").click()
+    example = page.locator(".gallery-item, [data-testid='examples'] button, .examples button, table.examples td")
+    question = example.first.inner_text().strip()
+    example.first.click()  # one click loads and asks the example question
+    merged = page.locator("#chat-merged")
+    expect(merged).to_contain_text(question.split(" ?")[0], timeout=30_000)
+    bot = merged.locator(".message.bot, [data-testid='bot']").last
+    expect(bot).not_to_have_text("…", timeout=90_000)
+    expect(page.locator("#chat-original [data-testid='bot'], #chat-original .message.bot").last).not_to_have_text(
+        "…", timeout=90_000)
+    assert bot.inner_text().strip()
+    page.screenshot(path=str(OUT / "app_chat.png"), full_page=True)

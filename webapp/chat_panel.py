@@ -1,0 +1,132 @@
+"""The "Chat" panel: ask the merged model and the original VLM side by side, streamed (UI side).
+
+The session's own history lives in a gr.State (never shared between tabs); each request carries
+the recipe this tab merged, so the worker answers with that merge even if another tab merged since.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from merging.errors import LabError
+from webapp.lab import Lab, session_of
+from webapp.models_panel import ModelsPanel
+from webapp.presets import TOY_ROOT
+
+SAMPLES = TOY_ROOT / "samples"
+NO_MERGE = "_No merge yet in this tab: press **Merge** to chat with a merged model._"
+
+
+def examples(limit: int = 4) -> list[dict]:
+    """MultimodalTextbox values for the bundled samples (image + question)."""
+    index = SAMPLES / "samples.json"
+    if not index.is_file():
+        return []
+    try:
+        items = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return []
+    if isinstance(items, dict):
+        items = items.get("samples", [])
+    out = []
+    for it in items:
+        img = SAMPLES / it["image"] if it.get("image") else None
+        out.append({"text": it["question"], "files": [str(img)] if img and img.is_file() else []})
+    # A mix: one question per image, alternating perception and math, then text-only ones.
+    images = list(dict.fromkeys(tuple(m["files"]) for m in out if m["files"]))
+    picked = []
+    for i, img in enumerate(images):
+        same = [m for m in out if tuple(m["files"]) == img]
+        picked.append(same[i % len(same)])
+    return (picked + [m for m in out if not m["files"]])[:limit]
+
+
+def render(turns: list[dict], which: str) -> list[dict]:
+    msgs = []
+    for t in turns:
+        if t.get("image"):
+            msgs.append({"role": "user", "content": {"path": t["image"]}})
+        msgs.append({"role": "user", "content": t["question"]})
+        msgs.append({"role": "assistant", "content": t.get(which) or "…"})
+    return msgs
+
+
+def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
+    gr.Markdown("Ask about an image (📎) or a word problem. The merged model answers on the left, the "
+                "original VLM on the right, so you can see what the reasoner's skills added.")
+    with gr.Row(equal_height=True):
+        merged_bot = gr.Chatbot(label="Merged model", height=360, elem_id="chat-merged", feedback_options=None,
+                                placeholder=NO_MERGE)
+        original_bot = gr.Chatbot(label="Original VLM", height=360, elem_id="chat-original", feedback_options=None)
+    box = gr.MultimodalTextbox(file_types=["image"], file_count="single", show_label=False, elem_id="chat-box",
+                               placeholder="Type a question, attach an image with 📎, press Enter")
+    with gr.Row():
+        max_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens")
+        temp = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature", info="0 = greedy")
+        context = gr.Checkbox(False, label="remember earlier turns", info="off: each question on its own")
+        clear = gr.Button("Clear", size="sm")
+    ex = examples()
+    samples = gr.Examples([[m] for m in ex], inputs=[box], label="Examples from the toy family: click one to ask it",
+                          examples_per_page=4) if ex else None
+    turns_state = gr.State([])
+
+    def chat(message, turns, recipe, preset, vlm, reasoner, base, max_new_tokens, temperature, remember_turns,
+             request: gr.Request = None):
+        message = message or {}
+        text = (message.get("text") or "").strip() if isinstance(message, dict) else str(message).strip()
+        files = message.get("files") or [] if isinstance(message, dict) else []
+        image = files[0] if files else None
+        if isinstance(image, dict):
+            image = image.get("path")
+        turns = list(turns or [])
+        if not text:
+            yield render(turns, "merged"), render(turns, "original"), gr.skip(), turns
+            return
+        history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
+                   for w in ("merged", "original")} if remember_turns else {}
+        turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": ""}
+        turns.append(turn)
+        try:
+            triple = recipe and {k: recipe.get(k) for k in ("vlm", "reasoner", "base")} or lab.triple(
+                preset, vlm, reasoner, base)
+        except LabError as e:
+            turn["original"] = f"⛔ {e}"
+            yield render(turns, "merged"), render(turns, "original"), None, turns
+            return
+        args = {"recipe": recipe, "triple": triple, "question": text, "image": image, "history": history,
+                "max_new_tokens": int(max_new_tokens), "temperature": float(temperature)}
+        job = lab.client.submit("chat", args, session_of(request))
+        yield render(turns, "merged"), render(turns, "original"), None, turns
+        try:
+            for kind, payload in lab.client.follow(job):
+                if kind == "token":
+                    turn[payload["stream"]] += payload["text"]
+                elif kind == "result":
+                    for k, v in payload.get("answers", {}).items():
+                        turn[k] = v or "(empty answer)"
+                elif kind in ("error", "cancelled"):
+                    key = "merged" if recipe and not turn["original"] else "original"
+                    turn[key] = (turn[key] + f"\n\n_({kind}: {payload})_").strip()
+                else:
+                    continue
+                yield render(turns, "merged"), render(turns, "original"), gr.skip(), turns
+        finally:
+            if not job.done:
+                lab.client.cancel(job)
+
+    chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
+    outs = [merged_bot, original_bot, box, turns_state]
+    box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16)
+    if samples is not None:  # one click asks the example question
+        samples.load_input_event.then(chat, chat_inputs, outs, api_visibility="private", concurrency_limit=16)
+
+    def clear_all(request: gr.Request = None):
+        lab.client.cancel_session(session_of(request), ("chat",))
+        return [], [], None, []
+
+    clear.click(clear_all, None, outs, api_name="clear", queue=False)
+    return merged_bot, original_bot
+
+

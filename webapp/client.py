@@ -1,0 +1,162 @@
+"""UI-side proxy to the worker process: submit jobs, follow their events, cancel them.
+
+One worker, one FIFO queue of jobs shared by every browser tab. Each job remembers the Gradio
+session that made it, so "Cancel" in one tab only stops that tab's jobs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from webapp.jobs import TERMINAL
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    session: str | None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    started: bool = False
+    done: bool = False
+
+
+class WorkerClient:
+    def __init__(self, config: dict):
+        self.config = config
+        self._ctx = mp.get_context("spawn")
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._order: list[int] = []  # submitted, not finished, FIFO
+        self._proc = None
+        self.info: dict = {}
+        self._ready = threading.Event()
+
+    # -- process ------------------------------------------------------------------------------
+    def start(self) -> None:
+        from webapp import worker
+
+        self._requests = self._ctx.Queue()
+        self._events = self._ctx.Queue()
+        self._control = self._ctx.Queue()
+        self._ready.clear()
+        self._proc = self._ctx.Process(target=worker.main, name="merge-lab-worker", daemon=True,
+                                       args=(self._requests, self._events, self._control, self.config))
+        self._proc.start()
+        threading.Thread(target=self._dispatch, args=(self._proc, self._events), daemon=True).start()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        self._ready.wait(timeout)
+        return self.info
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._requests.put(None)
+            self._proc.join(5)
+        finally:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc = None
+
+    def _dispatch(self, proc, events) -> None:
+        while True:
+            try:
+                job_id, kind, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                if not proc.is_alive():
+                    self._fail_all(f"the worker process stopped (exit code {proc.exitcode}); "
+                                   "it restarts with the next request")
+                    return
+                continue
+            except (EOFError, OSError):
+                return
+            if job_id == -1:
+                self.info = {"state": kind, **(payload if isinstance(payload, dict) else {"message": payload})}
+                self._ready.set()
+                continue
+            with self._lock:
+                job = self._jobs.get(job_id)
+                if job is None:
+                    continue
+                if kind == "started":
+                    job.started = True
+                if kind in TERMINAL:
+                    job.done = True
+                    self._jobs.pop(job_id, None)
+                    if job_id in self._order:
+                        self._order.remove(job_id)
+            job.events.put((kind, payload))
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+            self._order.clear()
+        for job in jobs:
+            job.done = True
+            job.events.put(("error", message))
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, kind: str, args: dict, session: str | None = None) -> Job:
+        with self._lock:
+            if not self.alive():
+                self.start()
+            job = Job(next(self._ids), kind, session)
+            self._jobs[job.id] = job
+            self._order.append(job.id)
+            self._requests.put({"id": job.id, "kind": kind, "args": args})
+        return job
+
+    def ahead_of(self, job: Job) -> int:
+        """How many jobs (of any tab) the worker runs before this one."""
+        with self._lock:
+            return self._order.index(job.id) if job.id in self._order else 0
+
+    def cancel(self, job: Job | int) -> None:
+        job_id = job.id if isinstance(job, Job) else job
+        self._control.put(job_id)
+
+    def cancel_session(self, session: str | None, kinds: tuple[str, ...] | None = None) -> int:
+        with self._lock:
+            mine = [j for j in self._jobs.values() if j.session == session and (kinds is None or j.kind in kinds)]
+        for j in mine:
+            self.cancel(j)
+        return len(mine)
+
+    def follow(self, job: Job, poll: float = 0.25) -> Iterator[tuple[str, object]]:
+        """Yield (type, payload) events until a terminal one; ("waiting", n) while queued."""
+        while True:
+            try:
+                kind, payload = job.events.get(timeout=poll)
+            except queue.Empty:
+                if not job.started:
+                    yield "waiting", self.ahead_of(job)
+                else:
+                    yield "tick", None
+                continue
+            yield kind, payload
+            if kind in TERMINAL:
+                return
+
+    def run(self, kind: str, args: dict, session: str | None = None, timeout: float = 600) -> tuple[str, object]:
+        """Submit and wait: the terminal (type, payload)."""
+        job = self.submit(kind, args, session)
+        t0 = time.monotonic()
+        for ev, payload in self.follow(job):
+            if ev in TERMINAL:
+                return ev, payload
+            if time.monotonic() - t0 > timeout:
+                self.cancel(job)
+        return "error", "no answer"

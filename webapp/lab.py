@@ -1,0 +1,65 @@
+"""What every UI panel shares: the worker client, launch options, and small helpers (UI side)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from merging.errors import LabError
+from webapp import presets
+from webapp.client import Job, WorkerClient
+
+
+@dataclass
+class Lab:
+    client: WorkerClient
+    cache_dir: Path
+    models_root: str | None = None
+    device: str = "auto"
+
+    def triple(self, preset: str, vlm: str = "", reasoner: str = "", base: str = "") -> dict[str, str]:
+        """The (vlm, reasoner, base) refs the UI's model inputs name; LabError when unusable."""
+        if preset and preset != presets.CUSTOM:
+            p = presets.by_label(preset)
+            missing = presets.missing_parts(p.triple())
+            if missing:
+                raise LabError("; ".join(missing))
+            return p.triple()
+        return {k: presets.resolve_custom(v, self.models_root)
+                for k, v in (("vlm", vlm), ("reasoner", reasoner), ("base", base))}
+
+
+def session_of(request) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    frac = 0.0 if total <= 0 else max(0.0, min(1.0, done / total))
+    full = round(frac * width)
+    return f"`{'█' * full}{'░' * (width - full)}` {frac * 100:3.0f}%"
+
+
+def follow_status(client: WorkerClient, job: Job, verb: str):
+    """Yield (markdown status, terminal event or None) while a job runs; the last has the event."""
+    t0 = time.monotonic()
+    last = f"⏳ **{verb}…**"
+    try:
+        for ev, payload in client.follow(job):
+            el = time.monotonic() - t0
+            if ev == "waiting":
+                last = f"⏳ **Waiting for the worker** — {payload} job(s) ahead of this one ({el:.0f} s)"
+            elif ev == "started":
+                last = f"⏳ **{verb}…** ({el:.1f} s)"
+            elif ev == "progress":
+                done, total, msg = payload
+                last = f"⏳ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s)"
+            elif ev in ("result", "error", "cancelled"):
+                yield last, (ev, payload, el)
+                return
+            elif ev == "tick":
+                continue
+            yield last, None
+    finally:
+        if not job.done:  # the browser went away or the handler was stopped: stop the job too
+            client.cancel(job)

@@ -1,0 +1,152 @@
+"""The "Merge" panel: method, its knobs, layer range, Merge / Cancel, the recipe and Export (UI side)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+
+from merging import methods
+from merging.errors import LabError
+from webapp import recipes
+from webapp.jobs import recipe_key
+from webapp.lab import Lab, follow_status, session_of
+from webapp.models_panel import ModelsPanel, check
+
+
+@dataclass
+class MergePanel:
+    method: gr.Dropdown
+    knobs: list
+    prior: gr.Checkbox
+    first: gr.Slider
+    last: gr.Slider
+    advanced: gr.Textbox
+    merge_btn: gr.Button
+    cancel_btn: gr.Button
+    status: gr.Markdown
+    recipe_state: gr.State
+
+
+def _knob_updates(method: str, num_layers=None) -> list:
+    shown = recipes.shown_params(method)
+    ups = []
+    for i in range(recipes.POOL):
+        if i < len(shown):
+            ups.append(gr.update(visible=True, **recipes.slider_spec(shown[i], num_layers)))
+        else:
+            ups.append(gr.update(visible=False, value=None))
+    return ups
+
+
+def _describe(method: str) -> str:
+    m = methods.get(method)
+    base = "" if m.needs_base else " (does not need the base model)"
+    return f"_{m.description or m.name}{base}_"
+
+
+def build(lab: Lab, models: ModelsPanel) -> MergePanel:
+    method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method")
+    about = gr.Markdown(_describe(recipes.DEFAULT_METHOD))
+    shown = recipes.shown_params(recipes.DEFAULT_METHOD)
+    knobs = []
+    for i in range(recipes.POOL):
+        spec = recipes.slider_spec(shown[i]) if i < len(shown) else {"label": f"knob {i}"}
+        knobs.append(gr.Slider(visible=i < len(shown), interactive=True, **spec))
+    prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False,
+                        info="FRANK: weight the VLM more in early layers, where images get most attention")
+    with gr.Accordion("Layer range and per-layer values", open=False):
+        with gr.Row():
+            first = gr.Slider(0, 31, value=0, step=1, label="first layer")
+            last = gr.Slider(0, 31, value=31, step=1, label="last layer")
+        advanced = gr.Textbox("", label="Per-layer values (YAML, overrides the sliders)", lines=2,
+                              placeholder="alpha: [0.0, 0.1, 0.2, 0.3]")
+    with gr.Row():
+        merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+    status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
+    recipe_state = gr.State(None)
+    with gr.Accordion("Recipe (YAML) and export", open=False):
+        recipe_code = gr.Code(language="yaml", label="recipe of the current merge", lines=8)
+        recipe_file = gr.File(label="download the recipe", interactive=False)
+        export_btn = gr.Button("Export merged model to a folder", size="sm")
+        export_status = gr.Markdown()
+    panel = MergePanel(method, knobs, prior, first, last, advanced, merge_btn, cancel_btn, status, recipe_state)
+
+    def on_method(name, n_layers):
+        return [_describe(name), gr.update(visible=name == "frank")] + _knob_updates(name, n_layers)
+
+    method.change(on_method, [method, models.num_layers], [about, prior, *knobs], queue=False,
+                  api_visibility="private")
+
+    def on_models(n_layers, ok):
+        n = int(n_layers or 32)
+        return (gr.update(maximum=n - 1, value=0), gr.update(maximum=n - 1, value=n - 1),
+                gr.update(interactive=bool(ok)))
+
+    models.num_layers.change(on_models, [models.num_layers, models.compatible], [first, last, merge_btn],
+                             queue=False, api_visibility="private")
+    models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, merge_btn,
+                             queue=False, api_visibility="private")
+
+    def merge(preset, vlm, reasoner, base, method, first_layer, last_layer, prior, per_layer_yaml,
+              knob1, knob2, knob3, knob4, knob5, request: gr.Request = None):
+        """knobN: the method's N-th knob (merging.methods.get(method).params order, frank's use_prior aside)."""
+        knob_values = (knob1, knob2, knob3, knob4, knob5)
+        method_v = method
+        keep = (gr.skip(), gr.skip(), gr.skip())
+        try:
+            rep, triple = check(lab, preset, vlm, reasoner, base)
+            rep.raise_if_incompatible()
+            recipe = recipes.build(triple, method_v, knob_values, first_layer, last_layer,
+                                   rep.layouts["vlm"].num_layers, bool(prior), per_layer_yaml or "")
+        except LabError as e:
+            yield (f"❌ **Cannot merge:** {e}", *keep)
+            return
+        job = lab.client.submit("merge", {"recipe": recipe}, session_of(request))
+        for text, end in follow_status(lab.client, job, f"Merging with {method_v}"):
+            if end is None:
+                yield (text, *keep)
+                continue
+            ev, payload, el = end
+            if ev == "result":
+                path = lab.cache_dir / "recipes" / f"{method_v}-{recipe_key(recipe)}.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(recipes.to_yaml(recipe))
+                how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
+                yield (f"✅ **Merged with {method_v}** in {el:.2f} s ({how}, on {payload['device']}). "
+                       "Chat with it or open the analyses.", recipes.to_yaml(recipe), str(path), recipe)
+            elif ev == "cancelled":
+                yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
+            else:
+                yield (f"❌ **Merge failed:** {payload}", *keep)
+
+    inputs = [*models.inputs, method, first, last, prior, advanced, *knobs]
+    merge_btn.click(merge, inputs, [status, recipe_code, recipe_file, recipe_state], api_name="merge",
+                    concurrency_limit=16)
+
+    def cancel(request: gr.Request = None):
+        n = lab.client.cancel_session(session_of(request), ("merge", "export", "analysis"))
+        return "⏹ Cancelling…" if n else "Nothing is running."
+
+    cancel_btn.click(cancel, None, status, api_name="cancel", queue=False)
+
+    def export(recipe, request: gr.Request = None):
+        if not recipe:
+            yield "Merge first; then the merged model can be exported."
+            return
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{recipe['method']}-{recipe_key(recipe)}-{int(time.time())}")
+        out_dir = lab.cache_dir / "exports" / name
+        job = lab.client.submit("export", {"recipe": recipe, "out_dir": str(out_dir)}, session_of(request))
+        for text, end in follow_status(lab.client, job, "Writing the merged model"):
+            if end is None:
+                yield text
+            elif end[0] == "result":
+                yield f"✅ Exported in {end[2]:.1f} s to `{end[1]['path']}`"
+            else:
+                yield f"❌ Export {end[0]}: {end[1]}"
+
+    export_btn.click(export, recipe_state, export_status, api_name="export", concurrency_limit=16)
+    return panel

@@ -1,0 +1,52 @@
+"""The page: title, models + merge controls on the left, chat and analyses on the right (UI side)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from webapp import analysis_panel, chat_panel, merge_panel, models_panel
+from webapp.lab import Lab
+
+TITLE = "Merge lab"
+INTRO = ("Give a vision-language model the math skills of a reasoning LLM by **merging their weights**, "
+         "no training. Pick three models, merge, chat with the result, and see *why* it works.")
+CSS = """
+#lab-title h1 {margin-bottom: 0.1em;}
+#lab-intro p {font-size: 1.05em; margin-top: 0;}
+#merge-status p, [id^=status-] p {font-size: 0.95em;}
+footer {display: none !important;}
+"""
+
+
+def theme():
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="amber",
+                          font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"])
+
+
+def build(lab: Lab) -> gr.Blocks:
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# 🧪 {TITLE}", elem_id="lab-title")
+        gr.Markdown(INTRO, elem_id="lab-intro")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=340):
+                gr.Markdown("### 1 · Models")
+                models = models_panel.build(lab)
+                gr.Markdown("### 2 · Merge")
+                merge = merge_panel.build(lab, models)
+                device = gr.Markdown(elem_id="device-line")
+            with gr.Column(scale=9), gr.Tabs():
+                with gr.Tab("3 · Chat", id="tab-chat"):
+                    chat_panel.build(lab, models, merge.recipe_state)
+                with gr.Tab("4 · Why it works", id="tab-analysis"):
+                    analysis_panel.build(lab, models, merge.recipe_state)
+        fn, ins, outs = models.load_event
+        demo.load(fn, ins, outs, api_visibility="private")
+
+        def device_line():
+            info = lab.client.wait_ready(60)
+            if info.get("state") == "ready":
+                return f"<small>Worker: process {info.get('pid')} on **{info.get('device')}**</small>"
+            return f"<small>Worker: {info.get('message', 'starting…')}</small>"
+
+        demo.load(device_line, None, device, api_visibility="private")
+    return demo

@@ -1,0 +1,177 @@
+"""The worker process: owns the device, keeps the model loaded, runs jobs one at a time (FIFO).
+
+Started by webapp.client with the multiprocessing "spawn" context. It reads requests from
+`requests`, answers with events on `events` (see webapp.jobs), and reads job ids to cancel from
+`control`; the cancel flag is checked between tensors (merges), tokens (chat) and steps (analyses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from merging.errors import LabError
+from webapp.jobs import Cancelled, recipe_key, triple_of
+
+
+class CancelFlag:
+    """Callable and Event-like: True once the UI asked to cancel this job."""
+
+    def __init__(self, control, job_id: int, cancelled: set):
+        self._control, self._id, self._cancelled = control, job_id, cancelled
+
+    def __call__(self) -> bool:
+        while True:
+            try:
+                self._cancelled.add(self._control.get_nowait())
+            except (queue.Empty, OSError, EOFError):
+                break
+        return self._id in self._cancelled
+
+    is_set = __call__
+
+    def check(self) -> None:
+        if self():
+            raise Cancelled("cancelled")
+
+
+class Worker:
+    def __init__(self, events, control, config: dict):
+        from webapp.models import ModelHolder, pick_device
+
+        self.events, self.control, self.config = events, control, config
+        self.device = pick_device(config.get("device", "auto"))
+        self.cache_dir = config.get("cache_dir")
+        self.models = ModelHolder(self.device)
+        self.cancelled: set[int] = set()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def send(self, job_id: int, kind: str, payload=None) -> None:
+        self.events.put((job_id, kind, payload))
+
+    def progress_fn(self, job_id: int, flag: CancelFlag):
+        last = [0.0]
+
+        def progress(done, total, message=""):
+            flag.check()
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or done >= total:
+                last[0] = now
+                self.send(job_id, "progress", (int(done), int(total), str(message)))
+
+        return progress
+
+    def run(self, requests) -> None:
+        while True:
+            req = requests.get()
+            if req is None:
+                break
+            self.handle(req)
+
+    def handle(self, req: dict) -> None:
+        job_id, kind, args = req["id"], req["kind"], req.get("args", {})
+        flag = CancelFlag(self.control, job_id, self.cancelled)
+        if flag():
+            self.send(job_id, "cancelled", "cancelled before it started")
+            return
+        self.send(job_id, "started")
+        t0 = time.monotonic()
+        try:
+            result = getattr(self, f"do_{kind}")(job_id, args, flag)
+            result = dict(result or {})
+            result.setdefault("seconds", round(time.monotonic() - t0, 2))
+            self.send(job_id, "result", result)
+        except Cancelled:
+            self.send(job_id, "cancelled", f"cancelled after {time.monotonic() - t0:.1f} s")
+        except LabError as e:
+            if flag():  # the engine reports its own cancel as LabError("cancelled")
+                self.send(job_id, "cancelled", f"cancelled after {time.monotonic() - t0:.1f} s")
+            else:
+                self.send(job_id, "error", str(e))
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            self.send(job_id, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        finally:
+            self.cancelled.discard(job_id)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def do_ping(self, job_id, args, flag):
+        return {"device": self.device, "pid": os.getpid()}
+
+    def do_merge(self, job_id, args, flag):
+        recipe = args["recipe"]
+        progress = self.progress_fn(job_id, flag)
+        loaded = self.models.get(triple_of(recipe), progress)
+        t0 = time.monotonic()
+        worked = loaded.ensure(recipe, progress=progress, cancel=flag)
+        return {"key": recipe_key(recipe), "merge_seconds": round(time.monotonic() - t0, 2),
+                "reused": not worked, "device": self.device}
+
+    def do_chat(self, job_id, args, flag):
+        from PIL import Image
+
+        from webapp.chat import stream_answer
+
+        recipe = args.get("recipe")
+        triple = triple_of(recipe) if recipe else tuple(args["triple"])
+        progress = self.progress_fn(job_id, flag)
+        loaded = self.models.get(triple, progress)
+        image = Image.open(args["image"]).convert("RGB") if args.get("image") else None
+        answers = {}
+        streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
+        for stream in streams:
+            loaded.ensure(recipe if stream == "merged" else None, progress=progress, cancel=flag)
+            answers[stream] = stream_answer(
+                loaded.model, loaded.processor, args["question"], image, args.get("history", {}).get(stream),
+                args.get("max_new_tokens", 48), args.get("temperature", 0.0),
+                on_text=lambda piece, s=stream: self.send(job_id, "token", {"stream": s, "text": piece}),
+                cancelled=flag)
+        return {"answers": answers}
+
+    def do_analysis(self, job_id, args, flag):
+        from webapp.analysis_jobs import run_analysis
+
+        return run_analysis(self, job_id, args, flag)
+
+    def do_export(self, job_id, args, flag):
+        from merging.engine import merge_to_disk
+        from merging.recipe import from_dict
+
+        out_dir = Path(args["out_dir"])
+        progress = self.progress_fn(job_id, flag)
+        merge_to_disk(from_dict(args["recipe"]), out_dir, device=self.device, progress=progress, cancel=flag)
+        return {"path": str(out_dir.resolve())}
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """The UI process was killed without closing us: do not linger holding the device."""
+    while True:
+        time.sleep(2)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def main(requests, events, control, config: dict) -> None:
+    """Entry point of the spawned process."""
+    import threading
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threads = config.get("threads")
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        worker = Worker(events, control, config)
+    except Exception as e:
+        events.put((-1, "fatal", f"the worker could not start: {type(e).__name__}: {e}"))
+        return
+    events.put((-1, "ready", {"device": worker.device, "pid": os.getpid()}))
+    with contextlib.suppress(KeyboardInterrupt):
+        worker.run(requests)
