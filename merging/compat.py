@@ -14,6 +14,9 @@ from merging.layout import Layout, derive_layout
 
 ROLES = ("vlm", "reasoner", "base")
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+# A fine-tune moves a weight matrix by a few percent of its norm; a relative task vector this
+# large means the base is probably not the model's parent (merges from it degrade).
+PARENT_RATIO = 0.5
 
 
 @dataclass
@@ -92,11 +95,33 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
             rep.warnings.append(f"{role} has {len(extra)} LM tensors the vlm lacks (ignored), e.g. {extra[0]}")
     if rep.missing and rep.reason is None:
         rep.reason = f"tensor {rep.missing[0]}" + (f" (and {len(rep.missing) - 1} more)" if len(rep.missing) > 1 else "")
+    if rep.ok and "base" in refs:
+        rep.warnings += _parent_probe(refs, layouts, allow_bin)
     if v.vocab_size and any(layouts[r].vocab_size != v.vocab_size for r in refs):
         sizes = ", ".join(f"{r} {layouts[r].vocab_size}" for r in refs)
         rep.warnings.append(f"vocab sizes differ ({sizes}): embeddings and lm_head keep the VLM's unless "
                             "embeddings: merge_shared_rows")
     return rep
+
+
+def _parent_probe(refs: dict, layouts: dict, allow_bin: bool) -> list[str]:
+    """||W - W_base|| / ||W_base|| on two projections (first and middle layer): cheap, a few tensors."""
+    n = layouts["vlm"].num_layers
+    probes = [c for c in ("layers.0.mlp.up_proj.weight", f"layers.{n // 2}.self_attn.q_proj.weight")
+              if all(c in layouts[r].lm for r in refs)]
+    if not probes:
+        return []
+    out = []
+    with Checkpoint.open(refs["base"], allow_bin=allow_bin) as cb:
+        base = {c: cb.get(layouts["base"].lm[c]).float() for c in probes}
+        for role in ("vlm", "reasoner"):
+            with Checkpoint.open(refs[role], allow_bin=allow_bin) as ck:
+                ratio = max(float((ck.get(layouts[role].lm[c]).float() - base[c]).norm() / (base[c].norm() + 1e-12))
+                            for c in probes)
+            if ratio > PARENT_RATIO:
+                out.append(f"the {role}'s task vector is implausibly large (||W - W_base|| / ||W_base|| = {ratio:.2f}); "
+                           f"is {refs['base']} really the {role}'s parent?")
+    return out
 
 
 def check_recipe(recipe) -> CompatReport:

@@ -35,10 +35,11 @@ def llava_config(num_layers: int = 2, **over):
 
 
 def _perturb(model, scale: float, gen: torch.Generator, skip=("embed_tokens", "lm_head")) -> None:
+    """Add noise of `scale` times each tensor's mean magnitude, as a short fine-tune would."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not any(s in name for s in skip):
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+                p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
 
 
 def make_tiny_triple(root: Path, num_layers: int = 2, seed: int = 0, layout: str = "old",
@@ -54,12 +55,12 @@ def make_tiny_triple(root: Path, num_layers: int = 2, seed: int = 0, layout: str
     base.save_pretrained(paths["base"])
     reasoner = LlamaForCausalLM(llama_config(num_layers)).to(dtype)
     reasoner.load_state_dict(base.state_dict())
-    _perturb(reasoner, 0.05, gen)
+    _perturb(reasoner, 0.3, gen)
     reasoner.save_pretrained(paths["reasoner"])
     vlm = LlavaForConditionalGeneration(llava_config(num_layers)).to(dtype)
     vlm.model.language_model.load_state_dict(base.model.state_dict())
     vlm.lm_head.load_state_dict(base.lm_head.state_dict())
-    _perturb(vlm.model.language_model, 0.03, gen)
+    _perturb(vlm.model.language_model, 0.2, gen)
     vlm.save_pretrained(paths["vlm"])
     if layout == "new":
         to_new_layout(paths["vlm"])

@@ -104,3 +104,14 @@ def test_missing_model_folder_is_named(triples, tmp_path):
     assert r.returncode == 2 and f"reasoner: model folder not found: {tmp_path / 'nowhere'}" in r.stderr
     r = run_check(tmp_path / "no-such-recipe.yaml")
     assert r.returncode == 2 and "recipe file not found" in r.stderr
+
+
+def test_a_base_that_is_not_the_parent_is_warned_about(triples, tmp_path):
+    root, good, _ = triples
+    stranger = make_tiny_triple(tmp_path / "stranger", seed=7)  # an unrelated random base
+    r = run_check(write_recipe(tmp_path / "stranger.yaml", good["vlm"], good["reasoner"], stranger["base"]))
+    assert r.returncode == 0
+    assert "warning: the reasoner's task vector is implausibly large" in r.stdout
+    assert "warning: the vlm's task vector is implausibly large" in r.stdout
+    r = run_check(write_recipe(tmp_path / "fine.yaml", good["vlm"], good["reasoner"], good["base"]))
+    assert "implausibly large" not in r.stdout
