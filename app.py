@@ -21,6 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     ap.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the worker")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let models run their own Python code (config auto_map) when loaded; off by default")
     args = ap.parse_args(argv)
     if args.auth and ":" not in args.auth:
         ap.error("--auth must be USER:PASS")
@@ -29,19 +31,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warnings(host: str, auth: str | None, share: bool = False,
+                      trust_remote_code: bool = False) -> list[str]:
+    """What to tell the operator about who can reach the app and what it may run."""
+    out = []
+    if host not in LOOPBACK and not auth:
+        out.append(f"WARNING: listening on {host} without --auth: anyone who can reach this machine "
+                   "can use the app (and its GPU). Add --auth USER:PASS.")
+    if share and not auth:
+        out.append("WARNING: --share without --auth: anyone with the public link can use the app. "
+                   "Add --auth USER:PASS.")
+    if trust_remote_code:
+        out.append("WARNING: --trust-remote-code: loading a model may run Python code that came with it.")
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "merge-lab").expanduser().resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
-        print(f"WARNING: listening on {args.host} without --auth: anyone who can reach this machine "
-              "can use the app (and its GPU). Add --auth USER:PASS.", file=sys.stderr)
+    for line in exposure_warnings(args.host, args.auth, args.share, args.trust_remote_code):
+        print(line, file=sys.stderr, flush=True)
 
     from webapp.client import WorkerClient
     from webapp.lab import Lab
+    from webapp.safety import UPLOAD_LIMIT, limit_pil
     from webapp.ui import CSS, build, theme
 
-    client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads})
+    limit_pil()
+    client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,
+                           "trust_remote_code": args.trust_remote_code})
     client.start()
     lab = Lab(client, cache_dir, args.models_root, args.device)
     demo = build(lab)
@@ -53,7 +75,7 @@ def main(argv=None) -> int:
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     allowed_paths=[str(cache_dir)], theme=theme(), css=CSS, show_error=True,
-                    footer_links=[])
+                    footer_links=[], max_file_size=UPLOAD_LIMIT)
     finally:
         client.close()
     return 0

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,50 @@ def stop_app(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
+def worker_pids(app_pid: int) -> list[int]:
+    """Live (not zombie) worker processes the app spawned: children running multiprocessing's spawn_main."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == app_pid and fields[0] != "Z" and "spawn_main" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def wait_worker(app_pid: int, not_pid: int | None = None, timeout: float = 60) -> int:
+    """The worker's pid once there is exactly one (other than not_pid)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        pids = [p for p in worker_pids(app_pid) if p != not_pid]
+        if len(pids) == 1:
+            return pids[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no worker process under the app (pid {app_pid}) within {timeout} s")
+
+
+@dataclass
+class RunningApp:
+    proc: subprocess.Popen
+    url: str
+    cache: Path
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def app_url(toy_dir, tmp_path_factory):
+def app_handle(toy_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
     proc, url = start_app(toy_dir, tmp / "cache", tmp / "app.log")
-    yield url
+    yield RunningApp(proc, url, tmp / "cache", tmp / "app.log")
     stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def app_url(app_handle):
+    return app_handle.url

@@ -75,6 +75,10 @@ def _attention(worker, args, progress, figures):
     attention = _need("analysis.attention")
     from webapp.presets import TOY_ROOT
 
+    if args.get("images"):
+        from webapp.safety import check_images
+
+        check_images(args["images"])
     chosen = args.get("images") or sorted((TOY_ROOT / "samples").glob("*.png")) or None
     images = attention.load_images(chosen, limit=int(args.get("limit", 16)))
     triple = tuple(_triple(args))

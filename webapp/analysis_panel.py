@@ -7,6 +7,7 @@ import gradio as gr
 from merging.errors import LabError
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
+from webapp.safety import check_images
 
 ABOUT = {
     "spectra": "Singular values of the two task vectors (VLM − base and reasoner − base) per layer and module. "
@@ -35,10 +36,11 @@ def _runner(lab: Lab, name: str, n_plots: int):
         try:
             triple = ({k: recipe.get(k) for k in ("vlm", "reasoner", "base")}
                       if recipe and name in ("changes", "knockout") else lab.triple(preset, vlm, reasoner, base))
+            args = {"name": name, "triple": triple, "recipe": recipe, **_extra_args(name, extra)}
+            check_images(args.get("images") or [])
         except LabError as e:
             yield (f"⛔ {e}", *blank)
             return
-        args = {"name": name, "triple": triple, "recipe": recipe, **_extra_args(name, extra)}
         job = lab.client.submit("analysis", args, session_of(request))
         for text, end in follow_status(lab.client, job, f"Computing {TITLES[name].lower()}"):
             if end is None:

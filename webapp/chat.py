@@ -32,21 +32,86 @@ def _prompt(proc, messages: list[dict]) -> str:
     return " ".join(c["text"] for c in last if c["type"] == "text")
 
 
+def context_length(model, tok) -> int | None:
+    """Positions the language model can attend to (None when the config does not say)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else getattr(cfg, "text_config", cfg)
+    sizes = [getattr(text, "max_position_embeddings", None), getattr(tok, "model_max_length", None)]
+    sizes = [int(s) for s in sizes if isinstance(s, int) and 0 < s < 10**7]
+    return min(sizes) if sizes else None
+
+
+def _encode(proc, tok, question, history, image):
+    has_image = image is not None
+    prompt = _prompt(proc, build_messages(history, question, has_image))
+    if has_image:
+        return proc(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
+    return tok([prompt], return_tensors="pt", add_special_tokens=False)
+
+
+def fit_inputs(model, proc, question: str, image=None, history: list[dict] | None = None,
+               max_new_tokens: int = 48) -> tuple[dict, int, list[str]]:
+    """(inputs, max_new_tokens, notices): the prompt cut to the model's context, leaving room to answer.
+
+    Earlier turns go first (oldest first), then the question is cut at its end; the image is kept.
+    LabError when even the image alone does not fit.
+    """
+    from merging.errors import LabError
+
+    tok = _tokenizer_of(proc)
+    history = list(history or [])
+    ctx = context_length(model, tok)
+    inputs = _encode(proc, tok, question, history, image)
+    if ctx is None:
+        return inputs, max_new_tokens, []
+    notices = []
+    if max_new_tokens > ctx // 2:
+        notices.append(f"max new tokens lowered from {max_new_tokens} to {ctx // 2}: the model's context "
+                       f"is {ctx} tokens")
+        max_new_tokens = ctx // 2
+    budget = ctx - max_new_tokens
+    length = inputs["input_ids"].shape[1]
+    dropped = 0
+    while length > budget and history:
+        history.pop(0)
+        dropped += 1
+        inputs = _encode(proc, tok, question, history, image)
+        length = inputs["input_ids"].shape[1]
+    if dropped:
+        notices.append(f"{dropped} earlier turn(s) left out to fit the model's context of {ctx} tokens")
+    ids = tok(question, add_special_tokens=False)["input_ids"]
+    original, margin = len(ids), 2
+    while length > budget:
+        keep = len(ids) - (length - budget) - margin
+        if keep < 1:
+            raise LabError(f"the prompt does not fit: without the question it already takes "
+                           f"{length - len(ids)} tokens of this model's {ctx}-token context")
+        ids = ids[:keep]
+        question = tok.decode(ids, skip_special_tokens=True)
+        inputs = _encode(proc, tok, question, history, image)
+        length, margin = inputs["input_ids"].shape[1], margin * 2
+    if len(ids) < original:
+        notices.append(f"the question was cut from {original} to {len(ids)} tokens to fit the model's "
+                       f"context of {ctx} tokens ({max_new_tokens} kept for the answer)")
+    return inputs, max_new_tokens, notices
+
+
 def stream_answer(model, proc, question: str, image=None, history: list[dict] | None = None,
                   max_new_tokens: int = 48, temperature: float = 0.0,
                   on_text: Callable[[str], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> str:
-    """Generate an answer; on_text(piece) is called for each decoded piece. Returns the full text."""
+                  cancelled: Callable[[], bool] | None = None,
+                  on_notice: Callable[[str], None] | None = None) -> str:
+    """Generate an answer; on_text(piece) is called for each decoded piece, on_notice(text) for each
+    way the prompt had to be cut to fit the context. Returns the full text."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     tok = _tokenizer_of(proc)
-    has_image = image is not None and hasattr(model.config, "vision_config")
-    prompt = _prompt(proc, build_messages(history or [], question, has_image))
-    if has_image:
-        inputs = proc(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tok([prompt], return_tensors="pt", add_special_tokens=False)
+    image = image if image is not None and hasattr(model.config, "vision_config") else None
+    inputs, max_new_tokens, notices = fit_inputs(model, proc, question, image, history, max_new_tokens)
+    for n in notices:
+        if on_notice:
+            on_notice(n)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

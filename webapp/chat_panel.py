@@ -14,6 +14,7 @@ from merging.errors import LabError
 from webapp.lab import Lab, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.presets import TOY_ROOT
+from webapp.safety import cap_question, check_image
 
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** to chat with a merged model._"
@@ -49,7 +50,10 @@ def render(turns: list[dict], which: str) -> list[dict]:
         if t.get("image"):
             msgs.append({"role": "user", "content": {"path": t["image"]}})
         msgs.append({"role": "user", "content": t["question"]})
-        msgs.append({"role": "assistant", "content": t.get(which) or "…"})
+        answer = t.get(which) or "…"
+        if t.get("notice") and t.get(which):
+            answer = f"{answer}\n\n_⚠ {t['notice']}_"
+        msgs.append({"role": "assistant", "content": answer})
     return msgs
 
 
@@ -84,10 +88,22 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         if not text:
             yield render(turns, "merged"), render(turns, "original"), gr.skip(), turns
             return
+        text, cut = cap_question(text)
+        if image:
+            try:
+                check_image(image)
+            except LabError as e:  # shown as this turn's answer; the image is not kept
+                image = None
+                turns.append({"question": text, "image": None, "merged": f"⛔ {e}", "original": f"⛔ {e}"})
+                yield render(turns, "merged"), render(turns, "original"), None, turns
+                return
         history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
                    for w in ("merged", "original")} if remember_turns else {}
         turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": ""}
         turns.append(turn)
+        notes = [cut] if cut else []
+        if cut:
+            turn["notice"] = cut
         try:
             triple = recipe and {k: recipe.get(k) for k in ("vlm", "reasoner", "base")} or lab.triple(
                 preset, vlm, reasoner, base)
@@ -103,6 +119,9 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
             for kind, payload in lab.client.follow(job):
                 if kind == "token":
                     turn[payload["stream"]] += payload["text"]
+                elif kind == "notice":
+                    notes.append(payload)
+                    turn["notice"] = " · ".join(notes)
                 elif kind == "result":
                     for k, v in payload.get("answers", {}).items():
                         turn[k] = v or "(empty answer)"

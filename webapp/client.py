@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 from webapp.jobs import TERMINAL
 
+CRASHED = ("the worker stopped unexpectedly (exit code {code}: killed, or out of memory); it was "
+           "restarted — please run this again")
+
 
 @dataclass
 class Job:
@@ -25,6 +28,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     started: bool = False
     done: bool = False
+    generation: int = 0  # which worker process it was sent to
 
 
 class WorkerClient:
@@ -32,10 +36,15 @@ class WorkerClient:
         self.config = config
         self._ctx = mp.get_context("spawn")
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._jobs: dict[int, Job] = {}
         self._order: list[int] = []  # submitted, not finished, FIFO
         self._proc = None
+        self._generation = 0
+        self._closing = False
+        self._dead: set[int] = set()  # generations whose death was handled
+        self._ran: set[int] = set()  # generations that reported ready
+        self.restarts = 0
         self.info: dict = {}
         self._ready = threading.Event()
 
@@ -43,23 +52,33 @@ class WorkerClient:
     def start(self) -> None:
         from webapp import worker
 
-        self._requests = self._ctx.Queue()
-        self._events = self._ctx.Queue()
-        self._control = self._ctx.Queue()
-        self._ready.clear()
-        self._proc = self._ctx.Process(target=worker.main, name="merge-lab-worker", daemon=True,
-                                       args=(self._requests, self._events, self._control, self.config))
-        self._proc.start()
-        threading.Thread(target=self._dispatch, args=(self._proc, self._events), daemon=True).start()
+        with self._lock:
+            self._generation += 1
+            self._requests = self._ctx.Queue()
+            self._events = self._ctx.Queue()
+            self._control = self._ctx.Queue()
+            self._ready.clear()
+            self.info = {"state": "starting", "message": "starting…"}
+            self._proc = self._ctx.Process(target=worker.main, name="merge-lab-worker", daemon=True,
+                                           args=(self._requests, self._events, self._control, self.config))
+            self._proc.start()
+            gen, proc, events = self._generation, self._proc, self._events
+        threading.Thread(target=self._dispatch, args=(gen, proc, events), daemon=True).start()
+        threading.Thread(target=self._watch, args=(gen, proc), daemon=True).start()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def wait_ready(self, timeout: float = 120) -> dict:
         self._ready.wait(timeout)
         return self.info
 
     def close(self) -> None:
+        self._closing = True
         if self._proc is None:
             return
         try:
@@ -70,19 +89,21 @@ class WorkerClient:
                 self._proc.kill()
             self._proc = None
 
-    def _dispatch(self, proc, events) -> None:
+    def _dispatch(self, gen: int, proc, events) -> None:
         while True:
             try:
                 job_id, kind, payload = events.get(timeout=0.5)
             except queue.Empty:
                 if not proc.is_alive():
-                    self._fail_all(f"the worker process stopped (exit code {proc.exitcode}); "
-                                   "it restarts with the next request")
+                    self._on_death(gen, proc)
                     return
                 continue
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):
+                self._on_death(gen, proc)
                 return
             if job_id == -1:
+                if kind == "ready":
+                    self._ran.add(gen)
                 self.info = {"state": kind, **(payload if isinstance(payload, dict) else {"message": payload})}
                 self._ready.set()
                 continue
@@ -99,21 +120,48 @@ class WorkerClient:
                         self._order.remove(job_id)
             job.events.put((kind, payload))
 
-    def _fail_all(self, message: str) -> None:
+    def _watch(self, gen: int, proc) -> None:
+        """Backstop for _dispatch: if the worker died mid-message the event read can block forever."""
+        from multiprocessing.connection import wait
+
+        wait([proc.sentinel])
+        time.sleep(3)  # let _dispatch drain what the worker sent before it died
+        self._on_death(gen, proc)
+
+    def _on_death(self, gen: int, proc) -> None:
+        """The worker of generation `gen` is gone: fail its jobs (once) and, when it had been running
+        fine, start a fresh one at once (a worker that failed to start waits for the next request)."""
         with self._lock:
-            jobs = list(self._jobs.values())
-            self._jobs.clear()
-            self._order.clear()
-        for job in jobs:
-            job.done = True
-            job.events.put(("error", message))
+            if gen in self._dead:
+                return
+            self._dead.add(gen)
+            proc.join(1)
+            code = proc.exitcode
+            lost = [j for j in self._jobs.values() if j.generation == gen]
+            for j in lost:
+                self._jobs.pop(j.id, None)
+                if j.id in self._order:
+                    self._order.remove(j.id)
+            if self.info.get("state") == "fatal" and gen == self._generation:
+                message = self.info.get("message", "the worker could not start")
+            else:
+                message = CRASHED.format(code=code)
+            if gen == self._generation and gen in self._ran and not self._closing:
+                self.restarts += 1
+                self.start()
+        for j in lost:
+            j.done = True
+            j.events.put(("error", message))
 
     # -- jobs ---------------------------------------------------------------------------------
     def submit(self, kind: str, args: dict, session: str | None = None) -> Job:
         with self._lock:
             if not self.alive():
-                self.start()
-            job = Job(next(self._ids), kind, session)
+                if self._proc is not None:
+                    self._on_death(self._generation, self._proc)  # fails its jobs; restarts if it ran
+                if not self.alive():
+                    self.start()
+            job = Job(next(self._ids), kind, session, generation=self._generation)
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._requests.put({"id": job.id, "kind": kind, "args": args})

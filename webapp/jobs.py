@@ -5,6 +5,7 @@ Event:   (job_id, type, payload) with type one of
     started   - the worker picked the job up (payload: None)
     progress  - (done, total, message)
     token     - a piece of generated text (payload: {"stream": "merged"|"original", "text": str})
+    notice    - one line the user should see, e.g. how a prompt was cut to fit the context (payload: str)
     result    - the job's answer (payload: dict); terminal
     error     - one-line message; terminal
     cancelled - one-line message; terminal

@@ -138,7 +138,10 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
             yield "Merge first; then the merged model can be exported."
             return
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{recipe['method']}-{recipe_key(recipe)}-{int(time.time())}")
-        out_dir = lab.cache_dir / "exports" / name
+        out_dir, n = lab.cache_dir / "exports" / name, 1
+        while out_dir.exists():  # two exports of one recipe in the same second
+            n += 1
+            out_dir = lab.cache_dir / "exports" / f"{name}-{n}"
         job = lab.client.submit("export", {"recipe": recipe, "out_dir": str(out_dir)}, session_of(request))
         for text, end in follow_status(lab.client, job, "Writing the merged model"):
             if end is None:

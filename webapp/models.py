@@ -29,8 +29,9 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_vlm(ref: str, device: str):
-    """(model, processor) for a folder or cached hub id; never runs remote code."""
+def load_vlm(ref: str, device: str, trust_remote_code: bool = False):
+    """(model, processor) for a folder or cached hub id. A model's own Python code (config
+    `auto_map`) runs only when the operator started the app with --trust-remote-code."""
     import torch
     from transformers import (
         AutoConfig,
@@ -43,13 +44,20 @@ def load_vlm(ref: str, device: str):
     from merging.hub import resolve
 
     path = resolve(ref)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    trust = bool(trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise LabError(f"{ref} needs its own Python code to load (auto_map in config.json); the lab runs "
+                       "such code only when started with --trust-remote-code") from None
     dtype = torch.float32 if device == "cpu" else "auto"
     vision = hasattr(config, "vision_config")
     cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
     try:
-        proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=False)
+        proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=trust)
     except Exception as e:
         raise LabError(f"{ref} has no usable tokenizer/processor ({type(e).__name__}); the model cannot chat") from None
     return model, proc
@@ -58,12 +66,12 @@ def load_vlm(ref: str, device: str):
 class Loaded:
     """One triple's VLM in memory plus the in-place merger; `current` is the state's recipe key."""
 
-    def __init__(self, triple: tuple[str, str, str | None], device: str):
+    def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False):
         from merging.inplace import InPlaceMerger
 
         self.triple = triple
         self.device = device
-        self.model, self.processor = load_vlm(triple[0], device)
+        self.model, self.processor = load_vlm(triple[0], device, trust_remote_code)
         self.merger = InPlaceMerger(self.model, *triple, device=device)
         self.current: str | None = None
         self._snapshots: OrderedDict[str, dict] = OrderedDict()
@@ -133,8 +141,9 @@ class Loaded:
 class ModelHolder:
     """At most one loaded triple at a time (the device holds one model); a new triple replaces it."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, trust_remote_code: bool = False):
         self.device = device
+        self.trust_remote_code = trust_remote_code
         self.loaded: Loaded | None = None
 
     def get(self, triple: tuple[str, str, str | None], progress=None) -> Loaded:
@@ -145,7 +154,7 @@ class ModelHolder:
             self.loaded = None
         if progress:
             progress(0, 1, f"loading {Path(triple[0]).name} onto {self.device}")
-        self.loaded = Loaded(tuple(triple), self.device)
+        self.loaded = Loaded(tuple(triple), self.device, self.trust_remote_code)
         return self.loaded
 
 

@@ -47,8 +47,18 @@ class Worker:
         self.events, self.control, self.config = events, control, config
         self.device = pick_device(config.get("device", "auto"))
         self.cache_dir = config.get("cache_dir")
-        self.models = ModelHolder(self.device)
+        self.models = ModelHolder(self.device, bool(config.get("trust_remote_code", False)))
         self.cancelled: set[int] = set()
+        self._sweep_exports()
+
+    def _sweep_exports(self) -> None:
+        """Remove the temp folders of exports a killed worker left behind (finished ones are kept)."""
+        import shutil
+
+        if not self.cache_dir:
+            return
+        for tmp in Path(self.cache_dir, "exports").glob(".*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- plumbing ------------------------------------------------------------------------------
     def send(self, job_id: int, kind: str, payload=None) -> None:
@@ -113,16 +123,22 @@ class Worker:
                 "reused": not worked, "device": self.device}
 
     def do_chat(self, job_id, args, flag):
-        from PIL import Image
-
         from webapp.chat import stream_answer
+        from webapp.safety import open_image
 
         recipe = args.get("recipe")
-        triple = triple_of(recipe) if recipe else tuple(args["triple"])
+        given = args["triple"]  # a dict from the UI ({"vlm", "reasoner", "base"}) or a sequence
+        triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
         progress = self.progress_fn(job_id, flag)
         loaded = self.models.get(triple, progress)
-        image = Image.open(args["image"]).convert("RGB") if args.get("image") else None
-        answers = {}
+        image = open_image(args["image"]) if args.get("image") else None
+        answers, notices = {}, []
+
+        def notice(text):
+            if text not in notices:
+                notices.append(text)
+                self.send(job_id, "notice", text)
+
         streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
         for stream in streams:
             loaded.ensure(recipe if stream == "merged" else None, progress=progress, cancel=flag)
@@ -130,8 +146,8 @@ class Worker:
                 loaded.model, loaded.processor, args["question"], image, args.get("history", {}).get(stream),
                 args.get("max_new_tokens", 48), args.get("temperature", 0.0),
                 on_text=lambda piece, s=stream: self.send(job_id, "token", {"stream": s, "text": piece}),
-                cancelled=flag)
-        return {"answers": answers}
+                cancelled=flag, on_notice=notice)
+        return {"answers": answers, "notices": notices}
 
     def do_analysis(self, job_id, args, flag):
         from webapp.analysis_jobs import run_analysis
@@ -165,6 +181,10 @@ def main(requests, events, control, config: dict) -> None:
     threads = config.get("threads")
     try:
         import torch
+
+        from webapp.safety import limit_pil
+
+        limit_pil()
 
         if threads:
             torch.set_num_threads(int(threads))

@@ -1,0 +1,90 @@
+"""Checks on what a user can hand the app: uploaded images and typed questions (UI and worker side).
+
+Every refusal is a LabError with one plain sentence, shown in the panel that received the input;
+nothing here decodes pixels of an image that is refused, so an oversized or malicious upload
+costs a header read, not memory.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from merging.errors import LabError
+
+MAX_IMAGE_SIDE = 4096  # pixels, either side
+MAX_IMAGE_BYTES = 20 * 2**20  # 20 MB per image file
+MAX_IMAGES = 32  # images per request (attention-decay panel)
+MAX_QUESTION_CHARS = 20_000  # a question longer than this is cut in the UI before it is tokenized
+UPLOAD_LIMIT = "64mb"  # gradio's own cap on any upload (launch(max_file_size=...))
+
+
+def limit_pil() -> None:
+    """Make PIL refuse decompression bombs: more than 2x this many pixels raises DecompressionBombError."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+
+
+def _name(path: str | Path) -> str:
+    return Path(path).name or str(path)
+
+
+def check_image(path: str | Path) -> str:
+    """The path when it is an image the app can use; LabError with the reason otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit_pil()
+    name = _name(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise LabError(f"image refused: {name} could not be read") from None
+    if size > MAX_IMAGE_BYTES:
+        raise LabError(f"image refused: {name} is {size / 2**20:.1f} MB; the limit is "
+                       f"{MAX_IMAGE_BYTES // 2**20} MB per image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                w, h = img.size
+                fmt = img.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise LabError(f"image refused: {name} would decode to too many pixels (a decompression bomb?); "
+                       f"the limit is {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise LabError(f"image refused: {name} is not an image (PNG, JPEG, WebP, GIF, ...)") from None
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE:
+        raise LabError(f"image refused: {name} is {w}×{h} px; the limit is {MAX_IMAGE_SIDE} px a side")
+    if w < 1 or h < 1:
+        raise LabError(f"image refused: {name} has no pixels ({w}×{h})")
+    return str(fmt)
+
+
+def open_image(path: str | Path):
+    """Checked, decoded, RGB PIL image (worker side); LabError when refused or undecodable."""
+    from PIL import Image
+
+    check_image(path)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise LabError(f"image refused: {_name(path)} could not be decoded ({type(e).__name__})") from None
+
+
+def check_images(paths: list[str]) -> list[str]:
+    if len(paths) > MAX_IMAGES:
+        raise LabError(f"too many images: {len(paths)}; give at most {MAX_IMAGES}")
+    for p in paths:
+        check_image(p)
+    return paths
+
+
+def cap_question(text: str) -> tuple[str, str | None]:
+    """(text, notice): text cut to MAX_QUESTION_CHARS characters, with a notice when it was cut."""
+    if len(text) <= MAX_QUESTION_CHARS:
+        return text, None
+    return text[:MAX_QUESTION_CHARS], (f"the question was {len(text):,} characters long; only the first "
+                                       f"{MAX_QUESTION_CHARS:,} were used")
