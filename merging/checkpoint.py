@@ -173,19 +173,20 @@ class Checkpoint:
     @property
     def fingerprint(self) -> str:
         """Cheap identity for caches: config, every tensor's name/dtype/shape, and the bytes of
-        each file: all of them for small files, 64 evenly spaced 64 KB samples for large ones
-        (fine-tuning changes every tensor, so samples see it; hashing 16 GB would not be cheap)."""
+        the files: all of them for a small checkpoint, else 64 evenly spaced 64 KB samples per
+        file (fine-tuning changes every tensor, so samples see it; hashing 16 GB would not be cheap)."""
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=12)
             h.update(json.dumps(self.config, sort_keys=True).encode())
             for name in self.names():
                 m = self._meta[name]
                 h.update(f"{name}|{m['dtype']}|{m['shape']}\n".encode())
-            for f in self.files():
-                size = f.stat().st_size
+            sizes = {f: f.stat().st_size for f in self.files()}
+            whole = sum(sizes.values()) <= _FULL_HASH_BYTES
+            for f, size in sizes.items():
                 h.update(f"{f.name}:{size}".encode())
                 with open(f, "rb") as fh:
-                    if size <= _FULL_HASH_BYTES:
+                    if whole:
                         for block in iter(lambda: fh.read(1 << 20), b""):
                             h.update(block)
                         continue

@@ -1,0 +1,176 @@
+"""One plotly Figure per analysis, built from the plain-data results (cached or fresh).
+
+Every figure has a title that says what to look for, labelled axes and hover text that reads
+as a sentence ("layer 3, mlp.up_proj: cos = 0.02"), so a student can use it without the papers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+VLM_COLOUR, REASONER_COLOUR = "#1f77b4", "#ff7f0e"
+SUITE_COLOURS = {"perception": "#2ca02c", "visual_math": "#d62728", "text_math": "#9467bd"}
+
+
+def _nan(v):
+    return float("nan") if v is None else v
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _heatmap(z, modules, text, colorscale, zmin=None, zmax=None, zmid=None, colorbar=None):
+    return go.Heatmap(
+        z=[[_nan(v) for v in row] for row in z], x=modules, y=[f"layer {i}" for i in range(len(z))],
+        text=text, hovertemplate="%{text}<extra></extra>", colorscale=colorscale, zmin=zmin, zmax=zmax,
+        zmid=zmid, colorbar=colorbar or {}, hoverongaps=False,
+    )
+
+
+def _hover_grid(z, modules, label) -> list[list[str]]:
+    return [[f"layer {i}, {m}: {label} = {_fmt(v)}" for m, v in zip(modules, row)] for i, row in enumerate(z)]
+
+
+# --------------------------------------------------------------------------------------- spectra
+def spectra_figure(spectra: dict) -> go.Figure:
+    """Singular values of tau_v (VLM) and tau_r (reasoner): slider = layer, dropdown = module."""
+    modules, n = spectra["modules"], spectra["num_layers"]
+    by = {(e["layer"], e["module"]): e for e in spectra["entries"]}
+    fig = go.Figure()
+    roles = (("VLM  (τ_v = W_v − W_0)", "s_v", VLM_COLOUR, "solid"),
+             ("reasoner  (τ_r = W_r − W_0)", "s_r", REASONER_COLOUR, "dash"))
+
+    def data(layer):
+        xs, ys, hovers = [], [], []
+        for m in modules:
+            for label, key, _, _ in roles:
+                e = by.get((layer, m))
+                s = e[key] if e else []
+                xs.append(list(range(1, len(s) + 1)))
+                ys.append(s)
+                hovers.append(f"layer {layer}, {m}, {label.split()[0]}: σ_%{{x}} = %{{y:.4g}}<extra></extra>")
+        return xs, ys, hovers
+
+    xs, ys, hovers = data(0)
+    i = 0
+    for j, m in enumerate(modules):
+        for label, _, colour, dash in roles:
+            fig.add_trace(go.Scatter(x=xs[i], y=ys[i], mode="lines", name=f"{label.split()[0]} {m}",
+                                     line={"color": colour, "dash": dash}, hovertemplate=hovers[i],
+                                     legendgroup=label, visible=(j == 0)))
+            i += 1
+    steps = []
+    for layer in range(n):
+        x, y, h = data(layer)
+        steps.append({"label": str(layer), "method": "restyle", "args": [{"x": x, "y": y, "hovertemplate": h}]})
+    n_tr = len(modules) * 2
+    buttons = [{"label": m, "method": "restyle",
+                "args": [{"visible": [k // 2 == j for k in range(n_tr)]}]} for j, m in enumerate(modules)]
+    buttons.append({"label": "all modules", "method": "restyle", "args": [{"visible": [True] * n_tr}]})
+    exact = all(e["exact"] for e in spectra["entries"])
+    fig.update_layout(
+        title="Singular values of the task vectors (IP-Merging Fig. 4: are the reasoner's larger?)"
+              + ("" if exact else f"<br><sup>large matrices: randomized top-{spectra['k']}</sup>"),
+        xaxis_title="index i of the singular value (largest first)",
+        yaxis={"title": "singular value σ_i (log scale)", "type": "log"},
+        sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "decoder layer: "}, "pad": {"t": 50}}],
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12,
+                      "showactive": True}],
+        legend={"title": "solid: VLM, dashed: reasoner"},
+    )
+    return fig
+
+
+def ratio_figure(spectra: dict) -> go.Figure:
+    """Nuclear-norm ratio sum S_v / sum S_r per layer and module (IP-Merging's rescale lambda)."""
+    z, modules = spectra["ratio"], spectra["modules"]
+    fig = go.Figure(_heatmap(z, modules, _hover_grid(z, modules, "ΣS_v / ΣS_r"), "Viridis",
+                             colorbar={"title": "ΣS_v/ΣS_r"}))
+    fig.update_layout(title="Nuclear-norm ratio of the task vectors, VLM / reasoner (below 1: the reasoner's is larger)",
+                      xaxis_title="projection matrix", yaxis_title="decoder layer")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ similarity
+def similarity_figure(sim: dict) -> go.Figure:
+    """Cosine (with the whole-block column) and IP-Merging subspace similarity heatmaps."""
+    modules = sim["modules"]
+    cos_cols = modules + ["whole block"]
+    cos = [row + [b] for row, b in zip(sim["cos"], sim["block_cos"])]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.16, subplot_titles=(
+        "cosine(τ_v, τ_r): near 0 = near-orthogonal (FRANK Fig. 3)",
+        f"IP-Merging subspace similarity (top-{sim['rank']} directions)"))
+    fig.add_trace(_heatmap(cos, cos_cols, _hover_grid(cos, cos_cols, "cos"), "RdBu", zmin=-1, zmax=1, zmid=0,
+                           colorbar={"title": "cos", "x": 0.42}), 1, 1)
+    sub = sim["subspace"]
+    fig.add_trace(_heatmap(sub, modules, _hover_grid(sub, modules, "subspace similarity"), "Viridis",
+                           zmin=0, zmax=1, colorbar={"title": "sim", "x": 1.0}), 1, 2)
+    fig.update_layout(title="How aligned are the VLM's and the reasoner's task vectors?")
+    fig.update_xaxes(title_text="projection matrix")
+    fig.update_yaxes(title_text="decoder layer", col=1)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- attention
+def attention_figure(att: dict) -> go.Figure:
+    """a_l per layer with the fitted exponential and beta in the legend (FRANK Fig. 2)."""
+    shares = att["shares"]
+    layers = list(range(len(shares)))
+    beta, c = att["beta"], att["C"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=layers, y=shares, mode="markers+lines", name=f"measured a_l ({att.get('n_images', '?')} images)",
+        hovertemplate="layer %{x}: text puts %{y:.1%} of its attention on the image<extra></extra>"))
+    fine = [i / 10 for i in range(0, 10 * (len(shares) - 1) + 1)] or [0]
+    fig.add_trace(go.Scatter(
+        x=fine, y=[c * math.exp(-beta * x) for x in fine], mode="lines", line={"dash": "dash"},
+        name=f"fit a_l = {c:.3g}·exp(−β·l), β = {beta:.3f}, R² = {_fmt(att.get('r2'), '.2f')}",
+        hovertemplate="fit at layer %{x:.1f}: %{y:.1%}<extra></extra>"))
+    fig.update_layout(title="Visual attention per layer: share of text→image attention (FRANK Fig. 2: decays with depth)",
+                      xaxis_title="decoder layer l", yaxis_title="a_l = text→image / (text→image + text→text)",
+                      yaxis_tickformat=".0%", legend={"x": 0.35, "y": 0.98})
+    return fig
+
+
+# -------------------------------------------------------------------------------------- knockout
+def knockout_figure(results: dict) -> go.Figure:
+    """results: {model label: knockout() output}. Drop in accuracy per knocked-out layer."""
+    groups = ("attention", "mlp")
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(
+        "attention (q,k,v,o) knocked out", "MLP (gate,up,down) knocked out"))
+    dashes = ("solid", "dash", "dot", "dashdot")
+    for k, (label, ko) in enumerate(results.items()):
+        for col, g in enumerate(groups, start=1):
+            if g not in ko["drop"]:
+                continue
+            for s in ko["suites"]:
+                base = ko["baseline"][s]
+                fig.add_trace(go.Scatter(
+                    x=ko["layers"], y=ko["drop"][g][s], mode="lines+markers", name=f"{label}: {s}",
+                    legendgroup=f"{label}{s}", showlegend=(col == 1),
+                    line={"color": SUITE_COLOURS.get(s), "dash": dashes[k % len(dashes)]},
+                    hovertemplate=f"{label}, layer %{{x}} {g} knocked out: {s} accuracy drops by "
+                                  f"%{{y:.1%}} (intact: {base:.1%})<extra></extra>"), 1, col)
+    fig.add_hline(y=0, line={"color": "grey", "width": 1})
+    fig.update_layout(title="Layer knockout: accuracy lost when one layer's weights are blanked "
+                            "(BR2V: perception early, reasoning later)")
+    fig.update_xaxes(title_text="decoder layer knocked out", dtick=1)
+    fig.update_yaxes(title_text="accuracy drop vs intact model", tickformat=".0%", col=1)
+    return fig
+
+
+# --------------------------------------------------------------------------------------- changes
+def changes_figure(ch: dict) -> go.Figure:
+    """Relative change ||W_merged − W_v|| / ||W_v|| per layer and module."""
+    z, modules = ch["rel"], ch["modules"]
+    text = [[f"layer {i}, {m}: changed by {_fmt(v * 100 if v is not None else None, '.2f')}% "
+             f"(‖W_merged − W_v‖ / ‖W_v‖ = {_fmt(v, '.4f')})" for m, v in zip(modules, row)]
+            for i, row in enumerate(z)]
+    fig = go.Figure(_heatmap(z, modules, text, "Viridis", zmin=0, colorbar={"title": "relative change"}))
+    fig.update_layout(title="Where the merge changed the VLM's language model", xaxis_title="weight",
+                      yaxis_title="decoder layer")
+    return fig

@@ -1,0 +1,158 @@
+"""Singular-value spectra of the task vectors tau_v = W_v - W_0 and tau_r = W_r - W_0.
+
+For every decoder layer and 2-D projection matrix of the triple: the top singular values of
+both task vectors (the IP-Merging paper's Fig. 4: the reasoner's are larger) and the
+nuclear-norm ratio sum S_v / sum S_r, which is the rescale factor lambda_n ip_merging uses.
+
+Tensors are read lazily one at a time through Checkpoint + layout, so memory stays at a few
+matrices whatever the model size. This module also holds the triple iteration that
+similarity.py shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from merging.errors import LabError
+from merging.linalg import _use_lowrank, singular_values
+
+# The 2-D projection matrices of a decoder block, in display order (canonical rest names).
+MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class Triple:
+    """The three opened checkpoints and their layouts, viewed through canonical names."""
+
+    vlm: object
+    reasoner: object
+    base: object
+    layouts: dict  # "vlm" | "reasoner" | "base" -> Layout
+
+    @property
+    def num_layers(self) -> int:
+        return self.layouts["vlm"].num_layers
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return {"vlm": self.vlm.fingerprint, "reasoner": self.reasoner.fingerprint, "base": self.base.fingerprint}
+
+    def has(self, canonical: str) -> bool:
+        return all(canonical in lay.lm for lay in self.layouts.values())
+
+    def get(self, role: str, canonical: str, device="cpu") -> torch.Tensor:
+        ck = getattr(self, role)
+        # float32 always: bf16 differences of nearly equal weights lose most of their bits.
+        return ck.get(self.layouts[role].lm[canonical], device=device).float()
+
+    def task_vectors(self, canonical: str, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        w0 = self.get("base", canonical, device)
+        tau_v = self.get("vlm", canonical, device) - w0
+        tau_r = self.get("reasoner", canonical, device) - w0
+        if tau_v.shape != tau_r.shape:
+            raise LabError(f"{canonical}: VLM {tuple(tau_v.shape)} and reasoner {tuple(tau_r.shape)} differ in shape")
+        return tau_v, tau_r
+
+    def layer_names(self, layer: int) -> list[str]:
+        """Canonical names of a decoder block present in all three models."""
+        return [c for c in self.layouts["vlm"].layer_names(layer) if self.has(c)]
+
+
+@contextmanager
+def open_triple(vlm, reasoner, base) -> Iterator[Triple]:
+    """Open three refs (folder or hub id) as a Triple; closes them on exit."""
+    from merging.checkpoint import Checkpoint
+    from merging.layout import derive_layout
+
+    if base is None:
+        raise LabError("this analysis needs the shared base model ('base' in the recipe)")
+    with ExitStack() as stack:
+        cks = {role: stack.enter_context(Checkpoint.open(ref))
+               for role, ref in (("vlm", vlm), ("reasoner", reasoner), ("base", base))}
+        layouts = {role: derive_layout(ck) for role, ck in cks.items()}
+        nv, nr, nb = (layouts[r].num_layers for r in ("vlm", "reasoner", "base"))
+        if not nv == nr == nb:
+            raise LabError(f"layer counts differ: VLM {nv}, reasoner {nr}, base {nb}; not one family")
+        yield Triple(cks["vlm"], cks["reasoner"], cks["base"], layouts)
+
+
+def matrices(triple: Triple, modules=MODULES) -> list[tuple[int, str, str]]:
+    """(layer, module, canonical name) of every projection weight all three models have."""
+    out = []
+    for layer in range(triple.num_layers):
+        for m in modules:
+            c = f"layers.{layer}.{m}.weight"
+            if triple.has(c):
+                out.append((layer, m, c))
+    return out
+
+
+def spectrum(m: torch.Tensor, k: int, method: str = "auto") -> tuple[list[float], float, bool]:
+    """(top-k singular values, their nuclear-norm sum, whether that sum is exact).
+
+    Small matrices get the full spectrum, so the nuclear norm is exact; large ones use
+    randomized top-k (merging.linalg) and the "nuclear norm" is the sum of those k values.
+    """
+    if _use_lowrank(m, k, method):
+        s = singular_values(m, k, "lowrank")
+        return s.tolist(), float(s.sum()), False
+    s = singular_values(m, None, "exact")
+    return s[:k].tolist(), float(s.sum()), True
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+def compute_spectra(triple: Triple, k: int = 64, method: str = "auto", device="cpu", progress=None) -> dict:
+    """Spectra and nuclear-norm ratios for every (layer, module); plain data for caching/JSON.
+
+    Returns {"k", "method", "num_layers", "modules", "entries": [{"layer", "module", "s_v", "s_r",
+    "nuclear_v", "nuclear_r", "ratio", "exact"}], "ratio": [[per module] per layer]}.
+    """
+    todo = matrices(triple)
+    if not todo:
+        raise LabError("no projection matrices (q/k/v/o/gate/up/down) are shared by the three models")
+    entries = []
+    for i, (layer, module, canonical) in enumerate(todo):
+        if progress:
+            progress(i, len(todo), f"spectra: layer {layer} {module}")
+        tau_v, tau_r = triple.task_vectors(canonical, device)
+        s_v, n_v, exact_v = spectrum(tau_v, k, method)
+        s_r, n_r, exact_r = spectrum(tau_r, k, method)
+        entries.append({"layer": layer, "module": module, "s_v": s_v, "s_r": s_r, "nuclear_v": n_v,
+                        "nuclear_r": n_r, "ratio": _ratio(n_v, n_r), "exact": exact_v and exact_r})
+    if progress:
+        progress(len(todo), len(todo), "spectra: done")
+    modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
+    return {"k": k, "method": method, "num_layers": triple.num_layers, "modules": modules,
+            "entries": entries, "ratio": grid(entries, "ratio", triple.num_layers, modules)}
+
+
+def grid(entries: list[dict], field: str, num_layers: int, modules: list[str]) -> list[list[float | None]]:
+    """entries -> [layer][module] matrix of one field (None where a matrix is missing)."""
+    out = [[None] * len(modules) for _ in range(num_layers)]
+    col = {m: j for j, m in enumerate(modules)}
+    for e in entries:
+        if e["module"] in col:
+            out[e["layer"]][col[e["module"]]] = e[field]
+    return out
+
+
+def spectra(vlm, reasoner, base, k: int = 64, method: str = "auto", device="cpu", progress=None,
+            cache_dir=None, use_cache: bool = True) -> dict:
+    """Open the triple, compute (or fetch from the cache) its spectra."""
+    from analysis.cache import cached
+
+    with open_triple(vlm, reasoner, base) as t:
+        def compute():
+            return compute_spectra(t, k, method, device, progress)
+
+        if not use_cache:
+            return compute()
+        return cached("spectra", {"fp": t.fingerprints, "k": k, "method": method}, compute, cache_dir)
