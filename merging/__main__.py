@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     mg.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     mg.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 500MB, 2GB (default 2GB)")
     mg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (atomically)")
     dr = sub.add_parser("drift", help="short fine-tune of the VLM with DRIFT's reasoning prior (recipe drift: section)")
     dr.add_argument("recipe")
     dr.add_argument("out_dir")

@@ -1,0 +1,267 @@
+"""Streaming merge to disk: `python -m merging merge RECIPE OUT_DIR`.
+
+Tensors are read lazily from the three checkpoints, merged on the device in recipe.dtype, cast
+to the output dtype and written straight to their place in the output shards. Tensor-scope
+methods hold one tensor of each model at a time; layer-scope methods one decoder block.
+
+Which LM tensors are merged (the methods never decide this; inplace.py uses the same plan):
+- decoder-layer tensors, limited to `layers: [start, end]` when given;
+- the final norm (and any other non-layer, non-vocabulary LM tensor) only when no `layers`
+  range is given: a range means "only these layers change";
+- embed_tokens / lm_head only with `embeddings: merge_shared_rows` (whatever the range, since it
+  is asked for explicitly): the first min(V_v, V_r, V_0) rows are merged, the others keep the
+  VLM's. A vocabulary tensor absent from the reasoner or base (tied embeddings) keeps the VLM's.
+Everything else (vision tower, projector, kept LM tensors) is copied bit for bit; `out_dtype`
+applies to LM tensors only, so the vision tower and projector stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merging import methods, params
+from merging.errors import LabError
+from merging.layout import split_canonical
+from merging.methods import MergeContext, TensorSet
+
+VOCAB = ("embed_tokens.weight", "lm_head.weight")
+ROLES = ("vlm", "reasoner", "base")
+
+
+@dataclass
+class Group:
+    """Canonical names merged together: one tensor (tensor scope) or one block (layer scope)."""
+
+    layer: int | None
+    names: list[str]
+    shared_rows: bool = False  # merge only the first min(V_v, V_r, V_0) rows
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def check_device(device: str) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+
+
+def plan_groups(recipe, method, layouts: dict) -> tuple[list[Group], list[str]]:
+    """The merged groups in processing order, and notes for the model card."""
+    v = layouts["vlm"]
+    others = [layouts[r] for r in ("reasoner", "base") if r in layouts]
+    notes: list[str] = []
+    blocks: dict[int, list[str]] = {}
+    singles: list[Group] = []
+    for c in v.lm:
+        layer, _ = split_canonical(c)
+        if layer is not None:
+            if recipe.layers is None or recipe.layers[0] <= layer <= recipe.layers[1]:
+                blocks.setdefault(layer, []).append(c)
+        elif c in VOCAB:
+            if recipe.embeddings != "merge_shared_rows":
+                continue
+            if all(c in o.lm for o in others):
+                singles.append(Group(None, [c], shared_rows=True))
+            else:
+                notes.append(f"{c} is absent in the reasoner or base (tied embeddings?): the VLM's is kept")
+        elif recipe.layers is None:
+            singles.append(Group(None, [c]))
+    if method.scope == "layer":
+        groups = [Group(i, names) for i, names in sorted(blocks.items())]
+    else:
+        groups = [Group(i, [c]) for i, names in sorted(blocks.items()) for c in names]
+    return groups + singles, notes
+
+
+def read_checked(ck, name: str, role: str, device: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor from a checkpoint; NaN/Inf is an error naming the tensor and the model."""
+    t = ck.get(name)
+    if t.is_floating_point() and not _finite(t):
+        raise LabError(f"tensor {name} of the {role} model ({ck.path}) contains NaN or Inf; refusing to merge it")
+    if dtype is None:
+        return t.to(device)
+    return t.to(device=device, dtype=dtype)
+
+
+def _finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """isfinite in chunks: on a whole embedding matrix its temporaries would exceed the tensor."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def merge_group(method, group: Group, sets: dict[str, TensorSet], knobs: dict, ctx: MergeContext) -> dict:
+    """Merged tensors (compute dtype) of one group; a name left out keeps the VLM's."""
+    p = params.resolve(method, knobs, group.layer, ctx.num_layers)
+    full = {}
+    if group.shared_rows:
+        full = {c: t.vlm for c, t in sets.items()}
+        sets = {c: _rows(t) for c, t in sets.items()}
+    if method.scope == "layer":
+        out = method.merge_layer(group.layer, sets, p, ctx)
+    else:
+        out = {c: method.merge_tensor(t, p, ctx) for c, t in sets.items()}
+    for c, part in list(out.items()):
+        if c in full:
+            whole = full[c].clone()
+            whole[: part.shape[0]] = part
+            out[c] = whole
+    return out
+
+
+def _rows(t: TensorSet) -> TensorSet:
+    ts = [x for x in (t.vlm, t.reasoner, t.base) if x is not None]
+    n = min(x.shape[0] for x in ts)
+    if any(x.shape[1:] != t.vlm.shape[1:] for x in ts):
+        raise LabError(f"{t.name}: hidden sizes differ between the models; cannot merge shared rows")
+    cut = (lambda x: None if x is None else x[:n])  # noqa: E731
+    return TensorSet(t.name, t.layer, cut(t.vlm), cut(t.reasoner), cut(t.base))
+
+
+def out_dtype_of(recipe, vlm_ck, actual: str, is_lm: bool) -> torch.dtype:
+    own = vlm_ck.dtype(actual)
+    if recipe.out_dtype and is_lm and own.is_floating_point:
+        return torch_dtype(recipe.out_dtype)
+    return own
+
+
+class Progress:
+    """tqdm on the terminal and the progress(done, total, message) callback; checks cancel()."""
+
+    def __init__(self, total: int, progress=None, cancel=None, bar: bool | None = None):
+        from tqdm import tqdm
+
+        self.total, self.done, self.cb, self.cancel = total, 0, progress, cancel
+        show = sys.stderr.isatty() if bar is None else bar
+        self.bar = tqdm(total=total, disable=not show, unit="tensor", desc="merging", file=sys.stderr)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise LabError("cancelled")
+
+    def step(self, n: int, message: str) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.cb is not None:
+            self.cb(self.done, self.total, message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard_bytes: int = 2 * 10**9,
+                  cancel=None, overwrite: bool = False, bar: bool | None = None) -> Path:
+    """Merge `recipe` into a new Hugging Face model folder OUT_DIR (atomic). Returns OUT_DIR."""
+    from merging.checkpoint import Checkpoint
+    from merging.compat import check_triple
+    from merging.writer import AtomicFolder, ShardedWriter, WriteError, copy_side_files, write_text
+
+    t0 = time.time()
+    method = methods.get(recipe.method)
+    check_device(device)
+    report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
+    report.raise_if_incompatible()
+    layouts = report.layouts
+    num_layers = layouts["vlm"].num_layers
+    params.validate_lengths(recipe, num_layers)
+    groups, notes = plan_groups(recipe, method, layouts)
+    cdtype = torch_dtype(recipe.dtype)
+    knobs = recipe.knobs()
+    ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers)
+    with contextlib.ExitStack() as stack:
+        cks = {r: stack.enter_context(Checkpoint.open(ref)) for r, ref in report.refs.items()}
+        vck, vlay = cks["vlm"], layouts["vlm"]
+        lm_actual = set(vlay.lm.values())
+        entries = [(a, vck.shape(a), out_dtype_of(recipe, vck, a, a in lm_actual)) for a in vck.names()]
+        dtypes = {a: d for a, _, d in entries}
+        merged = {vlay.lm[c] for g in groups for c in g.names}
+        kept = [a for a in vck.names() if a not in merged]
+        bar = Progress(len(entries), progress, cancel, bar)
+        try:
+            with AtomicFolder(out_dir, overwrite) as tmp:
+                writer = ShardedWriter(tmp, entries, max_shard_bytes)
+                try:
+                    for a in kept:  # bit-for-bit copies (cast only for out_dtype on LM tensors)
+                        bar.check()
+                        writer.write(a, read_checked(vck, a, "vlm", "cpu").to(dtypes[a]))
+                        bar.step(1, f"copy {a}")
+                    for g in groups:
+                        bar.check()
+                        sets = {c: TensorSet(c, g.layer, *(
+                            read_checked(cks[r], layouts[r].lm[c], r, device, cdtype) if r in cks else None
+                            for r in ROLES)) for c in g.names}
+                        out = merge_group(method, g, sets, knobs, ctx)
+                        for c in g.names:
+                            a = vlay.lm[c]
+                            res = out.get(c)
+                            if res is None:  # the method kept the VLM's: write its original bits
+                                res = read_checked(vck, a, "vlm", "cpu")
+                            writer.write(a, res.to(dtypes[a]))
+                        del sets, out
+                        bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
+                    writer.finish()  # closes the files, reporting any late write error
+                except BaseException:
+                    writer.close_files()  # before AtomicFolder removes the folder
+                    raise
+                copy_side_files(vck.path, tmp)
+                write_text(tmp / "recipe.yaml", recipe.to_yaml())
+                write_text(tmp / "README.md", model_card(recipe, method, report, notes + summary(ctx.extra),
+                                                                  time.time() - t0))
+        except WriteError as e:  # the temp folder is already gone (AtomicFolder)
+            raise LabError(f"{e}; nothing was written") from None
+        finally:
+            bar.close()
+    return Path(out_dir)
+
+
+def summary(extra: dict) -> list[str]:
+    """One line per method diagnostic worth keeping with the model (which matrices, which weights)."""
+    out = []
+    if "ip_merging" in extra:
+        d = extra["ip_merging"]
+        sel, tot = sum(len(x["selected"]) for x in d.values()), sum(len(x["scores"]) for x in d.values())
+        out.append(f"ip_merging merged {sel} of {tot} projection matrices")
+    if "frank" in extra:
+        out += [f"frank layer {k}: w_v {v['w_v']:.3f}, lam_v {v['lam_v']:.3f}, lam_r {v['lam_r']:.3f}"
+                for k, v in extra["frank"].items()]
+    return out
+
+
+def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
+    knobs = recipe.knobs()
+    lines = ["---", "tags: [merge, merge-lab]", "---", f"# Merged with `{method.name}`", "",
+             f"{method.description}", "", "## Sources", "",
+             "| role | model | fingerprint |", "|---|---|---|"]
+    lines += [f"| {r} | `{report.refs[r]}` | `{report.fingerprints[r]}` |" for r in report.refs]
+    lines += ["", "## Knobs", ""] + [f"- `{k}`: {v}" for k, v in knobs.items()]
+    lines += ["", "## Settings", "",
+              f"- layers: {list(recipe.layers) if recipe.layers else 'all'}",
+              f"- embeddings: {recipe.embeddings}", f"- compute dtype: {recipe.dtype}",
+              f"- output dtype: {recipe.out_dtype or 'the VLM own, per tensor'}", f"- seed: {recipe.seed}",
+              f"- merge time: {seconds:.1f} s", "",
+              "Only language-model weights changed; the vision tower and projector are the VLM's, bit for bit.",
+              "The full recipe is in `recipe.yaml`."]
+    warn = notes + report.warnings
+    if warn:
+        lines += ["", "## Notes", ""] + [f"- {w}" for w in warn]
+    return "\n".join(lines) + "\n"
+
+
+def main_merge(args) -> int:
+    from merging import recipe as recipe_mod
+    from merging.writer import parse_size
+
+    rec = recipe_mod.load(args.recipe)
+    size = parse_size(getattr(args, "max_shard_size", "2GB"))
+    out = merge_to_disk(rec, args.out_dir, device=getattr(args, "device", "cpu"), max_shard_bytes=size,
+                        overwrite=getattr(args, "overwrite", False),
+                        bar=False if getattr(args, "no_progress", False) else None)
+    print(f"merged {rec.method} into {out}")
+    return 0

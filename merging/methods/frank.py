@@ -1,0 +1,62 @@
+"""`frank` (FRANK, arXiv 2505.16151; no public code). Scope: one decoder block at a time.
+
+With task vectors flattened over the whole block l (every tensor of it):
+  W = W_0 + lam_v(l) tau_v + lam_r(l) tau_r,
+  lam_t(l) = w_t ||tau_t||^2 / (w_v ||tau_v||^2 + w_r ||tau_r||^2),   w_r = 1 - w_v.
+The modality prior w_v(l) comes from one of
+- `w_v`: a number or a per-layer list / gradient (e.g. from the attention-decay analysis);
+  the default 0.5 (w_v = w_r) is exactly "no prior": the plain norm ratio;
+- `use_prior: 1` with `beta`: w_v(l) = exp(-beta l) / sum_j exp(-beta j) over all the model's
+  layers (l from 0), the paper's exponential fit of the visual-attention decay.
+Giving both `w_v` and `use_prior: 1` is an error. When the denominator is 0 the block keeps the
+VLM's. Tensors outside the decoder layers (final norm, shared embedding rows) are each merged
+as a one-tensor block with the last layer's weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from merging.errors import LabError
+from merging.methods import MergeMethod, Param, TensorSet, register
+
+
+def prior_w_v(beta: float, layer: int, num_layers: int) -> float:
+    """exp(-beta l) / sum_j exp(-beta j), computed stably (shifted by the largest exponent)."""
+    logits = [-beta * j for j in range(num_layers)]
+    top = max(logits)
+    return math.exp(logits[layer] - top) / sum(math.exp(x - top) for x in logits)
+
+
+@register
+class Frank(MergeMethod):
+    name = "frank"
+    needs_base = True
+    scope = "layer"
+    description = "Per-block weights from the task vectors' squared norms, optionally with an attention prior."
+    params = (
+        Param("w_v", 0.5, 0.0, 1.0, "prior weight of the VLM per layer (w_r = 1 - w_v); 0.5 = no prior"),
+        Param("use_prior", 0, 0, 1, "1: w_v from the exponential prior with beta", integer=True, per_layer=False),
+        Param("beta", 0.1, -10.0, 10.0, "decay rate of the visual attention per layer", per_layer=False),
+    )
+
+    def validate(self, params: dict) -> None:
+        if "w_v" in params and params.get("use_prior", 0):
+            raise LabError("frank: give either 'w_v' (explicit prior) or 'use_prior: 1' with 'beta', not both")
+
+    def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
+        at = ctx.num_layers - 1 if layer is None else layer
+        w_v = prior_w_v(p["beta"], at, ctx.num_layers) if p["use_prior"] >= 0.5 else float(p["w_v"])
+        w_r = 1.0 - w_v
+        tau_v = {n: t.vlm - t.base for n, t in sets.items()}
+        tau_r = {n: t.reasoner - t.base for n, t in sets.items()}
+        n_v = sum(float(x.double().square().sum()) for x in tau_v.values())
+        n_r = sum(float(x.double().square().sum()) for x in tau_r.values())
+        den = w_v * n_v + w_r * n_r
+        if den <= 0:
+            return {}
+        lam_v, lam_r = w_v * n_v / den, w_r * n_r / den
+        ctx.extra.setdefault("frank", {})[layer] = {"w_v": w_v, "lam_v": lam_v, "lam_r": lam_r}
+        return {n: t.base + lam_v * tau_v[n] + lam_r * tau_r[n] for n, t in sets.items()}

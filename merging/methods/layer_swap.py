@@ -1,0 +1,39 @@
+"""`layer_swap` (Bring Reason to Vision): early decoder layers keep the VLM, later ones are `linear`.
+
+Layers <= base_layer_num keep W_v; later layers, and tensors outside the decoder layers (the
+final norm counts as after the last layer), get (1 - alpha) W_v + alpha W_r.
+base_layer_num = -1 (default) means "the first half": layers < num_layers // 2 keep the VLM's,
+so the default does something sensible on any depth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merging.methods import MergeMethod, Param, TensorSet, register
+
+
+@register
+class LayerSwap(MergeMethod):
+    name = "layer_swap"
+    needs_base = False
+    scope = "tensor"
+    description = "Keep the VLM's early (perception) layers; average the later (reasoning) layers."
+    params = (
+        Param("alpha", 0.1, 0.0, 1.0, "weight on the reasoner in the merged (later) layers"),
+        Param("base_layer_num", -1, -1, 10_000, "last layer kept from the VLM; -1 = first half", integer=True,
+              per_layer=False),
+    )
+
+    def kept(self, layer: int | None, p: dict, num_layers: int) -> bool:
+        last = int(p["base_layer_num"])
+        if last < 0:
+            last = num_layers // 2 - 1
+        return layer is not None and layer <= last
+
+    def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
+        if self.kept(t.layer, p, ctx.num_layers):
+            return t.vlm
+        a = p["alpha"]
+        out = t.vlm * (1 - a)
+        return out.add_(t.reasoner * a)

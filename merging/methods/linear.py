@@ -1,0 +1,21 @@
+"""`linear` (Bring Reason to Vision): W = (1 - alpha) W_v + alpha W_r. No base model needed."""
+
+from __future__ import annotations
+
+import torch
+
+from merging.methods import MergeMethod, Param, TensorSet, register
+
+
+@register
+class Linear(MergeMethod):
+    name = "linear"
+    needs_base = False
+    scope = "tensor"
+    description = "Weighted average of the VLM's LM and the reasoner (BR2V); the paper uses alpha 0.1."
+    params = (Param("alpha", 0.1, 0.0, 1.0, "weight on the reasoner; the paper uses 0.1 (tuned over 0.1-0.2)"),)
+
+    def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
+        a = p["alpha"]
+        out = t.vlm * (1 - a)  # a fresh tensor: the inputs are never modified
+        return out.add_(t.reasoner * a)

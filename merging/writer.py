@@ -1,0 +1,208 @@
+"""Output side of a merge: an atomic folder, a sharded safetensors writer, the side files.
+
+The writer knows every tensor's name, shape and dtype up front (the merge never changes them),
+so it writes each shard's header first and then each tensor's bytes straight to its offset.
+Nothing is buffered: peak memory is the tensor being written, whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from merging.checkpoint import DTYPES
+from merging.errors import LabError
+
+_CODES = {dt: code for code, dt in DTYPES.items()}
+# Files of a model folder that are weights (never copied: the merge writes its own).
+_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|\.index\.json$", re.I)
+_OWN = {"README.md", "recipe.yaml"}  # written by the engine
+
+
+class WriteError(LabError):
+    """The output could not be written (disk full, file too large, permissions)."""
+
+
+def _oserror(path, e: OSError) -> WriteError:
+    return WriteError(f"could not write {path}: {e.strerror or e}")
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB', or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.I)
+    if not m:
+        raise LabError(f"shard size {text!r} is not a size like 500MB or 2GB")
+    unit = 1024 if m.group(3) else 1000
+    n = int(float(m.group(1)) * unit ** "_KMGT".index(m.group(2).upper() or "_"))
+    if n <= 0:
+        raise LabError(f"shard size {text!r} must be positive")
+    return n
+
+
+class AtomicFolder:
+    """`with AtomicFolder(out) as tmp:` writes into .OUT.tmp-XXXX beside OUT and renames it to
+    OUT on success; on any exception (KeyboardInterrupt included) the temp folder is removed
+    and OUT is not created. An existing non-empty OUT is refused unless overwrite."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False):
+        self.out = Path(out_dir).expanduser().absolute()
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.out.is_dir():
+            raise LabError(f"output {self.out} exists and is a file")
+        if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
+            raise LabError(f"output folder {self.out} exists and is not empty; choose another or remove it")
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise _oserror(self.out, e) from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        try:
+            old = None
+            if self.out.is_dir():
+                if any(self.out.iterdir()):
+                    old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
+                    self.out.rename(old)
+                else:
+                    self.out.rmdir()
+            self.tmp.rename(self.out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        return False
+
+
+def plan_shards(entries: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int) -> list[list[tuple]]:
+    """Greedy, in the given order: a new shard starts when the next tensor would overflow.
+    A single tensor larger than the limit gets a shard of its own."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for e in entries:
+        n = _nbytes(e[1], e[2])
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """Write a known set of tensors into safetensors shards (+ index when more than one)."""
+
+    def __init__(self, folder: Path, entries: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int):
+        self.folder = Path(folder)
+        shards = plan_shards(entries, max_shard_bytes)
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.where: dict[str, tuple[int, int, tuple, torch.dtype]] = {}  # name -> shard, offset, shape, dtype
+        self._handles = []
+        self.total = 0
+        for i, shard in enumerate(shards):
+            header, offset = {}, 0
+            for name, shape, dtype in shard:
+                nb = _nbytes(shape, dtype)
+                header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nb]}
+                offset += nb
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, like safetensors does
+            start = 8 + len(raw)
+            path = self.folder / self.files[i]
+            try:
+                f = open(path, "wb")  # noqa: SIM115 (closed in close_files())
+                self._handles.append(f)
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(start + offset)  # full size now; tensors fill their own ranges
+            except OSError as e:
+                self.close_files()
+                raise _oserror(path, e) from None
+            for name, shape, dtype in shard:
+                self.where[name] = (i, start + header[name]["data_offsets"][0], tuple(shape), dtype)
+            self.total += offset
+        self.pending = set(self.where)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, offset, shape, dtype = self.where[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"{name}: planned {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        f = self._handles[i]
+        try:
+            f.seek(offset)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
+                f.flush()  # surface a full disk here, on this tensor, not later at close
+        except OSError as e:
+            raise _oserror(self.folder / self.files[i], e) from None
+        self.pending.discard(name)
+
+    def close_files(self, strict: bool = False) -> None:
+        """Close the shard files; errors are raised when strict (success path), else ignored
+        (cleanup after a failure that has already raised)."""
+        handles, self._handles = self._handles, []
+        for f in handles:
+            try:
+                f.close()
+            except OSError as e:
+                if strict:
+                    raise _oserror(f.name, e) from None
+
+    def finish(self) -> None:
+        """Check every planned tensor was written; write the index when there are shards."""
+        self.close_files(strict=True)
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} tensors were never written, e.g. {sorted(self.pending)[0]}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {name: self.files[w[0]] for name, w in sorted(self.where.items())}}
+            write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy what a loader needs besides the weights (config, generation config, tokenizer,
+    processor, chat template...): every top-level regular file that is not a weight file.
+    Subfolders are skipped (on the hub they hold things like original/ consolidated weights)."""
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_dir() or f.name.startswith(".") or f.name in _OWN or _WEIGHTS.search(f.name):
+            continue
+        try:
+            shutil.copyfile(f, dst / f.name)  # follows symlinks (hub cache snapshots are links)
+        except OSError as e:
+            raise _oserror(dst / f.name, e) from None
+        copied.append(f.name)
+    return copied
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise _oserror(path, e) from None

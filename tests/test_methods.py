@@ -1,0 +1,202 @@
+"""Each method against its formula written out directly, on small tensors (no checkpoints)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merging import linalg, methods, params
+from merging.errors import LabError
+from merging.methods import MergeContext, TensorSet
+from merging.methods import ties as ties_mod
+
+L = 4
+
+
+def triple(shape=(24, 16), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(shape, generator=g)
+    return b + 0.1 * torch.randn(shape, generator=g), b + 0.1 * torch.randn(shape, generator=g), b
+
+
+def run(name, v, r, b, layer=1, ctx=None, **knobs):
+    m = methods.get(name)
+    p = params.resolve(m, knobs, layer, L)
+    ctx = ctx or MergeContext(seed=0, num_layers=L)
+    return m.merge_tensor(TensorSet("layers.1.mlp.up_proj.weight", layer, v, r, b), p, ctx)
+
+
+# --- mergekit's generalized task arithmetic, written loop-free on stacked tensors -----------------
+def ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus, masks=None):
+    """Reference: mergekit generalized_task_arithmetic (sparsify -> weight -> consensus -> normalize)."""
+    deltas = torch.stack([v - b, r - b])
+    if masks is None:  # magnitude: top int(density*numel) by |value|, per model, no rescale
+        k = int(density * v.numel())
+        flat = deltas.abs().reshape(2, -1)
+        order = torch.argsort(flat, dim=1, descending=True)
+        keep = torch.zeros_like(flat).scatter_(1, order[:, :k], 1.0)
+        deltas = deltas * keep.view_as(deltas)
+    else:  # DARE with given keep-masks, rescaled
+        deltas = deltas * masks / density
+    weights = torch.tensor([w_v, w_r]).view(2, *([1] * v.dim()))
+    wd = deltas * weights
+    if consensus:
+        majority = (wd.sum(0) >= 0).float() * 2 - 1
+        mask = (wd.sign() == majority).float()
+        mixed = (wd * mask).sum(0)
+        divisor = (weights * mask).sum(0)
+    else:
+        mixed = wd.sum(0)
+        divisor = weights.sum(0).expand_as(mixed).clone()
+    divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return b + mixed * lam
+
+
+def test_linear_and_task_arithmetic_formulas():
+    v, r, b = triple()
+    torch.testing.assert_close(run("linear", v, r, b, alpha=0.3), 0.7 * v + 0.3 * r)
+    torch.testing.assert_close(run("task_arithmetic", v, r, b, alpha=0.7), v + 0.7 * (r - b))
+    assert torch.equal(run("linear", v, r, b, alpha=0.0), v)
+    assert torch.equal(run("linear", v, r, b, alpha=1.0), r)
+    assert torch.equal(run("task_arithmetic", v, r, b, alpha=0.0), v)
+
+
+@pytest.mark.parametrize("w_v,w_r,density,lam,normalize", [
+    (1.0, 1.0, 0.5, 1.0, 1), (1.0, 0.4, 0.3, 1.0, 1), (0.7, 1.3, 0.8, 0.6, 0), (1.0, 0.5, 1.0, 1.0, 1)])
+def test_ties_equals_mergekit_semantics(w_v, w_r, density, lam, normalize):
+    v, r, b = triple()
+    got = run("ties", v, r, b, weight_vlm=w_v, alpha=w_r, density=density, normalize=normalize, **{"lambda": lam})
+    want = ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,consensus,normalize", [("dare_ties", True, 1), ("dare_linear", False, 0),
+                                                      ("dare_linear", False, 1)])
+def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, consensus, normalize):
+    v, r, b = triple()
+    g = torch.Generator().manual_seed(7)
+    masks = (torch.rand((2, *v.shape), generator=g) < 0.4).float()
+    it = iter(masks)
+    monkeypatch.setattr(ties_mod, "bernoulli", lambda tau, density, gen: tau * next(it) / density)
+    got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, **{"lambda": 0.9})
+    want = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=masks)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dare_statistics_and_seeding():
+    tau = torch.ones(400, 400)
+    out = ties_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01  # drop rate 1 - density
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))  # survivors rescaled
+    assert abs(out.mean().item() - 1.0) < 0.03  # unbiased: E[dare(tau)] = tau
+    v, r, b = triple((64, 64))
+    c = [MergeContext(seed=s, num_layers=L) for s in (0, 0, 1)]
+    a1, a2, a3 = (run("dare_ties", v, r, b, ctx=x, density=0.5) for x in c)
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+def test_ties_density_one_alpha_zero_gives_vlm():
+    v, r, b = triple()
+    torch.testing.assert_close(run("ties", v, r, b, alpha=0.0, density=1.0), v, rtol=0, atol=1e-6)
+
+
+def test_layer_swap_rule():
+    v, r, b = triple()
+    m = methods.get("layer_swap")
+    ctx = MergeContext(num_layers=L)
+    for layer, kept in [(0, True), (1, True), (2, False), (None, False)]:
+        p = params.resolve(m, {"alpha": 0.5}, layer, L)  # base_layer_num -1: first half (0, 1) kept
+        out = m.merge_tensor(TensorSet("n", layer, v, r, b), p, ctx)
+        assert torch.equal(out, v) if kept else torch.allclose(out, 0.5 * v + 0.5 * r)
+    p = params.resolve(m, {"alpha": 0.5, "base_layer_num": 2}, 2, L)
+    assert torch.equal(m.merge_tensor(TensorSet("n", 2, v, r, b), p, ctx), v)
+
+
+def _svd_ref(tau_v, tau_r, k):
+    _, s_v, vh_v = torch.linalg.svd(tau_v, full_matrices=False)
+    _, s_r, vh_r = torch.linalg.svd(tau_r, full_matrices=False)
+    sim = float((s_v[:k] * (vh_v[:k] * vh_r[:k]).sum(1).abs()).sum() / s_v[:k].sum())
+    return sim, float(s_v.sum() / s_r.sum()), vh_v[:k].T
+
+
+def test_ip_merging_formula_and_selection():
+    shapes = {"self_attn.q_proj.weight": (16, 16), "self_attn.k_proj.weight": (8, 16), "mlp.down_proj.weight": (16, 24)}
+    sets = {}
+    for i, (n, s) in enumerate(shapes.items()):
+        v, r, b = triple(s, seed=i)
+        sets[f"layers.1.{n}"] = TensorSet(f"layers.1.{n}", 1, v, r, b)
+    norm = triple((16,), seed=9)
+    sets["layers.1.input_layernorm.weight"] = TensorSet("layers.1.input_layernorm.weight", 1, *norm)
+    m = methods.get("ip_merging")
+    k, lam, temp = 4, 0.7, 0.5
+    ref = {n: _svd_ref(t.vlm - t.base, t.reasoner - t.base, k) for n, t in sets.items() if t.vlm.dim() == 2}
+    for n, t in sets.items():  # the one similarity function is the formula
+        if t.vlm.dim() == 2:
+            assert math.isclose(linalg.subspace_similarity(t.vlm - t.base, t.reasoner - t.base, k, "exact"),
+                                ref[n][0], rel_tol=1e-5)
+    thr = sorted(x[0] for x in ref.values())[1]  # selects the two most similar matrices
+    p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr}, 1, L)
+    out = m.merge_layer(1, sets, p, MergeContext(num_layers=L))
+    chosen = [n for n, x in ref.items() if x[0] >= thr]
+    assert sorted(out) == sorted(chosen) and len(chosen) == 2
+    gamma = torch.softmax(torch.tensor([ref[n][0] for n in chosen]) / temp, 0) * len(chosen)
+    for gm, n in zip(gamma, chosen):
+        t = sets[n]
+        _, lam_n, vk = ref[n]
+        want = t.vlm + lam * gm * (lam_n * (t.reasoner - t.base)) @ vk @ vk.T
+        torch.testing.assert_close(out[n], want, rtol=1e-4, atol=1e-5)
+    assert m.merge_layer(None, sets, p, MergeContext(num_layers=L)) == {}
+    p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0}, 1, L)
+    assert all(torch.equal(x, sets[n].vlm) for n, x in m.merge_layer(1, sets, p0, MergeContext(num_layers=L)).items())
+
+
+@pytest.mark.parametrize("knobs", [{}, {"w_v": 0.8}, {"use_prior": 1, "beta": 0.5}])
+def test_frank_formula(knobs):
+    sets = {}
+    for i, s in enumerate([(8, 8), (8,), (16, 8)]):
+        v, r, b = triple(s, seed=i)
+        sets[f"layers.2.t{i}"] = TensorSet(f"layers.2.t{i}", 2, v, r, b)
+    m = methods.get("frank")
+    out = m.merge_layer(2, sets, params.resolve(m, knobs, 2, L), MergeContext(num_layers=L))
+    n_v = sum(float(((t.vlm - t.base) ** 2).sum()) for t in sets.values())
+    n_r = sum(float(((t.reasoner - t.base) ** 2).sum()) for t in sets.values())
+    if knobs.get("use_prior"):
+        w_v = math.exp(-0.5 * 2) / sum(math.exp(-0.5 * j) for j in range(L))
+        w_r = 1 - w_v
+    elif "w_v" in knobs:
+        w_v, w_r = knobs["w_v"], 1 - knobs["w_v"]
+    else:
+        w_v = w_r = 1.0  # the paper's "no prior" (our default w_v = 0.5 is the same ratio)
+    den = w_v * n_v + w_r * n_r
+    for n, t in sets.items():
+        want = t.base + w_v * n_v / den * (t.vlm - t.base) + w_r * n_r / den * (t.reasoner - t.base)
+        torch.testing.assert_close(out[n], want, rtol=1e-5, atol=1e-6)
+
+
+def test_frank_rejects_both_priors():
+    from merging.recipe import from_dict
+
+    with pytest.raises(LabError, match="not both"):
+        from_dict({"vlm": "a", "reasoner": "b", "base": "c", "method": "frank",
+                   "parameters": {"w_v": [0.5, 0.4], "use_prior": True}})
+
+
+def test_params_resolution():
+    m = methods.get("task_arithmetic")
+    assert params.resolve(m, {"alpha": 0.3}, 2, L)["alpha"] == 0.3
+    assert params.resolve(m, {"alpha": [0.1, 0.2, 0.3, 0.4]}, 2, L)["alpha"] == 0.3
+    assert params.resolve(m, {"alpha": [0.1, 0.2, 0.3, 0.4]}, None, L)["alpha"] == 0.4  # non-layer: last
+    grad = [params.resolve(m, {"alpha": [0.0, 0.9]}, i, L)["alpha"] for i in range(L)]
+    assert grad == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    grad3 = [params.resolve(m, {"alpha": [0.0, 1.0, 0.0]}, i, 5)["alpha"] for i in range(5)]
+    assert grad3 == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    ip = methods.get("ip_merging")
+    assert params.resolve(ip, {"rank": [4, 9]}, 1, L)["rank"] == 6.0  # integer knobs stay whole
+    for bad in ([0.1], [0.1] * 5):
+        with pytest.raises(LabError, match=rf"'alpha' is a list of length {len(bad)}.*4 layers"):
+            params.resolve(m, {"alpha": bad}, 0, L)
