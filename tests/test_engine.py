@@ -213,7 +213,8 @@ def test_cli_exit_codes(tri, tmp_path, capsys):
     for i, (method, params, msg) in enumerate([
             ("nope", None, "unknown method"), ("linear", {"alpha": 3}, "out of range"),
             ("task_arithmetic", {"alpha": [0.1, 0.2, 0.3]}, "list of length 3"),
-            ("ip_merging", {"rank": 0}, "out of range")]):
+            ("ip_merging", {"rank": 0}, "out of range"), ("ip_merging", {"rank": -4}, "out of range"),
+            ("ties", {"density": 0}, "out of range")]):
         rc = main(["merge", str(_write_recipe(tmp_path / f"b{i}.yaml", tri, method, params)), str(tmp_path / f"x{i}")])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
