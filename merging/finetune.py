@@ -80,7 +80,7 @@ def finetune(model, processor, examples: list, steps: int, lr: float, batch_size
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress:
                 progress(step + 1, steps, f"step {step + 1}/{steps}, loss {losses[-1]:.3f}")
     finally:
