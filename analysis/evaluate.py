@@ -1,0 +1,191 @@
+"""Accuracy on the toy eval suites (`python -m analysis eval MODEL_DIR`).
+
+Suites live in assets/toy/eval/<suite>.jsonl, one item a line:
+  {"id": ..., "question": ..., "answer": "7", "target": "... the answer is 7 .", "image": "images/x.png" | null}
+A model answers greedily; its final answer is the X of the first "the answer is X" in the
+generation (`toydata.parse_answer`), scored by exact match. A text-only model skips the image
+suites (perception, visual_math) unless one is asked for by name, which is an error.
+
+`evaluate(...)` takes a model folder, or a model already loaded (with its processor or
+tokenizer), so layer knockout and the app can score a model they hold in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from analysis.toydata import parse_answer
+from merging.errors import LabError
+
+SUITES = ("perception", "visual_math", "text_math")
+IMAGE_SUITES = ("perception", "visual_math")
+EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy" / "eval"
+MAX_NEW_TOKENS = 24
+
+
+def load_suite(name: str, limit: int | None = None, eval_dir: Path | str | None = None) -> list[dict]:
+    """The items of one suite (the first `limit` of them), with images opened as PIL."""
+    if name not in SUITES:
+        raise LabError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    root = Path(eval_dir) if eval_dir is not None else EVAL_DIR
+    path = root / f"{name}.jsonl"
+    if not path.is_file():
+        raise LabError(f"eval suite file not found: {path}")
+    items = []
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                items.append(json.loads(line))
+            if limit is not None and len(items) >= limit:
+                break
+    for item in items:
+        if item.get("image"):
+            with Image.open(root / item["image"]) as im:
+                item["pil"] = im.convert("RGB")
+    return items
+
+
+def load_model(model_dir: str | Path, device: str = "cpu"):
+    """(model, processor or tokenizer) from a local Hugging Face folder."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    path = Path(model_dir)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise LabError(f"not a model folder (no config.json): {path}")
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "vision_config"):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        proc = AutoProcessor.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        proc = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), proc
+
+
+def is_vlm(model) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
+def _tokenizer_of(proc):
+    return getattr(proc, "tokenizer", proc)
+
+
+def _prompt(tokenizer, question: str, image: bool) -> str:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model, proc, questions: list[str], images: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS
+):
+    """Greedy answers to a batch of questions (each with an image when `images` is given)."""
+    tok = _tokenizer_of(proc)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        prompts = [_prompt(tok, q, images is not None) for q in questions]
+        if images is not None:
+            batch = proc(
+                text=prompts, images=images, padding=True, return_tensors="pt", add_special_tokens=False
+            )
+        else:
+            batch = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    finally:
+        tok.padding_side = old_side
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _resolve(model_or_dir, processor, device):
+    if isinstance(model_or_dir, (str, Path)):
+        return load_model(model_or_dir, device)
+    if isinstance(model_or_dir, tuple):
+        return model_or_dir
+    if processor is None:
+        raise LabError("evaluate() got a loaded model without its processor or tokenizer")
+    return model_or_dir, processor
+
+
+def evaluate(
+    model_or_dir,
+    suites: Iterable[str] | str | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
+    processor=None,
+    batch_size: int = 64,
+    eval_dir: Path | str | None = None,
+    return_items: bool = False,
+) -> dict:
+    """suite -> accuracy in [0, 1].
+
+    model_or_dir: a folder, a (model, processor_or_tokenizer) tuple, or a loaded model with
+    `processor=`. suites: None for all (a text-only model skips the image suites). With
+    return_items, the result is {"accuracy": {...}, "items": {suite: [per-item dicts]}}.
+    """
+    model, proc = _resolve(model_or_dir, processor, device)
+    vision = is_vlm(model)
+    if suites is None:
+        names = [s for s in SUITES if vision or s not in IMAGE_SUITES]
+    else:
+        names = [suites] if isinstance(suites, str) else list(suites)
+        for s in names:
+            if s in IMAGE_SUITES and not vision:
+                raise LabError(f"suite {s} needs images but the model is text-only")
+    loaded = {s: load_suite(s, limit, eval_dir) for s in names}
+    total = sum(len(v) for v in loaded.values())
+    done, accuracy, records = 0, {}, {}
+    for s, items in loaded.items():
+        correct, recs = 0, []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            imgs = [it["pil"] for it in chunk] if s in IMAGE_SUITES else None
+            outs = generate(model, proc, [it["question"] for it in chunk], imgs)
+            for it, text in zip(chunk, outs):
+                pred = parse_answer(text)
+                ok = pred == str(it["answer"]).lower()
+                correct += ok
+                recs.append(
+                    {
+                        "id": it["id"],
+                        "question": it["question"],
+                        "answer": it["answer"],
+                        "output": text,
+                        "correct": ok,
+                    }
+                )
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total, f"{s}: {done}/{total}")
+        accuracy[s] = correct / len(items) if items else 0.0
+        records[s] = recs
+    return {"accuracy": accuracy, "items": records} if return_items else accuracy
+
+
+def main_eval(args) -> int:
+    suites = [args.suite] if args.suite else None
+    result = evaluate(args.model_dir, suites=suites, limit=args.limit, device=args.device)
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return 0

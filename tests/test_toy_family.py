@@ -1,0 +1,149 @@
+"""The bundled toy family: loads offline, generates, answers, evaluates, regenerates (smoke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+
+from analysis.evaluate import evaluate  # noqa: E402
+from analysis.toydata import parse_answer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "assets" / "toy"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _chat(proc, question: str, image: bool) -> str:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return proc.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _generate_text(model, tok, question: str) -> str:
+    batch = tok(_chat(tok, question, False), return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    return tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    model = AutoModelForImageTextToText.from_pretrained(TOY / "vlm").eval()
+    return model, AutoProcessor.from_pretrained(TOY / "vlm")
+
+
+def test_sizes_and_shared_vocab():
+    total = sum(f.stat().st_size for d in ("base", "math", "vlm") for f in (TOY / d).iterdir())
+    assert total <= 30 * 2**20
+    vocabs = [AutoTokenizer.from_pretrained(TOY / d).get_vocab() for d in ("base", "math", "vlm")]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+@pytest.mark.parametrize("name", ["base", "math"])
+def test_text_models_load_and_generate(name):
+    model = AutoModelForCausalLM.from_pretrained(TOY / name).eval()
+    tok = AutoTokenizer.from_pretrained(TOY / name)
+    text = _generate_text(model, tok, "there are 3 apples . 4 more apples are added . how many apples now ?")
+    assert text.strip()
+    if name == "math":
+        assert parse_answer(text) == "7", text
+
+
+def test_vlm_answers_sample_perception_questions(vlm):
+    model, proc = vlm
+    samples = [
+        s for s in json.loads((TOY / "samples" / "samples.json").read_text()) if s["suite"] == "perception"
+    ]
+    assert len(samples) >= 6
+    right = 0
+    for s in samples:
+        image = Image.open(TOY / "samples" / s["image"]).convert("RGB")
+        batch = proc(
+            text=_chat(proc, s["question"], True), images=image, return_tensors="pt", add_special_tokens=False
+        )
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+        text = proc.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        right += parse_answer(text) == s["answer"]
+    # the toy VLM is an imperfect counter (about 60% on the perception suite): at least half
+    assert right >= len(samples) // 2, f"{right}/{len(samples)}"
+
+
+def test_evaluate_accepts_loaded_model(vlm):
+    acc = evaluate(vlm, suites=["perception", "text_math"], limit=16)
+    assert set(acc) == {"perception", "text_math"}
+    assert acc["perception"] >= 0.4 and acc["text_math"] <= 0.3  # the VLM never learned word problems
+
+
+def test_eval_cli_prints_three_suites():
+    r = subprocess.run(
+        [sys.executable, "-m", "analysis", "eval", str(TOY / "vlm"), "--limit", "20"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    acc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(acc) == {"perception", "visual_math", "text_math"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+
+
+def test_eval_cli_bad_folder_exits_2(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "analysis", "eval", str(tmp_path / "nope")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert str(tmp_path / "nope") in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_smoke_regeneration_writes_loadable_folders(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("base", "math"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert (
+            _generate_text(model, AutoTokenizer.from_pretrained(tmp_path / name), "what is 1 + 2 ?")
+            is not None
+        )
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm")
+    proc = AutoProcessor.from_pretrained(tmp_path / "vlm")
+    image = Image.open(next((tmp_path / "samples").glob("*.png")))
+    batch = proc(
+        text=_chat(proc, "how many shapes are there ?", True),
+        images=image,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    assert model.generate(**batch, max_new_tokens=4, do_sample=False).shape[1] > batch["input_ids"].shape[1]
+    for suite in ("perception", "visual_math", "text_math"):
+        assert (tmp_path / "eval" / f"{suite}.jsonl").is_file()

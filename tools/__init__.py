@@ -1,0 +1,1 @@
+"""Developer tools: regenerating the bundled toy model family and measuring its merge effect."""

@@ -1,0 +1,206 @@
+"""Regenerate the bundled toy model family (base, math, vlm) and its eval suites from nothing.
+
+    python tools/make_toy_family.py [--out assets/toy] [--threads 1] [--seed 0] [--smoke] [--resume]
+
+Stages (all seeded, CPU, float32):
+1. base: a small Llama LM pretrained from scratch on the templated text mixture (tools/toy/corpus.py).
+2. math: the base fine-tuned briefly, at a low learning rate, on word problems with a short
+   chain of thought ("there are 3 apples . 3 + 4 = 7 . the answer is 7 .").
+3. vlm:  LLaVA around a copy of the base: first the vision tower and projector alone (LM frozen),
+   then a short joint fine-tune with a low LM learning rate, on perception questions only.
+4. eval/ and samples/: held-out suites and the app's sample images.
+Each folder is written atomically. --smoke runs a handful of steps on tiny data (seconds) and
+writes loadable folders; CI uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tools.toy import corpus, evalset, models, vlm_data  # noqa: E402
+from tools.toy.save import save_model  # noqa: E402
+from tools.toy.train import collate, encode, expand_image, train  # noqa: E402
+from tools.toy.vocab import build_tokenizer  # noqa: E402
+
+STAMP = "toy_stage.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch: int = 48
+    base_steps: int = 1500
+    base_lr: float = 2e-3
+    math_steps: int = 300
+    math_lr: float = 1e-3
+    math_replay: float = corpus.REPLAY
+    vlm_batch: int = 48
+    vision_steps: int = 1200
+    vision_lr: float = 2e-3
+    joint_steps: int = 400
+    joint_lm_lr: float = 1e-4
+    joint_vision_lr: float = 5e-4
+    eval_items: int = 300
+
+
+SMOKE = Plan(batch=4, vlm_batch=4, base_steps=3, math_steps=2, vision_steps=2, joint_steps=2, eval_items=4)
+
+
+def text_batches(tok, draw, batch: int):
+    def make(rng):
+        pairs = []
+        for _ in range(batch):
+            example = draw(rng)
+            pairs.append(encode(tok, example, None) if isinstance(example, str) else encode(tok, *example))
+        return collate(pairs)
+
+    return make
+
+
+def vlm_batches(tok, image_processor, batch: int):
+    def make(rng):
+        images, pairs = [], []
+        for _ in range(batch):
+            image, prompt, answer = vlm_data.vlm_example(rng)
+            images.append(image)
+            pairs.append(expand_image(*encode(tok, prompt, answer)))
+        out = collate(pairs)
+        out["pixel_values"] = image_processor(images, return_tensors="pt")["pixel_values"]
+        return out
+
+    return make
+
+
+def stage_key(plan: Plan, seed: int, stage: str) -> dict:
+    """What a stage's output depends on (its own and its upstream settings)."""
+    fields = {
+        "base": ("batch", "base_steps", "base_lr"),
+        "math": ("math_steps", "math_lr", "math_replay"),
+        "vlm": ("vlm_batch", "vision_steps", "vision_lr", "joint_steps", "joint_lm_lr", "joint_vision_lr"),
+    }
+    keys = fields["base"] + (fields[stage] if stage != "base" else ())
+    return {"stage": stage, "seed": seed, **{k: getattr(plan, k) for k in keys}}
+
+
+def _done(folder: Path, key: dict) -> bool:
+    stamp = folder / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == key
+
+
+def _save(folder: Path, key: dict, model, tok, processor=None) -> None:
+    save_model(folder, model, tok, processor, extra={STAMP: json.dumps(key)})
+
+
+def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print) -> dict[str, float]:
+    """Train and write base/, math/, vlm/, eval/, samples/ under `out`.
+
+    With resume, a stage whose folder carries the same stamp (settings + seed) is loaded
+    instead of retrained; the stages are deterministic, so the result is the same.
+    """
+    from transformers import AutoModelForCausalLM
+
+    timings, t0 = {}, time.time()
+    tok = build_tokenizer()
+    processor = models.build_processor(tok)
+
+    key = stage_key(plan, seed, "base")
+    if resume and _done(out / "base", key):
+        base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
+        log("[base] reused")
+    else:
+        base = models.build_base(len(tok), seed)
+        groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
+        train(
+            base,
+            text_batches(tok, corpus.base_text, plan.batch),
+            groups,
+            plan.base_steps,
+            seed + 1,
+            log=log,
+            name="base",
+        )
+        _save(out / "base", key, base, tok)
+    timings["base"] = time.time() - t0
+
+    t = time.time()
+    key = stage_key(plan, seed, "math")
+    if resume and _done(out / "math", key):
+        log("[math] reused")
+    else:
+        math = copy.deepcopy(base)
+        groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
+        train(
+            math,
+            text_batches(tok, corpus.math_example, plan.batch),
+            groups,
+            plan.math_steps,
+            seed + 2,
+            log=log,
+            name="math",
+        )
+        _save(out / "math", key, math, tok)
+    timings["math"] = time.time() - t
+
+    t = time.time()
+    key = stage_key(plan, seed, "vlm")
+    if resume and _done(out / "vlm", key):
+        log("[vlm] reused")
+    else:
+        vlm = models.build_vlm(base, seed + 3)
+        make = vlm_batches(tok, processor.image_processor, plan.vlm_batch)
+        vision = list(vlm.model.vision_tower.parameters()) + list(
+            vlm.model.multi_modal_projector.parameters()
+        )
+        lm = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
+        train(
+            vlm,
+            make,
+            [{"params": vision, "lr": plan.vision_lr}],
+            plan.vision_steps,
+            seed + 4,
+            log=log,
+            name="vlm-vision",
+        )
+        groups = [{"params": vision, "lr": plan.joint_vision_lr}, {"params": lm, "lr": plan.joint_lm_lr}]
+        train(vlm, make, groups, plan.joint_steps, seed + 5, log=log, name="vlm-joint")
+        _save(out / "vlm", key, vlm, tok, processor)
+    timings["vlm"] = time.time() - t
+
+    t = time.time()
+    evalset.write_eval(out / "eval", plan.eval_items)
+    evalset.write_samples(out / "samples")
+    timings["eval"] = time.time() - t
+    timings["total"] = time.time() - t0
+    return timings
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "assets" / "toy"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="a handful of steps on tiny data (seconds)")
+    ap.add_argument(
+        "--resume", action="store_true", help="reuse stage folders stamped with the same settings"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    timings = make_family(Path(args.out), SMOKE if args.smoke else Plan(), seed=args.seed, resume=args.resume)
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
