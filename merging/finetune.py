@@ -92,29 +92,13 @@ def finetune(model, processor, examples: list, steps: int, lr: float, batch_size
 
 def load_drift_recipe(path) -> dict:
     """vlm, reasoner and the validated drift settings from a recipe file."""
-    from pathlib import Path
+    from merging.recipe import read_yaml, resolve_ref
 
-    import yaml
-
-    from merging.recipe import KEYS, _resolve_ref
-
-    p = Path(path)
-    if not p.is_file():
-        raise LabError(f"recipe file not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise LabError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise LabError("the recipe must be a YAML mapping")
-    unknown = [k for k in d if k not in KEYS]
-    if unknown:
-        raise LabError(f"unknown recipe key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
+    d, here = read_yaml(path)
     for k in ("vlm", "reasoner"):
         if not isinstance(d.get(k), str):
             raise LabError(f"recipe key {k!r} is missing or not a string")
-    here = p.resolve().parent
-    return {"vlm": _resolve_ref(d["vlm"], here), "reasoner": _resolve_ref(d["reasoner"], here),
+    return {"vlm": resolve_ref(d["vlm"], here), "reasoner": resolve_ref(d["reasoner"], here),
             "drift": drift_settings(d.get("drift"))}
 
 

@@ -45,7 +45,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _resolve_ref(ref: str, recipe_dir: Path | None) -> str:
+def resolve_ref(ref: str, recipe_dir: Path | None) -> str:
     """Local paths are taken relative to the working directory, then to the recipe's folder."""
     p = Path(ref).expanduser()
     if p.is_absolute() or p.exists():
@@ -119,9 +119,9 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     if drift is not None and not isinstance(drift, dict):
         raise LabError("'drift' must be a mapping (steps, lr, mode, alpha)")
     return Recipe(
-        vlm=_resolve_ref(d["vlm"], recipe_dir),
-        reasoner=_resolve_ref(d["reasoner"], recipe_dir),
-        base=_resolve_ref(base, recipe_dir) if base else None,
+        vlm=resolve_ref(d["vlm"], recipe_dir),
+        reasoner=resolve_ref(d["reasoner"], recipe_dir),
+        base=resolve_ref(base, recipe_dir) if base else None,
         method=method.name,
         parameters=dict(params),
         layers=layers,
@@ -133,7 +133,8 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     )
 
 
-def load(path: str | Path) -> Recipe:
+def read_yaml(path: str | Path) -> tuple[dict, Path]:
+    """The recipe file's mapping with its unknown keys refused, and the folder it lives in."""
     path = Path(path)
     if not path.is_file():
         raise LabError(f"recipe file not found: {path}")
@@ -141,4 +142,14 @@ def load(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise LabError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(data, path.resolve().parent)
+    if not isinstance(data, dict):
+        raise LabError("the recipe must be a YAML mapping with keys vlm, reasoner, base, method, parameters")
+    unknown = [k for k in data if k not in KEYS]
+    if unknown:
+        raise LabError(f"unknown recipe key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
+    return data, path.resolve().parent
+
+
+def load(path: str | Path) -> Recipe:
+    data, here = read_yaml(path)
+    return from_dict(data, here)
