@@ -1,7 +1,8 @@
 """The "Chat" panel: ask the merged model and the original VLM side by side, streamed (UI side).
 
 The session's own history lives in a gr.State (never shared between tabs); each request carries
-the recipe this tab merged, so the worker answers with that merge even if another tab merged since.
+the recipe this tab merged (or the folder of its last DRIFT run, whichever came last), so the worker
+answers with that model even if another tab merged since.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from webapp.presets import TOY_ROOT
 from webapp.safety import cap_question, check_image
 
 SAMPLES = TOY_ROOT / "samples"
-NO_MERGE = "_No merge yet in this tab: press **Merge** to chat with a merged model._"
+NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"
 
 
 def examples(limit: int = 4) -> list[dict]:

@@ -28,6 +28,7 @@ class MergePanel:
     cancel_btn: gr.Button
     status: gr.Markdown
     recipe_state: gr.State
+    variant_state: gr.State  # what chat's "merged" side uses: this merge's recipe, or a DRIFT result
 
 
 def _knob_updates(method: str, num_layers=None) -> list:
@@ -68,12 +69,14 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
     status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
     recipe_state = gr.State(None)
+    variant_state = gr.State(None)
     with gr.Accordion("Recipe (YAML) and export", open=False):
         recipe_code = gr.Code(language="yaml", label="recipe of the current merge", lines=8)
         recipe_file = gr.File(label="download the recipe", interactive=False)
         export_btn = gr.Button("Export merged model to a folder", size="sm")
         export_status = gr.Markdown()
-    panel = MergePanel(method, knobs, prior, first, last, advanced, merge_btn, cancel_btn, status, recipe_state)
+    panel = MergePanel(method, knobs, prior, first, last, advanced, merge_btn, cancel_btn, status, recipe_state,
+                       variant_state)
 
     def on_method(name, n_layers):
         return [_describe(name), gr.update(visible=name == "frank")] + _knob_updates(name, n_layers)
@@ -96,7 +99,7 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
         """knobN: the method's N-th knob (merging.methods.get(method).params order, frank's use_prior aside)."""
         knob_values = (knob1, knob2, knob3, knob4, knob5)
         method_v = method
-        keep = (gr.skip(), gr.skip(), gr.skip())
+        keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         try:
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
@@ -117,14 +120,14 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
                 path.write_text(recipes.to_yaml(recipe))
                 how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
                 yield (f"✅ **Merged with {method_v}** in {el:.2f} s ({how}, on {payload['device']}). "
-                       "Chat with it or open the analyses.", recipes.to_yaml(recipe), str(path), recipe)
+                       "Chat with it or open the analyses.", recipes.to_yaml(recipe), str(path), recipe, recipe)
             elif ev == "cancelled":
                 yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
             else:
                 yield (f"❌ **Merge failed:** {payload}", *keep)
 
     inputs = [*models.inputs, method, first, last, prior, advanced, *knobs]
-    merge_btn.click(merge, inputs, [status, recipe_code, recipe_file, recipe_state], api_name="merge",
+    merge_btn.click(merge, inputs, [status, recipe_code, recipe_file, recipe_state, variant_state], api_name="merge",
                     concurrency_limit=16)
 
     def cancel(request: gr.Request = None):

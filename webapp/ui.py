@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webapp import analysis_panel, chat_panel, merge_panel, models_panel
+from webapp import analysis_panel, chat_panel, drift_panel, merge_panel, models_panel
 from webapp.lab import Lab
 
 TITLE = "Merge lab"
@@ -33,10 +33,12 @@ def build(lab: Lab) -> gr.Blocks:
                 models = models_panel.build(lab)
                 gr.Markdown("### 2 · Merge")
                 merge = merge_panel.build(lab, models)
+                with gr.Accordion("2b · DRIFT fine-tune (instead of merging)", open=False):
+                    drift_panel.build(lab, models, merge.variant_state)
                 device = gr.Markdown(elem_id="device-line")
             with gr.Column(scale=9), gr.Tabs():
                 with gr.Tab("3 · Chat", id="tab-chat"):
-                    chat_panel.build(lab, models, merge.recipe_state)
+                    chat_panel.build(lab, models, merge.variant_state)
                 with gr.Tab("4 · Why it works", id="tab-analysis"):
                     analysis_panel.build(lab, models, merge.recipe_state)
         fn, ins, outs = models.load_event

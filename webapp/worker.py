@@ -49,6 +49,7 @@ class Worker:
         self.cache_dir = config.get("cache_dir")
         self.models = ModelHolder(self.device, bool(config.get("trust_remote_code", False)))
         self.cancelled: set[int] = set()
+        self.drift_model = None  # (folder, model, processor) of the last DRIFT result chatted with
         self._sweep_exports()
 
     def _sweep_exports(self) -> None:
@@ -57,8 +58,9 @@ class Worker:
 
         if not self.cache_dir:
             return
-        for tmp in Path(self.cache_dir, "exports").glob(".*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for sub in ("exports", "drift"):
+            for tmp in Path(self.cache_dir, sub).glob(".*.tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- plumbing ------------------------------------------------------------------------------
     def send(self, job_id: int, kind: str, payload=None) -> None:
@@ -139,11 +141,16 @@ class Worker:
                 notices.append(text)
                 self.send(job_id, "notice", text)
 
+        drift = recipe.get("drift") if recipe else None  # a DRIFT result folder instead of a merge
         streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
         for stream in streams:
-            loaded.ensure(recipe if stream == "merged" else None, progress=progress, cancel=flag)
+            if stream == "merged" and drift:
+                model, processor = self.drift_loaded(drift, progress)
+            else:
+                loaded.ensure(recipe if stream == "merged" else None, progress=progress, cancel=flag)
+                model, processor = loaded.model, loaded.processor
             answers[stream] = stream_answer(
-                loaded.model, loaded.processor, args["question"], image, args.get("history", {}).get(stream),
+                model, processor, args["question"], image, args.get("history", {}).get(stream),
                 args.get("max_new_tokens", 48), args.get("temperature", 0.0),
                 on_text=lambda piece, s=stream: self.send(job_id, "token", {"stream": s, "text": piece}),
                 cancelled=flag, on_notice=notice)
@@ -153,6 +160,38 @@ class Worker:
         from webapp.analysis_jobs import run_analysis
 
         return run_analysis(self, job_id, args, flag)
+
+    def drift_loaded(self, folder: str, progress=None):
+        """(model, processor) of a DRIFT result folder; one is kept loaded beside the triple's VLM."""
+        from webapp.models import load_vlm
+
+        folder = str(Path(folder).resolve())
+        drift_root = Path(self.cache_dir or ".", "drift").resolve()
+        if Path(folder).parent != drift_root or not Path(folder, "config.json").is_file():
+            raise LabError("that DRIFT result is gone; run DRIFT again")
+        if self.drift_model is None or self.drift_model[0] != folder:
+            self.drift_model = None
+            if progress:
+                progress(0, 1, f"loading the DRIFT result {Path(folder).name}")
+            self.drift_model = (folder, *load_vlm(folder, self.device))
+        return self.drift_model[1], self.drift_model[2]
+
+    def do_drift(self, job_id, args, flag):
+        from merging.drift import drift_settings
+        from merging.finetune import run_drift
+        from merging.hub import resolve
+
+        spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift"))}
+        out_dir = Path(self.cache_dir or ".", "drift", recipe_key(spec)).resolve()
+        progress = self.progress_fn(job_id, flag)
+        reused = (out_dir / "config.json").is_file()
+        out = {"losses": [], "seconds": 0.0}
+        if not reused:
+            self.drift_model = None  # free the previous result's memory before training
+            out = run_drift(spec, out_dir, self.device, progress, flag)
+        self.drift_loaded(str(out_dir), progress)
+        return {"path": str(out_dir), "reused": reused, "losses": out["losses"],
+                "train_seconds": round(out["seconds"], 2), "device": self.device}
 
     def do_export(self, job_id, args, flag):
         from merging.engine import merge_to_disk

@@ -1,0 +1,77 @@
+"""The "DRIFT" panel: a short fine-tune of the VLM steered toward the reasoner, then chat with it (UI side).
+
+The worker trains into <cache-dir>/drift/<hash of the settings> (reused when it exists) and keeps the
+result loaded; this tab's chat then answers with it on the "merged" side until the next merge or run.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from merging.drift import DRIFT_DEFAULTS, MODES, drift_settings
+from merging.errors import LabError
+from webapp.lab import Lab, follow_status, session_of
+from webapp.models_panel import ModelsPanel, check
+
+ABOUT = ("_DRIFT fine-tunes the VLM's language model for a few steps, steering each gradient toward the "
+         "reasoner (D = W_reasoner - W_vlm); alpha 0 is a plain fine-tune._")
+
+
+def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown:
+    gr.Markdown(ABOUT)
+    with gr.Row():
+        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode")
+        alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", minimum=0.0, maximum=100.0)
+    with gr.Row():
+        steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, minimum=1)
+        lr = gr.Number(DRIFT_DEFAULTS["lr"], label="learning rate", minimum=1e-7, maximum=1.0)
+    with gr.Row():
+        batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0, minimum=1)
+        examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, minimum=1)
+    with gr.Row():
+        run_btn = gr.Button("Run DRIFT", variant="primary", elem_id="drift-btn")
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="drift-cancel-btn")
+    status = gr.Markdown("Set the fine-tune and press **Run DRIFT**.", elem_id="status-drift")
+
+    def drift(preset, vlm, reasoner, base, mode, alpha, steps, lr, batch_size, examples,
+              request: gr.Request = None):
+        """Fine-tune the triple's VLM (DRIFT, or plain at alpha 0); chat then uses the result."""
+        try:
+            rep, triple = check(lab, preset, vlm, reasoner, base)
+            rep.raise_if_incompatible()
+            settings = drift_settings({"mode": mode, "alpha": float(alpha), "steps": int(steps),
+                                       "lr": float(lr), "batch_size": int(batch_size), "examples": int(examples)})
+        except (LabError, TypeError, ValueError) as e:
+            yield f"❌ **Cannot run DRIFT:** {e}", gr.skip()
+            return
+        args = {"vlm": triple["vlm"], "reasoner": triple["reasoner"], "drift": settings}
+        job = lab.client.submit("drift", args, session_of(request))
+        what = "Plain fine-tune" if settings["alpha"] == 0 else f"DRIFT ({settings['mode']}, alpha {alpha:g})"
+        for text, end in follow_status(lab.client, job, what):
+            if end is None:
+                yield text, gr.skip()
+                continue
+            ev, payload, el = end
+            if ev == "result":
+                losses = payload["losses"]
+                how = ("already trained, reused" if payload["reused"] else
+                       f"{len(losses)} steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
+                variant = {**triple, "drift": payload["path"]}
+                yield (f"✅ **{what} done** in {el:.1f} s ({how}, on {payload['device']}). The chat's "
+                       "left side now answers with it.", variant)
+            elif ev == "cancelled":
+                yield f"⏹ **{what} cancelled** ({payload}); nothing was saved.", gr.skip()
+            else:
+                yield f"❌ **{what} failed:** {payload}", gr.skip()
+
+    inputs = [*models.inputs, mode, alpha, steps, lr, batch_size, examples]
+    run_btn.click(drift, inputs, [status, variant_state], api_name="drift", concurrency_limit=16)
+    models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
+                             queue=False, api_visibility="private")
+
+    def cancel(request: gr.Request = None):
+        n = lab.client.cancel_session(session_of(request), ("drift",))
+        return "⏹ Cancelling…" if n else "Nothing is running."
+
+    cancel_btn.click(cancel, None, status, api_name="drift_cancel", queue=False)
+    return status
