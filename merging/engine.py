@@ -18,6 +18,7 @@ applies to LM tensors only, so the vision tower and projector stay byte-identica
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -92,7 +93,12 @@ def read_checked(ck, name: str, role: str, device: str, dtype: torch.dtype | Non
 
 
 def _finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """isfinite in chunks: on a whole embedding matrix its temporaries would exceed the tensor."""
+    """No NaN/Inf in t. A float32-accumulated sum is NaN/Inf exactly when an element is (weights
+    never sum past 3e38): one vectorised pass, 3x faster than isfinite on bf16 (the check was the
+    largest cost of a merge in the profile). Only a non-finite sum pays for the exact chunked check
+    (chunked: on a whole embedding matrix isfinite's temporaries would exceed the tensor)."""
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
