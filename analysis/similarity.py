@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.spectra import MODULES, Triple, grid, matrices, open_triple
+from analysis.spectra import MODULES, Triple, cached_on_triple, grid, matrices
 from merging.linalg import subspace_similarity
 
 
@@ -68,12 +68,5 @@ def compute_similarity(triple: Triple, rank: int = 32, method: str = "auto", dev
 def similarity(vlm, reasoner, base, rank: int = 32, method: str = "auto", device="cpu", progress=None,
                cache_dir=None, use_cache: bool = True) -> dict:
     """Open the triple, compute (or fetch from the cache) its similarities."""
-    from analysis.cache import cached
-
-    with open_triple(vlm, reasoner, base) as t:
-        def compute():
-            return compute_similarity(t, rank, method, device, progress)
-
-        if not use_cache:
-            return compute()
-        return cached("similarity", {"fp": t.fingerprints, "rank": rank, "method": method}, compute, cache_dir)
+    return cached_on_triple("similarity", vlm, reasoner, base, {"rank": rank, "method": method},
+                            lambda t: compute_similarity(t, rank, method, device, progress), cache_dir, use_cache)

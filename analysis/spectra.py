@@ -144,15 +144,20 @@ def grid(entries: list[dict], field: str, num_layers: int, modules: list[str]) -
     return out
 
 
-def spectra(vlm, reasoner, base, k: int = 64, method: str = "auto", device="cpu", progress=None,
-            cache_dir=None, use_cache: bool = True) -> dict:
-    """Open the triple, compute (or fetch from the cache) its spectra."""
+def cached_on_triple(name: str, vlm, reasoner, base, params: dict, compute, cache_dir=None,
+                     use_cache: bool = True) -> dict:
+    """Open the triple and return compute(triple), served from the cache when the same triple
+    (by fingerprints) and the same params were asked for before."""
     from analysis.cache import cached
 
     with open_triple(vlm, reasoner, base) as t:
-        def compute():
-            return compute_spectra(t, k, method, device, progress)
-
         if not use_cache:
-            return compute()
-        return cached("spectra", {"fp": t.fingerprints, "k": k, "method": method}, compute, cache_dir)
+            return compute(t)
+        return cached(name, {"fp": t.fingerprints, **params}, lambda: compute(t), cache_dir)
+
+
+def spectra(vlm, reasoner, base, k: int = 64, method: str = "auto", device="cpu", progress=None,
+            cache_dir=None, use_cache: bool = True) -> dict:
+    """Open the triple, compute (or fetch from the cache) its spectra."""
+    return cached_on_triple("spectra", vlm, reasoner, base, {"k": k, "method": method},
+                            lambda t: compute_spectra(t, k, method, device, progress), cache_dir, use_cache)
