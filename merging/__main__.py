@@ -4,7 +4,9 @@ Exit 0 on success; exit 2 with a one-line reason on stderr for bad input.
 """
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 from merging.errors import LabError
 
@@ -27,6 +29,15 @@ def main(argv=None) -> int:
     dr.add_argument("--device", default="cpu")
     dr.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        # Remember it: a Ctrl-C that lands inside native code (torch, the safetensors reader)
+        # can come back as another exception type; it is still an interrupt, not a bug.
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         if args.cmd == "check":
             from merging.compat import main_check
@@ -40,11 +51,27 @@ def main(argv=None) -> int:
 
         return main_merge(args)
     except LabError as e:
+        if interrupted:
+            return _interrupted(args)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if not interrupted:
+            raise
+        return _interrupted(args)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _interrupted(args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(args) -> int:
+    out = getattr(args, "out_dir", None)
+    done = out is not None and (Path(out) / "config.json").exists()
+    # The output folder appears atomically: either it is complete or it is not there at all.
+    print(f"error: interrupted; {'the output ' + str(out) + ' was already complete' if done else 'nothing was written'}",
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
