@@ -94,10 +94,18 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 # -------------------------------------------------------------------------------------- questions
-def perception_item(scene: Scene, kind: str) -> Item:
-    """kind: count | count_shapes | colour | shape | describe (describe has no final answer)."""
+def perception_item(scene: Scene, kind: str, claim: int | None = None) -> Item:
+    """kind: count | count_shapes | colour | shape | describe (no final answer) | verify.
+
+    verify asks "are there {claim} circles ?": the question carries a number that may not be
+    the count, so a model learns to take the count from the image, not from the question text.
+    """
     noun = PLURAL[scene.shape]
     n = scene.count
+    if kind == "verify":
+        claim = n if claim is None else claim
+        yes = "yes" if claim == n else "no"
+        return Item(f"are there {claim} {noun} ?", f"there are {n} {noun} . the answer is {yes} .", yes, scene)
     if kind == "count":
         return Item(
             f"how many {noun} are there ?", f"there are {n} {noun} . the answer is {n} .", str(n), scene
@@ -116,7 +124,14 @@ def perception_item(scene: Scene, kind: str) -> Item:
     raise ValueError(kind)
 
 
-PERCEPTION_KINDS = ("count", "count_shapes", "colour", "shape")
+PERCEPTION_KINDS = ("count", "count_shapes", "colour", "shape")  # the eval suite's kinds
+
+
+def random_claim(rng: random.Random, count: int) -> int:
+    """The number a verify question asks about: the true count half the time, else another."""
+    if rng.random() < 0.5:
+        return count
+    return rng.choice([k for k in range(1, 10) if k != count])
 
 
 def _op_sentences(noun: str, op: str, b: int) -> tuple[str, str]:

@@ -1,7 +1,9 @@
 """Lazy, per-tensor access to a model folder's weights (single-file or sharded safetensors).
 
 Headers are parsed once on open (cheap: a few KB per file) so names, shapes and dtypes are
-known without reading any weights; tensors are read one at a time through safe_open.
+known without reading any weights; tensors are read one at a time (or a block of rows at a
+time) with plain file reads into a fresh tensor. Not mmap: mapped input pages would count in the
+merging process's resident memory for as long as the file stays open.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def read_header(path: Path) -> tuple[dict, int]:
             continue
         if info.get("dtype") not in DTYPES or "data_offsets" not in info:
             raise LabError(f"{path} is corrupt: tensor {name!r} has a bad header entry")
-        if info["data_offsets"][1] > data_len:
+        begin, end = info["data_offsets"]
+        if end > data_len:
             raise LabError(f"{path} is truncated: tensor {name!r} extends past the end of the file")
+        if end - begin != _numel(info.get("shape", ())) * DTYPES[info["dtype"]].itemsize or begin < 0:
+            raise LabError(f"{path} is corrupt: tensor {name!r} has a byte range that does not match its shape")
     return header, 8 + n
 
 
@@ -103,7 +108,8 @@ class Checkpoint:
                 if name in files:
                     raise LabError(f"tensor {name!r} appears in both {files[name].name} and {f.name}")
                 files[name] = f
-                meta[name] = {"dtype": info["dtype"], "shape": tuple(info["shape"])}
+                meta[name] = {"dtype": info["dtype"], "shape": tuple(info["shape"]),
+                              "offset": start + info["data_offsets"][0]}
         if file_of is not None:
             missing = [n for n in file_of if n not in files]
             if missing:
@@ -142,10 +148,7 @@ class Checkpoint:
         return DTYPES[self._meta[self._check(name)]["dtype"]]
 
     def nbytes(self, name: str) -> int:
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n * torch.tensor([], dtype=self.dtype(name)).element_size()
+        return _numel(self.shape(name)) * self.dtype(name).itemsize
 
     def files(self) -> list[Path]:
         return sorted(set(self._files.values()))
@@ -157,13 +160,35 @@ class Checkpoint:
             if sd is None:
                 sd = self._handles[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             return sd[name].to(device)
-        h = self._handles.get(f)
-        if h is None:
-            from safetensors import safe_open
-
-            h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        t = h.get_tensor(name)
+        m = self._meta[name]
+        t = self._read(f, m["offset"], m["shape"], DTYPES[m["dtype"]])
         return t if str(device) == "cpu" else t.to(device)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 (first dimension) of a tensor, reading only their bytes."""
+        shape = self.shape(name)
+        if self._bin:
+            return self.get(name)[start:stop]
+        m, dtype = self._meta[name], self.dtype(name)
+        row = _numel(shape[1:]) * dtype.itemsize
+        return self._read(self._files[name], m["offset"] + start * row, (stop - start, *shape[1:]), dtype)
+
+    def _read(self, f: Path, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel() == 0:
+            return t
+        fh = self._handles.get(f)
+        if fh is None:
+            fh = self._handles[f] = open(f, "rb")  # noqa: SIM115 (closed in close())
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        fh.seek(offset)
+        got = fh.readinto(view)
+        while got < len(view):  # readinto may return short reads (large reads, pipes, NFS)
+            n = fh.readinto(view[got:])
+            if not n:
+                raise LabError(f"{f} is truncated: could not read tensor bytes at offset {offset + got}")
+            got += n
+        return t
 
     def _check(self, name: str) -> str:
         if name not in self._files:
@@ -197,6 +222,9 @@ class Checkpoint:
         return self._fingerprint
 
     def close(self) -> None:
+        for h in self._handles.values():
+            if hasattr(h, "close"):
+                h.close()
         self._handles.clear()
 
     def __enter__(self) -> Checkpoint:
@@ -218,6 +246,13 @@ def _read_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise LabError(f"{index} is not a valid safetensors index (no weight_map)") from None
     return wm
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _dtype_code(dtype: torch.dtype) -> str:

@@ -32,6 +32,10 @@ from merging.layout import split_canonical
 from merging.methods import MergeContext, TensorSet
 
 VOCAB = ("embed_tokens.weight", "lm_head.weight")
+# Rows per block for elementwise methods: ~1 MB of float32 keeps a block's passes in cache on a
+# CPU; on a GPU larger blocks amortise the copies and kernel launches.
+BLOCK_ELEMS = 1 << 18
+BLOCK_ELEMS_CUDA = 1 << 24
 ROLES = ("vlm", "reasoner", "base")
 
 
@@ -82,9 +86,11 @@ def plan_groups(recipe, method, layouts: dict) -> tuple[list[Group], list[str]]:
     return groups + singles, notes
 
 
-def read_checked(ck, name: str, role: str, device: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One tensor from a checkpoint; NaN/Inf is an error naming the tensor and the model."""
-    t = ck.get(name)
+def read_checked(ck, name: str, role: str, device: str, dtype: torch.dtype | None = None,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor (or rows start..stop-1 of it) from a checkpoint; NaN/Inf is an error naming the
+    tensor and the model."""
+    t = ck.get(name) if rows is None else ck.get_rows(name, *rows)
     if t.is_floating_point() and not _finite(t):
         raise LabError(f"tensor {name} of the {role} model ({ck.path}) contains NaN or Inf; refusing to merge it")
     if dtype is None:
@@ -120,6 +126,41 @@ def merge_group(method, group: Group, sets: dict[str, TensorSet], knobs: dict, c
             whole[: part.shape[0]] = part
             out[c] = whole
     return out
+
+
+def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx: MergeContext,
+               cdtype: torch.dtype, write, block_elems: int) -> None:
+    """Stream one tensor of an elementwise method through it a block of rows at a time:
+    read the rows of each model, merge, cast, write(start_row, rows). Equal to merge_group on the
+    whole tensor, element for element; memory is a few blocks instead of several whole copies."""
+    (c,) = group.names
+    names = {r: layouts[r].lm[c] for r in ROLES if r in cks}
+    shape = cks["vlm"].shape(names["vlm"])
+    p = params.resolve(method, knobs, group.layer, ctx.num_layers)
+    merged_rows = shape[0]
+    if group.shared_rows:
+        if any(cks[r].shape(n)[1:] != shape[1:] for r, n in names.items()):
+            raise LabError(f"{c}: hidden sizes differ between the models; cannot merge shared rows")
+        merged_rows = min(cks[r].shape(n)[0] for r, n in names.items())
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, block_elems // per_row)
+    start = 0
+    while start < shape[0]:
+        stop = min(start + step, merged_rows if start < merged_rows else shape[0])
+        if start >= merged_rows:  # rows only the VLM has (shared_rows): its own bits
+            write(start, read_checked(cks["vlm"], names["vlm"], "vlm", "cpu", rows=(start, stop)))
+        else:
+            parts = {r: cks[r].get_rows(n, start, stop).to(device=ctx.device, dtype=cdtype) for r, n in names.items()}
+            out = method.merge_tensor(TensorSet(c, group.layer, parts["vlm"], parts.get("reasoner"),
+                                                parts.get("base")), p, ctx)
+            # NaN/Inf in any input reaches an elementwise output (NaN * 0 is NaN), so one check of
+            # the block, still in cache, replaces three; the inputs are only read again to name one.
+            if out.is_floating_point() and not _finite(out):
+                for r, n in names.items():
+                    read_checked(cks[r], n, r, "cpu", rows=(start, stop))
+                raise LabError(f"merging {c} overflowed to Inf (rows {start}-{stop - 1}); lower the knobs")
+            write(start, out)
+        start = stop
 
 
 def _rows(t: TensorSet) -> TensorSet:
@@ -163,8 +204,10 @@ class Progress:
 
 
 def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard_bytes: int = 2 * 10**9,
-                  cancel=None, overwrite: bool = False, bar: bool | None = None) -> Path:
-    """Merge `recipe` into a new Hugging Face model folder OUT_DIR (atomic). Returns OUT_DIR."""
+                  cancel=None, overwrite: bool = False, bar: bool | None = None,
+                  block_elems: int | None = None) -> Path:
+    """Merge `recipe` into a new Hugging Face model folder OUT_DIR (atomic). Returns OUT_DIR.
+    block_elems: elements per block when streaming an elementwise method (default per device)."""
     from merging.checkpoint import Checkpoint
     from merging.compat import check_triple
     from merging.writer import AtomicFolder, ShardedWriter, WriteError, copy_side_files, write_text
@@ -198,8 +241,15 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
                         bar.check()
                         writer.write(a, read_checked(vck, a, "vlm", "cpu").to(dtypes[a]))
                         bar.step(1, f"copy {a}")
+                    block = block_elems or (BLOCK_ELEMS_CUDA if torch.device(device).type == "cuda" else BLOCK_ELEMS)
                     for g in groups:
                         bar.check()
+                        if method.elementwise and len(vck.shape(vlay.lm[g.names[0]])) > 0:
+                            a = vlay.lm[g.names[0]]
+                            merge_rows(method, g, cks, layouts, knobs, ctx, cdtype, block_elems=block,
+                                       write=lambda s, t, a=a: writer.write_rows(a, s, t.to(dtypes[a])))
+                            bar.step(1, f"layer {g.layer}" if g.layer is not None else g.names[0])
+                            continue
                         sets = {c: TensorSet(c, g.layer, *(
                             read_checked(cks[r], layouts[r].lm[c], r, device, cdtype) if r in cks else None
                             for r in ROLES)) for c in g.names}

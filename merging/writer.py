@@ -147,21 +147,33 @@ class ShardedWriter:
                 self.where[name] = (i, start + header[name]["data_offsets"][0], tuple(shape), dtype)
             self.total += offset
         self.pending = set(self.where)
+        self._written: dict[str, int] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_rows(name, 0, tensor, whole=True)
+
+    def write_rows(self, name: str, start: int, tensor: torch.Tensor, whole: bool = False) -> None:
+        """Rows start.. of a planned tensor (first dimension); the tensor counts as written once
+        all its bytes are. whole: `tensor` is the entire tensor (any number of dimensions)."""
         i, offset, shape, dtype = self.where[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"{name}: planned {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        want = shape if whole else (tensor.shape[0], *shape[1:]) if shape else None
+        if want is None or tuple(tensor.shape) != tuple(want) or tensor.dtype != dtype or (
+                not whole and start + tensor.shape[0] > shape[0]):
+            raise RuntimeError(f"{name}: planned {shape} {dtype}, got rows {start}.. of {tuple(tensor.shape)} {tensor.dtype}")
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        nbytes = t.numel() * t.element_size()
         f = self._handles[i]
         try:
-            f.seek(offset)
+            f.seek(offset + (start * nbytes // max(1, tensor.shape[0]) if not whole else 0))
             if t.numel():
                 f.write(memoryview(t.view(torch.uint8).numpy()))
                 f.flush()  # surface a full disk here, on this tensor, not later at close
         except OSError as e:
             raise _oserror(self.folder / self.files[i], e) from None
-        self.pending.discard(name)
+        done = self._written.get(name, 0) + nbytes
+        self._written[name] = done
+        if done >= _nbytes(shape, dtype):
+            self.pending.discard(name)
 
     def close_files(self, strict: bool = False) -> None:
         """Close the shard files; errors are raised when strict (success path), else ignored

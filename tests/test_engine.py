@@ -157,13 +157,17 @@ def test_new_layout_bf16_names_dtypes_and_out_dtype(tmp_path):
     assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 4)
 
 
-def test_nan_input_is_refused(tri, tmp_path):
+@pytest.mark.parametrize("method,knobs,value", [("ties", {}, "nan"), ("task_arithmetic", {}, "inf"),
+                                                ("linear", {"alpha": 0.0}, "nan")])
+def test_nan_input_is_refused(tri, tmp_path, method, knobs, value):
+    # linear at alpha 0 weighs the reasoner by 0: the bad value must still be found (NaN * 0 is NaN)
     bad = tmp_path / "bad"
     shutil.copytree(tri["reasoner"], bad)
     t = tensors(bad)
-    t["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    t["model.layers.1.mlp.up_proj.weight"][5, 3] = float(value)
     save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
-    rec = from_dict({"vlm": str(tri["vlm"]), "reasoner": str(bad), "base": str(tri["base"]), "method": "ties"})
+    rec = from_dict({"vlm": str(tri["vlm"]), "reasoner": str(bad), "base": str(tri["base"]), "method": method,
+                     "parameters": knobs})
     with pytest.raises(LabError, match=r"model\.layers\.1\.mlp\.up_proj\.weight of the reasoner"):
         merge_to_disk(rec, tmp_path / "o")
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []

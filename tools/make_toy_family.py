@@ -142,7 +142,7 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
         groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
         train(
             math,
-            text_batches(tok, corpus.math_example, plan.batch),
+            text_batches(tok, lambda rng: corpus.math_example(rng, plan.math_replay), plan.batch),
             groups,
             plan.math_steps,
             seed + 2,

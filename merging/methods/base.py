@@ -57,6 +57,10 @@ class MergeMethod:
     name: str = ""
     needs_base: bool = True
     scope: str = "tensor"  # "tensor": one tensor at a time; "layer": a whole decoder block
+    # True when each output element depends only on the same element of the inputs: the engine
+    # may then stream a tensor through the method a block of rows at a time (less memory, and
+    # the rows stay in cache between the method's passes).
+    elementwise: bool = False
     params: tuple[Param, ...] = ()
     description: str = ""
 

@@ -12,6 +12,7 @@ class Linear(MergeMethod):
     name = "linear"
     needs_base = False
     scope = "tensor"
+    elementwise = True
     description = "Weighted average of the VLM's LM and the reasoner (BR2V); the paper uses alpha 0.1."
     params = (Param("alpha", 0.1, 0.0, 1.0, "weight on the reasoner; the paper uses 0.1 (tuned over 0.1-0.2)"),)
 

@@ -16,6 +16,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     needs_base = True
     scope = "tensor"
+    elementwise = True
     description = "Add alpha times the reasoner's task vector (reasoner - base) to the VLM."
     params = (Param("alpha", 0.5, 0.0, 2.0, "scale of the reasoner's task vector added to the VLM"),)
 

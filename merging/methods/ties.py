@@ -33,21 +33,23 @@ def gta_params(alpha: float, normalize: int) -> tuple[Param, ...]:
 def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top int(density * numel) entries by magnitude (mergekit `magnitude`, no rescale).
 
-    mergekit refuses k == 0; here a tiny tensor (e.g. a 1-D norm at low density) just keeps nothing.
+    Works in place on tau (the caller's own temporary). mergekit refuses k == 0; here a tiny
+    tensor (e.g. a 1-D norm at low density) just keeps nothing.
     """
     if density >= 1:
         return tau
     k = int(density * tau.numel())
     if k <= 0:
-        return torch.zeros_like(tau)
+        return tau.zero_()
     idx = torch.topk(tau.abs().flatten().float(), k, sorted=False).indices
     mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
     mask[idx] = True
-    return tau * mask.view(tau.shape)
+    del idx
+    return tau.mul_(mask.view(tau.shape))
 
 
 def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability density, rescale survivors by 1/density.
+    """DARE: keep each entry with probability density, rescale survivors by 1/density (in place).
 
     The mask is drawn on the CPU from a per-tensor generator so streamed, in-place, CPU and GPU
     merges of the same recipe give the same tensors.
@@ -55,33 +57,40 @@ def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.
     if density >= 1:
         return tau
     keep = torch.rand(tau.shape, generator=gen, device="cpu") < density
-    return (tau * keep.to(tau.device)) / density
+    return tau.mul_(keep.to(tau.device)).div_(density)
 
 
 def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> torch.Tensor:
+    # Every step after the two subtractions works in place on those temporaries: on an embedding
+    # matrix each extra float32 copy is hundreds of MB.
     weights = (float(p["weight_vlm"]), float(p["alpha"]))
-    taus = [t.vlm - t.base, t.reasoner - t.base]
-    if sparsify == "magnitude":
-        taus = [magnitude(x, p["density"]) for x in taus]
-    else:
-        gen = ctx.generator(t.name, device="cpu")  # one stream per tensor: VLM's mask, then reasoner's
-        taus = [bernoulli(x, p["density"], gen) for x in taus]
-    deltas = [w * x for w, x in zip(weights, taus)]
-    del taus
+    gen = ctx.generator(t.name, device="cpu") if sparsify != "magnitude" else None  # VLM's mask, then reasoner's
+    deltas = []
+    for model, w in zip((t.vlm, t.reasoner), weights):
+        tau = model - t.base
+        tau = magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen)
+        deltas.append(tau.mul_(w))
+    d0, d1 = deltas
+    del deltas
+    normalize = p["normalize"] >= 0.5
     if consensus:
-        total = deltas[0] + deltas[1]
-        sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-        del total
-        masks = [torch.sign(d) == sign for d in deltas]
-        merged = deltas[0] * masks[0] + deltas[1] * masks[1]
-        divisor = weights[0] * masks[0].to(merged.dtype) + weights[1] * masks[1].to(merged.dtype)
+        positive = (d0 + d1) >= 0  # the elected sign: + where the weighted sum is >= 0
+        m0 = torch.where(positive, d0 > 0, d0 < 0)  # sign(d) == elected sign (a zero never agrees)
+        m1 = torch.where(positive, d1 > 0, d1 < 0)
+        del positive
+        merged = d0.mul_(m0).add_(d1.mul_(m1))
+        del d1
+        if normalize:
+            divisor = m0.to(merged.dtype).mul_(weights[0]).add_(m1.to(merged.dtype).mul_(weights[1]))
+            del m0, m1
+            divisor.masked_fill_(divisor.abs() < 1e-8, 1.0)
+            merged.div_(divisor)
     else:
-        merged = deltas[0] + deltas[1]
-        divisor = torch.full_like(merged, weights[0] + weights[1])
-    if p["normalize"] >= 0.5:
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-        merged = merged / divisor
-    return t.base + merged * p["lambda"]
+        merged = d0.add_(d1)
+        total = weights[0] + weights[1]
+        if normalize:
+            merged.div_(1.0 if abs(total) < 1e-8 else total)
+    return merged.mul_(p["lambda"]).add_(t.base)
 
 
 @register

@@ -61,7 +61,8 @@ def chat_pair(rng: random.Random) -> tuple[str, str]:
     r = rng.random()
     if r < 0.5:
         scene = td.random_scene(rng)
-        item = td.perception_item(scene, rng.choice(td.PERCEPTION_KINDS))
+        kind = rng.choice((*td.PERCEPTION_KINDS, "verify"))
+        item = td.perception_item(scene, kind, td.random_claim(rng, scene.count))
         question = f"there are {scene.count} {scene.colour} {td.PLURAL[scene.shape]} . {item.question}"
         return td.chat_prompt(question, image=False), f"{item.answer} </s>"
     a, b = rng.randint(0, 10), rng.randint(0, 10)
@@ -90,10 +91,10 @@ def base_text(rng: random.Random) -> str:
 REPLAY = 0.3  # share of the math fine-tune that replays the base's chats, so the task vector stays on math
 
 
-def math_example(rng: random.Random) -> tuple[str, str]:
+def math_example(rng: random.Random, replay: float = REPLAY) -> tuple[str, str]:
     """(prompt, answer) of a training word problem (held-out combinations are never drawn),
-    or, with probability REPLAY, one of the base's text chats."""
-    if rng.random() < REPLAY:
+    or, with probability `replay`, one of the base's text chats."""
+    if rng.random() < replay:
         return chat_pair(rng)
     while True:
         key, item = td.random_text_math(rng)

@@ -6,11 +6,15 @@ import random
 
 from analysis import toydata as td
 
-KINDS = (*td.PERCEPTION_KINDS, "describe")
+KINDS = (*td.PERCEPTION_KINDS, "describe", "verify")
+VERIFY = 0.3  # share of verify questions, whose number is often not the count (a distractor)
 
 
 def vlm_example(rng: random.Random):
     """(PIL image, prompt, answer). Scenes come from the training rng; eval uses its own seeds."""
     scene = td.random_scene(rng)
-    item = td.perception_item(scene, rng.choice(KINDS))
+    if rng.random() < VERIFY:
+        item = td.perception_item(scene, "verify", td.random_claim(rng, scene.count))
+    else:
+        item = td.perception_item(scene, rng.choice(KINDS[:-1]))
     return td.render(scene), td.chat_prompt(item.question, image=True), f"{item.answer} </s>"

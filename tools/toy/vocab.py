@@ -22,7 +22,7 @@ PAD, UNK, BOS, EOS, IMAGE = range(5)
 def collect_words() -> list[str]:
     words = {str(i) for i in range(td.MAX_NUMBER + 1)}
     words |= set(td.COLOURS) | set(td.SHAPES) | set(td.PLURAL.values()) | set(td.OBJECTS) | set(td.NAMES)
-    words |= {"user", "assistant", ":", ".", "?", "+", "-", "=", "the", "answer", "is"}
+    words |= {"user", "assistant", ":", ".", "?", "+", "-", "=", "the", "answer", "is", "yes", "no"}
     rng = random.Random(0)
     texts = [corpus.base_text(rng) for _ in range(3000)]
     texts += [
