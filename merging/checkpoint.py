@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         begin, end = info["data_offsets"]
         if end > data_len:
             raise LabError(f"{path} is truncated: tensor {name!r} extends past the end of the file")
-        if end - begin != _numel(info.get("shape", ())) * DTYPES[info["dtype"]].itemsize or begin < 0:
+        if end - begin != math.prod(info.get("shape", ())) * DTYPES[info["dtype"]].itemsize or begin < 0:
             raise LabError(f"{path} is corrupt: tensor {name!r} has a byte range that does not match its shape")
     return header, 8 + n
 
@@ -148,7 +149,7 @@ class Checkpoint:
         return DTYPES[self._meta[self._check(name)]["dtype"]]
 
     def nbytes(self, name: str) -> int:
-        return _numel(self.shape(name)) * self.dtype(name).itemsize
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
 
     def files(self) -> list[Path]:
         return sorted(set(self._files.values()))
@@ -170,7 +171,7 @@ class Checkpoint:
         if self._bin:
             return self.get(name)[start:stop]
         m, dtype = self._meta[name], self.dtype(name)
-        row = _numel(shape[1:]) * dtype.itemsize
+        row = math.prod(shape[1:]) * dtype.itemsize
         return self._read(self._files[name], m["offset"] + start * row, (stop - start, *shape[1:]), dtype)
 
     def _read(self, f: Path, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -246,13 +247,6 @@ def _read_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise LabError(f"{index} is not a valid safetensors index (no weight_map)") from None
     return wm
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _dtype_code(dtype: torch.dtype) -> str:

@@ -137,11 +137,7 @@ def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx:
     names = {r: layouts[r].lm[c] for r in ROLES if r in cks}
     shape = cks["vlm"].shape(names["vlm"])
     p = params.resolve(method, knobs, group.layer, ctx.num_layers)
-    merged_rows = shape[0]
-    if group.shared_rows:
-        if any(cks[r].shape(n)[1:] != shape[1:] for r, n in names.items()):
-            raise LabError(f"{c}: hidden sizes differ between the models; cannot merge shared rows")
-        merged_rows = min(cks[r].shape(n)[0] for r, n in names.items())
+    merged_rows = shared_rows(c, [cks[r].shape(n) for r, n in names.items()]) if group.shared_rows else shape[0]
     per_row = max(1, math.prod(shape[1:]))
     step = max(1, block_elems // per_row)
     start = 0
@@ -163,11 +159,15 @@ def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx:
         start = stop
 
 
+def shared_rows(name: str, shapes: list[tuple]) -> int:
+    """min(V_v, V_r, V_0): the vocabulary rows all models have (shapes[0] is the VLM's)."""
+    if any(tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes):
+        raise LabError(f"{name}: hidden sizes differ between the models; cannot merge shared rows")
+    return min(s[0] for s in shapes)
+
+
 def _rows(t: TensorSet) -> TensorSet:
-    ts = [x for x in (t.vlm, t.reasoner, t.base) if x is not None]
-    n = min(x.shape[0] for x in ts)
-    if any(x.shape[1:] != t.vlm.shape[1:] for x in ts):
-        raise LabError(f"{t.name}: hidden sizes differ between the models; cannot merge shared rows")
+    n = shared_rows(t.name, [x.shape for x in (t.vlm, t.reasoner, t.base) if x is not None])
     cut = (lambda x: None if x is None else x[:n])  # noqa: E731
     return TensorSet(t.name, t.layer, cut(t.vlm), cut(t.reasoner), cut(t.base))
 
