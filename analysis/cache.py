@@ -1,8 +1,10 @@
 """A disk cache for analysis results, keyed by (analysis name, checkpoint fingerprints, parameters).
 
-Results are stored as JSON text, not pickles: the cache only ever holds plain data (dicts,
-lists, floats), a corrupt entry shows up as a decode error rather than arbitrary code, and the
-files stay readable. Any problem with an entry (truncated file, wrong type, unreadable
+Results are stored as JSON text, never pickles: the cache only ever holds plain data (dicts,
+lists, floats). diskcache would unpickle a row stored in its pickle mode (or read a file the row
+names) before we could look at it, so the cache runs on a Disk that stores every value as text in
+the database and refuses any other row unread: a crafted database can cost a recompute, never
+run code or open a path. Any problem with an entry (garbled text, wrong type, unreadable
 database) deletes it and recomputes; the cache never makes an analysis fail.
 """
 
@@ -16,8 +18,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Bump when the shape of a cached result changes, so old entries are never misread.
-SCHEMA = 1
+# Bump when the shape or the meaning of a cached result changes, so old entries are never misread.
+# 2: live-model analyses are keyed on the weights they ran on; schema-1 entries of the attention
+# and knockout baselines may hold results of a merge filed under the original VLM (issue 18).
+SCHEMA = 2
+
+
+def _json_only_disk():
+    """A diskcache.Disk that stores str values in the database and reads back nothing else."""
+    import diskcache
+    from diskcache.core import MODE_RAW, UNKNOWN
+
+    class JSONOnlyDisk(diskcache.Disk):
+        def store(self, value, read, key=UNKNOWN):
+            if type(value) is not str or read:
+                raise TypeError(f"the analysis cache stores JSON text, not {type(value).__name__}")
+            return 0, MODE_RAW, None, value  # in the row itself: no value files to point elsewhere
+
+        def fetch(self, mode, filename, value, read):
+            # Checked before anything is decoded: pickle rows, file rows and blobs are refused unread.
+            if mode != MODE_RAW or filename is not None or type(value) is not str:
+                raise ValueError(f"not a JSON text row (mode {mode})")
+            return value
+
+        def remove(self, file_path):
+            # Only rows we did not write name files; delete one only if it is a regular file inside
+            # the cache folder (a crafted row could name any path).
+            folder = Path(self._directory).resolve()
+            path = Path(self._directory, str(file_path))
+            try:
+                if path.resolve().parent.is_relative_to(folder) and path.is_file() and not path.is_symlink():
+                    path.unlink()
+            except OSError:
+                pass
+
+    return JSONOnlyDisk
 
 
 def default_dir() -> Path:
@@ -42,7 +77,9 @@ class AnalysisCache:
 
             self.directory.mkdir(parents=True, exist_ok=True)
             # size_limit: a few GB; results are small (spectra of a 7B model are a few MB).
-            self._cache = diskcache.Cache(str(self.directory), size_limit=4 * 2**30)
+            # disk_min_file_size: every value stays in its row (store() never writes value files).
+            self._cache = diskcache.Cache(str(self.directory), size_limit=4 * 2**30, disk=_json_only_disk(),
+                                          disk_min_file_size=2**40)
         except Exception as e:  # an unusable folder only costs speed
             warnings.warn(f"analysis cache disabled ({self.directory}): {e}", stacklevel=2)
 
@@ -64,7 +101,7 @@ class AnalysisCache:
             if not isinstance(value, dict) or value.get("schema") != SCHEMA or not isinstance(value.get("data"), expect):
                 raise TypeError("entry has the wrong shape")
             return value["data"]
-        except Exception as e:  # unpickling errors, truncated files, wrong types, sqlite errors
+        except Exception as e:  # refused rows, garbled text, wrong types, sqlite errors
             warnings.warn(f"dropping corrupt cache entry {key}: {type(e).__name__}: {e}", stacklevel=2)
             self.delete(key)
             return None
