@@ -3,7 +3,8 @@
 a_l = mean over images and heads of A_l(text->image) / (A_l(text->image) + A_l(text->text)):
 the share of attention that text query positions put on image-token keys at decoder layer l,
 from eager attention weights. Then ln a_l = ln C - beta * l is fit by least squares and the
-prior is w_v(l) = exp(-beta l) / sum_j exp(-beta j), w_r(l) = 1 - w_v(l).
+prior is FRANK's w_v(l) = min(1, exp(-beta l)) = a_l / a_0 of the fit, w_r(l) = 1 - w_v(l)
+(one implementation: merging.methods.frank.prior).
 
 [choice] Text queries are the non-image positions *after* the first image token: under causal
 masking the positions before it cannot see the image at all, so they would only add zeros that
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from merging.errors import LabError
+from merging.methods import frank
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy" / "samples"
 # In the toy family's closed vocabulary, and a natural request for any VLM.
@@ -101,16 +103,6 @@ def fit_decay(shares: list[float]) -> dict:
     return {"beta": -slope, "C": math.exp(intercept), "r2": r2}
 
 
-def frank_prior(beta: float, num_layers: int) -> list[float]:
-    """FRANK's w_v(l) = exp(-beta l) / sum_j exp(-beta j); w_r(l) = 1 - w_v(l) (DESIGN.md)."""
-    # Shift the exponent by its max so large |beta| cannot overflow.
-    e = [-beta * layer for layer in range(num_layers)]
-    top = max(e)
-    w = [math.exp(v - top) for v in e]
-    total = sum(w)
-    return [v / total for v in w]
-
-
 # ----------------------------------------------------------------------------- images and inputs
 def load_images(images=None, limit: int | None = None) -> list:
     """PIL images from paths / PIL images, or the bundled toy samples when images is None."""
@@ -180,6 +172,6 @@ def attention_decay(model, processor, images=None, question: str = DEFAULT_QUEST
     inputs = build_inputs(processor, imgs, question, device)
     shares = measure_shares(model, inputs, image_token_id(model.config), progress)
     fit = fit_decay(shares)
-    w_v = frank_prior(fit["beta"], len(shares))
+    w_v = frank.prior(fit["beta"], len(shares))
     return {"shares": shares, **fit, "prior_v": w_v, "prior_r": [1.0 - w for w in w_v],
             "n_images": len(imgs), "question": question}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.errors import LabError
-from merging.linalg import _use_lowrank, singular_values
+from merging.linalg import decompose
 
 # The 2-D projection matrices of a decoder block, in display order (canonical rest names).
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -93,16 +93,14 @@ def matrices(triple: Triple, modules=MODULES) -> list[tuple[int, str, str]]:
 
 
 def spectrum(m: torch.Tensor, k: int, method: str = "auto") -> tuple[list[float], float, bool]:
-    """(top-k singular values, their nuclear-norm sum, whether that sum is exact).
+    """(top-k singular values, the exact nuclear norm, whether the top-k values are exact).
 
-    Small matrices get the full spectrum, so the nuclear norm is exact; large ones use
-    randomized top-k (merging.linalg) and the "nuclear norm" is the sum of those k values.
+    The same decomposition ip_merging uses (merging.linalg.decompose, same solver rule): the
+    nuclear norm is always exact; on large matrices with method "auto" or "lowrank" the top-k
+    values shown come from the randomized solver, as in the merge.
     """
-    if _use_lowrank(m, k, method):
-        s = singular_values(m, k, "lowrank")
-        return s.tolist(), float(s.sum()), False
-    s = singular_values(m, None, "exact")
-    return s[:k].tolist(), float(s.sum()), True
+    d = decompose(m, k, method)
+    return d.s.tolist(), d.nuclear, d.exact
 
 
 def _ratio(a: float, b: float) -> float:

@@ -2,13 +2,15 @@
 
 Not a merge: the prior D = W_reasoner - W_vlm of the attention and MLP projections (weights and
 biases, vision modules never) is kept once on the CPU, and a hook on each such parameter of the
-VLM's language model rewrites its gradient g (DESIGN.md section 2):
+VLM's language model rewrites its gradient g (docs/METHODS.md, DRIFT):
 
-  absolute:         g - a * D
+  absolute:         g - a * D'   with D' = D * ||W_v|| / ||D|| (the reference's default,
+                    normalize_delta_to_param) or [option normalize_delta: false] the raw D' = D
   gradnorm:         g - a * ||g|| * D / ||D||
   adaptive_cosine:  g - a * ((cos(g, D) + 1) / 2) * ||g|| * D / ||D||      (default)
 
-A descent step on the rewritten gradient moves the weights toward the reasoner. The reference
+A descent step on the rewritten gradient moves the weights toward the reasoner. The rescale of D
+matters only in absolute mode: the other two use D's direction alone. The reference
 code skips names that do not match, so with newer transformers layouts zero hooks attach and
 training is silently plain; here every prior tensor must map to a parameter, or it is an error.
 """
@@ -24,9 +26,9 @@ from merging.errors import LabError
 MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
 DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "batch_size": (1, 1024),
-              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None}
+              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None, "normalize_delta": None}
 DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
-                  "mode": "adaptive_cosine"}
+                  "mode": "adaptive_cosine", "normalize_delta": True}
 _EPS = 1e-12
 
 
@@ -69,9 +71,11 @@ def compute_prior(vlm_ref: str, reasoner_ref: str, progress=None) -> dict[str, t
     return prior
 
 
-def attach_hooks(model, prior: dict[str, torch.Tensor], mode: str = "adaptive_cosine", alpha: float = 1.0) -> list:
+def attach_hooks(model, prior: dict[str, torch.Tensor], mode: str = "adaptive_cosine", alpha: float = 1.0,
+                 normalize_delta: bool = True) -> list:
     """Register one gradient hook per prior tensor on the loaded model. Returns the handles
-    (call .remove() on each to detach). Raises LabError if any prior tensor has no parameter."""
+    (call .remove() on each to detach). Raises LabError if any prior tensor has no parameter.
+    normalize_delta: in absolute mode, rescale each D to the norm of its parameter (as loaded)."""
     from merging.inplace import map_parameters
 
     if mode not in MODES:
@@ -89,6 +93,9 @@ def attach_hooks(model, prior: dict[str, torch.Tensor], mode: str = "adaptive_co
         # One copy per device: on the CPU this is the prior itself (no extra memory).
         d = prior[c].to(device=p.device, dtype=torch.float32)
         d_norm = float(d.norm())
+        if mode == "absolute" and normalize_delta and d_norm > 0:
+            d = d * (float(p.detach().float().norm()) / d_norm)  # a new tensor: the prior stays raw
+            d_norm = float(d.norm())
 
         def hook(g, d=d, d_norm=d_norm):
             return adjust_gradient(g.float(), d, mode, alpha, d_norm).to(g.dtype)
@@ -106,6 +113,8 @@ def drift_settings(section: dict | None) -> dict:
     out = {**DRIFT_DEFAULTS, **section}
     if out["mode"] not in MODES:
         raise LabError(f"drift mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
+    if not isinstance(out["normalize_delta"], bool):
+        raise LabError(f"drift normalize_delta must be true or false, got {out['normalize_delta']!r}")
     for k, rng in DRIFT_KEYS.items():
         if rng is None:
             continue

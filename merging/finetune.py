@@ -56,13 +56,13 @@ def trainable_parameters(model) -> list:
 
 def finetune(model, processor, examples: list, steps: int, lr: float, batch_size: int, seed: int = 0,
              prior: dict | None = None, mode: str = "adaptive_cosine", alpha: float = 0.0,
-             progress=None, cancel=None) -> list[float]:
+             progress=None, cancel=None, normalize_delta: bool = True) -> list[float]:
     """Train in place; returns the loss of every step. With a prior, DRIFT hooks are attached
     (also at alpha 0, so that alpha 0 is provably the plain fine-tune) and removed at the end."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     params = trainable_parameters(model)
-    handles = attach_hooks(model, prior, mode, alpha) if prior is not None else []
+    handles = attach_hooks(model, prior, mode, alpha, normalize_delta) if prior is not None else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     model.train()
@@ -117,7 +117,8 @@ def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=No
         examples = training_examples(int(s["examples"]), seed=int(s["seed"]))
         t0 = time.time()
         losses = finetune(model, processor, examples, int(s["steps"]), float(s["lr"]), int(s["batch_size"]),
-                          int(s["seed"]), prior, s["mode"], float(s["alpha"]), progress, cancel)
+                          int(s["seed"]), prior, s["mode"], float(s["alpha"]), progress, cancel,
+                          bool(s["normalize_delta"]))
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         seconds = time.time() - t0

@@ -141,10 +141,6 @@ def test_exponential_fit_recovers_beta():
     g = torch.Generator().manual_seed(3)
     noisy = [a * float(1 + 0.03 * torch.randn(1, generator=g)) for a in clean]
     assert attention.fit_decay(noisy)["beta"] == pytest.approx(0.3, abs=0.02)
-    w = attention.frank_prior(0.3, 12)
-    assert sum(w) == pytest.approx(1.0) and all(x > y for x, y in zip(w, w[1:]))
-    assert w[3] / w[0] == pytest.approx(math.exp(-0.9))
-    assert attention.frank_prior(0.0, 4) == pytest.approx([0.25] * 4)
 
 
 def test_attention_shares_on_tiny_llava_match_a_manual_computation(vlm_model):
@@ -184,7 +180,9 @@ def test_attention_decay_end_to_end_with_the_processor(triple, tmp_path):
     Image.new("RGB", (40, 40), (200, 30, 30)).save(img)
     res = attention.attention_decay(model, proc, [img, Image.new("RGB", (32, 32), (0, 90, 200))])
     assert res["n_images"] == 2 and len(res["shares"]) == 2 and len(res["prior_v"]) == 2
-    assert sum(res["prior_v"]) == pytest.approx(1.0)
+    assert res["prior_v"][0] == 1.0 and all(0.0 <= w <= 1.0 for w in res["prior_v"])
+    want = [min(1.0, math.exp(-res["beta"] * i)) for i in range(2)]
+    assert res["prior_v"] == pytest.approx(want) and res["prior_r"] == pytest.approx([1 - w for w in want])
 
 
 # ----------------------------------------------------------------------------------- knockout

@@ -29,8 +29,19 @@ def test_each_mode_matches_its_formula():
         adjust_gradient(g, d, "sideways", a)
 
 
-@pytest.mark.parametrize("mode", ["absolute", "gradnorm", "adaptive_cosine"])
-def test_hooks_rewrite_real_gradients(tmp_path, mode):
+def expected_gradient(g, d, w, mode, a, normalize=True):
+    """The DRIFT rewrite written out from the paper and the reference code (not adjust_gradient)."""
+    if mode == "absolute":
+        return g - a * (d * w.norm() / d.norm() if normalize else d)
+    unit = d / d.norm()
+    cos = float((g * d).sum() / (g.norm() * d.norm()))
+    scale = 1.0 if mode == "gradnorm" else (cos + 1) / 2
+    return g - a * scale * g.norm() * unit
+
+
+@pytest.mark.parametrize("mode,normalize", [("absolute", True), ("absolute", False), ("gradnorm", True),
+                                            ("adaptive_cosine", True)])
+def test_hooks_rewrite_real_gradients(tmp_path, mode, normalize):
     from transformers import LlavaForConditionalGeneration
 
     tri = make_tiny_triple(tmp_path)
@@ -42,12 +53,32 @@ def test_hooks_rewrite_real_gradients(tmp_path, mode):
     model(input_ids=ids, labels=ids).loss.backward()
     plain = param.grad.clone()
     model.zero_grad()
-    handles = attach_hooks(model, prior, mode, alpha=0.7)
+    handles = attach_hooks(model, prior, mode, alpha=0.7, normalize_delta=normalize)
     assert len(handles) == len(prior) == 2 * 7  # every projection of both layers, none skipped
     model(input_ids=ids, labels=ids).loss.backward()
-    want = adjust_gradient(plain, prior[name], mode, 0.7)
+    want = expected_gradient(plain, prior[name], param.detach(), mode, 0.7, normalize)
     assert torch.allclose(param.grad, want, atol=1e-6)
     assert not torch.allclose(param.grad, plain)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "gradnorm", "adaptive_cosine"])
+def test_one_drift_step_moves_the_weights_toward_the_reasoner(tmp_path, mode):
+    """alpha large against the task gradient: one SGD step shrinks the distance to the reasoner's weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    tri = make_tiny_triple(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tri["vlm"])
+    prior = compute_prior(str(tri["vlm"]), str(tri["reasoner"]))
+    with Checkpoint.open(tri["reasoner"]) as r:
+        target = r.get("model.layers.1.mlp.down_proj.weight")
+    param = model.model.language_model.layers[1].mlp.down_proj.weight
+    before = float((param.detach() - target).norm())
+    attach_hooks(model, prior, mode, alpha=5.0)
+    ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        param -= 1e-3 * param.grad
+    assert float((param.detach() - target).norm()) < before
 
 
 def test_prior_is_reasoner_minus_vlm_for_projections_only(tmp_path):
@@ -80,6 +111,9 @@ def test_settings_are_validated():
         drift_settings({"speed": 3})
     with pytest.raises(LabError, match="drift lr"):
         drift_settings({"lr": -1})
+    assert drift_settings({})["normalize_delta"] is True  # the reference's default
+    with pytest.raises(LabError, match="normalize_delta must be true or false"):
+        drift_settings({"normalize_delta": "yes"})
 
 
 @pytest.mark.skipif(not (TOY / "vlm" / "config.json").exists(), reason="toy family not built")

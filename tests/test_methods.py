@@ -10,6 +10,7 @@ import torch
 from merging import linalg, methods, params
 from merging.errors import LabError
 from merging.methods import MergeContext, TensorSet
+from merging.methods import frank as frank_mod
 from merging.methods import ties as ties_mod
 
 L = 4
@@ -87,6 +88,57 @@ def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, cons
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_defaults_follow_mergekit_for_shared_names():
+    """mergekit's registry: normalize on for ties, off for dare_ties and dare_linear; lambda 1."""
+    want = {"ties": 1, "dare_ties": 0, "dare_linear": 0}
+    for name, normalize in want.items():
+        d = methods.get(name).defaults()
+        assert d["normalize"] == normalize and d["lambda"] == 1.0 and d["br2v"] == 0, name
+
+
+def test_dare_ties_defaults_at_density_one_equal_mergekit():
+    v, r, b = triple()
+    got = run("dare_ties", v, r, b, density=1.0)
+    want = ref_gta(v, r, b, 1.0, 1.0, 1.0, 1.0, normalize=0, consensus=True, masks=torch.ones(2, *v.shape))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def ref_br2v(v, r, b, w_v, w_r, consensus, keep=None):
+    """BR2V's reference code written out: sign on unweighted task vectors, divide by the count of
+    agreeing models (at least 1), no DARE rescale; keep: given keep-masks (DARE) or None (top-k)."""
+    taus = torch.stack([v - b, r - b])
+    if keep is not None:
+        taus = taus * keep
+    weighted = taus * torch.tensor([w_v, w_r]).view(2, *([1] * v.dim()))
+    if not consensus:
+        return b + weighted.sum(0)
+    agree = taus.sign() == torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    return b + (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_ties_br2v_semantics():
+    v, r, b = triple()
+    got = run("ties", v, r, b, weight_vlm=1.6, alpha=0.2, density=1.0, br2v=1)
+    torch.testing.assert_close(got, ref_br2v(v, r, b, 1.6, 0.2, True), rtol=0, atol=1e-6)
+    assert (got - run("ties", v, r, b, weight_vlm=1.6, alpha=0.2, density=1.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,consensus", [("dare_ties", True), ("dare_linear", False)])
+def test_dare_br2v_semantics(monkeypatch, name, consensus):
+    v, r, b = triple()
+    keep = (torch.rand((2, *v.shape), generator=torch.Generator().manual_seed(3)) < 0.2)
+    draws = iter(keep)
+    real = torch.rand
+
+    def fake_rand(shape, generator=None, device=None):  # the masks DARE draws, in order (VLM, reasoner)
+        return torch.where(next(draws), 0.0, 1.0) if generator is not None else real(shape)
+
+    monkeypatch.setattr(ties_mod.torch, "rand", fake_rand)
+    got = run(name, v, r, b, weight_vlm=1.6, alpha=0.2, density=0.2, br2v=1)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, ref_br2v(v, r, b, 1.6, 0.2, consensus, keep.float()), rtol=0, atol=1e-6)
+
+
 def test_dare_statistics_and_seeding():
     tau = torch.ones(400, 400)
     out = ties_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"))
@@ -139,7 +191,11 @@ def test_ip_merging_formula_and_selection():
         if t.vlm.dim() == 2:
             assert math.isclose(linalg.subspace_similarity(t.vlm - t.base, t.reasoner - t.base, k, "exact"),
                                 ref[n][0], rel_tol=1e-5)
-    thr = sorted(x[0] for x in ref.values())[1]  # selects the two most similar matrices
+    # A threshold halfway between two scores, never equal to one: the reference and the code
+    # compute the scores in different precisions, so a score at the threshold may land either side.
+    lo, hi = sorted(x[0] for x in ref.values())[:2]
+    assert hi - lo > 1e-3
+    thr = (lo + hi) / 2  # selects the two most similar matrices
     p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr}, 1, L)
     out = m.merge_layer(1, sets, p, MergeContext(num_layers=L))
     chosen = [n for n, x in ref.items() if x[0] >= thr]
@@ -166,7 +222,7 @@ def test_frank_formula(knobs):
     n_v = sum(float(((t.vlm - t.base) ** 2).sum()) for t in sets.values())
     n_r = sum(float(((t.reasoner - t.base) ** 2).sum()) for t in sets.values())
     if knobs.get("use_prior"):
-        w_v = math.exp(-0.5 * 2) / sum(math.exp(-0.5 * j) for j in range(L))
+        w_v = math.exp(-0.5 * 2)  # a_2 / a_0 of the decay exp(-beta l)
         w_r = 1 - w_v
     elif "w_v" in knobs:
         w_v, w_r = knobs["w_v"], 1 - knobs["w_v"]
@@ -176,6 +232,39 @@ def test_frank_formula(knobs):
     for n, t in sets.items():
         want = t.base + w_v * n_v / den * (t.vlm - t.base) + w_r * n_r / den * (t.reasoner - t.base)
         torch.testing.assert_close(out[n], want, rtol=1e-5, atol=1e-6)
+
+
+def test_frank_prior_is_a_weight_that_falls_with_depth():
+    """w_v(l) = a_l / a_0: 1 in the first layer, in [0, 1], falling with depth; flat decay = VLM."""
+    w = [frank_mod.prior_w_v(0.1, i) for i in range(32)]
+    assert w[0] == 1.0 and all(0.0 <= x <= 1.0 for x in w) and all(x > y for x, y in zip(w, w[1:]))
+    assert w[16] == pytest.approx(math.exp(-1.6)) and w[31] == pytest.approx(math.exp(-3.1))
+    assert frank_mod.prior(-0.5, 4) == [1.0] * 4  # attention rising with depth: clipped at 1
+
+
+def test_frank_prior_keeps_the_first_layer_with_the_vlm():
+    """Equal task-vector norms: with beta 0.1 layer 0 stays closer to the VLM (in fact is the VLM's) and
+    the merge drifts away from the VLM with depth; with a steep decay the last layer leans to the reasoner."""
+    m = methods.get("frank")
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(16, 16, generator=g)
+    tv, tr = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    tr *= tv.norm() / tr.norm()  # equal norms: only the prior decides
+    v, r = b + 0.1 * tv, b + 0.1 * tr
+
+    def distances(layer, beta):
+        sets = {"x": TensorSet(f"layers.{layer}.x", layer, v, r, b)}
+        p = params.resolve(m, {"use_prior": 1, "beta": beta}, layer, L)
+        out = m.merge_layer(layer, sets, p, MergeContext(num_layers=L))["x"]
+        return float((out - v).norm()), float((out - r).norm())
+
+    d = [distances(layer, 0.1) for layer in range(L)]
+    assert d[0][0] < d[0][1] and all(a[0] < b_[0] for a, b_ in zip(d, d[1:])), d
+    d_v, d_r = distances(L - 1, 1.0)  # w_v = exp(-3) ~ 0.05
+    assert d_r < d_v
+    sets = {"x": TensorSet("layers.0.x", 0, v, r, b)}
+    out = m.merge_layer(0, sets, params.resolve(m, {"use_prior": 1, "beta": 0.1}, 0, L), MergeContext(num_layers=L))
+    torch.testing.assert_close(out["x"], v)  # w_v(0) = 1, so lam_v = 1, lam_r = 0
 
 
 def test_frank_rejects_both_priors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +30,17 @@ class MergePanel:
     status: gr.Markdown
     recipe_state: gr.State
     variant_state: gr.State  # what chat's "merged" side uses: this merge's recipe, or a DRIFT result
+
+
+def _name_knobs(fn, n: int):
+    """Name fn's pooled *knob_values knob1..knobN in the API (Gradio reads the signature), so clients
+    can pass knob1=... without a hand-written parameter per slider."""
+    sig = inspect.signature(fn)
+    fixed = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
+    pooled = [inspect.Parameter(f"knob{i + 1}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+              for i in range(n)]
+    fn.__signature__ = sig.replace(parameters=fixed + pooled)
+    return fn
 
 
 def _knob_updates(method: str, num_layers=None) -> list:
@@ -94,10 +106,10 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, merge_btn,
                              queue=False, api_visibility="private")
 
-    def merge(preset, vlm, reasoner, base, method, first_layer, last_layer, prior, per_layer_yaml,
-              knob1, knob2, knob3, knob4, knob5, request: gr.Request = None):
-        """knobN: the method's N-th knob (merging.methods.get(method).params order, frank's use_prior aside)."""
-        knob_values = (knob1, knob2, knob3, knob4, knob5)
+    def merge(request: gr.Request, preset, vlm, reasoner, base, method, first_layer, last_layer, prior,
+              per_layer_yaml, *knob_values):
+        """knob_values: the method's knobs in merging.methods.get(method).params order (frank's use_prior
+        aside), one per slider of the pool. The request comes first: Gradio injects it only positionally."""
         method_v = method
         keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         try:
@@ -127,7 +139,7 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
                 yield (f"❌ **Merge failed:** {payload}", *keep)
 
     inputs = [*models.inputs, method, first, last, prior, advanced, *knobs]
-    merge_btn.click(merge, inputs, [status, recipe_code, recipe_file, recipe_state, variant_state], api_name="merge",
+    merge_btn.click(_name_knobs(merge, len(knobs)), inputs, [status, recipe_code, recipe_file, recipe_state, variant_state], api_name="merge",
                     concurrency_limit=16)
 
     def cancel(request: gr.Request = None):

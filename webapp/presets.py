@@ -1,4 +1,4 @@
-"""Model triples the app offers (the bundled toy family + DESIGN.md section 4) and custom-triple checks.
+"""Model triples the app offers (the bundled toy family + the public triples of the papers) and custom-triple checks.
 
 Nothing here loads weights: it only says where a triple's models are and whether they are on
 this machine (local folders, or the local Hugging Face cache; the lab never downloads).

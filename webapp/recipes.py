@@ -7,7 +7,6 @@ import yaml
 from merging import methods
 from merging.errors import LabError
 
-POOL = 5  # the most knobs any method shows
 DEFAULT_METHOD = "task_arithmetic"
 HIDDEN = {"frank": ("use_prior",)}  # knobs driven by other controls (frank: the prior checkbox)
 
@@ -15,6 +14,9 @@ HIDDEN = {"frank": ("use_prior",)}  # knobs driven by other controls (frank: the
 def shown_params(method: str) -> list:
     hidden = HIDDEN.get(method, ())
     return [p for p in methods.get(method).params if p.name not in hidden]
+
+
+POOL = max(len(shown_params(m)) for m in methods.names())  # sliders in the pool: the most any method shows
 
 
 def slider_spec(p, num_layers: int | None = None) -> dict:

@@ -16,7 +16,7 @@ class DareTies(MergeMethod):
     needs_base = True
     scope = "tensor"
     description = "DARE drop-and-rescale of each task vector, then TIES sign consensus."
-    params = gta_params(alpha=1.0, normalize=1)
+    params = gta_params(alpha=1.0, normalize=0)  # mergekit's default for dare_ties
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
         return gta_merge(t, p, ctx, "bernoulli", consensus=True)

@@ -6,8 +6,11 @@ With task vectors flattened over the whole block l (every tensor of it):
 The modality prior w_v(l) comes from one of
 - `w_v`: a number or a per-layer list / gradient (e.g. from the attention-decay analysis);
   the default 0.5 (w_v = w_r) is exactly "no prior": the plain norm ratio;
-- `use_prior: 1` with `beta`: w_v(l) = exp(-beta l) / sum_j exp(-beta j) over all the model's
-  layers (l from 0), the paper's exponential fit of the visual-attention decay.
+- `use_prior: 1` with `beta`: w_v(l) = min(1, exp(-beta l)) (l from 0), i.e. a_l / a_0 of the
+  fitted visual-attention decay a_l = C exp(-beta l) (paper Eq. 15 on the closed form of Eq. 13).
+  [choice] Not normalised over layers: a sum-normalised prior is ~1/L in every layer, which
+  hands even the first block to the reasoner; this one is 1 at layer 0 and falls with depth as
+  the attention does. A negative beta (attention rising) is clipped to w_v = 1.
 Giving both `w_v` and `use_prior: 1` is an error. When the denominator is 0 the block keeps the
 VLM's. Tensors outside the decoder layers (final norm, shared embedding rows) are each merged
 as a one-tensor block with the last layer's weights.
@@ -23,11 +26,14 @@ from merging.errors import LabError
 from merging.methods import MergeMethod, Param, TensorSet, register
 
 
-def prior_w_v(beta: float, layer: int, num_layers: int) -> float:
-    """exp(-beta l) / sum_j exp(-beta j), computed stably (shifted by the largest exponent)."""
-    logits = [-beta * j for j in range(num_layers)]
-    top = max(logits)
-    return math.exp(logits[layer] - top) / sum(math.exp(x - top) for x in logits)
+def prior_w_v(beta: float, layer: int) -> float:
+    """FRANK's modality prior at decoder layer `layer`: min(1, exp(-beta l)), in [0, 1]."""
+    return math.exp(-beta * layer) if beta * layer > 0 else 1.0
+
+
+def prior(beta: float, num_layers: int) -> list[float]:
+    """w_v(l) for every layer (what the attention-decay analysis shows next to its fit)."""
+    return [prior_w_v(beta, layer) for layer in range(num_layers)]
 
 
 @register
@@ -39,7 +45,8 @@ class Frank(MergeMethod):
     params = (
         Param("w_v", 0.5, 0.0, 1.0, "prior weight of the VLM per layer (w_r = 1 - w_v); 0.5 = no prior"),
         Param("use_prior", 0, 0, 1, "1: w_v from the exponential prior with beta", integer=True, per_layer=False),
-        Param("beta", 0.1, -10.0, 10.0, "decay rate of the visual attention per layer", per_layer=False),
+        Param("beta", 0.1, -10.0, 10.0, "decay rate of the visual attention per layer (fit it in the attention "
+              "analysis); w_v(l) = exp(-beta l)", per_layer=False),
     )
 
     def validate(self, params: dict) -> None:
@@ -48,7 +55,7 @@ class Frank(MergeMethod):
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         at = ctx.num_layers - 1 if layer is None else layer
-        w_v = prior_w_v(p["beta"], at, ctx.num_layers) if p["use_prior"] >= 0.5 else float(p["w_v"])
+        w_v = prior_w_v(p["beta"], at) if p["use_prior"] >= 0.5 else float(p["w_v"])
         w_r = 1.0 - w_v
         tau_v = {n: t.vlm - t.base for n, t in sets.items()}
         tau_r = {n: t.reasoner - t.base for n, t in sets.items()}

@@ -2,20 +2,22 @@
 
 Per 2-D matrix of the layer (q, k, v, o, gate, up, down in LLaMA/Qwen blocks; every 2-D weight
 of the block is treated alike so fused projections of other families work too):
-  s = merging.linalg.subspace_similarity(tau_v, tau_r, rank)  (the number the heatmap shows);
-  selected when s >= threshold; the others, and every 1-D tensor (norms, biases), keep W_v;
-  lambda_n = sum S_v / sum S_r (nuclear-norm ratio);
+  s = merging.linalg.similarity of the top-`rank` decompositions of tau_v and tau_r
+      (`similarity` 0: the paper's index-paired score; 1 [choice]: principal angles);
+  selected when s >= threshold, or [choice] with `top_fraction` > 0 the ceil(fraction * n)
+  matrices of the layer with the highest s; the others, and every 1-D tensor, keep W_v;
+  lambda_n = ||tau_v||_* / ||tau_r||_* (exact nuclear norms, whatever the solver);
   gamma = softmax(s / temperature) over the layer's selected matrices, times their count;
   W = W_v + lam * gamma * (lambda_n tau_r) @ V_k V_k^T, V_k the top-`rank` right singular vectors of tau_v.
-All SVDs run in float32 whatever the storage dtype. `svd` picks the solver for every SVD of a
-matrix pair: 1 exact (torch.linalg.svd; nuclear norms from the full spectra), 2 randomized
-(torch.svd_lowrank; nuclear norms approximated by the top-`rank` singular values, the only
-ones computed), 0 auto (linalg's rule: exact unless the matrix is large and rank small).
-Tensors outside the decoder layers (final norm, embeddings) keep the VLM's: the method is
-defined per decoder layer.
+Each task vector is decomposed once (merging.linalg.decompose); `svd` picks the solver of the
+top-k basis: 1 exact (Gram eigen-decomposition in float64), 2 randomized (torch.svd_lowrank),
+0 auto (exact unless the matrix is large and rank small). Tensors outside the decoder layers
+(final norm, embeddings) keep the VLM's: the method is defined per decoder layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,16 +27,12 @@ from merging.methods import MergeMethod, Param, TensorSet, register
 SVD_MODES = ("auto", "exact", "lowrank")
 
 
-def nuclear_and_basis(tau_v: torch.Tensor, tau_r: torch.Tensor, rank: int, mode: str):
-    """(sum S_v, sum S_r, V_k) with one solver for both matrices of the pair."""
-    if linalg._use_lowrank(tau_v, rank, mode):
-        _, s_v, v_k = linalg.top_svd(tau_v, rank, "lowrank")
-        s_r = linalg.top_svd(tau_r, rank, "lowrank")[1]
-    else:
-        _, s_v, v_full = linalg.top_svd(tau_v, None, "exact")
-        v_k = v_full[:, :rank]
-        s_r = torch.linalg.svdvals(tau_r)
-    return float(s_v.sum()), float(s_r.sum()), v_k
+def select(scores: dict[str, float], threshold: float, top_fraction: float) -> list[str]:
+    """The matrices merged: score >= threshold, or the top fraction of the layer by score."""
+    if top_fraction > 0:
+        n = math.ceil(top_fraction * len(scores) - 1e-9)
+        return sorted(scores, key=lambda name: -scores[name])[:n]
+    return [n for n, s in scores.items() if s >= threshold]
 
 
 @register
@@ -46,24 +44,34 @@ class IPMerging(MergeMethod):
                    "only for matrices whose subspaces already agree.")
     params = (
         Param("threshold", 0.4, 0.0, 1.0, "merge a matrix only when its subspace similarity >= this "
-              "(paper: 0.3-0.4 LLaVA, 0.6 Qwen)"),
+              "(paper: 0.3-0.4 LLaVA, 0.6 Qwen; check the score distribution first)"),
+        Param("top_fraction", 0.0, 0.0, 1.0, "if > 0: merge this fraction of each layer's matrices, the most "
+              "similar first, instead of using the threshold", per_layer=False),
         Param("rank", 32, 1, 8192, "top singular directions of the VLM's task vector kept", integer=True),
         Param("lam", 1.0, 0.0, 3.0, "scale of the projected update"),
         Param("temperature", 1.0, 0.01, 100.0, "softmax temperature of the per-matrix importance gamma"),
-        Param("svd", 0, 0, 2, "SVD solver: 0 auto, 1 exact, 2 randomized", integer=True, per_layer=False),
+        Param("svd", 0, 0, 2, "SVD solver of the top-k basis: 0 auto, 1 exact, 2 randomized", integer=True,
+              per_layer=False),
+        Param("similarity", 0, 0, 1, "0: paper's paired singular vectors; 1: principal angles "
+              "(rotation-invariant)", integer=True, per_layer=False),
     )
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         if layer is None:
             return {}
         rank, mode = int(p["rank"]), SVD_MODES[int(p["svd"])]
+        kind = linalg.SIMILARITIES[int(p["similarity"])]
         scores: dict[str, float] = {}
+        parts: dict[str, tuple] = {}
         for name, t in sets.items():
             if t.vlm.dim() == 2:
                 tau_v, tau_r = (t.vlm - t.base).float(), (t.reasoner - t.base).float()
-                scores[name] = linalg.subspace_similarity(tau_v, tau_r, rank, mode)
-        chosen = [n for n, s in scores.items() if s >= p["threshold"]]
-        ctx.extra.setdefault("ip_merging", {})[layer] = {"scores": scores, "selected": chosen}
+                dv, dr = linalg.decompose(tau_v, rank, mode), linalg.decompose(tau_r, rank, mode)
+                scores[name] = linalg.similarity(dv, dr, kind)
+                parts[name] = (dv, dr.nuclear)
+        chosen = select(scores, p["threshold"], p["top_fraction"])
+        ctx.extra.setdefault("ip_merging", {})[layer] = {"scores": scores, "selected": chosen,
+                                                          "threshold": p["threshold"]}
         if not chosen:
             return {}
         s_sel = torch.tensor([scores[n] for n in chosen], dtype=torch.float64)
@@ -71,9 +79,10 @@ class IPMerging(MergeMethod):
         out = {}
         for g, name in zip(gamma.tolist(), chosen):
             t = sets[name]
-            tau_v, tau_r = (t.vlm - t.base).float(), (t.reasoner - t.base).float()
-            nuc_v, nuc_r, v_k = nuclear_and_basis(tau_v, tau_r, rank, mode)
-            lambda_n = nuc_v / nuc_r if nuc_r > 0 else 0.0
+            dv, nuc_r = parts[name]
+            tau_r = (t.reasoner - t.base).float()
+            lambda_n = dv.nuclear / nuc_r if nuc_r > 0 else 0.0
+            v_k = dv.v.to(tau_r.device)
             dw = (tau_r @ v_k) @ v_k.T
             dw *= p["lam"] * g * lambda_n
             out[name] = t.vlm + dw.to(t.vlm.dtype)

@@ -10,6 +10,14 @@ Models: the VLM-LM (weight `weight_vlm`) and the reasoner (weight `alpha`) over 
    no consensus (dare_linear): merged = sum_i d_i, normalize divides by sum_i w_i;
    a divisor with |.| < 1e-8 is set to 1 (entries no model kept stay 0);
 4. W = W_0 + lambda * merged.
+Defaults follow mergekit's for the same names: normalize 1 for ties, 0 for dare_ties and dare_linear.
+[choice] density defaults to 0.5 (mergekit's 1.0 would switch the sparsification off).
+
+`br2v: 1` reproduces the Bring-Reason-to-Vision reference code instead [choice, documented in
+docs/METHODS.md]: the sign is elected on the *unweighted* sparsified task vectors, the agreeing
+weighted deltas are divided by the *count* of agreeing models (at least 1) rather than their
+weights, DARE's survivors are not rescaled (the reference's rescale discards its result), and
+dare_linear is a plain weighted sum; `normalize` is then ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ def gta_params(alpha: float, normalize: int) -> tuple[Param, ...]:
         Param("lambda", 1.0, 0.0, 3.0, "scale of the merged task vector"),
         Param("normalize", normalize, 0, 1, "1: divide by the summed weights (of agreeing models)",
               integer=True, per_layer=False),
+        Param("br2v", 0, 0, 1, "1: the BR2V reference code's semantics (unweighted sign election, divide by "
+              "the count of agreeing models, no DARE rescale)", integer=True, per_layer=False),
     )
 
 
@@ -48,7 +58,7 @@ def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     return tau.mul_(mask.view(tau.shape))
 
 
-def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator, rescale: bool = True) -> torch.Tensor:
     """DARE: keep each entry with probability density, rescale survivors by 1/density (in place).
 
     The mask is drawn on the CPU from a per-tensor generator so streamed, in-place, CPU and GPU
@@ -57,10 +67,32 @@ def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.
     if density >= 1:
         return tau
     keep = torch.rand(tau.shape, generator=gen, device="cpu") < density
-    return tau.mul_(keep.to(tau.device)).div_(density)
+    tau.mul_(keep.to(tau.device))
+    return tau.div_(density) if rescale else tau
+
+
+def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> torch.Tensor:
+    """The BR2V reference code's TIES/DARE (see the module docstring)."""
+    gen = ctx.generator(t.name, device="cpu") if sparsify != "magnitude" else None
+    taus = []
+    for model in (t.vlm, t.reasoner):
+        tau = model - t.base
+        taus.append(magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen, False))
+    t0, t1 = taus
+    w0, w1 = float(p["weight_vlm"]), float(p["alpha"])
+    if not consensus:
+        return t0.mul_(w0).add_(t1.mul_(w1)).mul_(p["lambda"]).add_(t.base)
+    positive = (t0 + t1) >= 0  # elected on the unweighted task vectors
+    m0 = torch.where(positive, t0 > 0, t0 < 0)
+    m1 = torch.where(positive, t1 > 0, t1 < 0)
+    count = (m0.to(t0.dtype) + m1.to(t0.dtype)).clamp_(min=1.0)
+    merged = t0.mul_(m0).mul_(w0).add_(t1.mul_(m1).mul_(w1)).div_(count)
+    return merged.mul_(p["lambda"]).add_(t.base)
 
 
 def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> torch.Tensor:
+    if p.get("br2v", 0) >= 0.5:
+        return br2v_merge(t, p, ctx, sparsify, consensus)
     # Every step after the two subtractions works in place on those temporaries: on an embedding
     # matrix each extra float32 copy is hundreds of MB.
     weights = (float(p["weight_vlm"]), float(p["alpha"]))
