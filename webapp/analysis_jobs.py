@@ -1,7 +1,11 @@
 """The analysis jobs the worker runs, each returning plotly figures as JSON plus a one-line summary.
 
-Results come from analysis.cache when the same analysis of the same checkpoints (and recipe,
-images, settings) was computed before. A missing analysis backend is reported as a clear message.
+Results come from analysis.cache when the same analysis of the same weights (and images,
+settings) was computed before. Analyses of the live model are keyed on the weights they run on
+(merging.inplace.weights_id: the VLM checkpoint's fingerprint for the original, the triple and
+merge key for a merge), and compute() checks the merger really holds those weights before running,
+so a result is never stored under weights it was not computed on. A missing analysis backend is
+reported as a clear message.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from merging.errors import LabError
-from webapp.jobs import recipe_key, triple_of
+from webapp.jobs import triple_of
 
 NAMES = ("spectra", "similarity", "attention", "knockout", "changes")
 
@@ -21,14 +25,22 @@ def _need(module: str):
         raise LabError(f"this analysis is not available in this build yet ({module}: {e})") from None
 
 
-def _fingerprints(refs) -> list[str]:
-    from merging.checkpoint import Checkpoint
+def _weights_id(triple, recipe: dict | None) -> str:
+    """weights_id() of the state `recipe` asks for (None: the original VLM), without loading a model."""
+    from merging.inplace import merge_key, triple_fingerprints, weights_id
+    from merging.recipe import from_dict
 
-    out = []
-    for ref in refs:
-        with Checkpoint.open(ref) as ck:
-            out.append(ck.fingerprint)
-    return out
+    if recipe is None:
+        return weights_id(triple_fingerprints(triple[0], None), None)
+    return weights_id(triple_fingerprints(*triple), merge_key(from_dict(recipe)))
+
+
+def _held(worker, triple, recipe: dict | None, expected: str, progress):
+    """The loaded model holding `recipe`'s weights, checked to be the ones the cache key names."""
+    loaded = worker.models.get(triple, progress)
+    if loaded.hold(recipe, progress=progress) != expected:
+        raise LabError("internal: the loaded weights differ from the ones this analysis is cached under")
+    return loaded
 
 
 def _cached(worker, name, key, compute, use_cache=True):
@@ -83,11 +95,11 @@ def _attention(worker, args, progress, figures):
     images = attention.load_images(chosen, limit=int(args.get("limit", 16)))
     triple = tuple(_triple(args))
     question = args.get("question") or attention.DEFAULT_QUESTION
-    key = {"fp": _fingerprints(triple[:1]), "images": attention.images_key(images), "question": question}
+    weights = _weights_id(triple, None)  # FRANK's prior is measured on the original VLM
+    key = {"weights": weights, "images": attention.images_key(images), "question": question}
 
     def compute():
-        loaded = worker.models.get(triple, progress)
-        loaded.ensure(None, progress=progress)  # FRANK's prior is measured on the original VLM
+        loaded = _held(worker, triple, None, weights, progress)
         model = loaded.model
         before = getattr(model.config, "_attn_implementation", None)
         model.set_attn_implementation("eager")
@@ -106,11 +118,10 @@ def _attention(worker, args, progress, figures):
 
 def _knockout(worker, args, progress, figures):
     knockout = _need("analysis.knockout")
-    triple = tuple(_triple(args))
     recipe = args.get("recipe")
+    triple = triple_of(recipe) if recipe else tuple(_triple(args))  # the merge's own triple
     limit = int(args.get("limit", 8))
     models = [("VLM", None)] + ([(f"merged ({recipe['method']})", recipe)] if recipe else [])
-    key = {"fp": _fingerprints([r for r in triple if r]), "recipe": recipe_key(recipe), "limit": limit}
 
     from functools import partial
 
@@ -119,16 +130,16 @@ def _knockout(worker, args, progress, figures):
 
     evaluate_fn = partial(evaluate, eval_dir=TOY_ROOT / "eval")
 
-    def compute():
-        loaded = worker.models.get(triple, progress)
-        results = {}
-        for label, rec in models:
-            loaded.ensure(rec, progress=progress)
-            results[label] = knockout.knockout(loaded.model, loaded.processor, evaluate_fn, limit=limit,
-                                               device=worker.device, progress=progress)
-        return results
+    def one(rec, weights):
+        def compute():
+            loaded = _held(worker, triple, rec, weights, progress)
+            return knockout.knockout(loaded.model, loaded.processor, evaluate_fn, limit=limit,
+                                     device=worker.device, progress=progress)
 
-    data = _cached(worker, "webapp-knockout", key, compute)
+        return _cached(worker, "webapp-knockout", {"weights": weights, "limit": limit}, compute)
+
+    # One entry per model: the VLM's baseline is shared by every recipe's request.
+    data = {label: one(rec, _weights_id(triple, rec)) for label, rec in models}
     return {"figures": [figures.knockout_figure(data).to_json()],
             "summary": f"{limit} eval item(s) per suite; models: {', '.join(data)}"}
 
@@ -139,11 +150,11 @@ def _changes(worker, args, progress, figures):
     if not recipe:
         raise LabError("merge first: the change map compares the merged model with the VLM")
     triple = triple_of(recipe)
-    key = {"fp": _fingerprints([r for r in triple if r]), "recipe": recipe_key(recipe)}
+    weights = _weights_id(triple, recipe)
+    key = {"weights": weights}
 
     def compute():
-        loaded = worker.models.get(triple, progress)
-        loaded.ensure(recipe, progress=progress)
+        loaded = _held(worker, triple, recipe, weights, progress)
         return changes.change_map(loaded.model, recipe["vlm"], progress=progress)
 
     data = _cached(worker, "webapp-changes", key, compute)

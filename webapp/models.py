@@ -1,19 +1,18 @@
 """The worker's loaded model: one VLM kept in memory and merged in place (worker side only).
 
 `Loaded.ensure(recipe)` puts the model into the state a job asks for: the merge of that recipe,
-or the original VLM (recipe None). Re-merging is done by merging.inplace.InPlaceMerger from the
-kept originals, so switching between recipes (several tabs, or a slider moved) is quick; for
-small models the merged tensors of the last few recipes are also kept, so switching back is a copy.
+or the original VLM (recipe None). merging.inplace.InPlaceMerger owns the weights: it re-merges
+from the kept originals, so switching between recipes (several tabs, or a slider moved) is quick,
+and for small models it also keeps the merged tensors of the last few recipes (a copy to switch back).
 """
 
 from __future__ import annotations
 
 import gc
-from collections import OrderedDict
 from pathlib import Path
 
 from merging.errors import LabError
-from webapp.jobs import Cancelled, recipe_key
+from webapp.jobs import Cancelled
 
 SNAPSHOT_MAX_BYTES = 256 * 2**20  # keep merged-state snapshots only for LMs below this size
 SNAPSHOTS = 4
@@ -64,7 +63,8 @@ def load_vlm(ref: str, device: str, trust_remote_code: bool = False):
 
 
 class Loaded:
-    """One triple's VLM in memory plus the in-place merger; `current` is the state's recipe key."""
+    """One triple's VLM in memory plus the in-place merger, the only thing that changes its
+    weights (and keeps the snapshots): this class never writes a parameter itself."""
 
     def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False):
         from merging.inplace import InPlaceMerger
@@ -72,62 +72,47 @@ class Loaded:
         self.triple = triple
         self.device = device
         self.model, self.processor = load_vlm(triple[0], device, trust_remote_code)
-        self.merger = InPlaceMerger(self.model, *triple, device=device)
-        self.current: str | None = None
-        self._snapshots: OrderedDict[str, dict] = OrderedDict()
-        self._params = None
+        self.merger = InPlaceMerger(self.model, *triple, device=device, snapshots=SNAPSHOTS,
+                                    snapshot_max_bytes=SNAPSHOT_MAX_BYTES)
 
-    def _lm_params(self) -> dict:
-        if self._params is None:
-            self._params = dict(self.model.named_parameters())
-        return self._params
-
-    def _lm_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._lm_params().values())
+    @property
+    def current(self) -> str | None:
+        """The merger's key of the live merge (None: the original VLM)."""
+        return self.merger.current
 
     def ensure(self, recipe: dict | None, progress=None, cancel=None) -> bool:
-        """Make the model hold `recipe`'s merge (None: the original). True when work was done."""
-        key = recipe_key(recipe)
-        if key == self.current:
-            return False
-        try:
-            if key is None:
-                self.merger.restore()
-            elif key in self._snapshots:
-                self._load_snapshot(key)
-            else:
-                from merging.recipe import from_dict
+        """Make the model hold `recipe`'s merge (None: the original). True when work was done.
+        A cancelled or failed merge leaves the original VLM (the merger restores it)."""
+        from merging.inplace import merge_key
+        from merging.recipe import from_dict
 
-                self.merger.apply(from_dict(recipe), progress=progress, cancel=cancel)
-                self._take_snapshot(key)
-        except BaseException:
-            # A cancelled or failed merge leaves a half-merged model: go back to the original.
+        if recipe is None:
+            if self.merger.current is None:
+                return False
             self.merger.restore()
-            self.current = None
-            raise
-        self.current = key
+            return True
+        rec = from_dict(recipe)  # the merger refuses a recipe for another triple
+        key = merge_key(rec)
+        if key == self.merger.current:
+            return False
+        if not self.merger.load_snapshot(key):
+            self.merger.apply(rec, progress=progress, cancel=cancel)
         return True
 
-    def _take_snapshot(self, key: str) -> None:
-        if self._lm_bytes() > SNAPSHOT_MAX_BYTES:
-            return
-        self._snapshots[key] = {n: p.detach().clone() for n, p in self._lm_params().items()}
-        while len(self._snapshots) > SNAPSHOTS:
-            self._snapshots.popitem(last=False)
+    def hold(self, recipe: dict | None, progress=None, cancel=None) -> str:
+        """ensure(recipe), then check that the merger holds exactly that state; returns its
+        weights_id (what results computed on these weights are cached under)."""
+        from merging.inplace import merge_key
+        from merging.recipe import from_dict
 
-    def _load_snapshot(self, key: str) -> None:
-        import torch
-
-        snap = self._snapshots[key]
-        self._snapshots.move_to_end(key)
-        with torch.no_grad():
-            for n, p in self._lm_params().items():
-                p.copy_(snap[n])
+        self.ensure(recipe, progress, cancel)
+        want = None if recipe is None else merge_key(from_dict(recipe))
+        if self.merger.current != want:
+            raise LabError("internal: the model does not hold the weights this job asked for")
+        return self.merger.weights_id
 
     def close(self) -> None:
-        self.model = self.merger = self.processor = None
-        self._snapshots.clear()
-        self._params = None
+        self.model = self.merger = self.processor = None  # the merger holds the snapshots
         gc.collect()
         try:
             import torch

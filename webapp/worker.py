@@ -147,7 +147,7 @@ class Worker:
             if stream == "merged" and drift:
                 model, processor = self.drift_loaded(drift, progress)
             else:
-                loaded.ensure(recipe if stream == "merged" else None, progress=progress, cancel=flag)
+                loaded.hold(recipe if stream == "merged" else None, progress=progress, cancel=flag)
                 model, processor = loaded.model, loaded.processor
             answers[stream] = stream_answer(
                 model, processor, args["question"], image, args.get("history", {}).get(stream),
