@@ -24,8 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let models run their own Python code (config auto_map) when loaded; off by default")
     args = ap.parse_args(argv)
-    if args.auth and ":" not in args.auth:
-        ap.error("--auth must be USER:PASS")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user.strip() or not password:
+            # an empty user or password would lock everyone out (or let anyone in): refuse it
+            ap.error("--auth must be USER:PASS with a non-empty user and password")
     if args.models_root and not Path(args.models_root).expanduser().is_dir():
         ap.error(f"--models-root {args.models_root} is not a folder")
     return args

@@ -185,7 +185,23 @@ def evaluate(
 
 
 def main_eval(args) -> int:
+    from merging.engine import check_device
+
+    check_device(args.device)
     suites = [args.suite] if args.suite else None
-    result = evaluate(args.model_dir, suites=suites, limit=args.limit, device=args.device)
+    if args.suite is not None and args.suite not in SUITES:
+        raise LabError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for the one line that says what went wrong
+    try:
+        loaded = load_model(args.model_dir, args.device)
+    except LabError:
+        raise
+    except Exception as e:  # transformers raises many types for a bad config or tokenizer file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LabError(f"could not load the model in {args.model_dir} (bad config or tokenizer?): "
+                       f"{type(e).__name__} {first}") from None
+    result = evaluate(loaded, suites=suites, limit=args.limit, device=args.device)
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return 0

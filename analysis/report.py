@@ -1,8 +1,10 @@
 """`python -m analysis report RECIPE OUT_DIR`: every analysis that applies, as HTML + report.json.
 
 Figures are standalone HTML with plotly.js embedded (they must open offline); the numbers go
-into one report.json. The output folder is written under a temporary name and renamed into
-place, so a crash never leaves a half-written report. Results are cached (analysis.cache), so
+into one report.json. The output folder is written by merging.writer.AtomicFolder (under a
+temporary name, then renamed into place), so a crash or Ctrl-C never leaves a half-written
+report, and OUT_DIR is never an input, a folder holding one, or a non-empty folder that is not
+an earlier report (unless --overwrite). Results are cached (analysis.cache), so
 a second report on the same triple is fast; the merged model for the change map and knockout
 is only built when one of them is not cached yet.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -65,8 +66,9 @@ def _fingerprint(ref) -> str:
         return ck.fingerprint
 
 
-def compute_all(recipe, args, progress, step) -> tuple[dict, dict, dict]:
-    """(results, skipped reasons, figures). `step(name)` marks the start of each analysis."""
+def compute_all(recipe, args, progress, step, workdir: Path | None = None) -> tuple[dict, dict, dict]:
+    """(results, skipped reasons, figures). `step(name)` marks the start of each analysis.
+    workdir: where the temporary merged model goes (default: beside OUT_DIR)."""
     from analysis import attention, changes, similarity, spectra
 
     device = _opt(args, "device", "cpu")
@@ -74,7 +76,7 @@ def compute_all(recipe, args, progress, step) -> tuple[dict, dict, dict]:
     results, skipped, figs = {}, {}, {}
     fp = {"vlm": _fingerprint(recipe.vlm), "reasoner": _fingerprint(recipe.reasoner)}
     merge_key = {"fp": fp, "base": _fingerprint(recipe.base) if recipe.base else None, "recipe": recipe.to_dict()}
-    merged = LazyMerge(recipe, device, progress, Path(args.out_dir).resolve().parent)
+    merged = LazyMerge(recipe, device, progress, workdir or Path(args.out_dir).resolve().parent)
     try:
         step("spectra")
         if recipe.base:
@@ -143,31 +145,19 @@ def _knockout(recipe, merged: LazyMerge, merge_key, args, progress, cache_dir) -
     return out
 
 
-def write_atomically(out_dir: Path, results: dict, skipped: dict, figs: dict, meta: dict) -> None:
-    """Build everything in a sibling temp folder, then swap it into place."""
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report folder is an ordinary one
-    try:
-        for name, fig in figs.items():
+def write_report(folder: Path, results: dict, skipped: dict, figs: dict, meta: dict) -> None:
+    """The figures, report.json and index.html into `folder` (AtomicFolder's temp folder)."""
+    from merging.writer import WriteError, write_text
+
+    for name, fig in figs.items():
+        try:
             # include_plotlyjs=True embeds plotly.js (~4 MB): the file works offline and alone.
-            fig.write_html(tmp / f"{name}.html", include_plotlyjs=True, full_html=True)
-        report = {**meta, "figures": {n: f"{n}.html" for n in figs}, "skipped": skipped, "results": results}
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, allow_nan=True))
-        (tmp / "index.html").write_text(_index_html(figs, skipped, meta))
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            fig.write_html(folder / f"{name}.html", include_plotlyjs=True, full_html=True)
+        except OSError as e:
+            raise WriteError(f"could not write {folder / name}.html: {e.strerror or e}") from None
+    report = {**meta, "figures": {n: f"{n}.html" for n in figs}, "skipped": skipped, "results": results}
+    write_text(folder / "report.json", json.dumps(report, indent=1, allow_nan=True))
+    write_text(folder / "index.html", _index_html(figs, skipped, meta))
 
 
 def _index_html(figs: dict, skipped: dict, meta: dict) -> str:
@@ -181,16 +171,41 @@ def _index_html(figs: dict, skipped: dict, meta: dict) -> str:
 
 
 def main_report(args) -> int:
-    from tqdm import tqdm
-
+    from merging.engine import check_device
     from merging.recipe import load
+    from merging.writer import AtomicFolder
 
     recipe = load(args.recipe)
-    steps = ("spectra", "similarity", "attention", "changes", "knockout")
+    check_device(_opt(args, "device", "cpu"))
+    inputs = (recipe.vlm, recipe.reasoner, recipe.base, args.recipe, *(_opt(args, "images", None) or ()))
     t0 = time.perf_counter()
+    # Entered first, so a bad OUT_DIR is refused before any analysis runs; an earlier report
+    # there is replaced without --overwrite, anything else only with it.
+    with AtomicFolder(args.out_dir, _opt(args, "overwrite", False), inputs, kind="report",
+                      replace_own=True) as tmp:
+        results, skipped, figs, timings = _run_all(recipe, args, tmp)
+        meta = {"recipe": recipe.to_dict(), "timings_s": timings}
+        if "attention" in results:
+            att = results["attention"]
+            # Ready to paste into a frank recipe: either the per-layer list or the fitted decay.
+            meta["frank_prior_v"] = att["prior_v"]
+            meta["frank_parameters"] = {"use_prior": 1, "beta": round(att["beta"], 6)}
+        write_report(tmp, results, skipped, figs, meta)
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(f"report written to {Path(args.out_dir).resolve()} ({len(figs)} figures, {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
+    return 0
+
+
+def _run_all(recipe, args, workdir: Path) -> tuple[dict, dict, dict, dict]:
+    """compute_all with a progress bar; also the seconds each analysis took."""
+    from tqdm import tqdm
+
+    steps = ("spectra", "similarity", "attention", "changes", "knockout")
     timings: dict[str, float] = {}
     with tqdm(total=len(steps), desc="report", unit="analysis", file=sys.stderr, dynamic_ncols=True) as bar:
-        state = {"name": None, "t": t0}
+        state = {"name": None, "t": time.perf_counter()}
 
         def step(name):
             now = time.perf_counter()
@@ -203,18 +218,7 @@ def main_report(args) -> int:
         def progress(done, total, message):
             bar.set_postfix_str(f"{message} ({done}/{total})", refresh=True)
 
-        results, skipped, figs = compute_all(recipe, args, progress, step)
+        results, skipped, figs = compute_all(recipe, args, progress, step, workdir)
         timings[state["name"]] = round(time.perf_counter() - state["t"], 3)
         bar.update(1)
-    meta = {"recipe": recipe.to_dict(), "timings_s": timings}
-    if "attention" in results:
-        att = results["attention"]
-        # Ready to paste into a frank recipe: either the per-layer list or the fitted decay.
-        meta["frank_prior_v"] = att["prior_v"]
-        meta["frank_parameters"] = {"use_prior": 1, "beta": round(att["beta"], 6)}
-    write_atomically(Path(args.out_dir), results, skipped, figs, meta)
-    for name, reason in skipped.items():
-        print(f"skipped {name}: {reason}", file=sys.stderr)
-    print(f"report written to {Path(args.out_dir).resolve()} ({len(figs)} figures, {time.perf_counter() - t0:.1f} s)",
-          file=sys.stderr)
-    return 0
+    return results, skipped, figs, timings

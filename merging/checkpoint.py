@@ -40,20 +40,53 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise LabError(f"{path} is corrupt or truncated: header length {n} exceeds the file")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
             raise LabError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise LabError(f"{path} is corrupt: its safetensors header is not a JSON object")
     data_len = size - 8 - n
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in DTYPES or "data_offsets" not in info:
-            raise LabError(f"{path} is corrupt: tensor {name!r} has a bad header entry")
-        begin, end = info["data_offsets"]
-        if end > data_len:
-            raise LabError(f"{path} is truncated: tensor {name!r} extends past the end of the file")
-        if end - begin != math.prod(info.get("shape", ())) * DTYPES[info["dtype"]].itemsize or begin < 0:
-            raise LabError(f"{path} is corrupt: tensor {name!r} has a byte range that does not match its shape")
+        begin, end = _check_entry(path, name, info, data_len)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            raise LabError(f"{path} is corrupt: tensors {a!r} and {b!r} share bytes (overlapping data_offsets)")
     return header, 8 + n
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
+    """(begin, end) of one header entry, every value checked: a bad one is a one-line LabError."""
+    bad = f"{path} is corrupt: tensor {name[:100]!r} has a bad header entry"
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+        raise LabError(f"{bad} (dtype)")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise LabError(f"{bad} (shape must be a list of whole numbers >= 0)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        raise LabError(f"{bad} (data_offsets must be [begin, end], whole numbers >= 0)")
+    begin, end = offsets
+    if end > data_len:
+        raise LabError(f"{path} is truncated: tensor {name[:100]!r} extends past the end of the file")
+    if end - begin != math.prod(shape) * DTYPES[info["dtype"]].itemsize:
+        raise LabError(f"{path} is corrupt: tensor {name[:100]!r} has a byte range that does not match its shape")
+    return begin, end
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LabError(f"{path} is not valid JSON{what}") from None
+    except OSError as e:
+        raise LabError(f"{path}: {e.strerror or e}") from None
 
 
 class Checkpoint:
@@ -77,10 +110,9 @@ class Checkpoint:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise LabError(f"{path} has no config.json; is it a Hugging Face model folder?")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise LabError(f"{cfg_path} is not valid JSON") from None
+        config = _read_json(cfg_path, "")
+        if not isinstance(config, dict):
+            raise LabError(f"{cfg_path} is not a JSON object of model settings")
         index = path / "model.safetensors.index.json"
         if index.is_file():
             file_of = _read_index(index)
@@ -239,13 +271,15 @@ class Checkpoint:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text())
-        wm = data["weight_map"]
-        if not isinstance(wm, dict):
-            raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise LabError(f"{index} is not a valid safetensors index (no weight_map)") from None
+    data = _read_json(index, " (a safetensors index)")
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        raise LabError(f"{index} is not a valid safetensors index (no weight_map)")
+    for name, f in wm.items():
+        # a shard is a plain file name in the model folder, never a path out of it
+        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+            raise LabError(f"{index} is not a valid safetensors index: tensor {name[:100]!r} names "
+                           f"a shard that is not a file name in the folder")
     return wm
 
 

@@ -53,7 +53,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_device(device: str) -> None:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LabError(f"unknown device {device!r}; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
 
@@ -205,15 +208,25 @@ class Progress:
 
 def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard_bytes: int = 2 * 10**9,
                   cancel=None, overwrite: bool = False, bar: bool | None = None,
-                  block_elems: int | None = None) -> Path:
+                  block_elems: int | None = None, protect=()) -> Path:
     """Merge `recipe` into a new Hugging Face model folder OUT_DIR (atomic). Returns OUT_DIR.
-    block_elems: elements per block when streaming an elementwise method (default per device)."""
+    block_elems: elements per block when streaming an elementwise method (default per device).
+    OUT_DIR may never be one of the three models (or hold one), nor hold a path in `protect`."""
     from merging.checkpoint import Checkpoint
     from merging.compat import check_triple
-    from merging.writer import AtomicFolder, ShardedWriter, WriteError, copy_side_files, write_text
+    from merging.writer import (
+        AtomicFolder,
+        ShardedWriter,
+        WriteError,
+        copy_side_files,
+        guard_output,
+        write_text,
+    )
 
     t0 = time.time()
     method = methods.get(recipe.method)
+    inputs = (recipe.vlm, recipe.reasoner, recipe.base, *protect)
+    guard_output(out_dir, inputs, overwrite)  # before any work: a bad OUT_DIR fails at once
     check_device(device)
     report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
     report.raise_if_incompatible()
@@ -234,7 +247,7 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
         kept = [a for a in vck.names() if a not in merged]
         bar = Progress(len(entries), progress, cancel, bar)
         try:
-            with AtomicFolder(out_dir, overwrite) as tmp:
+            with AtomicFolder(out_dir, overwrite, inputs) as tmp:
                 writer = ShardedWriter(tmp, entries, max_shard_bytes)
                 try:
                     for a in kept:  # bit-for-bit copies (cast only for out_dtype on LM tensors)
@@ -317,7 +330,7 @@ def main_merge(args) -> int:
     rec = recipe_mod.load(args.recipe)
     size = parse_size(getattr(args, "max_shard_size", "2GB"))
     out = merge_to_disk(rec, args.out_dir, device=getattr(args, "device", "cpu"), max_shard_bytes=size,
-                        overwrite=getattr(args, "overwrite", False),
+                        overwrite=getattr(args, "overwrite", False), protect=(args.recipe,),
                         bar=False if getattr(args, "no_progress", False) else None)
     print(f"merged {rec.method} into {out}")
     return 0

@@ -13,6 +13,87 @@ from merging.errors import LabError
 KEYS = ("vlm", "reasoner", "base", "method", "parameters", "layers", "embeddings", "dtype", "out_dtype", "seed", "drift")
 EMBEDDINGS = ("keep_vlm", "merge_shared_rows")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Bounds on what a recipe (or the app's per-layer box) may be: a real one is well under 1 KB,
+# a per-layer list has one value per decoder layer.
+MAX_BYTES = 64 * 1024
+MAX_DEPTH = 16
+MAX_NODES = 10_000
+MAX_LIST = 1024
+MAX_SEED = 2**63 - 1
+
+
+def _show(v) -> str:
+    """A value for a one-line message: its repr, cut short (a 4000-digit number is one line too)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, while composing (before any value is built or any alias
+    expanded), anchors and aliases (the alias bomb), nesting deeper than MAX_DEPTH, more than
+    MAX_NODES values, lists longer than MAX_LIST and duplicate keys."""
+
+    def __init__(self, text: str, what: str):
+        super().__init__(text)
+        self.what, self.depth, self.nodes = what, 0, 0
+
+    def _refuse(self, node_or_event, why: str) -> LabError:
+        return LabError(f"{self.what}: {why} (line {node_or_event.start_mark.line + 1})")
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise self._refuse(event, "YAML anchors and aliases (&name, *name) are not allowed; write values out")
+        self.depth += 1
+        self.nodes += 1
+        if self.depth > MAX_DEPTH:
+            raise self._refuse(event, f"nested deeper than {MAX_DEPTH} levels")
+        if self.nodes > MAX_NODES:
+            raise self._refuse(event, f"more than {MAX_NODES} values")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.SequenceNode) and len(node.value) > MAX_LIST:
+            raise self._refuse(node, f"a list of {len(node.value)} values; at most {MAX_LIST}")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise self._refuse(key_node, f"duplicate key {_show(key)}")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str | bytes, what: str = "recipe"):
+    """The value of a small YAML document (a recipe, the app's per-layer box), bounded and
+    without aliases: every refusal is a LabError of one line."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_BYTES:
+            raise LabError(f"{what} is {len(text)} bytes; the limit is {MAX_BYTES // 1024} KB")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LabError(f"{what} is not UTF-8 text (byte {e.start} is 0x{text[e.start]:02x})") from None
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise LabError(f"{what} is longer than {MAX_BYTES // 1024} KB")
+    loader = _Loader(text, what)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise LabError(f"{what} is not valid YAML: {e.problem or e.context or 'unreadable'}{where}") from None
+    except yaml.YAMLError as e:
+        raise LabError(f"{what} is not valid YAML: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's 4300-digit limit, a bad date
+        why = "a number with too many digits" if "digits" in str(e) else str(e).splitlines()[0][:120]
+        raise LabError(f"{what} has a value that cannot be read: {why}") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -48,10 +129,13 @@ class Recipe:
 def resolve_ref(ref: str, recipe_dir: Path | None) -> str:
     """Local paths are taken relative to the working directory, then to the recipe's folder."""
     p = Path(ref).expanduser()
-    if p.is_absolute() or p.exists():
-        return str(p)
-    if recipe_dir is not None and (recipe_dir / p).exists():
-        return str((recipe_dir / p).resolve())
+    try:
+        if p.is_absolute() or p.exists():
+            return str(p)
+        if recipe_dir is not None and (recipe_dir / p).exists():
+            return str((recipe_dir / p).resolve())
+    except OSError as e:  # ENAMETOOLONG and the like: a bad reference, said in one line
+        raise LabError(f"model reference {_show(ref)}: {e.strerror or e}") from None
     return ref  # a hub id (or a missing path: the checkpoint layer names it)
 
 
@@ -61,11 +145,14 @@ def _check_value(method_name: str, spec, value, where: str) -> None:
         raise LabError(f"{where} must be a single number, not a list")
     if isinstance(value, list) and len(value) == 0:
         raise LabError(f"{where} is an empty list; give a number or one value per layer")
+    if len(values) > MAX_LIST:
+        raise LabError(f"{where} is a list of {len(values)} values; at most {MAX_LIST}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise LabError(f"{where} must be a finite number, got {v!r}")
+        # abs(v) first: math.isfinite overflows on integers past the float range (10**400)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 1e308 or not math.isfinite(v):
+            raise LabError(f"{where} must be a finite number, got {_show(v)}")
         if spec.integer and int(v) != v:
-            raise LabError(f"{where} must be a whole number, got {v!r}")
+            raise LabError(f"{where} must be a whole number, got {_show(v)}")
         if not (spec.lo <= v <= spec.hi):
             raise LabError(f"{where} = {v} is out of range; allowed {spec.lo} to {spec.hi}")
 
@@ -77,7 +164,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
         raise LabError("the recipe must be a YAML mapping with keys vlm, reasoner, base, method, parameters")
     unknown = [k for k in d if k not in KEYS]
     if unknown:
-        raise LabError(f"unknown recipe key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
+        raise LabError(f"unknown recipe key {_show(unknown[0])}; allowed keys: {', '.join(KEYS)}")
     for k in ("vlm", "reasoner", "method"):
         if not d.get(k) or not isinstance(d[k], str):
             raise LabError(f"recipe key {k!r} is missing or not a string")
@@ -102,7 +189,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     if layers is not None:
         if (not isinstance(layers, list) or len(layers) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
-            raise LabError(f"'layers' must be [start, end] (inclusive decoder-layer indices), got {layers!r}")
+            raise LabError(f"'layers' must be [start, end] (inclusive decoder-layer indices), got {_show(layers)}")
         if layers[0] < 0 or layers[1] < layers[0]:
             raise LabError(f"'layers' {layers} must satisfy 0 <= start <= end")
         layers = (layers[0], layers[1])
@@ -113,8 +200,8 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
         if d.get(k) is not None and d[k] not in DTYPES:
             raise LabError(f"'{k}' must be one of {', '.join(DTYPES)}, got {d[k]!r}")
     seed = d.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise LabError(f"'seed' must be a non-negative whole number, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LabError(f"'seed' must be a whole number from 0 to 2**63-1, got {_show(seed)}")
     drift = d.get("drift")
     if drift is not None and not isinstance(drift, dict):
         raise LabError("'drift' must be a mapping (steps, lr, mode, alpha)")
@@ -136,18 +223,23 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
 def read_yaml(path: str | Path) -> tuple[dict, Path]:
     """The recipe file's mapping with its unknown keys refused, and the folder it lives in."""
     path = Path(path)
-    if not path.is_file():
-        raise LabError(f"recipe file not found: {path}")
+    name = _show(str(path))[1:-1]
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise LabError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not path.is_file():
+            raise LabError(f"recipe file not found: {name}")
+        if path.stat().st_size > MAX_BYTES:
+            raise LabError(f"recipe {name} is {path.stat().st_size} bytes; the limit is {MAX_BYTES // 1024} KB")
+        raw = path.read_bytes()
+        here = path.resolve().parent
+    except OSError as e:  # a name too long, a folder we may not read
+        raise LabError(f"recipe {name}: {e.strerror or e}") from None
+    data = parse_yaml(raw, f"recipe {name}")
     if not isinstance(data, dict):
         raise LabError("the recipe must be a YAML mapping with keys vlm, reasoner, base, method, parameters")
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise LabError(f"unknown recipe key {unknown[0]!r}; allowed keys: {', '.join(KEYS)}")
-    return data, path.resolve().parent
+        raise LabError(f"unknown recipe key {_show(unknown[0])}; allowed keys: {', '.join(KEYS)}")
+    return data, here
 
 
 def load(path: str | Path) -> Recipe:

@@ -79,5 +79,5 @@ def test_an_interrupt_mid_merge_leaves_nothing(tmp_path):
     assert any(n.startswith(".out.tmp") for n in leftovers(out)), "the merge never started writing"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and "interrupted; nothing was written" in err, err[-3000:]
+    assert p.returncode == 130 and "interrupted (SIGINT); nothing was written" in err, err[-3000:]
     assert leftovers(out) == []

@@ -1,0 +1,84 @@
+"""What every command line of the lab shares: one-line errors, exit codes, interrupts.
+
+Exit 0 on success, 2 with `error: <one line>` on stderr for bad input (LabError, or an OSError
+such as a path too long or unreadable), 128 + the signal number (130 for SIGINT, 143 for SIGTERM)
+when interrupted, with a line that says whether the output was already complete. SIGTERM is
+handled like SIGINT, so a killed command cleans up its temp folder too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from merging.errors import LabError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the contract of every command) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def run(command: Callable[[], int], out_dir: str | None = None) -> int:
+    """Run one command with the lab's exit-code contract (see the module docstring)."""
+    interrupted: list[int] = []
+
+    def on_signal(signum, frame):
+        # Remember it: a signal that lands inside native code (torch, the safetensors reader)
+        # can come back as another exception type; it is still an interrupt, not a bug.
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return _interrupted(out_dir, interrupted)
+    except Exception as e:
+        if interrupted:
+            return _interrupted(out_dir, interrupted)
+        if isinstance(e, LabError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):  # a path the system refuses (too long, unreadable...): bad input
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"error: {e.strerror or e}{where}"[:500], file=sys.stderr)
+            return 2
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _interrupted(out_dir: str | None, signals: list[int]) -> int:
+    from merging.writer import committed
+
+    signum = signals[0] if signals else signal.SIGINT
+    name = signal.Signals(signum).name
+    if out_dir is None:
+        state = "nothing was written"
+    elif committed(out_dir):
+        state = f"the output {out_dir} was already complete"
+    elif Path(out_dir).exists():
+        state = f"nothing was written; {out_dir} is as it was"
+    else:
+        state = "nothing was written"
+    # Outputs appear atomically (merging.writer.AtomicFolder): complete, or as they were.
+    print(f"error: interrupted ({name}); {state}", file=sys.stderr)
+    return 128 + signum
