@@ -1,0 +1,127 @@
+"""Each chat pane answers with the right weights, with several clients at once (issue 18, item 1).
+
+Clients merge (full and layer-limited merges), ask the same question twice (the second ask used to
+come from a snapshot, after which the "Original VLM" pane answered with the merge for everyone),
+and one client never merges. Every answer is checked against a plain greedy generate() in this
+process: the original pane against the VLM checkpoint, the merged pane against the folder the
+streaming engine writes for the tab's recipe (both loaded with from_pretrained).
+
+    .venv/bin/python -m pytest tests/test_app_panes.py -q
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from tests.app_fixtures import wait_worker
+from webapp.presets import DEFAULT as TOY_PRESET
+
+pytest_plugins = ("tests.app_fixtures",)
+pytestmark = pytest.mark.slow
+
+TOKENS, TIMEOUT = 8, 240
+Q_MATH = "mia has 7 birds and gets 9 . how many birds does mia have now ?"
+Q_COUNT = "how many circles are there ?"
+# Per client: ("merge", method, alpha, first layer, last layer) or ("chat", question).
+PLANS = [
+    [("merge", "linear", 0.9, 0, 3), ("chat", Q_MATH), ("chat", Q_MATH), ("merge", "linear", 0.9, 0, 1),
+     ("chat", Q_COUNT), ("chat", Q_COUNT)],
+    [("merge", "task_arithmetic", 1.0, 0, 3), ("chat", Q_COUNT), ("chat", Q_COUNT), ("chat", Q_MATH)],
+    [("merge", "linear", 0.5, 0, 3), ("chat", Q_MATH), ("merge", "task_arithmetic", 0.8, 2, 3),
+     ("chat", Q_MATH), ("chat", Q_MATH)],
+    [("chat", Q_MATH), ("chat", Q_COUNT), ("chat", Q_MATH), ("chat", Q_COUNT)],  # never merges
+]
+
+
+def _text(message: dict) -> str:
+    c = message["content"]
+    parts = c if isinstance(c, list) else [c]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
+
+
+def _client_run(url: str, plan) -> list[dict]:
+    """What this client saw: per chat, the tab's recipe (None before any merge) and both answers."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    recipe, seen = None, []
+    for act in plan:
+        if act[0] == "merge":
+            _, method, alpha, first, last = act
+            out = client.submit(preset=TOY_PRESET, method=method, knob1=alpha, first_layer=first, last_layer=last,
+                                api_name="/merge").result(timeout=TIMEOUT)
+            assert f"Merged with {method}" in out[0], out[0]
+            recipe = yaml.safe_load(out[1])
+            continue
+        merged, original, *_ = client.submit(message={"text": act[1], "files": []}, preset=TOY_PRESET,
+                                             max_new_tokens=TOKENS, api_name="/chat").result(timeout=TIMEOUT)
+        seen.append({"recipe": recipe, "question": act[1], "merged": _text(merged[-1]),
+                     "original": _text(original[-1])})
+    return seen
+
+
+class Reference:
+    """Greedy answers of plain from_pretrained models: the checkpoint, or a recipe's streamed merge."""
+
+    def __init__(self, toy_dir, tmp):
+        import torch
+        from transformers import AutoProcessor
+
+        torch.set_num_threads(1)  # as the app's worker (--threads 1): same reduction order
+        self.vlm, self.tmp = toy_dir / "vlm", tmp
+        self.tok = AutoProcessor.from_pretrained(self.vlm).tokenizer
+        self.proc = AutoProcessor.from_pretrained(self.vlm)
+        self.models, self.answers = {}, {}
+
+    def _model(self, recipe: dict | None):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from merging.engine import merge_to_disk
+        from merging.recipe import from_dict
+
+        key = yaml.safe_dump(recipe, sort_keys=True) if recipe else None
+        if key not in self.models:
+            folder = self.vlm
+            if recipe:
+                folder = self.tmp / f"merge{len(self.models)}"
+                merge_to_disk(from_dict(recipe), folder)
+            self.models[key] = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        return self.models[key]
+
+    def answer(self, recipe: dict | None, question: str) -> str:
+        key = (yaml.safe_dump(recipe, sort_keys=True) if recipe else None, question)
+        if key not in self.answers:
+            messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+            prompt = self.proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            enc = self.tok([prompt], return_tensors="pt", add_special_tokens=False)
+            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+            out = self._model(recipe).generate(**enc, max_new_tokens=TOKENS, do_sample=False, pad_token_id=pad)
+            text = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            self.answers[key] = text or "(empty answer)"  # what the chat panel shows for ""
+        return self.answers[key]
+
+
+def test_each_pane_answers_with_the_right_weights(app_handle, toy_dir, tmp_path):
+    from webapp.chat_panel import NO_MERGE
+
+    pid = wait_worker(app_handle.proc.pid)
+    with ThreadPoolExecutor(len(PLANS)) as pool:
+        runs = list(pool.map(lambda plan: _client_run(app_handle.url, plan), PLANS))
+    ref = Reference(toy_dir, tmp_path)
+    differ = 0
+    for i, seen in enumerate(runs):
+        for s in seen:
+            want_original = ref.answer(None, s["question"])
+            assert s["original"] == want_original, (i, s)
+            if s["recipe"] is None:
+                assert s["merged"] == NO_MERGE.strip(), (i, s)
+                continue
+            want_merged = ref.answer(s["recipe"], s["question"])
+            assert s["merged"] == want_merged, (i, s)
+            differ += want_merged != want_original
+    assert differ >= 4  # the merges answer differently, so a pane with the wrong weights shows
+    assert app_handle.proc.poll() is None and wait_worker(app_handle.proc.pid) == pid
