@@ -22,10 +22,10 @@ MAX_LIST = 1024
 MAX_SEED = 2**63 - 1
 
 
-def _show(v) -> str:
+def _show(v, limit: int = 60) -> str:
     """A value for a one-line message: its repr, cut short (a 4000-digit number is one line too)."""
     r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 class _Loader(yaml.SafeLoader):
@@ -223,7 +223,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
 def read_yaml(path: str | Path) -> tuple[dict, Path]:
     """The recipe file's mapping with its unknown keys refused, and the folder it lives in."""
     path = Path(path)
-    name = _show(str(path))[1:-1]
+    name = str(path) if len(str(path)) <= 240 else str(path)[:237] + "..."
     try:
         if not path.is_file():
             raise LabError(f"recipe file not found: {name}")

@@ -1,8 +1,11 @@
 """`python -m merging check RECIPE`: the report, exit codes, one-line reasons, and no writes."""
 
 import os
+import shutil
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ from safetensors.torch import load_file, save_file
 from tests.factories import make_tiny_triple
 
 ROOT = Path(__file__).resolve().parent.parent
+# ~600 bytes that expand to 9**9 strings if anything expands the aliases (issue 18 item 6)
+ALIAS_BOMB = "vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\nx0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+    for i in range(1, 9))
 
 
 def run_check(recipe_path):
@@ -88,14 +95,43 @@ def test_different_hidden_size_and_missing_tensor(triples, tmp_path):
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 7}\n", "out of range"),
     ("vlm: a\nreasoner: b\nmethod: linear\nlayers: [3, 1]\n", "'layers'"),
     ("vlm: [unclosed\n", "not valid YAML"),
+    # hostile or broken YAML (issue 18 items 6 and 8): refused while parsing, nothing expanded
+    (ALIAS_BOMB, "anchors and aliases"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1, alpha: 0.9}\n", "duplicate key 'alpha'"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nmethod: ties\n", "duplicate key 'method' (line 4)"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: " + "[" * 40 + "]" * 40 + "}\n", "nested deeper"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: " + "[" * 40000 + "]" * 40000 + "}\n",
+     "the limit is 64 KB"),
+    (b"vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\n# caf\xe9\n", "not UTF-8 text"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 1" + "0" * 400 + "}\n", "must be a finite number"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 1.0e+400}\n", "must be a finite number, got inf"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 10**400}\n", "must be a finite number"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 1" + "0" * 5000 + "}\n", "too many digits"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: [" + ", ".join(["0.1"] * 2000) + "]}\n",
+     "at most 1024"),
+    ("vlm: a\nreasoner: b\nmethod: linear\nseed: " + str(2**64) + "\n", "'seed' must be a whole number"),
 ])
 def test_bad_recipes_are_rejected_before_any_work(tmp_path, body, message):
     p = tmp_path / "bad.yaml"
-    p.write_text(body)
+    p.write_bytes(body if isinstance(body, bytes) else body.encode())
+    t0 = time.monotonic()
     r = run_check(p)
+    assert time.monotonic() - t0 < 60  # the alias bomb used to hang here
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_malformed_safetensors_header_is_one_line(triples, tmp_path):
+    root, good, _ = triples
+    bad = tmp_path / "bad"
+    shutil.copytree(good["reasoner"], bad)
+    header = b'{"model.norm.weight": {"dtype": "F32", "shape": [-8], "data_offsets": [0, 32]}}'
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 32)
+    r = run_check(write_recipe(tmp_path / "r.yaml", good["vlm"], bad, good["base"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad header entry (shape" in lines[0], r.stderr
 
 
 def test_missing_model_folder_is_named(triples, tmp_path):

@@ -1,6 +1,7 @@
 """Reading checkpoints: single-file vs sharded, hub cache, refusals, corruption, fingerprints."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -125,4 +126,62 @@ def test_index_that_is_not_json(triple, tmp_path):
     reshard(shards, 2)
     (shards / "model.safetensors.index.json").write_text(json.dumps({"nothing": 1}))
     with pytest.raises(LabError, match="no weight_map"):
+        Checkpoint.open(shards)
+
+
+def _write_header(folder, header: dict | list | str, data: bytes = b"\0" * 64):
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+F32_8 = {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"a": {**F32_8, "shape": [-8]}}, "bad header entry (shape"),
+    ({"a": {**F32_8, "shape": [8.0]}}, "bad header entry (shape"),
+    ({"a": {**F32_8, "shape": "8"}}, "bad header entry (shape"),
+    ({"a": {**F32_8, "shape": [True] * 8}}, "bad header entry (shape"),
+    ({"a": {**F32_8, "data_offsets": ["0", "32"]}}, "bad header entry (data_offsets"),
+    ({"a": {**F32_8, "data_offsets": [0]}}, "bad header entry (data_offsets"),
+    ({"a": {**F32_8, "data_offsets": None}}, "bad header entry (data_offsets"),
+    ({"a": {**F32_8, "dtype": ["F32"]}}, "bad header entry (dtype"),
+    ({"a": "not an entry"}, "bad header entry (dtype"),
+    ({"a": F32_8, "b": {**F32_8, "data_offsets": [16, 48]}}, "share bytes"),
+    ([1, 2, 3], "not a JSON object"),
+    ('{"a": ' * 5000 + "1" + "}" * 5000, "not valid JSON"),
+    ('{"a": "\udcff"}', "not valid JSON"),
+])
+def test_malformed_header_values_are_one_line_errors(triple, tmp_path, header, message):
+    folder = tmp_path / "m"
+    shutil.copytree(triple["base"], folder)
+    if isinstance(header, str) and "\udcff" in header:
+        raw = b'{"a": "\xff"}'
+        (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+    else:
+        _write_header(folder, header)
+    with pytest.raises(LabError, match=re.escape(message)):
+        Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize("config, message", [
+    (b'{"model_type": "llama",', "config.json is not valid JSON"),
+    (b'{"model_type": "ll\xe9ma"}', "config.json is not valid JSON"),
+    (b"[1, 2]", "not a JSON object"),
+])
+def test_bad_config_json_is_one_line(triple, tmp_path, config, message):
+    folder = tmp_path / "m"
+    shutil.copytree(triple["base"], folder)
+    (folder / "config.json").write_bytes(config)
+    with pytest.raises(LabError, match=re.escape(message)):
+        Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize("weight_map", [{"a": 5}, {"a": "../outside.safetensors"}, {"a": "/etc/x.safetensors"}])
+def test_index_naming_a_shard_outside_the_folder(triple, tmp_path, weight_map):
+    shards = tmp_path / "badindex"
+    shutil.copytree(triple["base"], shards)
+    reshard(shards, 2)
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(LabError, match="not a file name in the folder"):
         Checkpoint.open(shards)
