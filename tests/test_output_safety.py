@@ -63,6 +63,14 @@ def test_merge_overwrite_never_touches_an_input(tri, target, message):
     assert snapshot(root / "m") == before
 
 
+def test_drift_never_writes_into_an_input(tri):
+    root, paths, recipe = tri
+    before = snapshot(root / "m")
+    one_line(cli("drift", recipe, paths["vlm"], "--no-progress"), 2, "is (or holds) the input")
+    one_line(cli("drift", recipe, root / "m"), 2, "is (or holds) the input")
+    assert snapshot(root / "m") == before
+
+
 @pytest.mark.parametrize("target", ["", ".", "..", "/"])
 def test_merge_overwrite_never_touches_the_working_directory(tri, tmp_path, target):
     _, _, recipe = tri
