@@ -17,12 +17,13 @@ import pytest
 import yaml
 
 from tests.app_fixtures import wait_worker
+from tests.chat_reference import TOKENS, Reference, answer_text
 from webapp.presets import DEFAULT as TOY_PRESET
 
 pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 
-TOKENS, TIMEOUT = 8, 240
+TIMEOUT = 240
 Q_MATH = "mia has 7 birds and gets 9 . how many birds does mia have now ?"
 Q_COUNT = "how many circles are there ?"
 # Per client: ("merge", method, alpha, first layer, last layer) or ("chat", question).
@@ -34,12 +35,6 @@ PLANS = [
      ("chat", Q_MATH), ("chat", Q_MATH)],
     [("chat", Q_MATH), ("chat", Q_COUNT), ("chat", Q_MATH), ("chat", Q_COUNT)],  # never merges
 ]
-
-
-def _text(message: dict) -> str:
-    c = message["content"]
-    parts = c if isinstance(c, list) else [c]
-    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
 
 
 def _client_run(url: str, plan) -> list[dict]:
@@ -58,51 +53,9 @@ def _client_run(url: str, plan) -> list[dict]:
             continue
         merged, original, *_ = client.submit(message={"text": act[1], "files": []}, preset=TOY_PRESET,
                                              max_new_tokens=TOKENS, api_name="/chat").result(timeout=TIMEOUT)
-        seen.append({"recipe": recipe, "question": act[1], "merged": _text(merged[-1]),
-                     "original": _text(original[-1])})
+        seen.append({"recipe": recipe, "question": act[1], "merged": answer_text(merged[-1]),
+                     "original": answer_text(original[-1])})
     return seen
-
-
-class Reference:
-    """Greedy answers of plain from_pretrained models: the checkpoint, or a recipe's streamed merge."""
-
-    def __init__(self, toy_dir, tmp):
-        import torch
-        from transformers import AutoProcessor
-
-        torch.set_num_threads(1)  # as the app's worker (--threads 1): same reduction order
-        self.vlm, self.tmp = toy_dir / "vlm", tmp
-        self.tok = AutoProcessor.from_pretrained(self.vlm).tokenizer
-        self.proc = AutoProcessor.from_pretrained(self.vlm)
-        self.models, self.answers = {}, {}
-
-    def _model(self, recipe: dict | None):
-        import torch
-        from transformers import AutoModelForImageTextToText
-
-        from merging.engine import merge_to_disk
-        from merging.recipe import from_dict
-
-        key = yaml.safe_dump(recipe, sort_keys=True) if recipe else None
-        if key not in self.models:
-            folder = self.vlm
-            if recipe:
-                folder = self.tmp / f"merge{len(self.models)}"
-                merge_to_disk(from_dict(recipe), folder)
-            self.models[key] = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-        return self.models[key]
-
-    def answer(self, recipe: dict | None, question: str) -> str:
-        key = (yaml.safe_dump(recipe, sort_keys=True) if recipe else None, question)
-        if key not in self.answers:
-            messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-            prompt = self.proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            enc = self.tok([prompt], return_tensors="pt", add_special_tokens=False)
-            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-            out = self._model(recipe).generate(**enc, max_new_tokens=TOKENS, do_sample=False, pad_token_id=pad)
-            text = self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            self.answers[key] = text or "(empty answer)"  # what the chat panel shows for ""
-        return self.answers[key]
 
 
 def test_each_pane_answers_with_the_right_weights(app_handle, toy_dir, tmp_path):

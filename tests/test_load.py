@@ -1,7 +1,9 @@
 """Load: 8 gradio_client clients merge, analyse and chat at once against one real app.
 
 Every request must complete (queued, then answered) within its timeout, the app and its worker
-must survive, and no client may see another client's chat turns. The figures are printed and
+must survive, no client may see another client's chat turns, and every pane's answer must be
+that of the right weights: a plain generate() of the VLM checkpoint (original pane) or of the
+tab's recipe merged to disk (merged pane), computed here after the run. The figures are printed and
 written to tests/_output/load_measurements.json (docs/load_measurements.md records a run).
 
     .venv/bin/python -m pytest tests/test_load.py -s -q
@@ -16,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.app_fixtures import wait_worker
+from tests.chat_reference import TOKENS, Reference, answer_text
 from webapp.presets import DEFAULT as TOY_PRESET
 
 pytest_plugins = ("tests.app_fixtures",)
@@ -44,7 +48,7 @@ def _session(url: str, i: int) -> dict:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    calls, asked, seen = [], [], None
+    calls, asked, seen, answers, recipe = [], [], None, [], None
 
     def call(what, **kw):
         t0 = time.monotonic()
@@ -61,19 +65,23 @@ def _session(url: str, i: int) -> dict:
         out = call("merge", preset=TOY_PRESET, method="task_arithmetic", knob1=alpha, api_name="/merge")
         if out and "Merged with" not in out[0]:
             calls[-1].update(ok=False, error=out[0][:200])
+        elif out:
+            recipe = yaml.safe_load(out[1])
         out = call("similarity", preset=TOY_PRESET, rank=4 + i, api_name="/similarity")
         if out and not str(out[0]).startswith("✅"):
             calls[-1].update(ok=False, error=str(out[0])[:200])
         question = f"client {i} round {r} : what is {i} plus {r} ?"
         asked.append(question)
-        out = call("chat", message={"text": question, "files": []}, preset=TOY_PRESET, max_new_tokens=8,
+        out = call("chat", message={"text": question, "files": []}, preset=TOY_PRESET, max_new_tokens=TOKENS,
                    api_name="/chat")
         if out:
             seen = (_user_texts(out[0]), _user_texts(out[1]))
-    return {"calls": calls, "asked": asked, "seen": seen}
+            answers.append({"recipe": recipe, "question": question, "merged": answer_text(out[0][-1]),
+                            "original": answer_text(out[1][-1])})
+    return {"calls": calls, "asked": asked, "seen": seen, "answers": answers}
 
 
-def test_eight_clients_at_once(app_handle):
+def test_eight_clients_at_once(app_handle, toy_dir, tmp_path):
     pid = wait_worker(app_handle.proc.pid)
     t0 = time.monotonic()
     with ThreadPoolExecutor(CLIENTS) as pool:
@@ -98,3 +106,9 @@ def test_eight_clients_at_once(app_handle):
         assert merged == s["asked"] and original == s["asked"], (s["asked"], s["seen"])
     assert app_handle.proc.poll() is None
     assert wait_worker(app_handle.proc.pid) == pid  # the worker never had to restart
+    ref = Reference(toy_dir, tmp_path)
+    for s in sessions:  # each pane answered with the weights it names
+        assert len(s["answers"]) == ROUNDS and all(a["recipe"] for a in s["answers"])
+        for a in s["answers"]:
+            assert a["original"] == ref.answer(None, a["question"]), a
+            assert a["merged"] == ref.answer(a["recipe"], a["question"]), a
