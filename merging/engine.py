@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from merging import methods, params
+from merging import merge_report, methods, params
 from merging.errors import LabError
 from merging.layout import split_canonical
 from merging.methods import MergeContext, TensorSet
@@ -128,6 +128,8 @@ def merge_group(method, group: Group, sets: dict[str, TensorSet], knobs: dict, c
             whole = full[c].clone()
             whole[: part.shape[0]] = part
             out[c] = whole
+    for c, t in sets.items():  # what the merge changed, for the merge report
+        merge_report.record(ctx.extra, c, group.layer, out.get(c), full.get(c, t.vlm))
     return out
 
 
@@ -152,6 +154,7 @@ def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx:
             parts = {r: cks[r].get_rows(n, start, stop).to(device=ctx.device, dtype=cdtype) for r, n in names.items()}
             out = method.merge_tensor(TensorSet(c, group.layer, parts["vlm"], parts.get("reasoner"),
                                                 parts.get("base")), p, ctx)
+            merge_report.record(ctx.extra, c, group.layer, out, parts["vlm"])
             # NaN/Inf in any input reaches an elementwise output (NaN * 0 is NaN), so one check of
             # the block, still in cache, replaces three; the inputs are only read again to name one.
             if out.is_floating_point() and not _finite(out):
@@ -214,19 +217,12 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
     OUT_DIR may never be one of the three models (or hold one), nor hold a path in `protect`."""
     from merging.checkpoint import Checkpoint
     from merging.compat import check_triple
-    from merging.writer import (
-        AtomicFolder,
-        ShardedWriter,
-        WriteError,
-        copy_side_files,
-        guard_output,
-        write_text,
-    )
+    from merging.writer import AtomicFolder, ShardedWriter, WriteError, copy_side_files, write_text
 
     t0 = time.time()
     method = methods.get(recipe.method)
-    inputs = (recipe.vlm, recipe.reasoner, recipe.base, *protect)
-    guard_output(out_dir, inputs, overwrite)  # before any work: a bad OUT_DIR fails at once
+    folder = AtomicFolder(out_dir, overwrite, (recipe.vlm, recipe.reasoner, recipe.base, *protect))
+    folder.check()  # before any work: a bad OUT_DIR fails at once
     check_device(device)
     report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
     report.raise_if_incompatible()
@@ -247,7 +243,7 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
         kept = [a for a in vck.names() if a not in merged]
         bar = Progress(len(entries), progress, cancel, bar)
         try:
-            with AtomicFolder(out_dir, overwrite, inputs) as tmp:
+            with folder as tmp:
                 writer = ShardedWriter(tmp, entries, max_shard_bytes)
                 try:
                     for a in kept:  # bit-for-bit copies (cast only for out_dtype on LM tensors)

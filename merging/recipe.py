@@ -157,6 +157,12 @@ def _check_value(method_name: str, spec, value, where: str) -> None:
             raise LabError(f"{where} = {v} is out of range; allowed {spec.lo} to {spec.hi}")
 
 
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LabError(f"'seed' must be a whole number from 0 to 2**63-1, got {_show(seed)}")
+    return seed
+
+
 def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     from merging import methods
 
@@ -199,9 +205,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     for k in ("dtype", "out_dtype"):
         if d.get(k) is not None and d[k] not in DTYPES:
             raise LabError(f"'{k}' must be one of {', '.join(DTYPES)}, got {d[k]!r}")
-    seed = d.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise LabError(f"'seed' must be a whole number from 0 to 2**63-1, got {_show(seed)}")
+    seed = _seed(d.get("seed", 0))
     drift = d.get("drift")
     if drift is not None and not isinstance(drift, dict):
         raise LabError("'drift' must be a mapping (steps, lr, mode, alpha)")

@@ -177,8 +177,13 @@ class AtomicFolder:
         self.out = Path(str(out_dir)).expanduser().absolute()
         self.tmp: Path | None = None
 
-    def __enter__(self) -> Path:
+    def check(self) -> Path:
+        """guard_output for this folder; raises LabError when OUT_DIR may not be written."""
         self.out = guard_output(self.given, self.inputs, self.overwrite, self.kind if self.replace_own else None)
+        return self.out
+
+    def __enter__(self) -> Path:
+        self.check()
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,7 @@ sys.exit(run(loop, str(out)))
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.013, 0.029, 0.047, 0.071, 0.1])
+@pytest.mark.parametrize("delay", [0.0, 0.013, 0.029, 0.047])
 def test_overwrite_is_safe_at_every_instant(tmp_path, delay):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-c", _LOOP, str(out)], cwd=ROOT, env=ENV,
@@ -222,6 +222,59 @@ def test_overwrite_is_safe_at_every_instant(tmp_path, delay):
     assert leftovers(out) == []  # no temp folder, no old folder set aside
     values = {f.read_text() for f in out.iterdir() if f.name.startswith("f")}
     assert len(list(out.glob("f*"))) == 30 and len(values) == 1  # one whole version, never a mix
+
+
+# A child that replaces OUT and sends itself SIGINT at the n-th line of the commit (the renames
+# and the deletion of the old version), for every n; after each it reports what is on disk.
+_INSTANTS = """
+import json, os, signal, sys
+from pathlib import Path
+from merging.writer import AtomicFolder
+out = Path(sys.argv[1])
+state = {"n": 0, "at": 0}
+def local(frame, event, arg):
+    if event == "line":
+        state["n"] += 1
+        if state["n"] == state["at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+    return local
+def tracer(frame, event, arg):
+    return local if frame.f_code is AtomicFolder._commit.__code__ else None
+def version(i):
+    with AtomicFolder(out, overwrite=True) as tmp:
+        for k in range(30):
+            (tmp / f"f{k}").write_text(str(i))
+version(0)
+for at in range(1, 16):
+    state.update(n=0, at=at)
+    interrupted = False
+    sys.settrace(tracer)
+    try:
+        version(at)
+    except KeyboardInterrupt:
+        interrupted = True
+    sys.settrace(None)
+    files = sorted(out.iterdir()) if out.is_dir() else []
+    print(json.dumps({"at": at, "interrupted": interrupted, "lines": state["n"],
+                      "siblings": sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out")),
+                      "names": [f.name for f in files], "values": sorted({f.read_text() for f in files
+                                                                            if f.name.startswith("f")})}))
+"""
+
+
+def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _INSTANTS, str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    hit = [row for row in rows if row["at"] <= row["lines"]]
+    assert len(hit) >= 5 and all(row["interrupted"] for row in hit)  # every line of the commit was hit
+    for row in rows:
+        assert row["siblings"] == [], row  # no temp folder, no old folder set aside
+        assert len([n for n in row["names"] if n.startswith("f")]) == 30 and len(row["values"]) == 1, row
 
 
 def test_deferred_signals_wait_for_the_block_then_act():
