@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from merging import methods, params
+from merging import merge_report, methods, params
 from merging.engine import ROLES, Progress, check_device, merge_group, plan_groups, read_checked, torch_dtype
 from merging.errors import LabError
 from merging.methods import MergeContext, TensorSet
@@ -131,6 +131,7 @@ class InPlaceMerger:
         # key -> (the tensors that merge changed, its diagnostics); most recently used last
         self._snapshots: OrderedDict[str, tuple[dict[str, torch.Tensor], dict]] = OrderedDict()
         self._current: str | None = None
+        self._extra: dict = {}  # diagnostics and merge report of the live merge
         self._fingerprints: dict[str, str] | None = None
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
         # Decoder layers and final norm now (every method reads them); vocabulary tensors on demand.
@@ -240,6 +241,8 @@ class InPlaceMerger:
             self.restore()
             raise
         self._current = merge_key(recipe)
+        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, [c for g in groups for c in g.names])
+        self._extra = ctx.extra
         self._keep_snapshot(ctx.extra)
         return ctx.extra
 
@@ -259,7 +262,7 @@ class InPlaceMerger:
             return False
         if key == self._current:
             return True
-        snap, _ = self._snapshots[key]
+        snap, extra = self._snapshots[key]
         self._snapshots.move_to_end(key)
         try:
             self.restore()
@@ -270,8 +273,13 @@ class InPlaceMerger:
         except BaseException:
             self.restore()
             raise
-        self._current = key
+        self._current, self._extra = key, extra
         return True
+
+    @property
+    def extra(self) -> dict:
+        """The diagnostics (and merge report) of the live merge; {} for the original VLM."""
+        return self._extra if self._current not in (None, PARTIAL) else {}
 
     @torch.no_grad()
     def restore(self) -> None:

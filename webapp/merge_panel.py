@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from merging import methods
+from merging import merge_report, methods
 from merging.errors import LabError
 from webapp import recipes
 from webapp.jobs import recipe_key
@@ -30,6 +30,16 @@ class MergePanel:
     status: gr.Markdown
     recipe_state: gr.State
     variant_state: gr.State  # what chat's "merged" side uses: this merge's recipe, or a DRIFT result
+
+
+def _report_text(report: dict | None) -> str:
+    """The merge report under the status line: what changed, the method's selection, warnings."""
+    if not report:
+        return ""
+    lines = merge_report.summary_lines(report)
+    body = [f"- {line}" for line in lines if not line.startswith("warning: ")]
+    warns = [f"- **Warning:** {line[len('warning: '):]}" for line in lines if line.startswith("warning: ")]
+    return "\n\n" + "\n".join(body + warns)
 
 
 def _name_knobs(fn, n: int):
@@ -132,7 +142,8 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
                 path.write_text(recipes.to_yaml(recipe))
                 how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
                 yield (f"✅ **Merged with {method_v}** in {el:.2f} s ({how}, on {payload['device']}). "
-                       "Chat with it or open the analyses.", recipes.to_yaml(recipe), str(path), recipe, recipe)
+                       "Chat with it or open the analyses." + _report_text(payload.get("report")),
+                       recipes.to_yaml(recipe), str(path), recipe, recipe)
             elif ev == "cancelled":
                 yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
             else:

@@ -122,7 +122,7 @@ class Worker:
         t0 = time.monotonic()
         worked = loaded.ensure(recipe, progress=progress, cancel=flag)
         return {"key": recipe_key(recipe), "merge_seconds": round(time.monotonic() - t0, 2),
-                "reused": not worked, "device": self.device}
+                "reused": not worked, "device": self.device, "report": loaded.merger.extra.get("report")}
 
     def do_chat(self, job_id, args, flag):
         from webapp.chat import stream_answer

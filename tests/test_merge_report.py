@@ -1,0 +1,81 @@
+"""Every merge reports what it changed; a merge that changes nothing says so."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from merging import merge_report
+from merging.inplace import InPlaceMerger
+from merging.recipe import from_dict
+from tests.factories import make_tiny_triple
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlavaForConditionalGeneration
+
+    tri = make_tiny_triple(tmp_path_factory.mktemp("rep"), num_layers=3)
+    model = LlavaForConditionalGeneration.from_pretrained(tri["vlm"])
+    return tri, InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]))
+
+
+def recipe(tri, method, knobs, **extra):
+    return from_dict({"vlm": str(tri["vlm"]), "reasoner": str(tri["reasoner"]), "base": str(tri["base"]),
+                      "method": method, "parameters": knobs, **extra})
+
+
+def read(folder, prefix):
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+
+
+def test_task_arithmetic_relative_change_per_layer_from_the_checkpoints(setup):
+    tri, merger = setup
+    alpha = 0.4
+    rep = merger.apply(recipe(tri, "task_arithmetic", {"alpha": alpha}, layers=[1, 2]))["report"]
+    merger.restore()
+    v = read(tri["vlm"], "language_model.model.")
+    r, b = read(tri["reasoner"], "model."), read(tri["base"], "model.")
+    for layer in (1, 2):
+        names = [n for n in v if n.startswith(f"layers.{layer}.")]
+        num = sum(float((alpha * (r[n].double() - b[n].double())).square().sum()) for n in names)
+        den = sum(float(v[n].double().square().sum()) for n in names)
+        assert rep["relative_change"][str(layer)] == pytest.approx(math.sqrt(num / den), rel=1e-4)
+    assert "0" not in rep["relative_change"]  # out of scope: not merged, not reported
+    want = sorted(f"layers.{i}.{n.split('.', 2)[2]}" for i in (1, 2) for n in v if n.startswith(f"layers.{i}.")
+                  if not torch.equal(r[n], b[n]))
+    assert rep["changed"] == want and rep["in_scope"] == len(want) and rep["warnings"] == []
+
+
+def test_a_no_op_merge_warns_and_names_the_knob(setup):
+    tri, merger = setup
+    rep = merger.apply(recipe(tri, "ip_merging", {"threshold": 1.0}))["report"]
+    merger.restore()
+    ip = rep["diagnostics"]["ip_merging"]
+    assert rep["changed"] == [] and ip["selected"] == 0 and ip["matrices"] == 3 * 7
+    assert ip["scores"]["max"] < 1.0 and ip["scores"]["min"] <= ip["scores"]["median"] <= ip["scores"]["max"]
+    lines = merge_report.summary_lines(rep)
+    warn = [x for x in lines if x.startswith("warning: ")]
+    assert any("selected no matrix" in x and "threshold 1.00" in x and "top_fraction" in x for x in warn)
+    assert any("changed nothing" in x for x in warn)
+
+
+def test_top_fraction_selects_and_reports(setup):
+    tri, merger = setup
+    rep = merger.apply(recipe(tri, "ip_merging", {"top_fraction": 0.5, "rank": 4}))["report"]
+    merger.restore()
+    ip = rep["diagnostics"]["ip_merging"]
+    assert ip["selected_per_layer"] == {"0": 4, "1": 4, "2": 4}  # ceil(0.5 * 7) per layer
+    assert len(rep["changed"]) == 12 and not rep["warnings"]
+
+
+def test_frank_reports_its_prior(setup):
+    tri, merger = setup
+    rep = merger.apply(recipe(tri, "frank", {"use_prior": 1, "beta": 0.5}))["report"]
+    merger.restore()
+    fr = rep["diagnostics"]["frank"]
+    assert [fr[str(i)]["w_v"] for i in range(3)] == pytest.approx([1.0, math.exp(-0.5), math.exp(-1.0)])
