@@ -47,7 +47,10 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise LabError(f"shard size {text!r} is not a size like 500MB or 2GB")
     unit = 1024 if m.group(3) else 1000
-    n = int(float(m.group(1)) * unit ** "_KMGT".index(m.group(2).upper() or "_"))
+    try:
+        n = int(float(m.group(1)) * unit ** "_KMGT".index(m.group(2).upper() or "_"))
+    except (ValueError, OverflowError):  # "1.2.3", or 400 digits: past the float range
+        raise LabError(f"shard size {text[:40]!r} is not a size like 500MB or 2GB") from None
     if n <= 0:
         raise LabError(f"shard size {text!r} must be positive")
     return n

@@ -103,6 +103,7 @@ def test_refused_output_paths(tri, tmp_path):
     long_ref.write_text(recipe.read_text().replace(str(paths["vlm"]), "v" * 5000))
     one_line(cli("check", long_ref), 2, "File name too long")
     one_line(cli("merge", recipe, tmp_path / "o", "--device", "warp9", "--no-progress"), 2, "unknown device")
+    one_line(cli("merge", recipe, tmp_path / "o", "--max-shard-size", "9" * 400, "--no-progress"), 2, "shard size")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling", "foreign", "ref.yaml"]
 
 
@@ -275,6 +276,19 @@ def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
     for row in rows:
         assert row["siblings"] == [], row  # no temp folder, no old folder set aside
         assert len([n for n in row["names"] if n.startswith("f")]) == 30 and len(row["values"]) == 1, row
+
+
+def test_the_apps_per_layer_box_parser_refuses_alias_bombs_at_once():
+    from merging.errors import LabError
+    from merging.recipe import parse_yaml
+
+    box = "a: &a [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    t0 = time.monotonic()
+    with pytest.raises(LabError, match=r"per-layer values: YAML anchors and aliases .* \(line 1\)"):
+        parse_yaml(box, "per-layer values")
+    assert time.monotonic() - t0 < 1
+    assert parse_yaml("alpha: [0.0, 0.2, 0.4]", "per-layer values") == {"alpha": [0.0, 0.2, 0.4]}
 
 
 def test_deferred_signals_wait_for_the_block_then_act():
