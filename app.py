@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -52,13 +54,26 @@ def exposure_warnings(host: str, auth: str | None, share: bool = False,
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "merge-lab").expanduser().resolve()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for line in exposure_warnings(args.host, args.auth, args.share, args.trust_remote_code):
-        print(line, file=sys.stderr, flush=True)
+def private_upload_dir() -> Path:
+    """A fresh folder (mode 0700) for this server's uploads. Gradio's default, /tmp/gradio, is shared by
+    every Gradio app on the machine, and anything in the upload folder counts as uploaded by a user."""
+    base = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="merge-lab-uploads-", dir=base)).resolve()
 
+
+def file_access(cache_dir: Path) -> dict[str, list[str]]:
+    """launch()'s allowed_paths and blocked_paths: what /gradio_api/file= may serve from the cache folder.
+
+    Only the recipe downloads (named by a hash of the recipe, so only its author can name one); never
+    the cache root, which holds the analysis database, exports and DRIFT results. Those are also
+    blocked, since Gradio would otherwise serve a file returned from the working or temp directory."""
+    blocked = [str(cache_dir / n) for n in ("exports", "drift", "cache.db", "cache.db-wal", "cache.db-shm")]
+    blocked += [p for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
+    return {"allowed_paths": [str(cache_dir / "recipes")], "blocked_paths": blocked}
+
+
+def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
     from webapp.client import WorkerClient
     from webapp.lab import Lab
     from webapp.safety import UPLOAD_LIMIT, limit_pil
@@ -68,19 +83,33 @@ def main(argv=None) -> int:
     client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,
                            "trust_remote_code": args.trust_remote_code})
     client.start()
-    lab = Lab(client, cache_dir, args.models_root, args.device)
-    demo = build(lab)
-    demo.queue(default_concurrency_limit=16)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below: stop the worker
     try:
+        lab = Lab(client, cache_dir, args.models_root, args.device, upload_dir)
+        demo = build(lab)
+        demo.queue(default_concurrency_limit=16)
+        auth = tuple(args.auth.split(":", 1)) if args.auth else None
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below: stop the worker
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                    allowed_paths=[str(cache_dir)], theme=theme(), css=CSS, show_error=True,
-                    footer_links=[], max_file_size=UPLOAD_LIMIT)
+                    theme=theme(), css=CSS, show_error=True, footer_links=[], max_file_size=UPLOAD_LIMIT,
+                    **file_access(cache_dir))
     finally:
         client.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "merge-lab").expanduser().resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for line in exposure_warnings(args.host, args.auth, args.share, args.trust_remote_code):
+        print(line, file=sys.stderr, flush=True)
+    upload_dir = private_upload_dir()
+    os.environ["GRADIO_TEMP_DIR"] = str(upload_dir)  # before gradio is imported: uploads and served copies
+    try:
+        serve(args, cache_dir, upload_dir)
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)
     return 0
 
 

@@ -1,21 +1,26 @@
 """Turn a recipe's model reference (local folder or hub id) into a local folder.
 
 Hub ids resolve through the local Hugging Face cache only: the lab never downloads behind the
-user's back, and offline a missing id is a clear error naming it.
+user's back, and offline a missing id is a clear error naming it. `resolve` (the CLI's rule)
+takes an existing local folder first; `resolve_hub_id` never looks outside the cache, for callers
+(the app with --models-root) where a relative `owner/name` must not open a folder of the working
+directory.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from merging.errors import LabError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# owner/name of letters, digits, "_", "-", "."; "--" and ".." are refused as huggingface_hub does
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*$")
 
 
 def looks_like_hub_id(ref: str) -> bool:
-    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/", "~"))
+    return bool(_HUB_ID.match(ref)) and ".." not in ref and "--" not in ref
 
 
 def resolve(ref: str | Path) -> Path:
@@ -28,13 +33,29 @@ def resolve(ref: str | Path) -> Path:
         return p.resolve()
     if not looks_like_hub_id(ref_s):
         raise LabError(f"model folder not found: {ref_s}")
+    return resolve_hub_id(ref_s)
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """The snapshot folder of repo_id in the local Hugging Face cache, and nowhere else."""
+    if not looks_like_hub_id(repo_id):
+        raise LabError(f"{repo_id!r} is not a hub id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(ref_s, local_files_only=True)
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache()))
     except Exception:  # LocalEntryNotFoundError, offline mode, bad id: all mean "not here"
         raise LabError(
-            f"{ref_s} is not in the local Hugging Face cache and the lab does not download; "
-            f"fetch it first (hf download {ref_s}) or give a local folder"
+            f"{repo_id} is not in the local Hugging Face cache and the lab does not download; "
+            f"fetch it first (hf download {repo_id}) or give a local folder"
         ) from None
-    return Path(folder)
+    # refs/main is a file in the cache; a doctored one must not lead the snapshot out of it
+    if not Path(os.path.realpath(folder)).is_relative_to(hub_cache()):
+        raise LabError(f"{repo_id}: its cache entry leads outside the Hugging Face cache {hub_cache()}; refused")
+    return folder

@@ -37,7 +37,7 @@ def _runner(lab: Lab, name: str, n_plots: int):
             triple = ({k: recipe.get(k) for k in ("vlm", "reasoner", "base")}
                       if recipe and name in ("changes", "knockout") else lab.triple(preset, vlm, reasoner, base))
             args = {"name": name, "triple": triple, "recipe": recipe, **_extra_args(name, extra)}
-            check_images(args.get("images") or [])
+            check_images(args.get("images") or [], lab.read_roots)
         except LabError as e:
             yield (f"⛔ {e}", *blank)
             return

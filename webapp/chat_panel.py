@@ -15,7 +15,7 @@ from merging.errors import LabError
 from webapp.lab import Lab, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.presets import TOY_ROOT
-from webapp.safety import cap_question, check_image
+from webapp.safety import cap_question, check_image, uploaded
 
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"
@@ -92,8 +92,8 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         text, cut = cap_question(text)
         if image:
             try:
-                check_image(image)
-            except LabError as e:  # shown as this turn's answer; the image is not kept
+                check_image(uploaded(image, lab.read_roots))
+            except LabError as e:  # shown as this turn's answer; the image is neither kept nor echoed
                 image = None
                 turns.append({"question": text, "image": None, "merged": f"⛔ {e}", "original": f"⛔ {e}"})
                 yield render(turns, "merged"), render(turns, "original"), None, turns

@@ -17,6 +17,14 @@ class Lab:
     cache_dir: Path
     models_root: str | None = None
     device: str = "auto"
+    upload_dir: Path | None = None  # this server's own Gradio upload folder (app.py makes a private one)
+
+    @property
+    def read_roots(self) -> list[Path]:
+        """The only folders a user-named file may be read from: this server's uploads and the models root."""
+        from gradio.utils import get_upload_folder
+
+        return [Path(r) for r in (self.upload_dir or get_upload_folder(), self.models_root) if r]
 
     def triple(self, preset: str, vlm: str = "", reasoner: str = "", base: str = "") -> dict[str, str]:
         """The (vlm, reasoner, base) refs the UI's model inputs name; LabError when unusable."""
@@ -25,7 +33,7 @@ class Lab:
             missing = presets.missing_parts(p.triple())
             if missing:
                 raise LabError("; ".join(missing))
-            return p.triple()
+            return {k: presets.locate(v) for k, v in p.triple().items()}
         return {k: presets.resolve_custom(v, self.models_root)
                 for k, v in (("vlm", vlm), ("reasoner", reasoner), ("base", base))}
 

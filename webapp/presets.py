@@ -69,23 +69,29 @@ def by_label(label: str) -> Preset:
     raise LabError(f"unknown preset {label!r}")
 
 
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
+def locate(ref: str) -> str:
+    """A preset's model as a folder: its own path, or (a hub id) its snapshot in the local Hugging Face
+    cache, never a folder of the working directory that happens to share the id's name."""
+    from merging.hub import looks_like_hub_id, resolve_hub_id
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
+    p = Path(ref)
+    if p.is_absolute() or not looks_like_hub_id(ref):
+        if not (p / "config.json").is_file():
+            raise LabError(f"missing: {ref} is not a model folder")
+        return ref
+    try:
+        return str(resolve_hub_id(ref))
+    except LabError:
+        raise LabError(f"not downloaded: {ref} is not in the local Hugging Face cache") from None
 
 
 def availability(ref: str) -> str | None:
     """None when ref is on this machine, else a plain sentence saying why not."""
-    p = Path(ref)
-    if p.is_absolute() or ref.startswith("."):
-        return None if (p / "config.json").is_file() else f"missing: {ref} is not a model folder"
-    if _in_hf_cache(ref):
-        return None
-    return f"not downloaded: {ref} is not in the local Hugging Face cache"
+    try:
+        locate(ref)
+    except LabError as e:
+        return str(e)
+    return None
 
 
 def missing_parts(triple: dict[str, str]) -> list[str]:
@@ -97,7 +103,9 @@ def resolve_custom(ref: str, models_root: str | None) -> str:
 
     Without a root: any local folder or hub id (hub ids resolve through the local cache only).
     With a root: a folder name relative to the root (no "..", no absolute paths, no symlink that
-    leads outside the root), or a hub id that is not a folder under the root.
+    leads outside the root), or a hub id that is not a folder under the root, returned as its snapshot
+    folder in the local Hugging Face cache (so nothing downstream looks it up relative to the working
+    directory).
     """
     ref = (ref or "").strip()
     if not ref:
@@ -119,8 +127,12 @@ def resolve_custom(ref: str, models_root: str | None) -> str:
         if real != root and root not in real.parents:
             raise LabError(f"{ref!r} is a link that leads outside the models root {root}; refused")
         return str(real)
-    from merging.hub import looks_like_hub_id
+    from merging.hub import looks_like_hub_id, resolve_hub_id
 
-    if looks_like_hub_id(ref):
-        return ref
+    if looks_like_hub_id(ref):  # through the Hugging Face cache only, never relative to the working directory
+        try:
+            return str(resolve_hub_id(ref))
+        except LabError:
+            raise LabError(f"{ref!r} is not a folder inside the models root {root} and not in the local "
+                           "Hugging Face cache") from None
     raise LabError(f"{ref!r} is not a folder inside the models root {root}")

@@ -1,5 +1,8 @@
 """Checks on what a user can hand the app: uploaded images and typed questions (UI and worker side).
 
+A file a request names is read only when it lies in this server's upload folder or the models root
+(`uploaded`); the check comes before anything opens the file, so a named server path is never read.
+
 Every refusal is a LabError with one plain sentence, shown in the panel that received the input;
 nothing here decodes pixels of an image that is refused, so an oversized or malicious upload
 costs a header read, not memory.
@@ -29,6 +32,15 @@ def limit_pil() -> None:
 
 def _name(path: str | Path) -> str:
     return Path(path).name or str(path)
+
+
+def uploaded(path: str | Path, roots: list[Path]) -> str:
+    """path when it (links resolved) lies inside one of roots; LabError before anything reads it otherwise."""
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(os.path.realpath(r)) for r in roots):
+        return str(path)
+    # the name only: saying where the file is (or whether it exists) would help someone probing the server
+    raise LabError(f"file refused: {_name(path)} was not uploaded to this app; attach it with the upload button")
 
 
 def check_image(path: str | Path) -> str:
@@ -74,11 +86,12 @@ def open_image(path: str | Path):
         raise LabError(f"image refused: {_name(path)} could not be decoded ({type(e).__name__})") from None
 
 
-def check_images(paths: list[str]) -> list[str]:
+def check_images(paths: list[str], roots: list[Path] | None = None) -> list[str]:
+    """paths when each is a usable image (and, given roots, lies inside one of them); LabError otherwise."""
     if len(paths) > MAX_IMAGES:
         raise LabError(f"too many images: {len(paths)}; give at most {MAX_IMAGES}")
     for p in paths:
-        check_image(p)
+        check_image(p if roots is None else uploaded(p, roots))
     return paths
 
 
