@@ -128,6 +128,17 @@ def _upload_dir(url: str, toy_dir: Path) -> Path:
     return Path(echoed["path"]).parent.parent
 
 
+def test_the_bundled_examples_are_uploads(lab, upload_dir):
+    """What the browser sends when an example is clicked (the example's copy in the upload folder) is read."""
+    with urllib.request.urlopen(f"{lab['url']}config", timeout=30) as r:
+        config = json.load(r)
+    (samples,) = [c["props"]["samples"] for c in config["components"] if c.get("type") == "dataset"]
+    message = samples[0][0]
+    assert Path(message["files"][0]["path"]).is_relative_to(upload_dir), message
+    event, payload = raw_call(lab["url"], "chat", _chat_args(message))
+    assert event == "complete" and not payload[1][-1]["content"][0]["text"].startswith("⛔"), payload
+
+
 def _planted(tmp_path: Path) -> dict[str, tuple[Path, bytes]]:
     """Secret images where an attacker might point: another Gradio app's upload (the shared /tmp/gradio),
     any folder on the server, and the app's working directory."""
