@@ -35,7 +35,7 @@ def slider_spec(p, num_layers: int | None = None) -> dict:
 def build(triple: dict, method: str, knob_values, first=None, last=None, num_layers=None,
           prior: bool = False, advanced: str = "") -> dict:
     """The recipe dict for these controls, validated by merging.recipe (LabError when not valid)."""
-    from merging.recipe import from_dict
+    from merging.recipe import from_dict, parse_yaml
 
     m = methods.get(method)
     params = {}
@@ -50,10 +50,9 @@ def build(triple: dict, method: str, knob_values, first=None, last=None, num_lay
         else:
             params.pop("beta", None)
     if advanced and advanced.strip():
-        try:
-            extra = yaml.safe_load(advanced)
-        except yaml.YAMLError as e:
-            raise LabError(f"per-layer values are not valid YAML: {str(e).splitlines()[0]}") from None
+        # The hardened reader: no anchors/aliases, bounded size and nesting (an alias bomb here
+        # would stall the shared worker for every user).
+        extra = parse_yaml(advanced, "per-layer values")
         if not isinstance(extra, dict):
             raise LabError("per-layer values must be a mapping, e.g.  alpha: [0.0, 0.2, 0.4]")
         params.update(extra)
