@@ -58,6 +58,82 @@ def render(turns: list[dict], which: str) -> list[dict]:
     return msgs
 
 
+def _views(turns: list[dict], clear_box: bool = False):
+    """The chat's outputs: both panes, the text box (cleared, or left as it is) and the session's turns."""
+    return render(turns, "merged"), render(turns, "original"), None if clear_box else gr.skip(), turns
+
+
+def _message_parts(message) -> tuple[str, str | None]:
+    """(question text, image path or None) of a MultimodalTextbox value."""
+    message = message or {}
+    if not isinstance(message, dict):
+        return str(message).strip(), None
+    files = message.get("files") or []
+    image = files[0] if files else None
+    return (message.get("text") or "").strip(), image.get("path") if isinstance(image, dict) else image
+
+
+def _stream(lab: Lab, job, turns: list[dict], turn: dict, notes: list[str], merged_too: bool):
+    """Fill this turn from the worker's events, yielding the panes after each one."""
+    try:
+        for kind, payload in lab.client.follow(job):
+            if kind == "token":
+                turn[payload["stream"]] += payload["text"]
+            elif kind == "notice":
+                notes.append(payload)
+                turn["notice"] = " · ".join(notes)
+            elif kind == "result":
+                for k, v in payload.get("answers", {}).items():
+                    turn[k] = v or "(empty answer)"
+            elif kind in ("error", "cancelled"):
+                key = "merged" if merged_too and not turn["original"] else "original"
+                turn[key] = (turn[key] + f"\n\n_({kind}: {payload})_").strip()
+            else:
+                continue
+            yield _views(turns)
+    finally:
+        if not job.done:
+            lab.client.cancel(job)
+
+
+def _chat_handler(lab: Lab):
+    def chat(message, turns, recipe, preset, vlm, reasoner, base, max_new_tokens, temperature, remember_turns,
+             request: gr.Request = None):
+        text, image = _message_parts(message)
+        turns = list(turns or [])
+        if not text:
+            yield _views(turns)
+            return
+        text, cut = cap_question(text)
+        if image:
+            try:
+                check_image(uploaded(image, lab.read_roots))
+            except LabError as e:  # shown as this turn's answer; the image is neither kept nor echoed
+                turns.append({"question": text, "image": None, "merged": f"⛔ {e}", "original": f"⛔ {e}"})
+                yield _views(turns, clear_box=True)
+                return
+        history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
+                   for w in ("merged", "original")} if remember_turns else {}
+        turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": ""}
+        turns.append(turn)
+        if cut:
+            turn["notice"] = cut
+        try:
+            triple = recipe and {k: recipe.get(k) for k in ("vlm", "reasoner", "base")} or lab.triple(
+                preset, vlm, reasoner, base)
+        except LabError as e:
+            turn["original"] = f"⛔ {e}"
+            yield _views(turns, clear_box=True)
+            return
+        args = {"recipe": recipe, "triple": triple, "question": text, "image": image, "history": history,
+                "max_new_tokens": int(max_new_tokens), "temperature": float(temperature)}
+        job = lab.client.submit("chat", args, session_of(request))
+        yield _views(turns, clear_box=True)
+        yield from _stream(lab, job, turns, turn, [cut] if cut else [], bool(recipe))
+
+    return chat
+
+
 def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     gr.Markdown("Ask about an image (📎) or a word problem. The merged model answers on the left, the "
                 "original VLM on the right, so you can see what the reasoner's skills added.")
@@ -76,66 +152,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     samples = gr.Examples([[m] for m in ex], inputs=[box], label="Examples from the toy family: click one to ask it",
                           examples_per_page=4) if ex else None
     turns_state = gr.State([])
-
-    def chat(message, turns, recipe, preset, vlm, reasoner, base, max_new_tokens, temperature, remember_turns,
-             request: gr.Request = None):
-        message = message or {}
-        text = (message.get("text") or "").strip() if isinstance(message, dict) else str(message).strip()
-        files = message.get("files") or [] if isinstance(message, dict) else []
-        image = files[0] if files else None
-        if isinstance(image, dict):
-            image = image.get("path")
-        turns = list(turns or [])
-        if not text:
-            yield render(turns, "merged"), render(turns, "original"), gr.skip(), turns
-            return
-        text, cut = cap_question(text)
-        if image:
-            try:
-                check_image(uploaded(image, lab.read_roots))
-            except LabError as e:  # shown as this turn's answer; the image is neither kept nor echoed
-                image = None
-                turns.append({"question": text, "image": None, "merged": f"⛔ {e}", "original": f"⛔ {e}"})
-                yield render(turns, "merged"), render(turns, "original"), None, turns
-                return
-        history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
-                   for w in ("merged", "original")} if remember_turns else {}
-        turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": ""}
-        turns.append(turn)
-        notes = [cut] if cut else []
-        if cut:
-            turn["notice"] = cut
-        try:
-            triple = recipe and {k: recipe.get(k) for k in ("vlm", "reasoner", "base")} or lab.triple(
-                preset, vlm, reasoner, base)
-        except LabError as e:
-            turn["original"] = f"⛔ {e}"
-            yield render(turns, "merged"), render(turns, "original"), None, turns
-            return
-        args = {"recipe": recipe, "triple": triple, "question": text, "image": image, "history": history,
-                "max_new_tokens": int(max_new_tokens), "temperature": float(temperature)}
-        job = lab.client.submit("chat", args, session_of(request))
-        yield render(turns, "merged"), render(turns, "original"), None, turns
-        try:
-            for kind, payload in lab.client.follow(job):
-                if kind == "token":
-                    turn[payload["stream"]] += payload["text"]
-                elif kind == "notice":
-                    notes.append(payload)
-                    turn["notice"] = " · ".join(notes)
-                elif kind == "result":
-                    for k, v in payload.get("answers", {}).items():
-                        turn[k] = v or "(empty answer)"
-                elif kind in ("error", "cancelled"):
-                    key = "merged" if recipe and not turn["original"] else "original"
-                    turn[key] = (turn[key] + f"\n\n_({kind}: {payload})_").strip()
-                else:
-                    continue
-                yield render(turns, "merged"), render(turns, "original"), gr.skip(), turns
-        finally:
-            if not job.done:
-                lab.client.cancel(job)
-
+    chat = _chat_handler(lab)
     chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
     outs = [merged_bot, original_bot, box, turns_state]
     box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16)
@@ -148,5 +165,3 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
 
     clear.click(clear_all, None, outs, api_name="clear", queue=False)
     return merged_bot, original_bot
-
-
