@@ -3,16 +3,16 @@
 - cosine(tau_v, tau_r), flattened per module and per whole block (FRANK Fig. 3 finds values near
   0 everywhere: the VLM's and the reasoner's updates are near-orthogonal, which is why adding
   them interferes little);
-- the IP-Merging subspace similarity per module (merging.linalg.subspace_similarity, the very
-  number ip_merging compares with its threshold).
+- the IP-Merging subspace similarity per module (merging.linalg.similarity of the cached
+  decompositions ip_merging uses: the very number it compares with its threshold).
 """
 
 from __future__ import annotations
 
 import torch
 
-from analysis.spectra import MODULES, Triple, cached_on_triple, grid, matrices
-from merging.linalg import subspace_similarity
+from analysis.spectra import MODULES, Triple, cached_on_triple, grid, layer_decompositions, matrices
+from merging.linalg import similarity as linalg_similarity
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,41 +24,41 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / (na * nb)
 
 
-def compute_similarity(triple: Triple, rank: int = 32, method: str = "auto", device="cpu", progress=None) -> dict:
+def compute_similarity(triple: Triple, rank: int = 32, method: str = "auto", device="cpu", progress=None,
+                       cache_dir=None, use_cache: bool = True) -> dict:
     """Per-module cosine + subspace similarity and per-block cosine; plain data.
 
     Returns {"rank", "method", "num_layers", "modules", "entries": [{"layer", "module", "cos",
     "subspace"}], "cos": [[...]], "subspace": [[...]], "block_cos": [per layer]}.
     The block cosine covers every tensor of the block the three models share (norms included),
-    accumulated as dot products so no block is ever concatenated in memory.
+    accumulated as dot products so no block is ever concatenated in memory. The decompositions come
+    from the decomposition cache ip_merging and the spectra share (one batched call per layer).
     """
-    todo = matrices(triple)
-    mats = {c for _, _, c in todo}
+    mats = {c: m for _, m, c in matrices(triple)}
     n = triple.num_layers
-    total = len(todo) + n
-    done = 0
     entries = []
-    block = [{"dot": 0.0, "vv": 0.0, "rr": 0.0} for _ in range(n)]
+    block_cos = []
     for layer in range(n):
+        if progress:
+            progress(layer, n, f"similarity: layer {layer}")
+        pairs: dict[str, tuple] = {}
+        dot = vv = rr = 0.0
         for canonical in triple.layer_names(layer):
             tau_v, tau_r = triple.task_vectors(canonical, device)
-            acc = block[layer]
-            acc["dot"] += float(tau_v.flatten() @ tau_r.flatten())
-            acc["vv"] += float(tau_v.pow(2).sum())
-            acc["rr"] += float(tau_r.pow(2).sum())
-            if canonical not in mats:
-                continue
-            module = canonical[len(f"layers.{layer}."):-len(".weight")]
-            if progress:
-                progress(done, total, f"similarity: layer {layer} {module}")
-            entries.append({"layer": layer, "module": module, "cos": cosine(tau_v, tau_r),
-                            "subspace": subspace_similarity(tau_v, tau_r, rank, method)})
-            done += 1
-        done += 1
+            dot += float(tau_v.flatten() @ tau_r.flatten())
+            vv += float(tau_v.pow(2).sum())
+            rr += float(tau_r.pow(2).sum())
+            if canonical in mats:
+                pairs[canonical] = (tau_v, tau_r)
+        block_cos.append(dot / (vv ** 0.5 * rr ** 0.5) if vv > 0 and rr > 0 else 0.0)
+        names = list(pairs)
+        decs = layer_decompositions(triple, names, rank, method, device, True, cache_dir, pairs, use_cache)
+        for canonical, (dv, dr) in zip(names, decs):
+            tau_v, tau_r = pairs[canonical]
+            entries.append({"layer": layer, "module": mats[canonical], "cos": cosine(tau_v, tau_r),
+                            "subspace": linalg_similarity(dv, dr)})
     if progress:
-        progress(total, total, "similarity: done")
-    block_cos = [a["dot"] / (a["vv"] ** 0.5 * a["rr"] ** 0.5) if a["vv"] > 0 and a["rr"] > 0 else 0.0
-                 for a in block]
+        progress(n, n, "similarity: done")
     modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
     return {"rank": rank, "method": method, "num_layers": n, "modules": modules, "entries": entries,
             "cos": grid(entries, "cos", n, modules), "subspace": grid(entries, "subspace", n, modules),
@@ -69,4 +69,5 @@ def similarity(vlm, reasoner, base, rank: int = 32, method: str = "auto", device
                cache_dir=None, use_cache: bool = True) -> dict:
     """Open the triple, compute (or fetch from the cache) its similarities."""
     return cached_on_triple("similarity", vlm, reasoner, base, {"rank": rank, "method": method},
-                            lambda t: compute_similarity(t, rank, method, device, progress), cache_dir, use_cache)
+                            lambda t: compute_similarity(t, rank, method, device, progress, cache_dir, use_cache),
+                            cache_dir, use_cache)

@@ -5,8 +5,9 @@ both task vectors (the IP-Merging paper's Fig. 4: the reasoner's are larger) and
 nuclear-norm ratio sum S_v / sum S_r, which is the rescale factor lambda_n ip_merging uses.
 
 Tensors are read lazily one at a time through Checkpoint + layout, so memory stays at a few
-matrices whatever the model size. This module also holds the triple iteration that
-similarity.py shares.
+matrices whatever the model size. The decompositions come from merging.decomposition_cache, the
+same entries ip_merging reads and files, so spectra after a merge (or a merge after the spectra)
+decompose nothing again. This module also holds the triple iteration similarity.py shares.
 """
 
 from __future__ import annotations
@@ -107,24 +108,70 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
-def compute_spectra(triple: Triple, k: int = 64, method: str = "auto", device="cpu", progress=None) -> dict:
+def decomposition_dir(cache_dir=None):
+    """The decomposition cache's folder: beside the analysis cache, where ip_merging files its own."""
+    from pathlib import Path
+
+    from merging.decomposition_cache import default_dir
+
+    return Path(cache_dir).expanduser() / "decompositions" if cache_dir else default_dir()
+
+
+def layer_decompositions(triple: Triple, canonicals: list[str], k: int, method: str, device="cpu",
+                         need_v: bool = True, cache_dir=None, pairs: dict | None = None,
+                         use_cache: bool = True) -> list:
+    """[(dv, dr)] of these matrices' task vectors: from the decomposition cache (by the
+    checkpoints' fingerprints, without reading a tensor; else by content), or computed in one
+    batched call and filed there. `pairs` (canonical -> (tau_v, tau_r)) holds task vectors the
+    caller has already read; the others are read on a miss only. use_cache=False: computed."""
+    from merging import decomposition_cache as dc
+    from merging.linalg import decompose_many
+
+    fp = triple.fingerprints
+    pairs = {} if pairs is None else pairs
+
+    def loader(c: str, j: int):
+        def load():
+            if c not in pairs:
+                pairs[c] = triple.task_vectors(c, device)
+            return pairs[c][j]
+        return load
+
+    if not use_cache or not dc.enabled():
+        decs = decompose_many([loader(c, j)() for c in canonicals for j in (0, 1)], k, method)
+    else:
+        reqs = [dc.Request(load=loader(c, j), alias=dc.alias_key(fp[role], fp["base"], c, torch.float32))
+                for c in canonicals for j, role in enumerate(("vlm", "reasoner"))]
+        decs = dc.decompose_cached(reqs, k, method, cache=dc.DecompositionCache(decomposition_dir(cache_dir)),
+                                   need_v=need_v, device=device)
+    return list(zip(decs[0::2], decs[1::2]))
+
+
+def compute_spectra(triple: Triple, k: int = 64, method: str = "auto", device="cpu", progress=None,
+                    cache_dir=None, use_cache: bool = True) -> dict:
     """Spectra and nuclear-norm ratios for every (layer, module); plain data for caching/JSON.
 
     Returns {"k", "method", "num_layers", "modules", "entries": [{"layer", "module", "s_v", "s_r",
     "nuclear_v", "nuclear_r", "ratio", "exact"}], "ratio": [[per module] per layer]}.
+    Decompositions come from the decomposition cache (the one ip_merging fills), a layer at a time;
+    use_cache=False computes them all.
     """
     todo = matrices(triple)
     if not todo:
         raise LabError("no projection matrices (q/k/v/o/gate/up/down) are shared by the three models")
     entries = []
-    for i, (layer, module, canonical) in enumerate(todo):
+    for layer in range(triple.num_layers):
+        mine = [(m, c) for lay, m, c in todo if lay == layer]
+        if not mine:
+            continue
         if progress:
-            progress(i, len(todo), f"spectra: layer {layer} {module}")
-        tau_v, tau_r = triple.task_vectors(canonical, device)
-        s_v, n_v, exact_v = spectrum(tau_v, k, method)
-        s_r, n_r, exact_r = spectrum(tau_r, k, method)
-        entries.append({"layer": layer, "module": module, "s_v": s_v, "s_r": s_r, "nuclear_v": n_v,
-                        "nuclear_r": n_r, "ratio": _ratio(n_v, n_r), "exact": exact_v and exact_r})
+            progress(len(entries), len(todo), f"spectra: layer {layer}")
+        decs = layer_decompositions(triple, [c for _, c in mine], k, method, device, False, cache_dir,
+                                    use_cache=use_cache)
+        for (module, _), (dv, dr) in zip(mine, decs):
+            entries.append({"layer": layer, "module": module, "s_v": dv.s.tolist(), "s_r": dr.s.tolist(),
+                            "nuclear_v": dv.nuclear, "nuclear_r": dr.nuclear,
+                            "ratio": _ratio(dv.nuclear, dr.nuclear), "exact": dv.exact and dr.exact})
     if progress:
         progress(len(todo), len(todo), "spectra: done")
     modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
@@ -158,4 +205,5 @@ def spectra(vlm, reasoner, base, k: int = 64, method: str = "auto", device="cpu"
             cache_dir=None, use_cache: bool = True) -> dict:
     """Open the triple, compute (or fetch from the cache) its spectra."""
     return cached_on_triple("spectra", vlm, reasoner, base, {"k": k, "method": method},
-                            lambda t: compute_spectra(t, k, method, device, progress), cache_dir, use_cache)
+                            lambda t: compute_spectra(t, k, method, device, progress, cache_dir, use_cache),
+                            cache_dir, use_cache)

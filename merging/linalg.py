@@ -1,18 +1,22 @@
 """Singular-value helpers shared by IP-Merging and the spectra/similarity analyses.
 
-One decomposition per matrix (`decompose`): the top-k singular values and right singular
-vectors, and the exact nuclear norm. One implementation of the subspace similarity, so the
-number a user sees in the heatmap is exactly the number ip_merging thresholds on.
+One decomposition per matrix (`decompose`, `decompose_many` for a batch): the top-k singular
+values and right singular vectors, every singular value (exact solver), and the exact nuclear
+norm. One implementation of the subspace similarity, so the number a user sees in the heatmap is
+exactly the number ip_merging thresholds on. `merging.decomposition_cache` keeps these on disk.
 
 Exact quantities come from the eigen-decomposition of the smaller Gram matrix in float64
 (M^T M or M M^T): its eigenvalues are the squared singular values, so the nuclear norm never
 needs a full SVD of the long matrix, and float64 keeps the small singular values of an
-ill-conditioned matrix within ~1e-8 of the largest. The randomized solver (torch.svd_lowrank)
-is used only for the top-k basis of large matrices, never for the nuclear norm.
+ill-conditioned matrix within ~1e-8 of the largest (the square root of the Gram's rounding).
+The randomized solver (torch.svd_lowrank) is used only for the top-k basis of large matrices,
+never for the nuclear norm. The same code runs on CUDA: the float64 Gram and eigh then run on
+the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,58 +24,130 @@ import torch
 # Matrices with min(rows, cols) above this use the randomized top-k basis when method="auto".
 EXACT_SVD_MAX_DIM = 1024
 SIMILARITIES = ("paired", "subspace")
+# float64 copies stacked for one batched Gram/eigh call: bounds the extra memory of a batch.
+BATCH_BYTES = 256 * 2**20
+# CPU eigh of Gram matrices up to this size runs on one thread: MKL's tridiagonalisation
+# synchronises its threads once per column, and on a shared 2-core machine each stalled
+# barrier costs a time slice (measured: 4 eighs of 768 x 768, 1.2 s on 1 thread, 27 s on 2).
+SINGLE_THREAD_EIGH_MAX = 2048
 
 
 @dataclass
 class Decomposition:
     """Top-k of one matrix: singular values s (descending, float64), right singular vectors as the
-    columns of v (float32, on the matrix's device), the exact nuclear norm, and whether s and v
-    came from an exact solver."""
+    columns of v (float32, on the matrix's device), the exact nuclear norm, whether s and v came
+    from an exact solver, and (exact solver only) every singular value, descending, float64."""
 
     s: torch.Tensor
     v: torch.Tensor
     nuclear: float
     exact: bool
+    all_s: torch.Tensor | None = None
 
 
-def _use_lowrank(m: torch.Tensor, k: int, method: str) -> bool:
-    if method == "exact":
-        return False
-    if method == "lowrank":
-        return True
-    if method != "auto":
+def solver(shape, k: int | None, method: str) -> str:
+    """The solver `method` resolves to for a matrix of this shape: "exact" or "lowrank"."""
+    if method not in ("exact", "lowrank", "auto"):
         raise ValueError(f"svd method must be exact, lowrank or auto, not {method!r}")
-    return min(m.shape) > EXACT_SVD_MAX_DIM and k < min(m.shape) // 2
+    if method != "auto":
+        return method
+    full = min(shape)
+    kk = full if k is None else max(1, min(int(k), full))
+    return "lowrank" if full > EXACT_SVD_MAX_DIM and kk < full // 2 else "exact"
 
 
-def _gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The smaller Gram matrix in float64, and whether it is M^T M (its eigenvectors are then V)."""
-    m64 = m.double()
-    wide = m.shape[1] > m.shape[0]
-    return (m64 @ m64.T if wide else m64.T @ m64), not wide
+@contextlib.contextmanager
+def _eigh_threads(g: torch.Tensor):
+    if g.device.type != "cpu" or g.shape[-1] > SINGLE_THREAD_EIGH_MAX or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gram(m64: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The smaller Gram matrix of a (batch of) float64 matrix, and whether it is M^T M (its
+    eigenvectors are then V)."""
+    wide = m64.shape[-1] > m64.shape[-2]
+    return (m64 @ m64.mT if wide else m64.mT @ m64), not wide
+
+
+def eigh(g: torch.Tensor, values_only: bool = False):
+    with _eigh_threads(g):
+        return torch.linalg.eigvalsh(g) if values_only else torch.linalg.eigh(g)
 
 
 def gram_singular_values(m: torch.Tensor) -> torch.Tensor:
     """Every singular value of a 2-D matrix, descending, float64, from the smaller Gram matrix."""
-    g, _ = _gram(m)
-    return torch.linalg.eigvalsh(g).clamp_min_(0).sqrt_().flip(0)
+    g, _ = _gram(m.double())
+    return eigh(g, values_only=True).clamp_min_(0).sqrt_().flip(-1)
 
 
 def nuclear_norm(m: torch.Tensor) -> float:
     return float(gram_singular_values(m).sum())
 
 
-def _exact_top(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    g, is_vtv = _gram(m)
-    evals, evecs = torch.linalg.eigh(g)
-    s_all = evals.clamp_min(0).sqrt().flip(0)
-    vecs = evecs.flip(1)[:, :k]
+def _clamp_k(m: torch.Tensor, k: int | None) -> int:
+    if m.dim() != 2:
+        raise ValueError(f"decompose needs a 2-D matrix, got shape {tuple(m.shape)}")
+    full = min(m.shape)
+    return full if k is None else max(1, min(int(k), full))
+
+
+def _exact_batch(m64: torch.Tensor, k: int) -> list[Decomposition]:
+    """Exact decompositions of a stack of equal-shape float64 matrices (one batched Gram + eigh)."""
+    g, is_vtv = _gram(m64)
+    evals, evecs = eigh(g)
+    del g
+    s_all = evals.clamp_min_(0).sqrt_().flip(-1)
+    vecs = evecs[..., evecs.shape[-1] - k:].flip(-1)  # only the top k: flipping all n copies n x n
+    del evecs
     if not is_vtv:  # eigenvectors are U: V = M^T U / s (only for the top k, where s > 0)
-        s_k = s_all[:k]
+        s_k = s_all[:, :k]
         safe = torch.where(s_k > 0, s_k, torch.ones_like(s_k))
-        vecs = (m.double().T @ vecs) / safe
-        vecs[:, s_k <= 0] = 0
-    return s_all[:k], vecs, float(s_all.sum())
+        vecs = (m64.mT @ vecs) / safe.unsqueeze(1)
+        vecs.masked_fill_((s_k <= 0).unsqueeze(1), 0.0)
+    nuclear = s_all.sum(-1).tolist()
+    return [Decomposition(s_all[i, :k].clone(), vecs[i].float().contiguous(), nuclear[i], True, s_all[i].clone())
+            for i in range(m64.shape[0])]
+
+
+def _lowrank(m: torch.Tensor, k: int, seed: int) -> Decomposition:
+    # Oversample and iterate a little: the top singular values come out within ~1e-3.
+    q = min(min(m.shape), k + 10)
+    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        _, s, v = torch.svd_lowrank(m.float(), q=q, niter=4)
+    return Decomposition(s[:k].double(), v[:, :k].contiguous(), nuclear_norm(m), False)
+
+
+def decompose_many(mats: list[torch.Tensor], k: int | None = None, method: str = "auto",
+                   seed: int = 0) -> list[Decomposition]:
+    """decompose() of each matrix; exact ones of equal shape (and device) share one batched
+    float64 Gram + eigh call (chunked to BATCH_BYTES of float64 copies)."""
+    out: list[Decomposition | None] = [None] * len(mats)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        kk = _clamp_k(m, k)
+        if solver(m.shape, kk, method) == "lowrank":
+            out[i] = _lowrank(m, kk, seed)
+        else:
+            groups.setdefault((tuple(m.shape), str(m.device), kk), []).append(i)
+    for (shape, _, kk), idx in groups.items():
+        per = max(1, BATCH_BYTES // (8 * shape[0] * shape[1]))
+        for start in range(0, len(idx), per):
+            chunk = idx[start:start + per]
+            m64 = torch.empty((len(chunk), *shape), dtype=torch.float64, device=mats[chunk[0]].device)
+            for j, i in enumerate(chunk):
+                m64[j].copy_(mats[i])
+            for i, d in zip(chunk, _exact_batch(m64, kk)):
+                out[i] = d
+            del m64
+    return out  # type: ignore[return-value]
 
 
 def decompose(m: torch.Tensor, k: int | None = None, method: str = "auto", seed: int = 0) -> Decomposition:
@@ -80,19 +156,7 @@ def decompose(m: torch.Tensor, k: int | None = None, method: str = "auto", seed:
     method: "exact" (Gram eigen-decomposition, float64), "lowrank" (randomized top-k basis,
     seeded; the nuclear norm stays exact), or "auto" (exact unless the matrix is large and k small).
     """
-    if m.dim() != 2:
-        raise ValueError(f"decompose needs a 2-D matrix, got shape {tuple(m.shape)}")
-    full = min(m.shape)
-    k = full if k is None else max(1, min(int(k), full))
-    if not _use_lowrank(m, k, method):
-        s, v, nuc = _exact_top(m, k)
-        return Decomposition(s, v.float(), nuc, True)
-    # Oversample and iterate a little: the top singular values come out within ~1e-3.
-    q = min(full, k + 10)
-    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        _, s, v = torch.svd_lowrank(m.float(), q=q, niter=4)
-    return Decomposition(s[:k].double(), v[:, :k], nuclear_norm(m), False)
+    return decompose_many([m], k, method, seed)[0]
 
 
 def similarity(dv: Decomposition, dr: Decomposition, kind: str = "paired") -> float:

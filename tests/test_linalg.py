@@ -131,3 +131,71 @@ def test_top_fraction_selects_the_most_similar_matrices():
     assert select(scores, 0.99, 0.5) == ["b", "c"]
     assert select(scores, 0.99, 0.3) == ["b", "c"]  # ceil(0.3 * 4) = 2
     assert select(scores, 0.0, 1.0) == ["b", "c", "d", "a"]
+
+
+# --------------------------------------------------------------------------- batched, devices
+def ill_conditioned(rows, cols, cond_exp=9, seed=0, zeros=0):
+    """rows x cols with singular values 10^0 .. 10^-cond_exp (geometric), then `zeros` exact zeros."""
+    n = min(rows, cols)
+    s = torch.logspace(0, -cond_exp, n - zeros, dtype=torch.float64).tolist() + [0.0] * zeros
+    return with_spectrum(rows, cols, s, seed)[0]
+
+
+def assert_matches_svd(d, m, k, atol_v=1e-5):
+    """d against torch.linalg.svd of the same matrix in float64 (values, nuclear norm, top-k subspace)."""
+    _, s_ref, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    assert d.exact and d.nuclear == pytest.approx(float(s_ref.sum()), rel=1e-8)
+    torch.testing.assert_close(d.s.cpu(), s_ref[:k], rtol=1e-7, atol=1e-9 * float(s_ref[0]))
+    torch.testing.assert_close(d.all_s.cpu(), s_ref, rtol=0, atol=1e-7 * float(s_ref[0]))
+    torch.testing.assert_close(projector(d.v.cpu()), projector(vh[:k].T), rtol=0, atol=atol_v)
+
+
+def mixed_batch(device="cpu"):
+    g = torch.Generator().manual_seed(11)
+    mats = [torch.randn(70, 30, generator=g), torch.randn(30, 70, generator=g),  # tall, wide
+            torch.randn(70, 30, generator=g), torch.randn(30, 70, generator=g),  # same shapes: one batch each
+            ill_conditioned(70, 30, seed=12).float(), ill_conditioned(30, 70, seed=13).float(),
+            ill_conditioned(40, 40, cond_exp=6, seed=14, zeros=5).float(),  # rank-deficient square
+            torch.zeros(30, 70)]
+    return [m.to(device) for m in mats]
+
+
+@pytest.mark.parametrize("batch_bytes", [linalg.BATCH_BYTES, 1])  # one call per shape; one per matrix
+def test_batched_decompositions_equal_svd_of_each_matrix(monkeypatch, batch_bytes):
+    monkeypatch.setattr(linalg, "BATCH_BYTES", batch_bytes)
+    mats = mixed_batch()
+    for m, d in zip(mats, linalg.decompose_many(mats, 5, "exact")):
+        if float(m.abs().max()) == 0:
+            assert d.nuclear == 0.0 and float(d.v.abs().max()) == 0.0
+            continue
+        assert_matches_svd(d, m, 5)
+        single = linalg.decompose(m, 5, "exact")
+        # batched and single BLAS calls round differently: equal to float64 Gram rounding
+        torch.testing.assert_close(single.all_s, d.all_s, rtol=0, atol=1e-8 * float(d.all_s[0]))
+
+
+def test_ill_conditioned_singular_values_are_accurate_to_float64_gram_rounding():
+    """Condition 1e9: through the float64 Gram every singular value is within ~1e-8 of the
+    largest (absolute: the square root of the Gram's rounding), those above 1e-4 of it within
+    1e-6 relative; the nuclear norm and the top-k subspace stay exact to 1e-8."""
+    m = ill_conditioned(300, 120, cond_exp=9, seed=21)
+    d = linalg.decompose(m, 8, "exact")
+    s_ref = torch.linalg.svdvals(m)
+    torch.testing.assert_close(d.all_s, s_ref, rtol=0, atol=3e-8 * float(s_ref[0]))
+    big = s_ref > 1e-4 * s_ref[0]
+    torch.testing.assert_close(d.all_s[big], s_ref[big], rtol=1e-6, atol=0)
+    assert d.nuclear == pytest.approx(float(s_ref.sum()), rel=1e-8)
+    assert_matches_svd(d, m, 8, atol_v=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decompositions_on_cuda_equal_svd():
+    """The same code on the device: float64 Gram and eigh on CUDA, results on CUDA."""
+    mats = mixed_batch("cuda")
+    for m, d in zip(mats, linalg.decompose_many(mats, 5, "exact")):
+        assert d.v.device.type == "cuda" and d.s.device.type == "cuda"
+        if float(m.abs().max()) > 0:
+            assert_matches_svd(d, m.cpu(), 5)
+    big = torch.randn(1536, 1536, device="cuda") * 0.01
+    d = linalg.decompose(big, 32, "auto")
+    assert not d.exact and d.nuclear == pytest.approx(float(torch.linalg.svdvals(big.double().cpu()).sum()), rel=1e-8)

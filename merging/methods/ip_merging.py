@@ -9,8 +9,9 @@ of the block is treated alike so fused projections of other families work too):
   lambda_n = ||tau_v||_* / ||tau_r||_* (exact nuclear norms, whatever the solver);
   gamma = softmax(s / temperature) over the layer's selected matrices, times their count;
   W = W_v + lam * gamma * (lambda_n tau_r) @ V_k V_k^T, V_k the top-`rank` right singular vectors of tau_v.
-Each task vector is decomposed once (merging.linalg.decompose); `svd` picks the solver of the
-top-k basis: 1 exact (Gram eigen-decomposition in float64), 2 randomized (torch.svd_lowrank),
+Each task vector is decomposed once, the layer's matrices in one batched call, and the result is
+kept in merging.decomposition_cache (the spectra and similarity analyses read the same entries);
+`svd` picks the solver of the top-k basis: 1 exact (Gram eigen-decomposition in float64), 2 randomized (torch.svd_lowrank),
 0 auto (exact unless the matrix is large and rank small). Tensors outside the decoder layers
 (final norm, embeddings) keep the VLM's: the method is defined per decoder layer.
 """
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from merging import linalg
+from merging import decomposition_cache, linalg
 from merging.methods import MergeMethod, Param, TensorSet, register
 
 SVD_MODES = ("auto", "exact", "lowrank")
@@ -33,6 +34,20 @@ def select(scores: dict[str, float], threshold: float, top_fraction: float) -> l
         n = math.ceil(top_fraction * len(scores) - 1e-9)
         return sorted(scores, key=lambda name: -scores[name])[:n]
     return [n for n, s in scores.items() if s >= threshold]
+
+
+def decompositions(sets: list[TensorSet], rank: int, mode: str, fingerprints: dict | None = None) -> list:
+    """[dv_0, dr_0, dv_1, dr_1, ...] of the task vectors of these matrices: one batched call,
+    served from / filed in the decomposition cache (shared with the spectra and similarity
+    analyses). With the triple's fingerprints ({"vlm", "reasoner", "base"}) the entries are also
+    filed under them, so a later analysis finds them without reading the checkpoints."""
+    reqs = []
+    for t in sets:
+        for role, w in (("vlm", t.vlm), ("reasoner", t.reasoner)):
+            alias = (decomposition_cache.alias_key(fingerprints[role], fingerprints["base"], t.name, w.dtype)
+                     if fingerprints else None)
+            reqs.append(decomposition_cache.Request((w - t.base).float(), alias=alias))
+    return decomposition_cache.decompose_cached(reqs, rank, mode)
 
 
 @register
@@ -61,14 +76,13 @@ class IPMerging(MergeMethod):
             return {}
         rank, mode = int(p["rank"]), SVD_MODES[int(p["svd"])]
         kind = linalg.SIMILARITIES[int(p["similarity"])]
+        names = [name for name, t in sets.items() if t.vlm.dim() == 2]
+        decs = decompositions([sets[n] for n in names], rank, mode, ctx.extra.get("fingerprints"))
         scores: dict[str, float] = {}
         parts: dict[str, tuple] = {}
-        for name, t in sets.items():
-            if t.vlm.dim() == 2:
-                tau_v, tau_r = (t.vlm - t.base).float(), (t.reasoner - t.base).float()
-                dv, dr = linalg.decompose(tau_v, rank, mode), linalg.decompose(tau_r, rank, mode)
-                scores[name] = linalg.similarity(dv, dr, kind)
-                parts[name] = (dv, dr.nuclear)
+        for name, dv, dr in zip(names, decs[0::2], decs[1::2]):
+            scores[name] = linalg.similarity(dv, dr, kind)
+            parts[name] = (dv, dr.nuclear)
         chosen = select(scores, p["threshold"], p["top_fraction"])
         ctx.extra.setdefault("ip_merging", {})[layer] = {"scores": scores, "selected": chosen,
                                                           "threshold": p["threshold"]}
