@@ -34,7 +34,7 @@ import torch
 from merging import linalg
 from merging.linalg import Decomposition
 
-SCHEMA = "1"
+SCHEMA = "2"  # 2: the basis stored transposed ("vt")
 STORE_K = 64
 MAX_BYTES = 4 * 2**30
 _EVICT_EVERY = 64
@@ -112,7 +112,7 @@ class DecompositionCache:
 
         path = self._entry(key, tag)
         tensors = {"s": (d.all_s if d.exact else d.s).detach().cpu().double().contiguous(),
-                   "v": d.v.detach().cpu().float().contiguous()}
+                   "vt": d.v.detach().cpu().float().T.contiguous()}
         meta = {"schema": SCHEMA, "nuclear": repr(float(d.nuclear)), "exact": str(int(d.exact))}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,32 +157,31 @@ class DecompositionCache:
 
 
 def _read(path: Path, shape, k: int, tag: str, need_v: bool) -> Decomposition | None:
-    """Read and check one entry; None when it holds fewer basis vectors than asked for."""
+    """Read and check one entry; None when it holds fewer basis vectors than asked for. The basis
+    is stored transposed (one vector a row), so only the k rows asked for are read; need_v=False
+    reads none (v then has no columns)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("schema") != SCHEMA or set(f.keys()) != {"s", "v"}:
+        if meta.get("schema") != SCHEMA or set(f.keys()) != {"s", "vt"}:
             raise ValueError("not a decomposition entry")
-        s, v = f.get_tensor("s"), f.get_tensor("v")
-    nuclear, exact = float(meta["nuclear"]), meta["exact"] == "1"
-    full = min(shape)
-    if (s.dtype != torch.float64 or v.dtype != torch.float32 or v.dim() != 2 or v.shape[0] != shape[1]
-            or not math.isfinite(nuclear) or exact != (tag == "exact")):
-        raise ValueError("malformed decomposition entry")
-    if exact:
-        if s.shape != (full,):
+        s, vt = f.get_tensor("s"), f.get_slice("vt")
+        rows, cols = vt.get_shape()
+        if vt.get_dtype() != "F32" or cols != shape[1]:
             raise ValueError("malformed decomposition entry")
-        if need_v and v.shape[1] < k:
+        if need_v and rows < k:
             return None
-        return Decomposition(s[:k].clone(), v[:, :k].contiguous(), nuclear, True, s)
-    if s.shape[0] < k or v.shape[1] < k:
+        v = vt[:k if need_v else 0].T.contiguous()  # the layout a fresh one has: equal bits downstream
+    nuclear, exact = float(meta["nuclear"]), meta["exact"] == "1"
+    if (s.dtype != torch.float64 or s.dim() != 1 or not math.isfinite(nuclear) or exact != (tag == "exact")
+            or (exact and s.shape[0] != min(shape)) or s.shape[0] < k):
         raise ValueError("malformed decomposition entry")
-    return Decomposition(s[:k].clone(), v[:, :k].contiguous(), nuclear, False)
+    return Decomposition(s[:k].clone(), v, nuclear, exact, s if exact else None)
 
 
 def _top(d: Decomposition, k: int) -> Decomposition:
-    return Decomposition(d.s[:k], d.v[:, :k], d.nuclear, d.exact, d.all_s)
+    return Decomposition(d.s[:k], d.v[:, :k].contiguous(), d.nuclear, d.exact, d.all_s)
 
 
 def _compute(mats: list[torch.Tensor], k: int | None, method: str, seed: int) -> list[Decomposition]:
@@ -205,8 +204,9 @@ def decompose_cached(requests: list[Request], k: int | None, method: str = "auto
     where it holds the matrix, computed (batched by shape) and filed otherwise.
 
     need_v=False: the caller uses only the values and the nuclear norm (the spectra), so an exact
-    entry with fewer basis vectors than k still serves. `device`: where a request without a tensor
-    would be decomposed (it names the randomized solver's entries)."""
+    entry with fewer basis vectors than k still serves, and a served entry's v has no columns.
+    `device`: where a request without a tensor would be decomposed (it names the randomized
+    solver's entries)."""
     if cache is None:
         if not enabled():
             return linalg.decompose_many([r.get() for r in requests], k, method, seed)
@@ -215,7 +215,8 @@ def decompose_cached(requests: list[Request], k: int | None, method: str = "auto
     for i, r in enumerate(requests):  # aliases first: a hit reads no tensor at all
         hit = cache.resolve(r.alias) if r.alias else None
         if hit is not None:
-            out[i] = _lookup(cache, hit[0], hit[1], k, method, seed, need_v, device)
+            where = device if r.tensor is None else r.tensor.device
+            out[i] = _lookup(cache, hit[0], hit[1], k, method, seed, need_v, where)
     keys: dict[int, str] = {}
     for i, r in enumerate(requests):
         if out[i] is None:

@@ -166,7 +166,7 @@ def test_a_damaged_entry_is_recomputed_never_trusted(cache_root):
     dc.decompose_cached([dc.Request(m)], 4, "exact")
     (path,) = (cache_root / "decompositions").glob("*/*.safetensors")
     for damage in (lambda p: p.write_bytes(b"\x80\x04garbage"),
-                   lambda p: save_file({"s": torch.ones(3, dtype=torch.float64), "v": torch.ones(30, 4)}, str(p),
+                   lambda p: save_file({"s": torch.ones(3, dtype=torch.float64), "vt": torch.ones(4, 30)}, str(p),
                                        metadata={"schema": dc.SCHEMA, "nuclear": "3.0", "exact": "1"})):
         damage(path)
         (d,) = dc.decompose_cached([dc.Request(m)], 4, "exact")
