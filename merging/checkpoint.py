@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -25,19 +27,68 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_JSON = 64 * 1024 * 1024  # config.json, the index: a few MB at most on the hub
 _FULL_HASH_BYTES = 64 * 1024 * 1024
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header of one file and the byte offset where its data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def model_roots(folder: Path) -> tuple[Path, ...]:
+    """Where a model folder's files may really be (links resolved): the folder itself and, for a
+    Hugging Face cache snapshot (models--X/snapshots/<commit>), that repo's blobs/ folder, which is
+    where the snapshot's links point. blobs/ is not itself resolved: a linked-away blobs/ is refused."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real, real.parent.parent / "blobs"
+    return (real,)
+
+
+def confine(folder: Path, f: Path) -> Path:
+    """The real path of f, a file of the model folder; a one-line LabError naming f when it leads
+    outside the folder (a symlink, a crafted index) or is not a regular file (a FIFO would hang the
+    read, /dev/zero never ends). Only f's name is told, never where it leads or what it holds."""
+    real = Path(os.path.realpath(f))
+    if not any(real.is_relative_to(r) for r in model_roots(folder)):
+        raise LabError(f"{f} leads outside the model folder {folder}; refused")
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise LabError(f"{f}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LabError(f"{f} is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, "
+                       "not a regular file; refused")
+    return real
+
+
+def open_regular(path: Path, shown: Path | None = None):
+    """Open a file for reading that must be regular, without ever blocking. O_NONBLOCK makes opening a
+    FIFO return at once, and the check is on the opened file (fstat), so a name swapped for a FIFO
+    after an earlier check is still caught. Messages name `shown` (default: path)."""
+    shown = shown or path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise LabError(f"{shown}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise LabError(f"{shown} is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, "
+                       "not a regular file; refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_header(path: Path, real: Path | None = None) -> tuple[dict, int]:
+    """The safetensors header of one file and the byte offset where its data starts.
+    real: where path really is (confine()), opened instead of path; messages name path."""
+    with open_regular(real or path, path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise LabError(f"{path} is truncated: no safetensors header")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _MAX_HEADER):
-            raise LabError(f"{path} is corrupt or truncated: header length {n} exceeds the file")
+        if n > min(size - 8, _MAX_HEADER):  # n is the file's first 8 bytes: never shown
+            raise LabError(f"{path} is corrupt or truncated: its header length exceeds the file")
         try:
             header = json.loads(f.read(n))
         except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
@@ -80,9 +131,14 @@ def _check_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
     return begin, end
 
 
-def _read_json(path: Path, what: str):
+def _read_json(folder: Path, path: Path, what: str):
+    """A JSON file of the model folder: confined, regular, bounded; messages never quote it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(confine(folder, path), path) as f:
+            raw = f.read(_MAX_JSON + 1)  # bounded: a file that grows while read stops here too
+        if len(raw) > _MAX_JSON:
+            raise LabError(f"{path} is larger than {_MAX_JSON // 2**20} MB; not a model's JSON{what}")
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LabError(f"{path} is not valid JSON{what}") from None
     except OSError as e:
@@ -108,30 +164,27 @@ class Checkpoint:
     def open(cls, ref: str | Path, allow_bin: bool = False) -> Checkpoint:
         path = hub.resolve(ref)
         cfg_path = path / "config.json"
-        if not cfg_path.is_file():
+        if not os.path.lexists(cfg_path):
             raise LabError(f"{path} has no config.json; is it a Hugging Face model folder?")
-        config = _read_json(cfg_path, "")
+        config = _read_json(path, cfg_path, "")
         if not isinstance(config, dict):
             raise LabError(f"{cfg_path} is not a JSON object of model settings")
         index = path / "model.safetensors.index.json"
-        if index.is_file():
-            file_of = _read_index(index)
-        elif (path / "model.safetensors").is_file():
-            file_of = None
-            shard_files = [path / "model.safetensors"]
-        else:
-            shard_files = sorted(path.glob("*.safetensors"))
-            file_of = None
-            if not shard_files:
-                return cls._open_bin(path, config, allow_bin)
+        file_of = _read_index(path, index) if os.path.lexists(index) else None
         if file_of is not None:
             shard_files = sorted({path / f for f in file_of.values()})
             for f in shard_files:
-                if not f.is_file():
+                if not os.path.lexists(f):
                     raise LabError(f"{index} names a missing shard: {f.name}")
+        elif os.path.lexists(path / "model.safetensors"):
+            shard_files = [path / "model.safetensors"]
+        else:
+            shard_files = sorted(path.glob("*.safetensors"))
+            if not shard_files:
+                return cls._open_bin(path, config, allow_bin)
         files, meta, starts = {}, {}, {}
         for f in shard_files:
-            header, start = read_header(f)
+            header, start = read_header(f, confine(path, f))
             starts[f] = start
             for name, info in header.items():
                 if name == "__metadata__":
@@ -139,14 +192,15 @@ class Checkpoint:
                 if file_of is not None and file_of.get(name) != f.name:
                     continue  # the index decides which shard owns a tensor
                 if name in files:
-                    raise LabError(f"tensor {name!r} appears in both {files[name].name} and {f.name}")
+                    raise LabError(f"tensor {name[:100]!r} appears in both {files[name].name} and {f.name}")
                 files[name] = f
                 meta[name] = {"dtype": info["dtype"], "shape": tuple(info["shape"]),
                               "offset": start + info["data_offsets"][0]}
         if file_of is not None:
             missing = [n for n in file_of if n not in files]
             if missing:
-                raise LabError(f"{index} lists tensor {missing[0]!r} but shard {file_of[missing[0]]} does not hold it")
+                raise LabError(f"{index} lists tensor {missing[0][:100]!r} but shard {file_of[missing[0]]} "
+                               "does not hold it")
         return cls(path, config, files, meta, starts)
 
     @classmethod
@@ -161,11 +215,15 @@ class Checkpoint:
             )
         files, meta = {}, {}
         for f in bins:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(confine(path, f), map_location="cpu", weights_only=True, mmap=True)
             for name, t in sd.items():
                 files[name] = f
                 meta[name] = {"dtype": _dtype_code(t.dtype), "shape": tuple(t.shape)}
         return cls(path, config, files, meta, {}, bin_files=True)
+
+    def _open_file(self, f: Path):
+        """A weights file, confined to the model folder and regular, checked again at each open."""
+        return open_regular(confine(self.path, f), f)
 
     # -- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -191,7 +249,8 @@ class Checkpoint:
         if self._bin:
             sd = self._handles.get(f)
             if sd is None:
-                sd = self._handles[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                sd = self._handles[f] = torch.load(confine(self.path, f), map_location="cpu", weights_only=True,
+                                                   mmap=True)
             return sd[name].to(device)
         m = self._meta[name]
         t = self._read(f, m["offset"], m["shape"], DTYPES[m["dtype"]])
@@ -212,7 +271,7 @@ class Checkpoint:
             return t
         fh = self._handles.get(f)
         if fh is None:
-            fh = self._handles[f] = open(f, "rb")  # noqa: SIM115 (closed in close())
+            fh = self._handles[f] = self._open_file(f)  # closed in close()
         view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
         fh.seek(offset)
         got = fh.readinto(view)
@@ -239,11 +298,11 @@ class Checkpoint:
             for name in self.names():
                 m = self._meta[name]
                 h.update(f"{name}|{m['dtype']}|{m['shape']}\n".encode())
-            sizes = {f: f.stat().st_size for f in self.files()}
+            sizes = {f: confine(self.path, f).stat().st_size for f in self.files()}
             whole = sum(sizes.values()) <= _FULL_HASH_BYTES
             for f, size in sizes.items():
                 h.update(f"{f.name}:{size}".encode())
-                with open(f, "rb") as fh:
+                with self._open_file(f) as fh:
                     if whole:
                         for block in iter(lambda: fh.read(1 << 20), b""):
                             h.update(block)
@@ -270,8 +329,8 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._files)} tensors)"
 
 
-def _read_index(index: Path) -> dict[str, str]:
-    data = _read_json(index, " (a safetensors index)")
+def _read_index(folder: Path, index: Path) -> dict[str, str]:
+    data = _read_json(folder, index, " (a safetensors index)")
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict):
         raise LabError(f"{index} is not a valid safetensors index (no weight_map)")

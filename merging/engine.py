@@ -209,6 +209,28 @@ class Progress:
         self.bar.close()
 
 
+@dataclass
+class _Run:
+    """One merge_to_disk call's plan and open state, shared by its steps."""
+
+    recipe: object
+    method: object
+    report: object
+    groups: list[Group]
+    notes: list[str]
+    ctx: MergeContext
+    device: str
+    knobs: dict
+    cdtype: torch.dtype
+    cks: dict = None
+    entries: list = None  # (actual name, shape, output dtype) of every VLM tensor, in file order
+    dtypes: dict = None
+
+    @property
+    def layouts(self) -> dict:
+        return self.report.layouts
+
+
 def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard_bytes: int = 2 * 10**9,
                   cancel=None, overwrite: bool = False, bar: bool | None = None,
                   block_elems: int | None = None, protect=()) -> Path:
@@ -216,74 +238,105 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
     block_elems: elements per block when streaming an elementwise method (default per device).
     OUT_DIR may never be one of the three models (or hold one), nor hold a path in `protect`."""
     from merging.checkpoint import Checkpoint
-    from merging.compat import check_triple
-    from merging.writer import AtomicFolder, ShardedWriter, WriteError, copy_side_files, write_text
+    from merging.writer import AtomicFolder, WriteError, side_files
 
     t0 = time.time()
     method = methods.get(recipe.method)
     folder = AtomicFolder(out_dir, overwrite, (recipe.vlm, recipe.reasoner, recipe.base, *protect))
     folder.check()  # before any work: a bad OUT_DIR fails at once
-    check_device(device)
-    report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
-    report.raise_if_incompatible()
-    layouts = report.layouts
-    num_layers = layouts["vlm"].num_layers
-    params.validate_lengths(recipe, num_layers)
-    groups, notes = plan_groups(recipe, method, layouts)
-    cdtype = torch_dtype(recipe.dtype)
-    knobs = recipe.knobs()
-    ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers)
+    run = _plan(recipe, method, device)
+    block = block_elems or (BLOCK_ELEMS_CUDA if torch.device(device).type == "cuda" else BLOCK_ELEMS)
     with contextlib.ExitStack() as stack:
-        cks = {r: stack.enter_context(Checkpoint.open(ref)) for r, ref in report.refs.items()}
-        vck, vlay = cks["vlm"], layouts["vlm"]
-        lm_actual = set(vlay.lm.values())
-        entries = [(a, vck.shape(a), out_dtype_of(recipe, vck, a, a in lm_actual)) for a in vck.names()]
-        dtypes = {a: d for a, _, d in entries}
-        merged = {vlay.lm[c] for g in groups for c in g.names}
-        kept = [a for a in vck.names() if a not in merged]
-        bar = Progress(len(entries), progress, cancel, bar)
+        run.cks = {r: stack.enter_context(Checkpoint.open(ref)) for r, ref in run.report.refs.items()}
+        _plan_entries(run)
+        side = side_files(run.cks["vlm"].path)  # refused here, before any weight is written
+        bar = Progress(len(run.entries), progress, cancel, bar)
         try:
             with folder as tmp:
-                writer = ShardedWriter(tmp, entries, max_shard_bytes)
-                try:
-                    for a in kept:  # bit-for-bit copies (cast only for out_dtype on LM tensors)
-                        bar.check()
-                        writer.write(a, read_checked(vck, a, "vlm", "cpu").to(dtypes[a]))
-                        bar.step(1, f"copy {a}")
-                    block = block_elems or (BLOCK_ELEMS_CUDA if torch.device(device).type == "cuda" else BLOCK_ELEMS)
-                    for g in groups:
-                        bar.check()
-                        if method.elementwise and len(vck.shape(vlay.lm[g.names[0]])) > 0:
-                            a = vlay.lm[g.names[0]]
-                            merge_rows(method, g, cks, layouts, knobs, ctx, cdtype, block_elems=block,
-                                       write=lambda s, t, a=a: writer.write_rows(a, s, t.to(dtypes[a])))
-                            bar.step(1, f"layer {g.layer}" if g.layer is not None else g.names[0])
-                            continue
-                        sets = {c: TensorSet(c, g.layer, *(
-                            read_checked(cks[r], layouts[r].lm[c], r, device, cdtype) if r in cks else None
-                            for r in ROLES)) for c in g.names}
-                        out = merge_group(method, g, sets, knobs, ctx)
-                        for c in g.names:
-                            a = vlay.lm[c]
-                            res = out.get(c)
-                            if res is None:  # the method kept the VLM's: write its original bits
-                                res = read_checked(vck, a, "vlm", "cpu")
-                            writer.write(a, res.to(dtypes[a]))
-                        del sets, out
-                        bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
-                    writer.finish()  # closes the files, reporting any late write error
-                except BaseException:
-                    writer.close_files()  # before AtomicFolder removes the folder
-                    raise
-                copy_side_files(vck.path, tmp)
-                write_text(tmp / "recipe.yaml", recipe.to_yaml())
-                write_text(tmp / "README.md", model_card(recipe, method, report, notes + summary(ctx.extra),
-                                                                  time.time() - t0))
+                _write_weights(run, tmp, max_shard_bytes, bar, block)
+                _write_side(run, tmp, side, time.time() - t0)
         except WriteError as e:  # the temp folder is already gone (AtomicFolder)
             raise LabError(f"{e}; nothing was written") from None
         finally:
             bar.close()
     return Path(out_dir)
+
+
+def _plan(recipe, method, device: str) -> _Run:
+    """Check device and triple, and plan the merged groups; nothing is opened for reading weights."""
+    from merging.compat import check_triple
+
+    check_device(device)
+    report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
+    report.raise_if_incompatible()
+    num_layers = report.layouts["vlm"].num_layers
+    params.validate_lengths(recipe, num_layers)
+    groups, notes = plan_groups(recipe, method, report.layouts)
+    ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers)
+    return _Run(recipe, method, report, groups, notes, ctx, device, recipe.knobs(), torch_dtype(recipe.dtype))
+
+
+def _plan_entries(run: _Run) -> None:
+    vck = run.cks["vlm"]
+    lm_actual = set(run.layouts["vlm"].lm.values())
+    run.entries = [(a, vck.shape(a), out_dtype_of(run.recipe, vck, a, a in lm_actual)) for a in vck.names()]
+    run.dtypes = {a: d for a, _, d in run.entries}
+
+
+def _write_weights(run: _Run, tmp: Path, max_shard_bytes: int, bar: Progress, block: int) -> None:
+    """Every tensor of the output: the kept ones bit for bit (cast only for out_dtype on LM
+    tensors), then each merged group."""
+    from merging.writer import ShardedWriter
+
+    vck, vlay = run.cks["vlm"], run.layouts["vlm"]
+    writer = ShardedWriter(tmp, run.entries, max_shard_bytes)
+    merged = {vlay.lm[c] for g in run.groups for c in g.names}
+    try:
+        for a in (a for a in vck.names() if a not in merged):
+            bar.check()
+            writer.write(a, read_checked(vck, a, "vlm", "cpu").to(run.dtypes[a]))
+            bar.step(1, f"copy {a}")
+        for g in run.groups:
+            bar.check()
+            if run.method.elementwise and len(vck.shape(vlay.lm[g.names[0]])) > 0:
+                _stream_group(run, g, writer, block)
+                bar.step(1, f"layer {g.layer}" if g.layer is not None else g.names[0])
+            else:
+                _merge_whole_group(run, g, writer)
+                bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
+        writer.finish()  # closes the files, reporting any late write error
+    except BaseException:
+        writer.close_files()  # before AtomicFolder removes the folder
+        raise
+
+
+def _stream_group(run: _Run, g: Group, writer, block: int) -> None:
+    a = run.layouts["vlm"].lm[g.names[0]]
+    merge_rows(run.method, g, run.cks, run.layouts, run.knobs, run.ctx, run.cdtype, block_elems=block, write=lambda s, t: writer.write_rows(a, s, t.to(run.dtypes[a])))
+
+
+def _merge_whole_group(run: _Run, g: Group, writer) -> None:
+    cks, layouts = run.cks, run.layouts
+    sets = {c: TensorSet(c, g.layer, *(
+        read_checked(cks[r], layouts[r].lm[c], r, run.device, run.cdtype) if r in cks else None
+        for r in ROLES)) for c in g.names}
+    out = merge_group(run.method, g, sets, run.knobs, run.ctx)
+    del sets  # the inputs go before the outputs are cast and written
+    for c in g.names:
+        a = layouts["vlm"].lm[c]
+        res = out.pop(c, None)
+        if res is None:  # the method kept the VLM's: write its original bits
+            res = read_checked(cks["vlm"], a, "vlm", "cpu")
+        writer.write(a, res.to(run.dtypes[a]))
+
+
+def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
+    from merging.writer import copy_side_files, write_text
+
+    copy_side_files(run.cks["vlm"].path, tmp, side)
+    write_text(tmp / "recipe.yaml", run.recipe.to_yaml())
+    write_text(tmp / "README.md", model_card(run.recipe, run.method, run.report,
+                                             run.notes + summary(run.ctx.extra), seconds))
 
 
 def summary(extra: dict) -> list[str]:

@@ -8,6 +8,7 @@ because hub checkpoints exist in both the transformers <= 4.51 and >= 4.52 layou
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def derive_layout(ckpt) -> Layout:
         family = model_type
         prefix = next((p for p in prefixes if any(n.startswith(p + "layers.0.") for n in names)), None)
         if prefix is None:
-            raise LabError(f"{ckpt.path}: config says {model_type!r} but no decoder layers were found under "
+            raise LabError(f"{ckpt.path}: config says {model_type[:40]!r} but no decoder layers were found under "
                            f"{' or '.join(repr(p) for p in prefixes)}")
     else:
         family = "inferred"
@@ -96,15 +97,14 @@ def derive_layout(ckpt) -> Layout:
         lm["lm_head.weight"] = head
     layers = {split_canonical(c)[0] for c in lm} - {None}
     if not layers:
-        raise LabError(f"{ckpt.path}: no decoder layers found for model_type {model_type!r}")
+        raise LabError(f"{ckpt.path}: no decoder layers found for model_type {model_type[:40]!r}")
     num_layers = max(layers) + 1
     if len(layers) != num_layers:
-        missing = sorted(set(range(num_layers)) - layers)
-        raise LabError(f"{ckpt.path}: decoder layer {missing[0]} has no tensors (layers 0..{num_layers - 1} expected)")
+        # the first gap, found without range(num_layers): a tensor named layers.999999999 is enough
+        gap = next(i for i in range(len(layers) + 1) if i not in layers)
+        raise LabError(f"{ckpt.path}: decoder layer {gap} has no tensors (layers 0..{num_layers - 1} expected)")
     tc = _text_config(config)
-    cfg_layers = tc.get("num_hidden_layers")
-    if cfg_layers is not None and cfg_layers != num_layers:
-        warnings.append(f"config says {cfg_layers} layers but the weights have {num_layers}")
+    check_config_numbers(ckpt, tc, lm, num_layers)
     emb = lm.get("embed_tokens.weight")
     hidden = tc.get("hidden_size") or (ckpt.shape(emb)[1] if emb else None)
     vocab = ckpt.shape(emb)[0] if emb else tc.get("vocab_size")
@@ -115,6 +115,52 @@ def derive_layout(ckpt) -> Layout:
     other = [n for n in names if n not in lm_actual]
     return Layout(family, dict(sorted(lm.items(), key=lambda kv: _order(kv[0]))), other, num_layers,
                   hidden, vocab, is_vlm, prefix, warnings)
+
+
+# Config numbers a loader builds the model from (transformers allocates what they say before
+# reading any weight): a count is at most the number of tensors, a width at most the largest
+# dimension of a tensor that has bytes, wherever they sit in the config (vision_config too).
+# Only settings every loader builds from: CLIP's projection_dim, say, defaults to 512 unused.
+_COUNTS = ("num_hidden_layers", "num_layers", "n_layers", "depth")
+_WIDTHS = ("hidden_size", "intermediate_size", "embed_dim", "vocab_size", "head_dim", "num_attention_heads",
+           "num_key_value_heads", "image_size", "patch_size")
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_config_numbers(ckpt, text_config: dict, lm: dict[str, str], num_layers: int) -> None:
+    """config.json against the tensors present; a one-line LabError naming the setting. A config
+    claiming 10**9 layers used to pass `check` and then wedge the worker that built the model."""
+    cfg = ckpt.path / "config.json"
+    layers = text_config.get("num_hidden_layers")
+    if layers is not None and layers != num_layers:
+        shown = layers if _whole(layers) else "a non-integer"
+        raise LabError(f"{cfg} says num_hidden_layers {shown} but the weights have decoder layers "
+                       f"0..{num_layers - 1}; refused")
+    hidden = text_config.get("hidden_size")
+    emb, norm = lm.get("embed_tokens.weight"), lm.get("norm.weight")
+    width = ckpt.shape(emb)[-1] if emb else ckpt.shape(norm)[0] if norm and ckpt.shape(norm) else None
+    if hidden is not None and width is not None and hidden != width:
+        shown = hidden if _whole(hidden) else "a non-integer"
+        raise LabError(f"{cfg} says hidden_size {shown} but the language model's tensors are {width} wide; refused")
+    shapes = [ckpt.shape(n) for n in ckpt.names()]
+    widest = max((d for s in shapes if math.prod(s) for d in s), default=0)
+    for where, key, value in _numbers(ckpt.config):
+        limit = len(shapes) if key in _COUNTS else widest
+        if not _whole(value) or not 0 <= value <= limit:
+            what = "number of tensors" if key in _COUNTS else "largest tensor dimension"
+            raise LabError(f"{cfg}: {where}{key} must be a whole number from 0 to the {what} ({limit}); refused")
+
+
+def _numbers(config: dict, where: str = "", depth: int = 0):
+    """(path, key, value) of every count or width setting in the config tree."""
+    for key, value in config.items():
+        if isinstance(value, dict) and depth < 8:
+            yield from _numbers(value, f"{where}{key}.", depth + 1)
+        elif key in _COUNTS + _WIDTHS and value is not None:
+            yield where, key, value
 
 
 def _order(canonical: str):

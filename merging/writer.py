@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import DTYPES
+from merging.checkpoint import DTYPES, confine, open_regular
 from merging.errors import LabError
 
 _CODES = {dt: code for code, dt in DTYPES.items()}
@@ -338,20 +338,53 @@ class ShardedWriter:
             write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy what a loader needs besides the weights (config, generation config, tokenizer,
-    processor, chat template...): every top-level regular file that is not a weight file.
-    Subfolders are skipped (on the hub they hold things like original/ consolidated weights)."""
-    copied = []
+# Side files are configs, tokenizers, templates: the largest on the hub are tokenizers of ~35 MB.
+SIDE_FILE_MAX = 1 << 30
+SIDE_TOTAL_MAX = 2 << 30
+
+
+def side_files(src: Path) -> list[tuple[str, Path]]:
+    """What a loader needs besides the weights (config, generation config, tokenizer, processor,
+    chat template...): every top-level file that is not a weight file, as (name, real path).
+    Subfolders are skipped (on the hub they hold things like original/ consolidated weights).
+    Checked before a merge starts, each a one-line LabError naming the file: a link out of the
+    model folder (it would be copied into the output, then served by the app's export), a FIFO or
+    device (/dev/zero never ends), a file over SIDE_FILE_MAX, all of them over SIDE_TOTAL_MAX."""
+    out, total = [], 0
     for f in sorted(Path(src).iterdir()):
         if f.is_dir() or f.name.startswith(".") or f.name in _OWN or _WEIGHTS.search(f.name):
             continue
         try:
-            shutil.copyfile(f, dst / f.name)  # follows symlinks (hub cache snapshots are links)
-        except OSError as e:
-            raise _oserror(dst / f.name, e) from None
-        copied.append(f.name)
-    return copied
+            real = confine(Path(src), f)  # hub snapshots are links into the repo's blobs/: allowed
+        except LabError as e:
+            raise LabError(f"side file {e}") from None
+        size = real.stat().st_size
+        total += size
+        if size > SIDE_FILE_MAX or total > SIDE_TOTAL_MAX:
+            raise LabError(f"side file {f} is {size / 2**20:.0f} MB: past the {SIDE_FILE_MAX // 2**20} MB per file "
+                           f"or {SIDE_TOTAL_MAX // 2**20} MB in all copied beside the weights; refused")
+        out.append((f.name, real))
+    return out
+
+
+def copy_side_files(src: Path, dst: Path, files: list[tuple[str, Path]] | None = None) -> list[str]:
+    """Copy side_files(src) (or the given list of them) into dst, each re-checked as it is opened
+    and cut off at SIDE_FILE_MAX bytes whatever its size said (a file growing while copied)."""
+    files = side_files(src) if files is None else files
+    for name, real in files:
+        with open_regular(real, Path(src) / name) as fin:
+            try:
+                with open(dst / name, "wb") as fout:
+                    copied = 0
+                    while block := fin.read(1 << 20):
+                        copied += len(block)
+                        if copied > SIDE_FILE_MAX:
+                            raise LabError(f"side file {Path(src) / name} grew past {SIDE_FILE_MAX // 2**20} MB "
+                                           "while it was copied; refused")
+                        fout.write(block)
+            except OSError as e:
+                raise _oserror(dst / name, e) from None
+    return [name for name, _ in files]
 
 
 def write_text(path: Path, text: str) -> None:
