@@ -65,12 +65,12 @@ def private_upload_dir() -> Path:
 def file_access(cache_dir: Path) -> dict[str, list[str]]:
     """launch()'s allowed_paths and blocked_paths: what /gradio_api/file= may serve from the cache folder.
 
-    Only the recipe downloads (named by a hash of the recipe, so only its author can name one); never
-    the cache root, which holds the analysis database, exports and DRIFT results. Those are also
+    Nothing: downloads (recipes) are written to fresh temp folders and served from Gradio's own copy;
+    never the cache root, which holds the analysis database, exports and DRIFT results. Those are also
     blocked, since Gradio would otherwise serve a file returned from the working or temp directory."""
     blocked = [str(cache_dir / n) for n in ("exports", "drift", "cache.db", "cache.db-wal", "cache.db-shm")]
     blocked += [p for p in os.environ.get("GRADIO_BLOCKED_PATHS", "").split(",") if p.strip()]
-    return {"allowed_paths": [str(cache_dir / "recipes")], "blocked_paths": blocked}
+    return {"allowed_paths": [], "blocked_paths": blocked}
 
 
 def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:

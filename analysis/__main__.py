@@ -1,4 +1,5 @@
-"""`python -m analysis eval MODEL_DIR [--suite NAME]` and `python -m analysis report RECIPE OUT_DIR`.
+"""`python -m analysis eval MODEL_DIR [--suite NAME]`, `python -m analysis report RECIPE OUT_DIR` and
+`python -m analysis leaderboard [--limit N]`.
 
 Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGINT (143 on SIGTERM).
 """
@@ -26,11 +27,24 @@ def main(argv=None) -> int:
     rp.add_argument("--images", nargs="*", default=None, help="images for attention decay (default: bundled samples)")
     rp.add_argument("--overwrite", action="store_true",
                     help="replace OUT_DIR even if it is not an earlier report (never an input or a folder holding one)")
+    lb = sub.add_parser("leaderboard", help="rank every method on the bundled family (dev-tuned, held-out scored)")
+    lb.add_argument("--family", default=None, help="a family folder with vlm/, math/, base/, eval/ (default: the bundled one)")
+    lb.add_argument("--out-dir", default="runs/leaderboard", help="where leaderboard.md/.json/.html go")
+    lb.add_argument("--limit", type=count, default=None, help="held-out items per suite (default: all)")
+    lb.add_argument("--dev-items", type=count, default=100, help="dev items per suite for tuning the knobs")
+    lb.add_argument("--methods", nargs="*", default=None, help="only these methods (default: every one)")
+    lb.add_argument("--grid-size", type=count, default=None, help="at most N grid points per method (default: all)")
+    lb.add_argument("--threads", type=count, default=1,
+                    help="CPU threads (default 1: the toy models are too small to gain from more)")
     args = ap.parse_args(argv)
     return run(lambda: _dispatch(args), getattr(args, "out_dir", None))
 
 
 def _dispatch(args) -> int:
+    if args.cmd == "leaderboard":
+        from analysis.leaderboard import main_leaderboard
+
+        return main_leaderboard(args)
     if args.cmd == "eval":
         from analysis.evaluate import main_eval
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from analysis.toydata import parse_answer
 from merging.errors import LabError
+from tasks.toydata import parse_answer
 
 SUITES = ("perception", "visual_math", "text_math")
 IMAGE_SUITES = ("perception", "visual_math")

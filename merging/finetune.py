@@ -106,8 +106,8 @@ def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=No
     """Load the VLM, train (DRIFT or plain when alpha is 0) and save to out_dir atomically."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from analysis.drift_data import training_examples
     from merging.writer import AtomicFolder
+    from tasks.drift_data import training_examples
 
     s = spec["drift"]
     with AtomicFolder(out_dir) as tmp:

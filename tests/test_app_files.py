@@ -224,6 +224,7 @@ def test_only_this_sessions_outputs_are_served(lab, client):
         assert fetch(lab["url"], path)[0] == 403, f"{path} is served"
     got = Path(recipe_file)
     assert got.read_text().startswith("vlm:") and "method: linear" in got.read_text()  # this session's download
+    assert not (cache / "recipes").exists()  # downloads never live in a servable lab folder
 
 
 def _report(client, vlm: str) -> str:

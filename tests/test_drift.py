@@ -120,8 +120,8 @@ def test_settings_are_validated():
 def test_alpha_zero_is_plain_finetuning_step_for_step():
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from analysis.drift_data import training_examples
     from merging.finetune import finetune
+    from tasks.drift_data import training_examples
 
     examples = training_examples(8, seed=0)
     prior = compute_prior(str(TOY / "vlm"), str(TOY / "math"))

@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
 )
 
 from analysis.evaluate import evaluate  # noqa: E402
-from analysis.toydata import parse_answer  # noqa: E402
+from tasks.toydata import parse_answer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "toy"

@@ -20,7 +20,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,7 @@ STAMP = "toy_stage.json"
 
 @dataclass(frozen=True)
 class Plan:
+    layers: int = 8
     batch: int = 48
     base_steps: int = 1500
     base_lr: float = 2e-3
@@ -85,7 +86,7 @@ def vlm_batches(tok, image_processor, batch: int):
 def stage_key(plan: Plan, seed: int, stage: str) -> dict:
     """What a stage's output depends on (its own and its upstream settings)."""
     fields = {
-        "base": ("batch", "base_steps", "base_lr"),
+        "base": ("layers", "batch", "base_steps", "base_lr"),
         "math": ("math_steps", "math_lr", "math_replay"),
         "vlm": ("vlm_batch", "vision_steps", "vision_lr", "joint_steps", "joint_lm_lr", "joint_vision_lr"),
     }
@@ -119,7 +120,7 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
         base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
         log("[base] reused")
     else:
-        base = models.build_base(len(tok), seed)
+        base = models.build_base(len(tok), seed, plan.layers)
         groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
         train(
             base,
@@ -191,13 +192,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="a handful of steps on tiny data (seconds)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="override Plan fields, e.g. --set math_lr=2e-4 layers=12 (for experiments)")
     ap.add_argument(
         "--resume", action="store_true", help="reuse stage folders stamped with the same settings"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    timings = make_family(Path(args.out), SMOKE if args.smoke else Plan(), seed=args.seed, resume=args.resume)
+    plan = SMOKE if args.smoke else Plan()
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if field not in Plan.__dataclass_fields__:
+            ap.error(f"--set: Plan has no field {field!r}")
+        plan = replace(plan, **{field: type(getattr(plan, field))(value)})
+    timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume)
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
 

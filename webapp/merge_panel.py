@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import re
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -137,8 +139,9 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
                 continue
             ev, payload, el = end
             if ev == "result":
-                path = lab.cache_dir / "recipes" / f"{method_v}-{recipe_key(recipe)}.yaml"
-                path.parent.mkdir(parents=True, exist_ok=True)
+                # A fresh temp folder: Gradio copies a returned file into its own cache and serves
+                # that copy, so no folder of the lab's ever needs to be servable.
+                path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method_v}-{recipe_key(recipe)}.yaml"
                 path.write_text(recipes.to_yaml(recipe))
                 how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
                 yield (f"✅ **Merged with {method_v}** in {el:.2f} s ({how}, on {payload['device']}). "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from analysis import toydata as td
+from tasks import toydata as td
 
 
 def _shape_sentence(rng: random.Random) -> str:

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from analysis import toydata as td
+from tasks import toydata as td
 from tools.toy.save import save_atomic
 
 EVAL_SEED = 10_000

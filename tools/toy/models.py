@@ -14,19 +14,19 @@ from transformers import (
     LlavaProcessor,
 )
 
-from analysis import toydata as td
+from tasks import toydata as td
 from tools.toy.vocab import BOS, EOS, IMAGE, PAD
 
 PATCH = 16
 NUM_IMAGE_TOKENS = (td.IMAGE_SIZE // PATCH) ** 2  # "default" strategy drops the CLS token
 
 
-def llama_config(vocab_size: int) -> LlamaConfig:
+def llama_config(vocab_size: int, num_layers: int = 8) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=4,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
@@ -56,9 +56,9 @@ def generation_config() -> GenerationConfig:
     )
 
 
-def build_base(vocab_size: int, seed: int) -> LlamaForCausalLM:
+def build_base(vocab_size: int, seed: int, num_layers: int = 8) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(vocab_size))
+    model = LlamaForCausalLM(llama_config(vocab_size, num_layers))
     model.generation_config = generation_config()
     return model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from analysis import toydata as td
+from tasks import toydata as td
 
 KINDS = (*td.PERCEPTION_KINDS, "describe", "verify")
 VERIFY = 0.3  # share of verify questions, whose number is often not the count (a distractor)

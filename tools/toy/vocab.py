@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from analysis import toydata as td
+from tasks import toydata as td
 from tools.toy import corpus
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", td.IMAGE_TOKEN]

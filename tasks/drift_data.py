@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from analysis import toydata as td
+from tasks import toydata as td
 
 
 def training_examples(n: int, seed: int = 0) -> list:

@@ -1,0 +1,268 @@
+"""Rank every registered merge method on the bundled family (`python -m analysis leaderboard`).
+
+For each method: its defaults, and the best knobs of a small grid chosen on a *dev split*
+(items generated from their own seed and checked disjoint from the held-out eval suites),
+then both scored on the held-out suites. Every merge goes through the engine's in-place
+merger (merging.inplace), so the numbers are those of the real methods, not re-implementations.
+
+Selection rule on dev [choice]: among the grid points whose perception is within 3 points of
+the VLM's, the highest visual_math (ties: higher perception); if none keeps perception, the
+highest perception + visual_math.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
+from merging import methods
+from merging.errors import LabError
+from tasks import toydata as td
+
+DEV_SEED = 30_000
+PERCEPTION_SLACK = 0.03  # the free-lunch bound: perception within 3 points of the VLM
+
+
+def grid(method: str, num_layers: int) -> list[dict]:
+    """The small knob grid searched on dev for one method (defaults are always added)."""
+    half, quarter = num_layers // 2, max(1, num_layers // 4)
+    alphas = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+    sparse = [{"alpha": a, "density": d} for a in (0.5, 1.0, 1.5) for d in (0.3, 0.7)]
+    table = {
+        "linear": [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
+        "task_arithmetic": [{"alpha": a} for a in alphas],
+        "ties": sparse,
+        "dare_ties": sparse,
+        "dare_linear": [{"alpha": a, "density": 0.5} for a in (0.5, 1.0, 1.5)],
+        "layer_swap": [{"alpha": a, "base_layer_num": n} for a in (0.5, 1.0)
+                       for n in sorted({quarter - 1, half - 1, num_layers - quarter - 1})],
+        "ip_merging": [{"top_fraction": f, "lam": lam} for f in (0.3, 0.6, 1.0) for lam in (1.0, 2.0)],
+        "frank": [{"w_v": w} for w in (0.3, 0.5, 0.7)]
+        + [{"use_prior": 1, "beta": b} for b in (0.1, 0.3, 1.0)],
+    }
+    return table.get(method, [])
+
+
+# ------------------------------------------------------------------------------------ dev split
+def _image_digest(image) -> str:
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
+def _eval_keys(eval_dir: Path) -> tuple[set[str], set[str]]:
+    """(digests of every eval image, every eval question of the text suite)."""
+    digests, texts = set(), set()
+    for suite in SUITES:
+        for item in load_suite(suite, None, eval_dir):
+            if item.get("pil") is not None:
+                digests.add(_image_digest(item["pil"]))
+            else:
+                texts.add(item["question"])
+    return digests, texts
+
+
+def build_dev_split(n: int, eval_dir: Path = EVAL_DIR, seed: int = DEV_SEED) -> dict[str, list[dict]]:
+    """n items per suite, disjoint from the eval suites: no eval image, no eval text question."""
+    digests, texts = _eval_keys(eval_dir)
+    rng = random.Random(seed)
+    out: dict[str, list[dict]] = {s: [] for s in SUITES}
+    seen: set[str] = set()
+
+    def add(suite: str, item: td.Item) -> None:
+        pil = td.render(item.scene) if item.scene is not None else None
+        key = _image_digest(pil) if pil is not None else item.question
+        if key in seen or key in digests or item.question in texts and pil is None:
+            return
+        seen.add(key)
+        out[suite].append({"id": f"dev-{suite}-{len(out[suite]):04d}", "question": item.question,
+                           "answer": item.final, "pil": pil})
+
+    while min(len(v) for v in out.values()) < n:
+        if len(out["perception"]) < n:
+            add("perception", td.perception_item(td.random_scene(rng), rng.choice(td.PERCEPTION_KINDS)))
+        if len(out["visual_math"]) < n:
+            add("visual_math", td.random_visual_math(rng)[1])
+        if len(out["text_math"]) < n:
+            key, item = td.random_text_math(rng)
+            if td.is_heldout(key):  # like the eval suite: combinations training never drew
+                add("text_math", item)
+    return out
+
+
+def write_split(items: dict[str, list[dict]], folder: Path) -> Path:
+    """Write a split in the eval-suite layout (suite.jsonl + images/) so evaluate() can read it."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for suite, rows in items.items():
+        with (folder / f"{suite}.jsonl").open("w") as f:
+            for row in rows:
+                image = None
+                if row["pil"] is not None:
+                    image = f"images/{row['id']}.png"
+                    row["pil"].save(folder / image)
+                f.write(json.dumps({"id": row["id"], "question": row["question"], "answer": row["answer"],
+                                    "image": image}) + "\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------------- scoring
+@dataclass
+class Entry:
+    method: str
+    label: str  # "defaults" or "best on dev"
+    knobs: dict
+    dev: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    details: str = ""
+
+
+def selection_details(method: str, extra: dict) -> str:
+    """What the merge selected, from the method's diagnostics (ctx.extra)."""
+    if method == "ip_merging" and "ip_merging" in extra:
+        d = extra["ip_merging"].values()
+        sel, tot = sum(len(x["selected"]) for x in d), sum(len(x["scores"]) for x in d)
+        scores = [s for x in d for s in x["scores"].values()]
+        top = max(scores) if scores else float("nan")
+        return f"{sel}/{tot} matrices merged (max similarity {top:.2f})"
+    if method == "frank" and "frank" in extra:
+        w = [v["w_v"] for k, v in sorted(extra["frank"].items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+        return f"w_v {w[0]:.2f} -> {w[-1]:.2f}" if w else ""
+    return ""
+
+
+def better(a: dict, b: dict | None, floor: float) -> bool:
+    """Is dev score a better than b under the selection rule?"""
+    if b is None:
+        return True
+    ka = (a["perception"] >= floor, a["visual_math"] if a["perception"] >= floor else a["perception"] + a["visual_math"],
+          a["perception"])
+    kb = (b["perception"] >= floor, b["visual_math"] if b["perception"] >= floor else b["perception"] + b["visual_math"],
+          b["perception"])
+    return ka > kb
+
+
+class Board:
+    """The VLM loaded once, merged in place for every grid point, restored between them."""
+
+    def __init__(self, family: Path, dev_dir: Path, limit: int | None, progress=None):
+        from merging.inplace import InPlaceMerger
+
+        self.family, self.dev_dir, self.limit, self.progress = family, dev_dir, limit, progress
+        self.model, self.proc = load_model(family / "vlm")
+        self.merger = InPlaceMerger(self.model, str(family / "vlm"), str(family / "math"), str(family / "base"))
+        self.num_layers = self.merger.num_layers
+
+    def score(self, split: str) -> dict:
+        eval_dir = self.dev_dir if split == "dev" else self.family / "eval"
+        return evaluate((self.model, self.proc), limit=self.limit, eval_dir=eval_dir)
+
+    def merged(self, method: str, knobs: dict) -> dict:
+        from merging.recipe import from_dict
+
+        fam = self.family
+        rec = from_dict({"vlm": str(fam / "vlm"), "reasoner": str(fam / "math"), "base": str(fam / "base"),
+                         "method": method, "parameters": dict(knobs)})
+        return self.merger.apply(rec) or {}
+
+    def run_method(self, method: str, vlm_dev: dict, grid_size: int | None = None) -> list[Entry]:
+        floor = vlm_dev["perception"] - PERCEPTION_SLACK
+        defaults = Entry(method, "defaults", {})
+        best, best_dev, best_details = None, None, ""
+        for knobs in [{}] + grid(method, self.num_layers)[:grid_size]:
+            extra = self.merged(method, knobs)
+            dev = self.score("dev")
+            if not knobs:
+                defaults.dev, defaults.details = dev, selection_details(method, extra)
+                defaults.test = self.score("test")
+            if better(dev, best_dev, floor):
+                best, best_dev, best_details = knobs, dev, selection_details(method, extra)
+            self.merger.restore()
+            if self.progress:
+                self.progress(f"{method} {knobs or 'defaults'}: dev {fmt(dev)}")
+        tuned = Entry(method, "best on dev", best or {}, best_dev, details=best_details)
+        self.merged(method, tuned.knobs)
+        tuned.test = self.score("test")
+        self.merger.restore()
+        return [defaults, tuned]
+
+
+def fmt(acc: dict) -> str:
+    return " ".join(f"{s} {100 * acc[s]:.1f}" for s in SUITES if s in acc)
+
+
+def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 100, only=None,
+        progress=print, grid_size: int | None = None) -> dict:
+    """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir."""
+    from merging.writer import AtomicFolder
+
+    names = methods.names() if not only else list(only)
+    for n in names:
+        methods.get(n)  # unknown names fail before any work
+    with AtomicFolder(out_dir, inputs=(family,), kind="leaderboard", replace_own=True) as tmp:
+        dev_dir = write_split(build_dev_split(dev_items, family / "eval"), tmp / "dev")
+        board = Board(family, dev_dir, limit, progress)
+        vlm = Entry("vlm", "the VLM", {}, board.score("dev"), board.score("test"))
+        math_model = load_model(family / "math")
+        reasoner = Entry("reasoner", "the math LLM", {}, {}, evaluate(math_model, limit=limit,
+                                                                       eval_dir=family / "eval"))
+        entries = [vlm, reasoner]
+        for name in names:
+            entries += board.run_method(name, vlm.dev, grid_size)
+        result = {"limit": limit, "dev_items": dev_items, "num_layers": board.num_layers,
+                  "entries": [e.__dict__ for e in entries]}
+        (tmp / "leaderboard.json").write_text(json.dumps(result, indent=1) + "\n")
+        (tmp / "leaderboard.md").write_text(markdown(result) + "\n")
+        scatter(result).write_html(tmp / "leaderboard.html", include_plotlyjs="cdn")
+    return result
+
+
+def markdown(result: dict) -> str:
+    vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
+    lines = ["| method | knobs | perception | visual_math | text_math | d perception | d visual_math | selection |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in result["entries"]:
+        t = e["test"]
+        cells = [f"{100 * t[s]:.1f}" if s in t else "-" for s in SUITES]
+        dp = f"{100 * (t['perception'] - vlm['perception']):+.1f}" if "perception" in t else "-"
+        dv = f"{100 * (t['visual_math'] - vlm['visual_math']):+.1f}" if "visual_math" in t else "-"
+        knobs = ", ".join(f"{k} {v:g}" for k, v in e["knobs"].items()) or e["label"]
+        if e["knobs"]:
+            knobs = f"{e['label']}: {knobs}"
+        lines.append(f"| {e['method']} | {knobs} | " + " | ".join(cells) + f" | {dp} | {dv} | {e['details']} |")
+    return "\n".join(lines)
+
+
+def scatter(result: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for e in result["entries"]:
+        t = e["test"]
+        if "perception" not in t:
+            continue
+        fig.add_trace(go.Scatter(x=[100 * t["perception"]], y=[100 * t["visual_math"]], mode="markers+text",
+                                 text=[f"{e['method']} ({e['label']})"], textposition="top center",
+                                 marker={"size": 14 if e["method"] == "vlm" else 9,
+                                         "symbol": "star" if e["method"] == "vlm" else
+                                         ("circle" if e["label"] == "best on dev" else "circle-open")},
+                                 name=f"{e['method']} {e['label']}"))
+    fig.update_layout(title="Perception vs visual math on the held-out suites (one point per method and setting)",
+                      xaxis_title="perception accuracy (%)", yaxis_title="visual_math accuracy (%)",
+                      template="plotly_white", height=560)
+    return fig
+
+
+def main_leaderboard(args) -> int:
+    family = Path(args.family) if args.family else EVAL_DIR.parent
+    if not (family / "vlm").is_dir():
+        raise LabError(f"{family} has no vlm/ folder: not a model family like assets/toy")
+    torch.set_num_threads(args.threads)
+    result = run(family, Path(args.out_dir), args.limit, args.dev_items, args.methods or None,
+                 progress=lambda m: print(m, flush=True), grid_size=args.grid_size)
+    print(markdown(result))
+    print(f"\nwrote {args.out_dir}/leaderboard.md, leaderboard.json, leaderboard.html")
+    return 0

@@ -1,0 +1,86 @@
+"""The method leaderboard: dev split disjoint from the eval suites; every method ranked (smoke family)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from analysis import leaderboard
+from merging import methods
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "assets" / "toy"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_dev_split_is_disjoint_from_the_eval_suites():
+    dev = leaderboard.build_dev_split(40, TOY / "eval")
+    assert {k: len(v) for k, v in dev.items()} == {"perception": 40, "visual_math": 40, "text_math": 40}
+    eval_pixels, eval_texts = set(), set()
+    for suite in ("perception", "visual_math", "text_math"):
+        for line in (TOY / "eval" / f"{suite}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["image"]:
+                with Image.open(TOY / "eval" / row["image"]) as im:
+                    eval_pixels.add(hashlib.md5(im.convert("RGB").tobytes()).hexdigest())
+            else:
+                eval_texts.add(row["question"])
+    for suite in ("perception", "visual_math"):
+        pixels = [hashlib.md5(r["pil"].tobytes()).hexdigest() for r in dev[suite]]
+        assert len(set(pixels)) == len(pixels) and not set(pixels) & eval_pixels
+    texts = [r["question"] for r in dev["text_math"]]
+    assert len(set(texts)) == len(texts) and not set(texts) & eval_texts
+    again = leaderboard.build_dev_split(40, TOY / "eval")
+    assert [r["question"] for r in again["perception"]] == [r["question"] for r in dev["perception"]]
+
+
+def test_selection_rule_prefers_visual_math_within_the_perception_bound():
+    floor = 0.70
+    keep = {"perception": 0.72, "visual_math": 0.20}
+    lose = {"perception": 0.40, "visual_math": 0.60}
+    assert leaderboard.better(keep, lose, floor) and not leaderboard.better(lose, keep, floor)
+    more = {"perception": 0.71, "visual_math": 0.30}
+    assert leaderboard.better(more, keep, floor)
+    # nobody keeps perception: the best sum wins
+    assert leaderboard.better({"perception": 0.5, "visual_math": 0.4}, {"perception": 0.6, "visual_math": 0.1}, floor)
+
+
+@pytest.fixture(scope="module")
+def smoke_family(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "family"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_path):
+    out = tmp_path / "lb"
+    cmd = [sys.executable, "-m", "analysis", "leaderboard", "--family", str(smoke_family), "--limit", "2",
+           "--dev-items", "2", "--grid-size", "1", "--out-dir", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((out / "leaderboard.json").read_text())
+    got = [(e["method"], e["label"]) for e in data["entries"]]
+    want = [("vlm", "the VLM"), ("reasoner", "the math LLM")]
+    want += [(m, label) for m in methods.names() for label in ("defaults", "best on dev")]
+    assert got == want
+    table = (out / "leaderboard.md").read_text()
+    assert all(f"| {m} |" in table for m in methods.names()) and "| vlm |" in table
+    assert (out / "leaderboard.html").stat().st_size > 1000 and "leaderboard.md" in r.stdout
+    # the table printed is the one written
+    assert table.strip().splitlines()[2] in r.stdout
+    # a second run replaces its own earlier output; a model folder is never overwritten
+    r = subprocess.run(cmd + ["--methods", "linear"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [e["method"] for e in json.loads((out / "leaderboard.json").read_text())["entries"]][2:] == ["linear"] * 2
+    r = subprocess.run(cmd[:-1] + [str(smoke_family / "vlm")], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and (smoke_family / "vlm" / "config.json").is_file()
