@@ -47,6 +47,10 @@ def test_merge_plot_and_chat_in_browser(page):
 
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged with task_arithmetic", timeout=90_000)
+    # the merge explains itself: what changed, by how much
+    expect(page.locator("#merge-status")).to_contain_text("tensors in scope")
+    expect(page.locator("#merge-status")).to_contain_text("relative norm change")
+    page.locator("#merge-status").screenshot(path=str(OUT / "app_merge_summary.png"))
 
     page.get_by_role("tab", name="4 · Why it works").click()
     page.locator("#compute-similarity").click()

@@ -103,7 +103,11 @@ def _save(folder: Path, key: dict, model, tok, processor=None) -> None:
     save_model(folder, model, tok, processor, extra={STAMP: json.dumps(key)})
 
 
-def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print) -> dict[str, float]:
+STAGES = ("base", "math", "vlm", "eval")
+
+
+def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print,
+                only: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Train and write base/, math/, vlm/, eval/, samples/ under `out`.
 
     With resume, a stage whose folder carries the same stamp (settings + seed) is loaded
@@ -136,7 +140,9 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
 
     t = time.time()
     key = stage_key(plan, seed, "math")
-    if resume and _done(out / "math", key):
+    if "math" not in only:
+        log("[math] skipped (--only)")
+    elif resume and _done(out / "math", key):
         log("[math] reused")
     else:
         math = copy.deepcopy(base)
@@ -155,7 +161,9 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
 
     t = time.time()
     key = stage_key(plan, seed, "vlm")
-    if resume and _done(out / "vlm", key):
+    if "vlm" not in only:
+        log("[vlm] skipped (--only)")
+    elif resume and _done(out / "vlm", key):
         log("[vlm] reused")
     else:
         vlm = models.build_vlm(base, seed + 3)
@@ -179,8 +187,9 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
     timings["vlm"] = time.time() - t
 
     t = time.time()
-    evalset.write_eval(out / "eval", plan.eval_items)
-    evalset.write_samples(out / "samples")
+    if "eval" in only:
+        evalset.write_eval(out / "eval", plan.eval_items)
+        evalset.write_samples(out / "samples")
     timings["eval"] = time.time() - t
     timings["total"] = time.time() - t0
     return timings
@@ -192,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="a handful of steps on tiny data (seconds)")
+    ap.add_argument("--only", nargs="*", choices=STAGES, default=list(STAGES),
+                    help="run only these stages; the base is reused (with --resume) when not among them, so "
+                         "math and vlm can train in two processes at once")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="override Plan fields, e.g. --set math_lr=2e-4 layers=12 (for experiments)")
     ap.add_argument(
@@ -206,7 +218,10 @@ def main(argv=None) -> int:
         if field not in Plan.__dataclass_fields__:
             ap.error(f"--set: Plan has no field {field!r}")
         plan = replace(plan, **{field: type(getattr(plan, field))(value)})
-    timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume)
+    if "base" not in args.only and not _done(Path(args.out) / "base", stage_key(plan, args.seed, "base")):
+        ap.error("--only without base needs a finished base/ in --out with the same settings (use --resume)")
+    timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume or "base" not in args.only,
+                          only=tuple(args.only))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
 
