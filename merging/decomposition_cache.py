@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ class DecompositionCache:
         meta = {"schema": SCHEMA, "nuclear": repr(float(d.nuclear)), "exact": str(int(d.exact))}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
         except OSError:  # a full or read-only disk costs a recompute later, never the merge
@@ -139,7 +140,7 @@ class DecompositionCache:
         path = self._alias_path(alias)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps({"alias": alias, "key": key, "shape": list(shape)}))
             os.replace(tmp, path)
         except OSError:
