@@ -6,6 +6,7 @@ Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGI
 
 import sys
 
+from analysis import analyses
 from merging.cli import Parser, count, run
 
 
@@ -22,9 +23,7 @@ def main(argv=None) -> int:
     rp.add_argument("out_dir")
     rp.add_argument("--device", default="cpu")
     rp.add_argument("--cache-dir", default=None)
-    rp.add_argument("--knockout", action="store_true", help="also run layer knockout (one evaluation per layer and module)")
-    rp.add_argument("--knockout-limit", type=count, default=20, help="eval items per suite in knockout")
-    rp.add_argument("--images", nargs="*", default=None, help="images for attention decay (default: bundled samples)")
+    _analysis_flags(rp)
     rp.add_argument("--overwrite", action="store_true",
                     help="replace OUT_DIR even if it is not an earlier report (never an input or a folder holding one)")
     lb = sub.add_parser("leaderboard", help="rank every method on the bundled family (dev-tuned, held-out scored)")
@@ -38,6 +37,19 @@ def main(argv=None) -> int:
                     help="CPU threads (default 1: the toy models are too small to gain from more)")
     args = ap.parse_args(argv)
     return run(lambda: _dispatch(args), getattr(args, "out_dir", None))
+
+
+def _analysis_flags(rp) -> None:
+    """The report's flags, from the analysis registry: --NAME for a slow one, one flag per knob."""
+    for name in analyses.names():
+        a = analyses.get(name)
+        if a.slow:
+            rp.add_argument(f"--{name}", action="store_true", help=f"also run {a.title.lower()} ({a.slow})")
+        for k in a.knobs:
+            kw = {"int": {"type": count}, "text": {}, "images": {"nargs": "*"}}[k.kind]
+            default = f"{k.lo}..{k.hi}, default {k.default}" if k.kind == "int" else f"default {k.default!r}"
+            rp.add_argument(k.flag(name), dest=k.dest(name), default=None, **kw,
+                            help=f"{a.title}: {k.label}" + ("" if k.kind == "images" else f" ({default})"))
 
 
 def _dispatch(args) -> int:

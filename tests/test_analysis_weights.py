@@ -75,7 +75,7 @@ def test_attention_after_a_cached_merge_measures_the_original(worker):
     want = attention.attention_decay(model, proc, images, attention.DEFAULT_QUESTION, limit=None)
     assert out["beta"] == pytest.approx(want["beta"], rel=1e-4, abs=1e-6)
     wid = weights_id(triple_fingerprints(TRIPLE["vlm"], None), None)
-    entry = stored(worker, "webapp-attention", {"weights": wid, "images": attention.images_key(images),
+    entry = stored(worker, "attention", {"weights": wid, "images": attention.images_key(images),
                                                 "question": attention.DEFAULT_QUESTION})
     assert entry is not None and entry["shares"] == pytest.approx(want["shares"], rel=1e-4, abs=1e-6)
     assert worker.models.loaded.merger.current is None
@@ -85,6 +85,7 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     from functools import partial
 
     from analysis import knockout
+    from analysis.analyses.knockout import eval_key
     from analysis.evaluate import evaluate
     from merging.inplace import merge_key, triple_fingerprints, weights_id
     from merging.recipe import from_dict
@@ -94,8 +95,10 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     run(worker, "merge", {"recipe": A})  # snapshot again: the state that used to poison the baseline
     run(worker, "analysis", {"name": "knockout", "triple": TRIPLE, "recipe": A, "limit": 1})
     fps = triple_fingerprints(TRIPLE["vlm"], TRIPLE["reasoner"], TRIPLE["base"])
-    vlm_entry = stored(worker, "webapp-knockout", {"weights": weights_id(fps, None), "limit": 1})
-    a_entry = stored(worker, "webapp-knockout", {"weights": weights_id(fps, merge_key(from_dict(A))), "limit": 1})
+    suites = eval_key(TOY_ROOT / "eval")
+    vlm_entry = stored(worker, "knockout", {"weights": weights_id(fps, None), "limit": 1, "eval": suites})
+    a_entry = stored(worker, "knockout", {"weights": weights_id(fps, merge_key(from_dict(A))), "limit": 1,
+                                          "eval": suites})
     model, proc = fresh_vlm()
     want = knockout.knockout(model, proc, partial(evaluate, eval_dir=TOY_ROOT / "eval"), limit=1)
     for suite, acc in want["baseline"].items():
@@ -108,4 +111,5 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     run(worker, "merge", {"recipe": B})
     out = run(worker, "analysis", {"name": "knockout", "triple": TRIPLE, "recipe": B, "limit": 1})
     assert "VLM" in out["summary"]
-    assert stored(worker, "webapp-knockout", {"weights": weights_id(fps, merge_key(from_dict(B))), "limit": 1})
+    assert stored(worker, "knockout", {"weights": weights_id(fps, merge_key(from_dict(B))), "limit": 1,
+                                       "eval": suites})

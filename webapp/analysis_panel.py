@@ -1,27 +1,19 @@
-"""The "Why it works" panel: one sub-tab per analysis figure, computed in the worker (UI side)."""
+"""The "Why it works" panel: one sub-tab per registered analysis (analysis.analyses), its controls
+generated from the analysis' knobs, computed in the worker (UI side)."""
 
 from __future__ import annotations
 
+import inspect
+
 import gradio as gr
 
+from analysis import analyses
 from merging.errors import LabError
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.safety import check_images
 
-ABOUT = {
-    "spectra": "Singular values of the two task vectors (VLM − base and reasoner − base) per layer and module. "
-               "IP-Merging's observation: the reasoner's are larger, so its update is rescaled before merging.",
-    "similarity": "How aligned the two task vectors are. Cosine near 0 everywhere means they are nearly "
-                  "orthogonal (FRANK Fig. 3): adding the reasoner's barely disturbs what the VLM learned.",
-    "attention": "Share of attention that text positions pay to image tokens, per layer, with the fitted "
-                 "exponential decay a_l ≈ C·exp(−β·l) (FRANK Fig. 2). Upload your own images or use the samples.",
-    "knockout": "Accuracy drop when one layer's attention or MLP is replaced by a constant (BR2V): perception "
-                "lives in early layers, math reasoning in middle/late layers. Slow: one evaluation per layer.",
-    "changes": "Where this tab's merge changed the model: ‖W_merged − W_vlm‖ / ‖W_vlm‖ per layer and module.",
-}
-TITLES = {"spectra": "Singular values", "similarity": "Similarity", "attention": "Attention decay",
-          "knockout": "Layer knockout", "changes": "Change map"}
+BASE_PARAMS = ("preset", "vlm", "reasoner", "base", "recipe")
 
 
 def _figure(fig_json: str):
@@ -30,19 +22,41 @@ def _figure(fig_json: str):
     return pio.from_json(fig_json)
 
 
-def _runner(lab: Lab, name: str, n_plots: int):
-    def run(preset, vlm, reasoner, base, recipe, *extra, request: gr.Request = None):
+def _paths(files) -> list[str]:
+    """Paths of gr.File values (strings, dicts or file objects; one or many)."""
+    files = files or []
+    files = [files] if isinstance(files, (str, dict)) else files
+    paths = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "name", None))
+             for f in files]
+    return [p for p in paths if p]
+
+
+def _submit(lab: Lab, a, preset, vlm, reasoner, base, recipe, values) -> dict:
+    """The worker job's arguments; LabError for a bad triple or image."""
+    triple = ({k: recipe.get(k) for k in ("vlm", "reasoner", "base")}
+              if recipe and a.on_merge else lab.triple(preset, vlm, reasoner, base))
+    args = {"name": a.name, "triple": triple, "recipe": recipe}
+    for k, v in zip(a.knobs, values):
+        args[k.name] = _paths(v) if k.kind == "images" else (int(v) if k.kind == "int" else v)
+    check_images(args.get("images") or [], lab.read_roots)
+    return args
+
+
+def _handler(lab: Lab, a):
+    """The analysis' event handler, with one named parameter per knob (the API's keywords)."""
+    n_plots = len(a.figures)
+
+    def run(*values):
+        *values, request = values  # gradio passes the gr.Request last (see __signature__ below)
+        preset, vlm, reasoner, base, recipe, *knobs = values
         blank = [gr.skip()] * n_plots
         try:
-            triple = ({k: recipe.get(k) for k in ("vlm", "reasoner", "base")}
-                      if recipe and name in ("changes", "knockout") else lab.triple(preset, vlm, reasoner, base))
-            args = {"name": name, "triple": triple, "recipe": recipe, **_extra_args(name, extra)}
-            check_images(args.get("images") or [], lab.read_roots)
+            args = _submit(lab, a, preset, vlm, reasoner, base, recipe, knobs)
         except LabError as e:
             yield (f"⛔ {e}", *blank)
             return
         job = lab.client.submit("analysis", args, session_of(request))
-        for text, end in follow_status(lab.client, job, f"Computing {TITLES[name].lower()}"):
+        for text, end in follow_status(lab.client, job, f"Computing {a.title.lower()}"):
             if end is None:
                 yield (text, *blank)
                 continue
@@ -54,81 +68,45 @@ def _runner(lab: Lab, name: str, n_plots: int):
             figs += [gr.skip()] * (n_plots - len(figs))
             yield (f"✅ {payload.get('summary', '')} ({el:.1f} s)", *figs)
 
+    names = [*BASE_PARAMS, *(k.api_name for k in a.knobs)]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                    annotation=gr.Request))
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {"request": gr.Request}  # gradio finds the request by its type hint
+    run.__name__ = a.name
     return run
 
 
-def _extra_args(name: str, extra) -> dict:
-    if name == "spectra":
-        return {"k": int(extra[0])}
-    if name == "similarity":
-        return {"rank": int(extra[0])}
-    if name == "attention":
-        files = extra[0] or []
-        files = [files] if isinstance(files, (str, dict)) else files
-        paths = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "name", None))
-                 for f in files]
-        return {"images": [p for p in paths if p], "question": extra[1]}
-    if name == "knockout":
-        return {"limit": int(extra[0])}
-    return {}
+def _control(k):
+    if k.kind == "int":
+        return gr.Slider(k.lo, k.hi, value=k.default, step=1, label=k.label, info=k.hint or None)
+    if k.kind == "images":
+        return gr.File(file_count="multiple", file_types=["image"], label=k.label)
+    return gr.Textbox(value=k.default, label=k.label, info=k.hint or None)
 
 
-def _handlers(lab: Lab) -> dict:
-    """One function per analysis, with named parameters (the API's keyword arguments)."""
-    runs = {n: _runner(lab, n, 2 if n == "spectra" else 1) for n in TITLES}
+def _tab(lab: Lab, a, base_inputs) -> None:
+    gr.Markdown(a.about)
+    with gr.Row():
+        extra = [_control(k) for k in a.knobs]
+        btn = gr.Button("Compute", variant="primary", elem_id=f"compute-{a.name}", scale=0, min_width=120)
+        stop = gr.Button("Cancel", variant="stop", scale=0, min_width=100)
+    status = gr.Markdown(elem_id=f"status-{a.name}")
+    plots = [gr.Plot(label=f.label, elem_id=f.elem_id) for f in a.figures]
+    btn.click(_handler(lab, a), base_inputs + extra, [status, *plots], api_name=a.name, concurrency_limit=16)
 
-    def spectra(preset, vlm, reasoner, base, recipe, k, request: gr.Request = None):
-        yield from runs["spectra"](preset, vlm, reasoner, base, recipe, k, request=request)
+    def cancel(request: gr.Request = None):
+        n = lab.client.cancel_session(session_of(request), ("analysis",))
+        return "⏹ Cancelling…" if n else "Nothing is running."
 
-    def similarity(preset, vlm, reasoner, base, recipe, rank, request: gr.Request = None):
-        yield from runs["similarity"](preset, vlm, reasoner, base, recipe, rank, request=request)
-
-    def attention(preset, vlm, reasoner, base, recipe, images, question, request: gr.Request = None):
-        yield from runs["attention"](preset, vlm, reasoner, base, recipe, images, question, request=request)
-
-    def knockout(preset, vlm, reasoner, base, recipe, items_per_suite, request: gr.Request = None):
-        yield from runs["knockout"](preset, vlm, reasoner, base, recipe, items_per_suite, request=request)
-
-    def changes(preset, vlm, reasoner, base, recipe, request: gr.Request = None):
-        yield from runs["changes"](preset, vlm, reasoner, base, recipe, request=request)
-
-    return {"spectra": spectra, "similarity": similarity, "attention": attention, "knockout": knockout,
-            "changes": changes}
+    stop.click(cancel, None, status, queue=False, api_visibility="private")
 
 
 def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     base_inputs = [*models.inputs, recipe_state]
-    handlers = _handlers(lab)
     with gr.Tabs():
-        for name in ("similarity", "spectra", "attention", "knockout", "changes"):
-            with gr.Tab(TITLES[name], id=f"an-{name}"):
-                gr.Markdown(ABOUT[name])
-                extra = []
-                with gr.Row():
-                    if name == "spectra":
-                        extra.append(gr.Slider(4, 128, value=32, step=1, label="singular values per matrix (k)"))
-                    elif name == "similarity":
-                        extra.append(gr.Slider(1, 128, value=32, step=1, label="subspace rank",
-                                               info="top right-singular vectors compared (IP-Merging's k)"))
-                    elif name == "attention":
-                        extra.append(gr.File(file_count="multiple", file_types=["image"],
-                                             label="your images (optional; default: the bundled samples)"))
-                        extra.append(gr.Textbox(value="describe the image .", label="question asked with each image"))
-                    elif name == "knockout":
-                        extra.append(gr.Slider(2, 40, value=8, step=1, label="eval items per suite",
-                                               info="VLM, plus this tab's merged model when there is one"))
-                    btn = gr.Button("Compute", variant="primary", elem_id=f"compute-{name}", scale=0,
-                                    min_width=120)
-                    stop = gr.Button("Cancel", variant="stop", scale=0, min_width=100)
-                status = gr.Markdown(elem_id=f"status-{name}")
-                plots = [gr.Plot(label=TITLES[name], elem_id=f"plot-{name}")]
-                if name == "spectra":
-                    plots.append(gr.Plot(label="nuclear-norm ratio", elem_id="plot-spectra-ratio"))
-                btn.click(handlers[name], base_inputs + extra, [status, *plots], api_name=name,
-                          concurrency_limit=16)
-
-                def cancel(request: gr.Request = None):
-                    n = lab.client.cancel_session(session_of(request), ("analysis",))
-                    return "⏹ Cancelling…" if n else "Nothing is running."
-
-                stop.click(cancel, None, status, queue=False, api_visibility="private")
+        for name in analyses.names():
+            a = analyses.get(name)
+            with gr.Tab(a.title, id=f"an-{name}"):
+                _tab(lab, a, base_inputs)

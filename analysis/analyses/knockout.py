@@ -1,0 +1,52 @@
+"""Layer knockout (BR2V) of the VLM, and of the recipe's merge when there is one."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from pathlib import Path
+
+from analysis import knockout
+from analysis.analyses import Analysis, Figure, Knob, register
+from analysis.evaluate import evaluate
+
+
+def eval_key(eval_dir: Path) -> str:
+    """Content hash of the eval suites, so knockout results follow regenerated suites."""
+    h = hashlib.sha256()
+    for f in sorted(Path(eval_dir).glob("*.jsonl")) if Path(eval_dir).is_dir() else []:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:24]
+
+
+@register
+class Knockout(Analysis):
+    name = "knockout"
+    title = "Layer knockout"
+    about = ("Accuracy drop when one layer's attention or MLP is replaced by a constant (BR2V): perception "
+             "lives in early layers, math reasoning in middle/late layers. Slow: one evaluation per layer.")
+    knobs = (Knob("limit", 8, "eval items per suite", "VLM, plus this tab's merged model when there is one",
+                  lo=1, hi=100, api="items_per_suite"),)
+    figures = (Figure("knockout_figure", "knockout", "Layer knockout", "plot-knockout"),)
+    on_merge = True
+    slow = "it evaluates the model once per layer and module"
+
+    def run(self, job, p):
+        models = [("VLM", False)] + ([(f"merged ({job.recipe.method})", True)] if job.recipe else [])
+        evaluate_fn = partial(evaluate, eval_dir=job.eval_dir)
+        suites = eval_key(job.eval_dir)
+
+        def one(merged: bool):
+            def compute():
+                with job.source.model(job, merged=merged) as (model, proc):
+                    return knockout.knockout(model, proc, evaluate_fn, limit=p["limit"], device=job.device,
+                                             progress=job.progress)
+
+            key = {"weights": job.weights_id(merged), "limit": p["limit"], "eval": suites}
+            return job.cached(self.name, key, compute)
+
+        # One entry per model: the VLM's baseline is shared by every recipe's request.
+        return {label: one(merged) for label, merged in models}
+
+    def summary(self, data, p):
+        return f"{p['limit']} eval item(s) per suite; models: {', '.join(data)}"
