@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     for line in exposure_warnings(args.host, args.auth, args.share, args.trust_remote_code):
         print(line, file=sys.stderr, flush=True)
     upload_dir = private_upload_dir()
+    os.environ["MERGE_LAB_CACHE"] = str(cache_dir)  # the worker's merges and the analyses share decompositions
     os.environ["GRADIO_TEMP_DIR"] = str(upload_dir)  # before gradio is imported: uploads and served copies
     try:
         serve(args, cache_dir, upload_dir)

@@ -273,6 +273,7 @@ def _plan(recipe, method, device: str) -> _Run:
     params.validate_lengths(recipe, num_layers)
     groups, notes = plan_groups(recipe, method, report.layouts)
     ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers)
+    ctx.extra["fingerprints"] = report.fingerprints  # lets ip_merging file its decompositions for the analyses
     return _Run(recipe, method, report, groups, notes, ctx, device, recipe.knobs(), torch_dtype(recipe.dtype))
 
 

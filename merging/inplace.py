@@ -223,6 +223,7 @@ class InPlaceMerger:
         cdtype = torch_dtype(recipe.dtype)
         knobs = recipe.knobs()
         ctx = MergeContext(seed=recipe.seed, device=self.device, num_layers=self.num_layers)
+        ctx.extra["fingerprints"] = self.fingerprints  # lets ip_merging file its decompositions for the analyses
         bar = Progress(sum(len(g.names) for g in groups), progress, cancel, bar=False)
         try:
             self.restore()
