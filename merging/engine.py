@@ -28,15 +28,14 @@ import torch
 
 from merging import merge_report, methods, params
 from merging.errors import LabError
-from merging.layout import split_canonical
+from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.methods import MergeContext, TensorSet
 
-VOCAB = ("embed_tokens.weight", "lm_head.weight")
+MERGE_REPORT = "merge_report.json"  # what the merge changed (merging/merge_report.py), beside the weights
 # Rows per block for elementwise methods: ~1 MB of float32 keeps a block's passes in cache on a
 # CPU; on a GPU larger blocks amortise the copies and kernel launches.
 BLOCK_ELEMS = 1 << 18
 BLOCK_ELEMS_CUDA = 1 << 24
-ROLES = ("vlm", "reasoner", "base")
 
 
 @dataclass
@@ -73,7 +72,7 @@ def plan_groups(recipe, method, layouts: dict) -> tuple[list[Group], list[str]]:
         if layer is not None:
             if recipe.layers is None or recipe.layers[0] <= layer <= recipe.layers[1]:
                 blocks.setdefault(layer, []).append(c)
-        elif c in VOCAB:
+        elif c in VOCAB_TENSORS:
             if recipe.embeddings != "merge_shared_rows":
                 continue
             if all(c in o.lm for o in others):
@@ -332,25 +331,16 @@ def _merge_whole_group(run: _Run, g: Group, writer) -> None:
 
 
 def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
+    import json
+
     from merging.writer import copy_side_files, write_text
 
     copy_side_files(run.cks["vlm"].path, tmp, side)
     write_text(tmp / "recipe.yaml", run.recipe.to_yaml())
+    report = merge_report.build(run.method.name, run.ctx.extra, [c for g in run.groups for c in g.names])
+    write_text(tmp / MERGE_REPORT, json.dumps(report, indent=1) + "\n")
     write_text(tmp / "README.md", model_card(run.recipe, run.method, run.report,
-                                             run.notes + summary(run.ctx.extra), seconds))
-
-
-def summary(extra: dict) -> list[str]:
-    """One line per method diagnostic worth keeping with the model (which matrices, which weights)."""
-    out = []
-    if "ip_merging" in extra:
-        d = extra["ip_merging"]
-        sel, tot = sum(len(x["selected"]) for x in d.values()), sum(len(x["scores"]) for x in d.values())
-        out.append(f"ip_merging merged {sel} of {tot} projection matrices")
-    if "frank" in extra:
-        out += [f"frank layer {k}: w_v {v['w_v']:.3f}, lam_v {v['lam_v']:.3f}, lam_r {v['lam_r']:.3f}"
-                for k, v in extra["frank"].items()]
-    return out
+                                             run.notes + merge_report.summary_lines(report), seconds))
 
 
 def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
@@ -374,6 +364,8 @@ def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
 
 
 def main_merge(args) -> int:
+    import json
+
     from merging import recipe as recipe_mod
     from merging.writer import parse_size
 
@@ -383,4 +375,7 @@ def main_merge(args) -> int:
                         overwrite=getattr(args, "overwrite", False), protect=(args.recipe,),
                         bar=False if getattr(args, "no_progress", False) else None)
     print(f"merged {rec.method} into {out}")
+    report = json.loads((out / MERGE_REPORT).read_text())
+    for line in merge_report.summary_lines(report):  # warnings last, each beginning "warning:"
+        print(line)
     return 0
