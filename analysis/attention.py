@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from merging.errors import LabError
+from merging.loading import has_template, prompt, user_turn
 from merging.methods import frank
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy" / "samples"
@@ -137,32 +138,15 @@ def images_key(images: list) -> str:
 
 
 def build_inputs(processor, images: list, question: str = DEFAULT_QUESTION, device="cpu") -> list[dict]:
-    """One processor call per image: the chat template when the processor has one."""
-    templated = bool(getattr(processor, "chat_template", None))
-    if templated:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    else:
-        text = f"{getattr(processor, 'image_token', '<image>')} {question}"
+    """One processor call per image, on merging.loading's prompt (the chat template when there is one)."""
+    text = prompt(processor, [user_turn(question, image=True)])
+    # A chat template already writes the BOS token; do not add a second one.
+    special = not has_template(processor)
     out = []
     for im in images:
-        # A chat template already writes the BOS token; do not add a second one.
-        enc = processor(images=im, text=text, return_tensors="pt", add_special_tokens=not templated)
+        enc = processor(images=im, text=text, return_tensors="pt", add_special_tokens=special)
         out.append({k: v.to(device) for k, v in enc.items() if isinstance(v, torch.Tensor)})
     return out
-
-
-def load_vlm(model_dir, device="cpu"):
-    """(model, processor) with eager attention, float32, eval mode."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise LabError(f"{model_dir} has no usable processor for images: {str(e).splitlines()[0]}") from None
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), attn_implementation="eager",
-                                                        dtype=torch.float32)
-    return model.to(device).eval(), processor
 
 
 def attention_decay(model, processor, images=None, question: str = DEFAULT_QUESTION, limit: int | None = 16,

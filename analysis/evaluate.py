@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 
 from merging.errors import LabError
+
+# load_model is re-exported: analysis.leaderboard and the tests load through this module.
+from merging.loading import is_vision, load_model, prompt, tokenizer_of, user_turn
 from tasks.toydata import parse_answer
 
 SUITES = ("perception", "visual_math", "text_math")
@@ -50,41 +53,8 @@ def load_suite(name: str, limit: int | None = None, eval_dir: Path | str | None 
     return items
 
 
-def load_model(model_dir: str | Path, device: str = "cpu"):
-    """(model, processor or tokenizer) from a local Hugging Face folder."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
-
-    path = Path(model_dir)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise LabError(f"not a model folder (no config.json): {path}")
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "vision_config"):
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-        proc = AutoProcessor.from_pretrained(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        proc = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), proc
-
-
 def is_vlm(model) -> bool:
-    return hasattr(model.config, "vision_config")
-
-
-def _tokenizer_of(proc):
-    return getattr(proc, "tokenizer", proc)
-
-
-def _prompt(tokenizer, question: str, image: bool) -> str:
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return is_vision(model.config)
 
 
 @torch.no_grad()
@@ -92,11 +62,11 @@ def generate(
     model, proc, questions: list[str], images: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS
 ):
     """Greedy answers to a batch of questions (each with an image when `images` is given)."""
-    tok = _tokenizer_of(proc)
+    tok = tokenizer_of(proc)
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        prompts = [_prompt(tok, q, images is not None) for q in questions]
+        prompts = [prompt(proc, [user_turn(q, images is not None)]) for q in questions]
         if images is not None:
             batch = proc(
                 text=prompts, images=images, padding=True, return_tensors="pt", add_special_tokens=False

@@ -16,18 +16,14 @@ import torch
 
 from merging.drift import attach_hooks, compute_prior, drift_settings
 from merging.errors import LabError
-
-
-def _prompt(processor, question: str, image: bool) -> str:
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+from merging.loading import load_model, prompt, tokenizer_of, user_turn
 
 
 def build_batch(processor, examples: list) -> dict:
     """examples: (PIL image or None, question, answer). Loss only on the answer tokens."""
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     tok.padding_side = "right"
-    prompts = [_prompt(processor, q, img is not None) for img, q, _ in examples]
+    prompts = [prompt(processor, [user_turn(q, img is not None)]) for img, q, _ in examples]
     fulls = [p + " " + a + (tok.eos_token or "") for p, (_, _, a) in zip(prompts, examples)]
     images = [img for img, _, _ in examples if img is not None]
     kw = {"images": images} if images else {}
@@ -104,16 +100,14 @@ def load_drift_recipe(path) -> dict:
 
 def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=None) -> dict:
     """Load the VLM, train (DRIFT or plain when alpha is 0) and save to out_dir atomically."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from merging.writer import AtomicFolder
     from tasks.drift_data import training_examples
 
     s = spec["drift"]
     with AtomicFolder(out_dir) as tmp:
         prior = compute_prior(spec["vlm"], spec["reasoner"])
-        model = AutoModelForImageTextToText.from_pretrained(spec["vlm"], dtype=torch.float32).to(device)
-        processor = AutoProcessor.from_pretrained(spec["vlm"])
+        # float32: the fine-tune's optimizer steps need the precision whatever the checkpoint's dtype.
+        model, processor = load_model(spec["vlm"], device, dtype="float32")
         examples = training_examples(int(s["examples"]), seed=int(s["seed"]))
         t0 = time.time()
         losses = finetune(model, processor, examples, int(s["steps"]), float(s["lr"]), int(s["batch_size"]),

@@ -175,7 +175,9 @@ def test_attention_shares_on_tiny_llava_match_a_manual_computation(vlm_model):
 def test_attention_decay_end_to_end_with_the_processor(triple, tmp_path):
     from PIL import Image
 
-    model, proc = attention.load_vlm(triple["vlm"])
+    from merging.loading import load_model
+
+    model, proc = load_model(triple["vlm"], attentions=True)
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(img)
     res = attention.attention_decay(model, proc, [img, Image.new("RGB", (32, 32), (0, 90, 200))])

@@ -159,15 +159,16 @@ def test_trust_remote_code_off_by_default_in_app(client, models_root):
 def test_trust_remote_code_needs_the_flag(toy_dir, tmp_path):
     from app import parse_args
     from merging.errors import LabError
-    from webapp.models import load_vlm
+    from merging.loading import load_model
 
     assert parse_args([]).trust_remote_code is False and parse_args(["--trust-remote-code"]).trust_remote_code
     marker = tmp_path / "MARKER"
     folder = _evil_copy(toy_dir / "vlm", tmp_path / "custom", marker, model_type="evil_lab_model")
     with pytest.raises(LabError, match="--trust-remote-code"):
-        load_vlm(str(folder), "cpu")
+        load_model(str(folder), "cpu")
     assert not marker.exists()
-    code = f"from webapp.models import load_vlm\ntry:\n    load_vlm({str(folder)!r}, 'cpu', True)\nexcept Exception:\n    pass"
+    code = (f"from merging.loading import load_model\ntry:\n    load_model({str(folder)!r}, 'cpu', "
+            "trust_remote_code=True)\nexcept Exception:\n    pass")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120, capture_output=True,
                    env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert marker.exists(), "with the flag the model's own code is what loads it (control)"

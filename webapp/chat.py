@@ -5,11 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from merging.loading import is_vision, prompt, tokenizer_of, user_turn
 from webapp.jobs import Cancelled
-
-
-def _tokenizer_of(proc):
-    return getattr(proc, "tokenizer", proc)
 
 
 def build_messages(history: list[dict], question: str, has_image: bool) -> list[dict]:
@@ -18,18 +15,8 @@ def build_messages(history: list[dict], question: str, has_image: bool) -> list[
     for turn in history:
         messages.append({"role": "user", "content": [{"type": "text", "text": turn["question"]}]})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
-    messages.append({"role": "user", "content": content})
+    messages.append(user_turn(question, has_image))
     return messages
-
-
-def _prompt(proc, messages: list[dict]) -> str:
-    for obj in (proc, _tokenizer_of(proc)):
-        if getattr(obj, "chat_template", None):
-            return obj.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # No chat template at all: plain text, so that a bare LM still answers something.
-    last = messages[-1]["content"]
-    return " ".join(c["text"] for c in last if c["type"] == "text")
 
 
 def context_length(model, tok) -> int | None:
@@ -43,10 +30,10 @@ def context_length(model, tok) -> int | None:
 
 def _encode(proc, tok, question, history, image):
     has_image = image is not None
-    prompt = _prompt(proc, build_messages(history, question, has_image))
+    text = prompt(proc, build_messages(history, question, has_image))
     if has_image:
-        return proc(text=[prompt], images=[image], return_tensors="pt", add_special_tokens=False)
-    return tok([prompt], return_tensors="pt", add_special_tokens=False)
+        return proc(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
+    return tok([text], return_tensors="pt", add_special_tokens=False)
 
 
 def fit_inputs(model, proc, question: str, image=None, history: list[dict] | None = None,
@@ -58,7 +45,7 @@ def fit_inputs(model, proc, question: str, image=None, history: list[dict] | Non
     """
     from merging.errors import LabError
 
-    tok = _tokenizer_of(proc)
+    tok = tokenizer_of(proc)
     history = list(history or [])
     ctx = context_length(model, tok)
     inputs = _encode(proc, tok, question, history, image)
@@ -106,8 +93,8 @@ def stream_answer(model, proc, question: str, image=None, history: list[dict] | 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    tok = _tokenizer_of(proc)
-    image = image if image is not None and hasattr(model.config, "vision_config") else None
+    tok = tokenizer_of(proc)
+    image = image if image is not None and is_vision(model.config) else None
     inputs, max_new_tokens, notices = fit_inputs(model, proc, question, image, history, max_new_tokens)
     for n in notices:
         if on_notice:

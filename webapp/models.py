@@ -12,6 +12,7 @@ import gc
 from pathlib import Path
 
 from merging.errors import LabError
+from merging.loading import load_model, serving_dtype
 from webapp.jobs import Cancelled
 
 SNAPSHOT_MAX_BYTES = 256 * 2**20  # keep merged-state snapshots only for LMs below this size
@@ -28,38 +29,9 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_vlm(ref: str, device: str, trust_remote_code: bool = False):
-    """(model, processor) for a folder or cached hub id. A model's own Python code (config
-    `auto_map`) runs only when the operator started the app with --trust-remote-code."""
-    import torch
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
-
-    from merging.hub import resolve
-
-    path = resolve(ref)
-    trust = bool(trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise LabError(f"{ref} needs its own Python code to load (auto_map in config.json); the lab runs "
-                       "such code only when started with --trust-remote-code") from None
-    dtype = torch.float32 if device == "cpu" else "auto"
-    vision = hasattr(config, "vision_config")
-    cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
-    try:
-        proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=trust)
-    except Exception as e:
-        raise LabError(f"{ref} has no usable tokenizer/processor ({type(e).__name__}); the model cannot chat") from None
-    return model, proc
+def load_serving(ref: str, device: str, trust_remote_code: bool = False):
+    """(model, processor) of the worker: merging.loading.load_model in the serving dtype."""
+    return load_model(ref, device, dtype=serving_dtype(device), trust_remote_code=trust_remote_code)
 
 
 class Loaded:
@@ -71,7 +43,7 @@ class Loaded:
 
         self.triple = triple
         self.device = device
-        self.model, self.processor = load_vlm(triple[0], device, trust_remote_code)
+        self.model, self.processor = load_serving(triple[0], device, trust_remote_code)
         self.merger = InPlaceMerger(self.model, *triple, device=device, snapshots=SNAPSHOTS,
                                     snapshot_max_bytes=SNAPSHOT_MAX_BYTES)
 
@@ -143,4 +115,4 @@ class ModelHolder:
         return self.loaded
 
 
-__all__ = ["Cancelled", "Loaded", "ModelHolder", "load_vlm", "pick_device"]
+__all__ = ["Cancelled", "Loaded", "ModelHolder", "load_serving", "pick_device"]

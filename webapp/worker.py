@@ -20,7 +20,7 @@ from webapp.jobs import Cancelled, recipe_key, triple_of
 
 
 class CancelFlag:
-    """Callable and Event-like: True once the UI asked to cancel this job."""
+    """Callable: True once the UI asked to cancel this job."""
 
     def __init__(self, control, job_id: int, cancelled: set):
         self._control, self._id, self._cancelled = control, job_id, cancelled
@@ -32,8 +32,6 @@ class CancelFlag:
             except (queue.Empty, OSError, EOFError):
                 break
         return self._id in self._cancelled
-
-    is_set = __call__
 
     def check(self) -> None:
         if self():
@@ -163,7 +161,7 @@ class Worker:
 
     def drift_loaded(self, folder: str, progress=None):
         """(model, processor) of a DRIFT result folder; one is kept loaded beside the triple's VLM."""
-        from webapp.models import load_vlm
+        from webapp.models import load_serving
 
         folder = str(Path(folder).resolve())
         drift_root = Path(self.cache_dir or ".", "drift").resolve()
@@ -173,7 +171,7 @@ class Worker:
             self.drift_model = None
             if progress:
                 progress(0, 1, f"loading the DRIFT result {Path(folder).name}")
-            self.drift_model = (folder, *load_vlm(folder, self.device))
+            self.drift_model = (folder, *load_serving(folder, self.device, self.models.trust_remote_code))
         return self.drift_model[1], self.drift_model[2]
 
     def do_drift(self, job_id, args, flag):
