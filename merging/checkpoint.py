@@ -21,7 +21,8 @@ import torch
 from merging import hub
 from merging.errors import LabError
 
-DTYPES = {
+# safetensors header code -> torch dtype (the dtype names a recipe may give: merging.recipe.DTYPES).
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -116,7 +117,7 @@ def _whole(x) -> bool:
 def _check_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
     """(begin, end) of one header entry, every value checked: a bad one is a one-line LabError."""
     bad = f"{path} is corrupt: tensor {name[:100]!r} has a bad header entry"
-    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
         raise LabError(f"{bad} (dtype)")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(_whole(d) for d in shape):
@@ -126,7 +127,7 @@ def _check_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int]:
     begin, end = offsets
     if end > data_len:
         raise LabError(f"{path} is truncated: tensor {name[:100]!r} extends past the end of the file")
-    if end - begin != math.prod(shape) * DTYPES[info["dtype"]].itemsize:
+    if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
         raise LabError(f"{path} is corrupt: tensor {name[:100]!r} has a byte range that does not match its shape")
     return begin, end
 
@@ -236,7 +237,7 @@ class Checkpoint:
         return self._meta[self._check(name)]["shape"]
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._meta[self._check(name)]["dtype"]]
+        return SAFETENSORS_DTYPES[self._meta[self._check(name)]["dtype"]]
 
     def nbytes(self, name: str) -> int:
         return math.prod(self.shape(name)) * self.dtype(name).itemsize
@@ -253,7 +254,7 @@ class Checkpoint:
                                                    mmap=True)
             return sd[name].to(device)
         m = self._meta[name]
-        t = self._read(f, m["offset"], m["shape"], DTYPES[m["dtype"]])
+        t = self._read(f, m["offset"], m["shape"], SAFETENSORS_DTYPES[m["dtype"]])
         return t if str(device) == "cpu" else t.to(device)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -343,7 +344,7 @@ def _read_index(folder: Path, index: Path) -> dict[str, str]:
 
 
 def _dtype_code(dtype: torch.dtype) -> str:
-    for code, dt in DTYPES.items():
+    for code, dt in SAFETENSORS_DTYPES.items():
         if dt == dtype:
             return code
     raise LabError(f"unsupported tensor dtype {dtype}")

@@ -8,12 +8,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from merging import params
 from merging.checkpoint import Checkpoint
 from merging.errors import LabError
-from merging.layout import Layout, derive_layout
+from merging.layout import VOCAB_TENSORS, Layout, derive_layout
 
-ROLES = ("vlm", "reasoner", "base")
-VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 # A fine-tune moves a weight matrix by a few percent of its norm; a relative task vector this
 # large means the base is probably not the model's parent (merges from it degrade).
 PARENT_RATIO = 0.5
@@ -138,10 +137,5 @@ def main_check(args) -> int:
     if not rep.ok:
         print(f"error: cannot merge: {rep.reason}", file=sys.stderr)
         return 2
-    try:
-        from merging import params
-
-        params.validate_lengths(rec, rep.layouts["vlm"].num_layers)
-    except ImportError:
-        pass
+    params.validate_lengths(rec, rep.layouts["vlm"].num_layers)
     return 0

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from merging.errors import LabError
 
+ROLES = ("vlm", "reasoner", "base")  # the three models of a triple
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # canonical names sized by the vocabulary
+
 # model_type -> (family, LM prefixes to try in order, lm_head names to try). Each list covers
 # both on-disk layouts: >= 4.52 / 5.x first, then <= 4.51.
 _LLAVA_LIKE = (["model.language_model.", "language_model.model."], ["lm_head.weight", "language_model.lm_head.weight"])
@@ -45,9 +48,6 @@ class Layout:
     is_vlm: bool
     prefix: str
     warnings: list[str] = field(default_factory=list)
-
-    def actual(self, canonical: str) -> str:
-        return self.lm[canonical]
 
     def layer_names(self, layer: int) -> list[str]:
         return [c for c in self.lm if split_canonical(c)[0] == layer]

@@ -189,8 +189,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
         if k not in allowed:
             raise LabError(f"unknown parameter {k!r} for method {method.name!r}; allowed: {', '.join(allowed) or 'none'}")
         _check_value(method.name, allowed[k], v, f"parameter {k!r}")
-    if hasattr(method, "validate"):
-        method.validate(params)
+    method.validate(params)
     layers = d.get("layers")
     if layers is not None:
         if (not isinstance(layers, list) or len(layers) != 2

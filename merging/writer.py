@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import DTYPES, confine, open_regular
+from merging.checkpoint import SAFETENSORS_DTYPES, confine, open_regular
 from merging.errors import LabError
 
-_CODES = {dt: code for code, dt in DTYPES.items()}
+_CODES = {dt: code for code, dt in SAFETENSORS_DTYPES.items()}
 # Files of a model folder that are weights (never copied: the merge writes its own).
 _WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|\.index\.json$", re.I)
 _OWN = {"README.md", "recipe.yaml"}  # written by the engine

@@ -9,6 +9,7 @@ import gradio as gr
 
 from analysis import analyses
 from merging.errors import LabError
+from merging.layout import ROLES
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.safety import check_images
@@ -33,7 +34,7 @@ def _paths(files) -> list[str]:
 
 def _submit(lab: Lab, a, preset, vlm, reasoner, base, recipe, values) -> dict:
     """The worker job's arguments; LabError for a bad triple or image."""
-    triple = ({k: recipe.get(k) for k in ("vlm", "reasoner", "base")}
+    triple = ({k: recipe.get(k) for k in ROLES}
               if recipe and a.on_merge else lab.triple(preset, vlm, reasoner, base))
     args = {"name": a.name, "triple": triple, "recipe": recipe}
     for k, v in zip(a.knobs, values):

@@ -17,7 +17,6 @@ import hashlib
 import json
 
 TERMINAL = ("result", "error", "cancelled")
-KINDS = ("merge", "chat", "analysis", "export", "drift", "ping")
 
 
 class Cancelled(Exception):

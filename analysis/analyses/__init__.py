@@ -6,15 +6,16 @@ name) show it. analysis.runner drives them for the CLI report and for the app's 
 app's panel is generated from this list, so both share one cached result per question asked.
 
 Adding an analysis: write analysis/analyses/<name>.py with an Analysis subclass decorated by
-@register, and add its module name to _MODULES below (a missing file is an ImportError).
+@register, and add its module name to _MODULES below (merging.registry: a missing file is an
+ImportError).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from merging.errors import LabError
+from merging.registry import Registry
 
 # Display order in the app's panel and in the report.
 _MODULES = ("similarity", "spectra", "attention", "knockout", "changes")
@@ -103,26 +104,5 @@ class Analysis:
         return ""
 
 
-_REGISTRY: dict[str, Analysis] = {}
-
-
-def register(cls):
-    inst = cls()
-    if not inst.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[inst.name] = inst
-    return cls
-
-
-for _mod in _MODULES:
-    importlib.import_module(f"analysis.analyses.{_mod}")
-
-
-def names() -> list[str]:
-    return list(_REGISTRY)
-
-
-def get(name: str) -> Analysis:
-    if name not in _REGISTRY:
-        raise LabError(f"unknown analysis {name!r}; choose one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+_registry = Registry("analysis", __name__, _MODULES)
+register, names, get = _registry.register, _registry.names, _registry.get

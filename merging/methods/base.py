@@ -73,6 +73,10 @@ class MergeMethod:
                 return p
         raise KeyError(name)
 
+    def validate(self, params: dict) -> None:
+        """Checks across knobs, on the recipe's parameters as given (each is already in range);
+        raise LabError to refuse the recipe. Default: none."""
+
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError
 
