@@ -61,7 +61,7 @@ def load_model(ref: str | Path, device: str = "cpu", *, attentions: bool = False
     try:
         proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=trust)
     except Exception as e:
-        raise LabError(f"{ref} has no usable tokenizer/processor ({type(e).__name__}: "
+        raise LabError(f"could not load the model in {ref}: no usable tokenizer/processor ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
     return model, proc
 

@@ -26,7 +26,7 @@ class Knockout(Analysis):
     about = ("Accuracy drop when one layer's attention or MLP is replaced by a constant (BR2V): perception "
              "lives in early layers, math reasoning in middle/late layers. Slow: one evaluation per layer.")
     knobs = (Knob("limit", 8, "eval items per suite", "VLM, plus this tab's merged model when there is one",
-                  lo=1, hi=100, api="items_per_suite"),)
+                  lo=1, hi=300, api="items_per_suite"),)  # 300: every item of a toy suite
     figures = (Figure("knockout_figure", "knockout", "Layer knockout", "plot-knockout"),)
     on_merge = True
     slow = "it evaluates the model once per layer and module"
