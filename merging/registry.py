@@ -9,7 +9,7 @@ from merging.errors import LabError
 
 
 class Registry:
-    """Instances of the @register-ed classes by their `name`, in the order the modules list them."""
+    """Instances of the @register-ed classes by their `name`."""
 
     def __init__(self, what: str, package: str, modules: tuple[str, ...]):
         self.what, self.package, self.modules = what, package, modules
@@ -29,11 +29,14 @@ class Registry:
             importlib.import_module(f"{self.package}.{mod}")
 
     def names(self) -> list[str]:
+        """In the modules' order (a module imported early elsewhere registers early), then the
+        order each module registers in."""
         self._load()
-        return list(self._items)
+        rank = {f"{self.package}.{m}": i for i, m in enumerate(self.modules)}
+        return sorted(self._items, key=lambda n: rank[type(self._items[n]).__module__])
 
     def get(self, name: str):
         self._load()
         if name not in self._items:
-            raise LabError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self._items)}")
+            raise LabError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self.names())}")
         return self._items[name]
