@@ -20,6 +20,7 @@ from analysis.attention import SAMPLES_DIR
 from analysis.cache import cached
 from analysis.evaluate import EVAL_DIR
 from merging import hub
+from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.inplace import merge_key, triple_fingerprints, weights_id
 from merging.loading import load_model
@@ -76,8 +77,6 @@ class DiskSource:
 
     def _merged(self, job: Job) -> Path:
         if self._tmp is None:
-            from merging.engine import merge_to_disk
-
             self._tmp = Path(tempfile.mkdtemp(prefix=".merge-lab-merged-", dir=self.parent))
             merge_to_disk(job.recipe, self._tmp / "model", device=job.device, progress=job.progress)
         return self._tmp / "model"
