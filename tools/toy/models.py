@@ -21,7 +21,7 @@ PATCH = 16
 NUM_IMAGE_TOKENS = (td.IMAGE_SIZE // PATCH) ** 2  # "default" strategy drops the CLS token
 
 
-def llama_config(vocab_size: int, num_layers: int = 8) -> LlamaConfig:
+def llama_config(vocab_size: int, num_layers: int = 4) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -56,7 +56,7 @@ def generation_config() -> GenerationConfig:
     )
 
 
-def build_base(vocab_size: int, seed: int, num_layers: int = 8) -> LlamaForCausalLM:
+def build_base(vocab_size: int, seed: int, num_layers: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(vocab_size, num_layers))
     model.generation_config = generation_config()
