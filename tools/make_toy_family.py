@@ -106,6 +106,37 @@ def _save(folder: Path, key: dict, model, tok, processor=None) -> None:
 STAGES = ("base", "math", "vlm", "eval")
 
 
+def train_base(tok, plan: Plan, seed: int, log):
+    """Stage 1: the base LM pretrained from scratch on the text mixture."""
+    base = models.build_base(len(tok), seed, plan.layers)
+    groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
+    train(base, text_batches(tok, corpus.base_text, plan.batch), groups, plan.base_steps, seed + 1,
+          log=log, name="base")
+    return base
+
+
+def train_math(base, tok, plan: Plan, seed: int, log):
+    """Stage 2: the math LLM, the base briefly fine-tuned on word problems (with replay)."""
+    math = copy.deepcopy(base)
+    groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
+    draw = lambda rng: corpus.math_example(rng, plan.math_replay)  # noqa: E731
+    train(math, text_batches(tok, draw, plan.batch), groups, plan.math_steps, seed + 2, log=log, name="math")
+    return math
+
+
+def train_vlm(base, tok, processor, plan: Plan, seed: int, log):
+    """Stage 3, the LLaVA recipe: vision tower + projector alone, then a joint fine-tune at a low LM rate."""
+    vlm = models.build_vlm(base, seed + 3)
+    make = vlm_batches(tok, processor.image_processor, plan.vlm_batch)
+    vision = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
+    lm = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
+    train(vlm, make, [{"params": vision, "lr": plan.vision_lr}], plan.vision_steps, seed + 4, log=log,
+          name="vlm-vision")
+    groups = [{"params": vision, "lr": plan.joint_vision_lr}, {"params": lm, "lr": plan.joint_lm_lr}]
+    train(vlm, make, groups, plan.joint_steps, seed + 5, log=log, name="vlm-joint")
+    return vlm
+
+
 def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print,
                 only: tuple[str, ...] = STAGES) -> dict[str, float]:
     """Train and write base/, math/, vlm/, eval/, samples/ under `out`.
@@ -124,67 +155,21 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
         base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
         log("[base] reused")
     else:
-        base = models.build_base(len(tok), seed, plan.layers)
-        groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
-        train(
-            base,
-            text_batches(tok, corpus.base_text, plan.batch),
-            groups,
-            plan.base_steps,
-            seed + 1,
-            log=log,
-            name="base",
-        )
+        base = train_base(tok, plan, seed, log)
         _save(out / "base", key, base, tok)
     timings["base"] = time.time() - t0
 
-    t = time.time()
-    key = stage_key(plan, seed, "math")
-    if "math" not in only:
-        log("[math] skipped (--only)")
-    elif resume and _done(out / "math", key):
-        log("[math] reused")
-    else:
-        math = copy.deepcopy(base)
-        groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
-        train(
-            math,
-            text_batches(tok, lambda rng: corpus.math_example(rng, plan.math_replay), plan.batch),
-            groups,
-            plan.math_steps,
-            seed + 2,
-            log=log,
-            name="math",
-        )
-        _save(out / "math", key, math, tok)
-    timings["math"] = time.time() - t
-
-    t = time.time()
-    key = stage_key(plan, seed, "vlm")
-    if "vlm" not in only:
-        log("[vlm] skipped (--only)")
-    elif resume and _done(out / "vlm", key):
-        log("[vlm] reused")
-    else:
-        vlm = models.build_vlm(base, seed + 3)
-        make = vlm_batches(tok, processor.image_processor, plan.vlm_batch)
-        vision = list(vlm.model.vision_tower.parameters()) + list(
-            vlm.model.multi_modal_projector.parameters()
-        )
-        lm = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
-        train(
-            vlm,
-            make,
-            [{"params": vision, "lr": plan.vision_lr}],
-            plan.vision_steps,
-            seed + 4,
-            log=log,
-            name="vlm-vision",
-        )
-        groups = [{"params": vision, "lr": plan.joint_vision_lr}, {"params": lm, "lr": plan.joint_lm_lr}]
-        train(vlm, make, groups, plan.joint_steps, seed + 5, log=log, name="vlm-joint")
-        _save(out / "vlm", key, vlm, tok, processor)
-    timings["vlm"] = time.time() - t
+    for stage in ("math", "vlm"):
+        t, key = time.time(), stage_key(plan, seed, stage)
+        if stage not in only:
+            log(f"[{stage}] skipped (--only)")
+        elif resume and _done(out / stage, key):
+            log(f"[{stage}] reused")
+        elif stage == "math":
+            _save(out / "math", key, train_math(base, tok, plan, seed, log), tok)
+        else:
+            _save(out / "vlm", key, train_vlm(base, tok, processor, plan, seed, log), tok, processor)
+        timings[stage] = time.time() - t
 
     t = time.time()
     if "eval" in only:
