@@ -8,6 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -72,96 +73,108 @@ def _describe(method: str) -> str:
     return f"_{m.description or m.name}{base}_"
 
 
-def build(lab: Lab, models: ModelsPanel) -> MergePanel:
-    method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method")
-    about = gr.Markdown(_describe(recipes.DEFAULT_METHOD))
+def _controls() -> SimpleNamespace:
+    """The panel's components, created in page order."""
+    c = SimpleNamespace()
+    c.method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method")
+    c.about = gr.Markdown(_describe(recipes.DEFAULT_METHOD))
     shown = recipes.shown_params(recipes.DEFAULT_METHOD)
-    knobs = []
+    c.knobs = []
     for i in range(recipes.POOL):
         spec = recipes.slider_spec(shown[i]) if i < len(shown) else {"label": f"knob {i}"}
-        knobs.append(gr.Slider(visible=i < len(shown), interactive=True, **spec))
-    prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False,
-                        info="FRANK: weight the VLM more in early layers, where images get most attention")
+        c.knobs.append(gr.Slider(visible=i < len(shown), interactive=True, **spec))
+    c.prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False,
+                          info="FRANK: weight the VLM more in early layers, where images get most attention")
     with gr.Accordion("Layer range and per-layer values", open=False):
         with gr.Row():
-            first = gr.Slider(0, 31, value=0, step=1, label="first layer")
-            last = gr.Slider(0, 31, value=31, step=1, label="last layer")
-        advanced = gr.Textbox("", label="Per-layer values (YAML, overrides the sliders)", lines=2,
-                              placeholder="alpha: [0.0, 0.1, 0.2, 0.3]")
+            c.first = gr.Slider(0, 31, value=0, step=1, label="first layer")
+            c.last = gr.Slider(0, 31, value=31, step=1, label="last layer")
+        c.advanced = gr.Textbox("", label="Per-layer values (YAML, overrides the sliders)", lines=2,
+                                placeholder="alpha: [0.0, 0.1, 0.2, 0.3]")
     with gr.Row():
-        merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
-        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-    status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
-    recipe_state = gr.State(None)
-    variant_state = gr.State(None)
+        c.merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
+        c.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+    c.status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
+    c.recipe_state = gr.State(None)
+    c.variant_state = gr.State(None)
     with gr.Accordion("Recipe (YAML) and export", open=False):
-        recipe_code = gr.Code(language="yaml", label="recipe of the current merge", lines=8)
-        recipe_file = gr.File(label="download the recipe", interactive=False)
-        export_btn = gr.Button("Export merged model to a folder", size="sm")
-        export_status = gr.Markdown()
-    panel = MergePanel(method, knobs, prior, first, last, advanced, merge_btn, cancel_btn, status, recipe_state,
-                       variant_state)
+        c.recipe_code = gr.Code(language="yaml", label="recipe of the current merge", lines=8)
+        c.recipe_file = gr.File(label="download the recipe", interactive=False)
+        c.export_btn = gr.Button("Export merged model to a folder", size="sm")
+        c.export_status = gr.Markdown()
+    return c
 
+
+def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
+    """Method -> its knobs; models -> the layer range and whether Merge is clickable."""
     def on_method(name, n_layers):
         return [_describe(name), gr.update(visible=name == "frank")] + _knob_updates(name, n_layers)
 
-    method.change(on_method, [method, models.num_layers], [about, prior, *knobs], queue=False,
-                  api_visibility="private")
+    c.method.change(on_method, [c.method, models.num_layers], [c.about, c.prior, *c.knobs], queue=False,
+                    api_visibility="private")
 
     def on_models(n_layers, ok):
         n = int(n_layers or 32)
         return (gr.update(maximum=n - 1, value=0), gr.update(maximum=n - 1, value=n - 1),
                 gr.update(interactive=bool(ok)))
 
-    models.num_layers.change(on_models, [models.num_layers, models.compatible], [first, last, merge_btn],
+    models.num_layers.change(on_models, [models.num_layers, models.compatible], [c.first, c.last, c.merge_btn],
                              queue=False, api_visibility="private")
-    models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, merge_btn,
+    models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, c.merge_btn,
                              queue=False, api_visibility="private")
 
+
+def _merge_handler(lab: Lab):
     def merge(request: gr.Request, preset, vlm, reasoner, base, method, first_layer, last_layer, prior,
               per_layer_yaml, *knob_values):
         """knob_values: the method's knobs in merging.methods.get(method).params order (frank's use_prior
         aside), one per slider of the pool. The request comes first: Gradio injects it only positionally."""
-        method_v = method
         keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         try:
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
-            recipe = recipes.build(triple, method_v, knob_values, first_layer, last_layer,
+            recipe = recipes.build(triple, method, knob_values, first_layer, last_layer,
                                    rep.layouts["vlm"].num_layers, bool(prior), per_layer_yaml or "")
         except LabError as e:
             yield (f"❌ **Cannot merge:** {e}", *keep)
             return
         job = lab.client.submit("merge", {"recipe": recipe}, session_of(request))
-        for text, end in follow_status(lab.client, job, f"Merging with {method_v}"):
+        for text, end in follow_status(lab.client, job, f"Merging with {method}"):
             if end is None:
                 yield (text, *keep)
                 continue
             ev, payload, el = end
             if ev == "result":
-                # A fresh temp folder: Gradio copies a returned file into its own cache and serves
-                # that copy, so no folder of the lab's ever needs to be servable.
-                path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method_v}-{recipe_key(recipe)}.yaml"
-                path.write_text(recipes.to_yaml(recipe))
-                how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
-                yield (f"✅ **Merged with {method_v}** in {el:.2f} s ({how}, on {payload['device']}). "
-                       "Chat with it or open the analyses." + _report_text(payload.get("report")),
-                       recipes.to_yaml(recipe), str(path), recipe, recipe)
+                yield _merged(method, recipe, payload, el)
             elif ev == "cancelled":
                 yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
             else:
                 yield (f"❌ **Merge failed:** {payload}", *keep)
 
-    inputs = [*models.inputs, method, first, last, prior, advanced, *knobs]
-    merge_btn.click(_name_knobs(merge, len(knobs)), inputs, [status, recipe_code, recipe_file, recipe_state, variant_state], api_name="merge",
-                    concurrency_limit=16)
+    return merge
 
+
+def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
+    """The outputs of a finished merge: status with its report, the recipe, its download, the states."""
+    # A fresh temp folder: Gradio copies a returned file into its own cache and serves that copy,
+    # so no folder of the lab's ever needs to be servable.
+    path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method}-{recipe_key(recipe)}.yaml"
+    path.write_text(recipes.to_yaml(recipe))
+    how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
+    return (f"✅ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
+            "Chat with it or open the analyses." + _report_text(payload.get("report")),
+            recipes.to_yaml(recipe), str(path), recipe, recipe)
+
+
+def _cancel_handler(lab: Lab):
     def cancel(request: gr.Request = None):
         n = lab.client.cancel_session(session_of(request), ("merge", "export", "analysis"))
         return "⏹ Cancelling…" if n else "Nothing is running."
 
-    cancel_btn.click(cancel, None, status, api_name="cancel", queue=False)
+    return cancel
 
+
+def _export_handler(lab: Lab):
     def export(recipe, request: gr.Request = None):
         if not recipe:
             yield "Merge first; then the merged model can be exported."
@@ -180,5 +193,19 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
             else:
                 yield f"❌ Export {end[0]}: {end[1]}"
 
-    export_btn.click(export, recipe_state, export_status, api_name="export", concurrency_limit=16)
+    return export
+
+
+def build(lab: Lab, models: ModelsPanel) -> MergePanel:
+    c = _controls()
+    panel = MergePanel(c.method, c.knobs, c.prior, c.first, c.last, c.advanced, c.merge_btn, c.cancel_btn,
+                       c.status, c.recipe_state, c.variant_state)
+    _wire_controls(c, models)
+    inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, *c.knobs]
+    outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state]
+    c.merge_btn.click(_name_knobs(_merge_handler(lab), len(c.knobs)), inputs, outputs, api_name="merge",
+                      concurrency_limit=16)
+    c.cancel_btn.click(_cancel_handler(lab), None, c.status, api_name="cancel", queue=False)
+    c.export_btn.click(_export_handler(lab), c.recipe_state, c.export_status, api_name="export",
+                       concurrency_limit=16)
     return panel
