@@ -134,15 +134,15 @@ def selection_details(method: str, extra: dict) -> str:
     return ""
 
 
+def _rank(d: dict, floor: float) -> tuple:
+    """Sort key of the selection rule: keeps perception first, then visual_math (or the sum if not)."""
+    keeps = d["perception"] >= floor
+    return keeps, d["visual_math"] if keeps else d["perception"] + d["visual_math"], d["perception"]
+
+
 def better(a: dict, b: dict | None, floor: float) -> bool:
     """Is dev score a better than b under the selection rule?"""
-    if b is None:
-        return True
-    ka = (a["perception"] >= floor, a["visual_math"] if a["perception"] >= floor else a["perception"] + a["visual_math"],
-          a["perception"])
-    kb = (b["perception"] >= floor, b["visual_math"] if b["perception"] >= floor else b["perception"] + b["visual_math"],
-          b["perception"])
-    return ka > kb
+    return b is None or _rank(a, floor) > _rank(b, floor)
 
 
 class Board:

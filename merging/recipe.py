@@ -1,4 +1,4 @@
-"""The recipe: what to merge and how (DESIGN.md section 6). Loaded from YAML, validated before any work."""
+"""The recipe: what to merge and how (README "Commands"). Loaded from YAML, validated before any work."""
 
 from __future__ import annotations
 

@@ -101,6 +101,15 @@ def to_new_layout(folder: Path, family: str = "llava") -> None:
     rename_keys(folder, NEW_LAYOUT[family])
 
 
+def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, by name."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
+    return out
+
+
 def reshard(folder: Path, n_shards: int = 3) -> None:
     """Split a single-file checkpoint into n shards with a model.safetensors.index.json."""
     folder = Path(folder)

@@ -170,12 +170,13 @@ def upload_dir(lab, toy_dir) -> Path:
     return _upload_dir(lab["url"], toy_dir)
 
 
-def test_chat_reads_only_this_servers_uploads(lab, upload_dir, tmp_path):
+def _each_planted_file_is_refused(lab, upload_dir, tmp_path, api: str, args_for) -> None:
+    """Plant secrets where an attacker might point; `api` called with each must refuse it, serve it
+    nowhere and copy it nowhere."""
     planted = _planted(tmp_path)
     try:
         for label, (path, secret) in planted.items():
-            event, payload = raw_call(lab["url"], "chat", _chat_args({"text": "how many ?",
-                                                                      "files": [file_data(path)]}))
+            event, payload = raw_call(lab["url"], api, args_for(path))
             _refused(event, payload, path)
             assert fetch(lab["url"], path)[0] == 403, label
             assert not copies_of(secret, upload_dir), f"{label}: a copy of the file is being served"
@@ -183,24 +184,19 @@ def test_chat_reads_only_this_servers_uploads(lab, upload_dir, tmp_path):
         for path, _ in planted.values():
             path.unlink(missing_ok=True)
         shutil.rmtree(planted["shared upload"][0].parent, ignore_errors=True)
+
+
+def test_chat_reads_only_this_servers_uploads(lab, upload_dir, tmp_path):
+    _each_planted_file_is_refused(lab, upload_dir, tmp_path, "chat",
+                                  lambda path: _chat_args({"text": "how many ?", "files": [file_data(path)]}))
     assert upload_dir.name.startswith("merge-lab-uploads-"), upload_dir  # private, not the shared /tmp/gradio
 
 
 def test_attention_reads_only_this_servers_uploads(lab, client, upload_dir, toy_dir, tmp_path):
     from gradio_client import handle_file
 
-    planted = _planted(tmp_path)
-    try:
-        for label, (path, secret) in planted.items():
-            event, payload = raw_call(lab["url"], "attention", [DEFAULT, "", "", "", None, [file_data(path)],
-                                                                "describe the image ."])
-            _refused(event, payload, path)
-            assert fetch(lab["url"], path)[0] == 403, label
-            assert not copies_of(secret, upload_dir), f"{label}: a copy of the file is being served"
-    finally:
-        for path, _ in planted.values():
-            path.unlink(missing_ok=True)
-        shutil.rmtree(planted["shared upload"][0].parent, ignore_errors=True)
+    _each_planted_file_is_refused(lab, upload_dir, tmp_path, "attention",
+                                  lambda path: [DEFAULT, "", "", "", None, [file_data(path)], "describe the image ."])
     sample = sorted((toy_dir / "samples").glob("*.png"))[0]
     status, _ = client.predict(preset=DEFAULT, images=[handle_file(str(sample))], question="describe the image .",
                                api_name="/attention")

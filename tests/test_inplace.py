@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.inplace import InPlaceMerger, map_parameters
 from merging.recipe import from_dict
-from tests.factories import make_tiny_triple
+from tests.factories import file_tensors, make_tiny_triple
 
 CASES = [
     ("linear", {"alpha": [0.1, 0.6]}, {}),
@@ -43,14 +42,6 @@ def recipe(tri, method, knobs, extra):
 
 def state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def file_tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
-    return out
 
 
 def test_parameter_mapping_is_derived(setup):

@@ -14,13 +14,12 @@ import random
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.inplace import PARTIAL, InPlaceMerger, merge_key, triple_fingerprints, weights_id
 from merging.recipe import from_dict
-from tests.factories import make_tiny_triple
+from tests.factories import file_tensors, make_tiny_triple
 
 LAYERS = 4
 RECIPES = [  # full merges, layer-limited ones, one that merges the embeddings too
@@ -31,14 +30,6 @@ RECIPES = [  # full merges, layer-limited ones, one that merges the embeddings t
     ("linear", {"alpha": 0.3}, {"layers": [1, 1]}),
 ]
 OPS = ("apply", "apply", "apply", "snapshot", "snapshot", "snapshot", "restore", "cancel", "error", "interrupt", "bad")
-
-
-def file_tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
-    return out
 
 
 @pytest.fixture(scope="module")
