@@ -174,3 +174,32 @@ def changes_figure(ch: dict) -> go.Figure:
     fig.update_layout(title="Where the merge changed the VLM's language model", xaxis_title="weight",
                       yaxis_title="decoder layer")
     return fig
+
+
+# ---------------------------------------------------------------------------------- merge report
+def _layer_note(report: dict, layer: str) -> str:
+    """The method's own diagnostic for one layer, for the bar's hover text."""
+    diag = report.get("diagnostics", {})
+    ip = diag.get("ip_merging", {}).get("selected_per_layer", {})
+    if layer in ip:
+        return f"; ip_merging merged {ip[layer]} matrices"
+    fr = diag.get("frank", {}).get(layer)
+    if fr:
+        return f"; frank w_v = {fr['w_v']:.2f}"
+    return ""
+
+
+def merge_report_figure(report: dict) -> go.Figure:
+    """One bar per decoder layer: how far the merge moved the VLM's weights (relative norm)."""
+    rel = report["relative_change"]
+    keys = [k for k in rel if k != "other"]
+    labels = [f"layer {k}" for k in keys] + (["outside layers"] if "other" in rel else [])
+    values = [rel[k] for k in keys] + ([rel["other"]] if "other" in rel else [])
+    notes = [_layer_note(report, k) for k in keys] + ([""] if "other" in rel else [])
+    text = [f"{lab}: ‖W − W_v‖ / ‖W_v‖ = {v:.2%}{n}" for lab, v, n in zip(labels, values, notes)]
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=REASONER_COLOUR, hovertext=text,
+                           hovertemplate="%{hovertext}<extra></extra>"))
+    fig.update_layout(title=f"How far {report['method']} moved each layer (relative norm of the change)",
+                      yaxis_title="‖W − W_v‖ / ‖W_v‖", yaxis_tickformat=".1%", height=280,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    return fig

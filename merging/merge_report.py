@@ -57,8 +57,26 @@ def ip_merging_diagnostics(d: dict) -> tuple[dict, list[str]]:
     return out, warn
 
 
-def method_diagnostics(extra: dict) -> tuple[dict, list[str]]:
+def gta_diagnostics(d: dict, consensus: bool) -> dict:
+    """ties / dare: the share of entries each task vector kept, and of kept entries lost to the sign vote."""
+    per_layer = {}
+    for k, e in d.items():
+        row = {"kept_vlm": e["kept_vlm"] / max(e["entries"], 1), "kept_reasoner": e["kept_reasoner"] / max(e["entries"], 1)}
+        if consensus:
+            row["conflicts"] = e["conflicts"] / max(e["kept_vlm"] + e["kept_reasoner"], 1)
+        per_layer[k] = row
+    tot = {f: sum(e[f] for e in d.values()) for f in ("entries", "kept_vlm", "kept_reasoner", "conflicts")}
+    out = {"per_layer": per_layer, "kept_vlm": tot["kept_vlm"] / max(tot["entries"], 1),
+           "kept_reasoner": tot["kept_reasoner"] / max(tot["entries"], 1)}
+    if consensus:
+        out["conflicts"] = tot["conflicts"] / max(tot["kept_vlm"] + tot["kept_reasoner"], 1)
+    return out
+
+
+def method_diagnostics(extra: dict, method: str = "") -> tuple[dict, list[str]]:
     out, warn = {}, []
+    if "gta" in extra:
+        out["gta"] = gta_diagnostics(extra["gta"], consensus=method != "dare_linear")
     if "ip_merging" in extra:
         out["ip_merging"], w = ip_merging_diagnostics(extra["ip_merging"])
         warn += w
@@ -72,7 +90,7 @@ def build(method: str, extra: dict, in_scope: list[str]) -> dict:
     changes = extra.get("changes", {})
     changed = sorted(n for n, e in changes.items() if e["diff2"] > 0)
     rel = relative_change({n: changes[n] for n in changes})
-    diagnostics, warnings = method_diagnostics(extra)
+    diagnostics, warnings = method_diagnostics(extra, method)
     if not changed:
         warnings.append(f"{method} changed nothing: the merged model is the VLM")
     elif max(rel.values(), default=0.0) < NEAR_NOOP:
@@ -92,6 +110,13 @@ def summary_lines(report: dict) -> list[str]:
         s = ip["scores"]
         lines.append(f"ip_merging merged {ip['selected']} of {ip['matrices']} matrices; similarity min {s['min']:.2f}"
                      f" / median {s['median']:.2f} / max {s['max']:.2f} vs threshold {ip['threshold']:.2f}")
+    gta = report["diagnostics"].get("gta")
+    if gta:
+        line = (f"kept {gta['kept_vlm']:.0%} of the VLM's and {gta['kept_reasoner']:.0%} of the reasoner's "
+                "task-vector entries")
+        if "conflicts" in gta:
+            line += f"; {gta['conflicts']:.1%} of the kept entries lost the sign vote"
+        lines.append(line)
     fr = report["diagnostics"].get("frank")
     if fr:
         w = [v["w_v"] for v in fr.values()]

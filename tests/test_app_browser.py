@@ -51,6 +51,10 @@ def test_merge_plot_and_chat_in_browser(page):
     expect(page.locator("#merge-status")).to_contain_text("tensors in scope")
     expect(page.locator("#merge-status")).to_contain_text("relative norm change")
     page.locator("#merge-status").screenshot(path=str(OUT / "app_merge_summary.png"))
+    # ... and per layer, as a bar chart under the status
+    expect(page.locator("#merge-change-plot .js-plotly-plot")).to_be_visible(timeout=30_000)
+    expect(page.locator("#merge-change-plot")).to_contain_text("layer 3")
+    page.locator("#merge-change-plot").screenshot(path=str(OUT / "app_merge_layers.png"))
 
     page.get_by_role("tab", name="4 · Why it works").click()
     page.locator("#compute-similarity").click()

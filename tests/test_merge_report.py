@@ -106,3 +106,46 @@ def test_merge_command_writes_the_report_and_warns_on_a_no_op(setup, tmp_path):
     out, rep = runs["some"]
     assert len(rep["changed"]) == 12 and not any(line.startswith("warning:") for line in out.splitlines())
     assert "similarity min" in out and "relative norm change" in (tmp_path / "some" / "README.md").read_text()
+
+
+def test_ties_reports_kept_fraction_and_sign_conflicts(setup):
+    """Against a count written out here: top-k trim per tensor, then entries of opposite sign."""
+    tri, merger = setup
+    density = 0.3
+    rep = merger.apply(recipe(tri, "ties", {"density": density, "alpha": 0.7}))["report"]
+    merger.restore()
+    v = read(tri["vlm"], "language_model.model.")
+    r, b = read(tri["reasoner"], "model."), read(tri["base"], "model.")
+    entries = kept = conflicts = 0
+    for n in (n for n in v if n.startswith("layers.1.")):
+        t0, t1 = (v[n] - b[n]).flatten(), (r[n] - b[n]).flatten()
+        k = int(density * t0.numel())
+        keep0 = torch.zeros_like(t0, dtype=torch.bool)
+        keep1 = torch.zeros_like(t1, dtype=torch.bool)
+        if k:
+            keep0[t0.abs().argsort(descending=True)[:k]] = True
+            keep1[t1.abs().argsort(descending=True)[:k]] = True
+        keep0 &= t0 != 0
+        keep1 &= t1 != 0
+        entries += t0.numel()
+        kept += int(keep1.sum())
+        conflicts += int((keep0 & keep1 & (torch.sign(t0) != torch.sign(t1))).sum())
+    layer = rep["diagnostics"]["gta"]["per_layer"]["1"]
+    assert layer["kept_reasoner"] == pytest.approx(kept / entries, abs=1e-6)
+    lost = rep["diagnostics"]["gta"]["per_layer"]["1"]["conflicts"]
+    kept_all = (layer["kept_vlm"] + layer["kept_reasoner"]) * entries
+    assert lost * kept_all == pytest.approx(conflicts, abs=0.5)
+    assert 0 < conflicts  # the tiny triple's task vectors do disagree somewhere
+    assert any("lost the sign vote" in line for line in merge_report.summary_lines(rep))
+
+
+def test_merge_report_figure_draws_the_reported_numbers(setup):
+    from analysis.figures import merge_report_figure
+
+    tri, merger = setup
+    rep = merger.apply(recipe(tri, "ip_merging", {"top_fraction": 0.5, "rank": 4}))["report"]
+    merger.restore()
+    bar = merge_report_figure(rep).data[0]
+    layers = [k for k in rep["relative_change"] if k != "other"]
+    assert list(bar.y[: len(layers)]) == [rep["relative_change"][k] for k in layers]
+    assert "ip_merging merged 4 matrices" in bar.hovertext[0]

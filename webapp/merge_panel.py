@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
 from webapp import recipes
@@ -95,6 +96,7 @@ def _controls() -> SimpleNamespace:
         c.merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
         c.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
     c.status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
+    c.change_plot = gr.Plot(label="what the merge changed, per layer", visible=False, elem_id="merge-change-plot")
     c.recipe_state = gr.State(None)
     c.variant_state = gr.State(None)
     with gr.Accordion("Recipe (YAML) and export", open=False):
@@ -129,7 +131,7 @@ def _merge_handler(lab: Lab):
               per_layer_yaml, *knob_values):
         """knob_values: the method's knobs in merging.methods.get(method).params order (frank's use_prior
         aside), one per slider of the pool. The request comes first: Gradio injects it only positionally."""
-        keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        keep = (gr.skip(),) * 5
         try:
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
@@ -161,9 +163,11 @@ def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
     path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method}-{recipe_key(recipe)}.yaml"
     path.write_text(recipes.to_yaml(recipe))
     how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
+    report = payload.get("report")
+    plot = gr.update(value=merge_report_figure(report), visible=True) if report else gr.update(visible=False)
     return (f"✅ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
-            "Chat with it or open the analyses." + _report_text(payload.get("report")),
-            recipes.to_yaml(recipe), str(path), recipe, recipe)
+            "Chat with it or open the analyses." + _report_text(report),
+            recipes.to_yaml(recipe), str(path), recipe, recipe, plot)
 
 
 def _cancel_handler(lab: Lab):
@@ -202,7 +206,7 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
                        c.status, c.recipe_state, c.variant_state)
     _wire_controls(c, models)
     inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, *c.knobs]
-    outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state]
+    outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot]
     c.merge_btn.click(_name_knobs(_merge_handler(lab), len(c.knobs)), inputs, outputs, api_name="merge",
                       concurrency_limit=16)
     c.cancel_btn.click(_cancel_handler(lab), None, c.status, api_name="cancel", queue=False)

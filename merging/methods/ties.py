@@ -90,6 +90,19 @@ def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> to
     return merged.mul_(p["lambda"]).add_(t.base)
 
 
+def _tally(ctx, t: TensorSet, kept: tuple[int, int], agreed: tuple[int, int] | None) -> None:
+    """Sum, per layer, the entries each task vector kept and those the sign election dropped
+    (the merge report's kept fraction and sign conflicts; sums, so row blocks add up)."""
+    key = "other" if t.layer is None else str(t.layer)
+    e = ctx.extra.setdefault("gta", {}).setdefault(key, {"entries": 0, "kept_vlm": 0, "kept_reasoner": 0,
+                                                          "conflicts": 0})
+    e["entries"] += t.vlm.numel()
+    e["kept_vlm"] += kept[0]
+    e["kept_reasoner"] += kept[1]
+    if agreed is not None:
+        e["conflicts"] += kept[0] + kept[1] - agreed[0] - agreed[1]
+
+
 def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> torch.Tensor:
     if p.get("br2v", 0) >= 0.5:
         return br2v_merge(t, p, ctx, sparsify, consensus)
@@ -104,12 +117,15 @@ def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> tor
         deltas.append(tau.mul_(w))
     d0, d1 = deltas
     del deltas
+    kept = (int(torch.count_nonzero(d0)), int(torch.count_nonzero(d1)))
     normalize = p["normalize"] >= 0.5
     if consensus:
         positive = (d0 + d1) >= 0  # the elected sign: + where the weighted sum is >= 0
         m0 = torch.where(positive, d0 > 0, d0 < 0)  # sign(d) == elected sign (a zero never agrees)
         m1 = torch.where(positive, d1 > 0, d1 < 0)
         del positive
+        # a kept entry off the elected sign is a lost conflict (opposite signs: exactly one loses)
+        _tally(ctx, t, kept, (int(m0.sum()), int(m1.sum())))
         merged = d0.mul_(m0).add_(d1.mul_(m1))
         del d1
         if normalize:
@@ -118,6 +134,7 @@ def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> tor
             divisor.masked_fill_(divisor.abs() < 1e-8, 1.0)
             merged.div_(divisor)
     else:
+        _tally(ctx, t, kept, None)
         merged = d0.add_(d1)
         total = weights[0] + weights[1]
         if normalize:
