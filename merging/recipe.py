@@ -163,6 +163,18 @@ def _seed(seed) -> int:
     return seed
 
 
+def _canonical_names(method, params: dict) -> dict:
+    """Knobs given by an old name (Param.aliases, e.g. ties' `lambda`) under their current one."""
+    for p in method.params:
+        for old in p.aliases:
+            if old in params:
+                if p.name in params:
+                    raise LabError(f"parameter {p.name!r} given twice for method {method.name!r}: "
+                                   f"as {p.name!r} and by its old name {old!r}")
+                params[p.name] = params.pop(old)
+    return params
+
+
 def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     from merging import methods
 
@@ -182,7 +194,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     if not isinstance(params, dict):
         raise LabError("recipe 'parameters' must be a mapping of knob -> value")
     allowed = {p.name: p for p in method.params}
-    params = dict(params)
+    params = _canonical_names(method, dict(params))
     for k, v in params.items():
         if k in allowed and isinstance(v, bool) and allowed[k].integer and (allowed[k].lo, allowed[k].hi) == (0, 1):
             params[k] = v = int(v)  # on/off knobs (normalize, use_prior) may be written true/false

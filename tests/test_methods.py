@@ -70,7 +70,7 @@ def test_linear_and_task_arithmetic_formulas():
     (1.0, 1.0, 0.5, 1.0, 1), (1.0, 0.4, 0.3, 1.0, 1), (0.7, 1.3, 0.8, 0.6, 0), (1.0, 0.5, 1.0, 1.0, 1)])
 def test_ties_equals_mergekit_semantics(w_v, w_r, density, lam, normalize):
     v, r, b = triple()
-    got = run("ties", v, r, b, weight_vlm=w_v, alpha=w_r, density=density, normalize=normalize, **{"lambda": lam})
+    got = run("ties", v, r, b, weight_vlm=w_v, alpha=w_r, density=density, normalize=normalize, lam=lam)
     want = ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus=True)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -83,7 +83,7 @@ def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, cons
     masks = (torch.rand((2, *v.shape), generator=g) < 0.4).float()
     it = iter(masks)
     monkeypatch.setattr(ties_mod, "bernoulli", lambda tau, density, gen: tau * next(it) / density)
-    got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, **{"lambda": 0.9})
+    got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, lam=0.9)
     want = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=masks)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -93,7 +93,7 @@ def test_defaults_follow_mergekit_for_shared_names():
     want = {"ties": 1, "dare_ties": 0, "dare_linear": 0}
     for name, normalize in want.items():
         d = methods.get(name).defaults()
-        assert d["normalize"] == normalize and d["lambda"] == 1.0 and d["br2v"] == 0, name
+        assert d["normalize"] == normalize and d["lam"] == 1.0 and d["br2v"] == 0, name
 
 
 def test_dare_ties_defaults_at_density_one_equal_mergekit():
@@ -289,3 +289,14 @@ def test_params_resolution():
     for bad in ([0.1], [0.1] * 5):
         with pytest.raises(LabError, match=rf"'alpha' is a list of length {len(bad)}.*4 layers"):
             params.resolve(m, {"alpha": bad}, 0, L)
+
+
+def test_ties_lambda_is_read_as_lam_and_both_names_refused(tmp_path):
+    from merging.errors import LabError
+    from merging.recipe import from_dict
+
+    d = {"vlm": "v", "reasoner": "r", "base": "b", "method": "ties"}
+    old = from_dict({**d, "parameters": {"lambda": 0.7}})
+    assert old.parameters == {"lam": 0.7} == from_dict({**d, "parameters": {"lam": 0.7}}).parameters
+    with pytest.raises(LabError, match="'lam' given twice.*'lambda'"):
+        from_dict({**d, "parameters": {"lambda": 0.7, "lam": 0.5}})

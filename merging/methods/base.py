@@ -19,6 +19,7 @@ class Param:
     hint: str
     integer: bool = False
     per_layer: bool = True  # may be given as a per-layer list / gradient
+    aliases: tuple[str, ...] = ()  # old names still accepted in recipes (mapped to `name`)
 
 
 @dataclass

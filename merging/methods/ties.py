@@ -9,7 +9,7 @@ Models: the VLM-LM (weight `weight_vlm`) and the reasoner (weight `alpha`) over 
    merged = sum_i d_i m_i, normalize divides by sum_i w_i m_i;
    no consensus (dare_linear): merged = sum_i d_i, normalize divides by sum_i w_i;
    a divisor with |.| < 1e-8 is set to 1 (entries no model kept stay 0);
-4. W = W_0 + lambda * merged.
+4. W = W_0 + lam * merged.
 Defaults follow mergekit's for the same names: normalize 1 for ties, 0 for dare_ties and dare_linear.
 [choice] density defaults to 0.5 (mergekit's 1.0 would switch the sparsification off).
 
@@ -32,7 +32,8 @@ def gta_params(alpha: float, normalize: int) -> tuple[Param, ...]:
         Param("alpha", alpha, 0.0, 2.0, "weight of the reasoner's task vector"),
         Param("weight_vlm", 1.0, 0.0, 2.0, "weight of the VLM's own task vector"),
         Param("density", 0.5, 0.01, 1.0, "fraction of each task vector kept"),
-        Param("lambda", 1.0, 0.0, 3.0, "scale of the merged task vector"),
+        Param("lam", 1.0, 0.0, 3.0, "scale of the merged task vector (recipes may still say lambda)",
+              aliases=("lambda",)),
         Param("normalize", normalize, 0, 1, "1: divide by the summed weights (of agreeing models)",
               integer=True, per_layer=False),
         Param("br2v", 0, 0, 1, "1: the BR2V reference code's semantics (unweighted sign election, divide by "
@@ -81,13 +82,13 @@ def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> to
     t0, t1 = taus
     w0, w1 = float(p["weight_vlm"]), float(p["alpha"])
     if not consensus:
-        return t0.mul_(w0).add_(t1.mul_(w1)).mul_(p["lambda"]).add_(t.base)
+        return t0.mul_(w0).add_(t1.mul_(w1)).mul_(p["lam"]).add_(t.base)
     positive = (t0 + t1) >= 0  # elected on the unweighted task vectors
     m0 = torch.where(positive, t0 > 0, t0 < 0)
     m1 = torch.where(positive, t1 > 0, t1 < 0)
     count = (m0.to(t0.dtype) + m1.to(t0.dtype)).clamp_(min=1.0)
     merged = t0.mul_(m0).mul_(w0).add_(t1.mul_(m1).mul_(w1)).div_(count)
-    return merged.mul_(p["lambda"]).add_(t.base)
+    return merged.mul_(p["lam"]).add_(t.base)
 
 
 def _tally(ctx, t: TensorSet, kept: tuple[int, int], agreed: tuple[int, int] | None) -> None:
@@ -139,7 +140,7 @@ def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> tor
         total = weights[0] + weights[1]
         if normalize:
             merged.div_(1.0 if abs(total) < 1e-8 else total)
-    return merged.mul_(p["lambda"]).add_(t.base)
+    return merged.mul_(p["lam"]).add_(t.base)
 
 
 @register
