@@ -199,7 +199,8 @@ def merge_report_figure(report: dict) -> go.Figure:
     text = [f"{lab}: ‖W − W_v‖ / ‖W_v‖ = {v:.2%}{n}" for lab, v, n in zip(labels, values, notes)]
     fig = go.Figure(go.Bar(x=labels, y=values, marker_color=REASONER_COLOUR, hovertext=text,
                            hovertemplate="%{hovertext}<extra></extra>"))
-    fig.update_layout(title=f"How far {report['method']} moved each layer (relative norm of the change)",
-                      yaxis_title="‖W − W_v‖ / ‖W_v‖", yaxis_tickformat=".1%", height=280,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    # A narrow column in the app: a two-line title, no axis title (the hover text says it in full).
+    fig.update_layout(title={"text": f"How far {report['method']} moved each layer<br>"
+                                     "<sub>relative norm ‖W − W_v‖ / ‖W_v‖</sub>", "font": {"size": 14}},
+                      yaxis_tickformat=".1%", height=280, margin={"l": 50, "r": 10, "t": 60, "b": 40})
     return fig

@@ -48,6 +48,7 @@ class Layout:
     is_vlm: bool
     prefix: str
     warnings: list[str] = field(default_factory=list)
+    context: int | None = None  # the LM's max_position_embeddings, where the config says
 
     def layer_names(self, layer: int) -> list[str]:
         return [c for c in self.lm if split_canonical(c)[0] == layer]
@@ -113,8 +114,9 @@ def derive_layout(ckpt) -> Layout:
                            f"({num_layers} layers, {len(lm)} tensors, lm_head {head or 'tied/absent'})")
     lm_actual = set(lm.values())
     other = [n for n in names if n not in lm_actual]
+    ctx = tc.get("max_position_embeddings")
     return Layout(family, dict(sorted(lm.items(), key=lambda kv: _order(kv[0]))), other, num_layers,
-                  hidden, vocab, is_vlm, prefix, warnings)
+                  hidden, vocab, is_vlm, prefix, warnings, ctx if isinstance(ctx, int) and ctx > 0 else None)
 
 
 # Config numbers a loader builds the model from (transformers allocates what they say before

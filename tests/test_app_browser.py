@@ -73,3 +73,25 @@ def test_merge_plot_and_chat_in_browser(page):
         "…", timeout=90_000)
     assert bot.inner_text().strip()
     page.screenshot(path=str(OUT / "app_chat.png"), full_page=True)
+    # every answer says what produced it, and the pane's title names the merge
+    expect(bot).to_contain_text("answered by: task_arithmetic alpha", timeout=30_000)
+    expect(merged).to_contain_text("Merged model: task_arithmetic alpha")
+
+
+def test_chat_labels_limits_and_reset(page):
+    """(runs after the merge test, same page) max new tokens stops at half the toy's context;
+    'Back to the original VLM' drops the tab's merge; a pane's trash icon clears both panes."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="3 · Chat").click()
+    slider = page.locator("input[type=range][aria-label='max new tokens'], "
+                          ":text('max new tokens') >> xpath=ancestor::*[.//input[@type='range']][1]//input[@type='range']").first
+    assert slider.get_attribute("max") == "64"  # the toy LM's context is 128 tokens
+    merged = page.locator("#chat-merged")
+    merged.hover()
+    page.locator("#chat-merged button[aria-label='Clear'], #chat-merged button[title='Clear']").first.click()
+    expect(page.locator("#chat-original .message, #chat-original [data-testid='bot']")).to_have_count(0)
+    page.locator("#chat-reset").click()
+    expect(merged).to_contain_text("none yet")
+    expect(merged).to_contain_text("No merge yet in this tab")
+    page.screenshot(path=str(OUT / "app_chat_reset.png"), full_page=True)

@@ -19,6 +19,29 @@ from webapp.safety import cap_question, check_image, uploaded
 
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"
+DEFAULT_MAX_NEW = 48
+
+
+def variant_label(variant) -> str | None:
+    """Short form of what answers on the left: 'task_arithmetic alpha 0.5, layers 2-7', 'DRIFT run ...'."""
+    if not variant:
+        return None
+    if variant.get("drift"):
+        return variant.get("label") or "DRIFT fine-tune"
+    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
+                      for k, v in (variant.get("parameters") or {}).items())
+    layers = variant.get("layers")
+    where = f", layers {layers[0]}-{layers[1]}" if layers else ""
+    return f"{variant['method']}{' ' + knobs if knobs else ''}{where}"
+
+
+def pane_updates(variant):
+    """The left pane's title and empty-pane text for what answers there now."""
+    label = variant_label(variant)
+    if label is None:
+        return gr.update(label="Merged model (none yet)", placeholder=NO_MERGE)
+    title = "DRIFT model" if variant.get("drift") else "Merged model"
+    return gr.update(label=f"{title}: {label}", placeholder=f"_{title} ready ({label}): ask a question below._")
 
 
 def examples(limit: int = 4) -> list[dict]:
@@ -53,7 +76,10 @@ def render(turns: list[dict], which: str) -> list[dict]:
         msgs.append({"role": "user", "content": t["question"]})
         answer = t.get(which) or "…"
         if t.get("notice") and t.get(which):
-            answer = f"{answer}\n\n_⚠ {t['notice']}_"
+            answer = f"{answer}\n\n_Note: {t['notice']}_"
+        by = t.get(f"{which}_by")
+        if by and t.get(which):
+            answer = f"{answer}\n\n<sub>answered by: {by}</sub>"
         msgs.append({"role": "assistant", "content": answer})
     return msgs
 
@@ -114,7 +140,8 @@ def _chat_handler(lab: Lab):
                 return
         history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
                    for w in ("merged", "original")} if remember_turns else {}
-        turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": ""}
+        turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": "",
+                "merged_by": variant_label(recipe), "original_by": "the original VLM"}
         turns.append(turn)
         if cut:
             turn["notice"] = cut
@@ -138,16 +165,18 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     gr.Markdown("Ask about an image (📎) or a word problem. The merged model answers on the left, the "
                 "original VLM on the right, so you can see what the reasoner's skills added.")
     with gr.Row(equal_height=True):
-        merged_bot = gr.Chatbot(label="Merged model", height=360, elem_id="chat-merged", feedback_options=None,
-                                placeholder=NO_MERGE)
+        merged_bot = gr.Chatbot(label="Merged model (none yet)", height=360, elem_id="chat-merged",
+                                feedback_options=None, placeholder=NO_MERGE)
         original_bot = gr.Chatbot(label="Original VLM", height=360, elem_id="chat-original", feedback_options=None)
     box = gr.MultimodalTextbox(file_types=["image"], file_count="single", show_label=False, elem_id="chat-box",
                                placeholder="Type a question, attach an image with 📎, press Enter")
     with gr.Row():
-        max_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens")
+        max_new = gr.Slider(1, 256, value=DEFAULT_MAX_NEW, step=1, label="max new tokens",
+                            info="up to half the model's context")
         temp = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature", info="0 = greedy")
         context = gr.Checkbox(False, label="remember earlier turns", info="off: each question on its own")
         clear = gr.Button("Clear", size="sm")
+        reset = gr.Button("Back to the original VLM", size="sm", elem_id="chat-reset")
     ex = examples()
     samples = gr.Examples([[m] for m in ex], inputs=[box], label="Examples from the toy family: click one to ask it",
                           examples_per_page=4) if ex else None
@@ -164,4 +193,20 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         return [], [], None, []
 
     clear.click(clear_all, None, outs, api_name="clear", queue=False)
+    # A pane's own trash icon clears the conversation for both panes: the turns are paired, so
+    # clearing one side only would come back with the next question.
+    for bot in (merged_bot, original_bot):
+        bot.clear(clear_all, None, outs, api_visibility="private", queue=False)
+    recipe_state.change(pane_updates, recipe_state, merged_bot, api_visibility="private", queue=False)
+    # Nothing on the worker to undo: each request names its model, and the original pane always
+    # gets the checkpoint's weights. Dropping this tab's merge makes the left pane say so.
+    reset.click(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot], api_name="reset_to_vlm",
+                queue=False)
+
+    def on_dims(dims):
+        ctx = (dims or {}).get("context")
+        top = max(1, ctx // 2) if ctx else 256  # chat.fit_inputs keeps half the context for the prompt
+        return gr.update(maximum=top, value=min(DEFAULT_MAX_NEW, top))
+
+    models.dims.change(on_dims, models.dims, max_new, api_visibility="private", queue=False)
     return merged_bot, original_bot

@@ -50,6 +50,7 @@ class ModelsPanel:
     details: gr.Code
     num_layers: gr.State
     compatible: gr.State
+    dims: gr.State  # {"num_layers", "hidden_size", "context"} of the checked VLM, or None
 
     @property
     def inputs(self) -> list:
@@ -68,20 +69,21 @@ def build(lab: Lab) -> ModelsPanel:
     report = gr.Markdown("Checking the bundled toy family…")
     with gr.Accordion("Compatibility report (details)", open=False):
         details = gr.Code(language=None, label="report", lines=6)
-    panel = ModelsPanel(preset, vlm, reasoner, base, report, details, gr.State(None), gr.State(False))
+    panel = ModelsPanel(preset, vlm, reasoner, base, report, details, gr.State(None), gr.State(False), gr.State(None))
 
     def on_check(preset_v, vlm_v, reasoner_v, base_v):
         show_custom = gr.update(visible=preset_v == presets.CUSTOM)
         if preset_v == presets.CUSTOM and not all((x or "").strip() for x in (vlm_v, reasoner_v, base_v)):
-            return show_custom, "Enter the three models, then press **Check compatibility**.", "", None, False
+            return show_custom, "Enter the three models, then press **Check compatibility**.", "", None, False, None
         try:
             rep, _ = check(lab, preset_v, vlm_v, reasoner_v, base_v)
         except LabError as e:
-            return show_custom, f"### ⛔ {e}", "", None, False
-        return (show_custom, report_markdown(rep, preset_v), "\n".join(rep.lines()),
-                rep.layouts["vlm"].num_layers, rep.ok)
+            return show_custom, f"### ⛔ {e}", "", None, False, None
+        v = rep.layouts["vlm"]
+        dims = {"num_layers": v.num_layers, "hidden_size": v.hidden_size, "context": v.context}
+        return (show_custom, report_markdown(rep, preset_v), "\n".join(rep.lines()), v.num_layers, rep.ok, dims)
 
-    outs = [custom, report, details, panel.num_layers, panel.compatible]
+    outs = [custom, report, details, panel.num_layers, panel.compatible, panel.dims]
     preset.change(on_check, panel.inputs, outs, api_name="check_preset", queue=False)
     check_btn.click(on_check, panel.inputs, outs, api_name="check")
     panel.load_event = (on_check, panel.inputs, outs)
