@@ -12,6 +12,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 VLM_COLOUR, REASONER_COLOUR = "#1f77b4", "#ff7f0e"
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
 SUITE_COLOURS = {"perception": "#2ca02c", "visual_math": "#d62728", "text_math": "#9467bd"}
 
 
@@ -70,13 +72,19 @@ def spectra_figure(spectra: dict) -> go.Figure:
     n_tr = len(modules) * 2
     buttons = [{"label": m, "method": "restyle",
                 "args": [{"visible": [k // 2 == j for k in range(n_tr)]}]} for j, m in enumerate(modules)]
-    buttons.append({"label": "all modules", "method": "restyle", "args": [{"visible": [True] * n_tr}]})
+    role_colours = [colour for _ in modules for _, _, colour, _ in roles]
+    module_colours = [PALETTE[k // 2 % len(PALETTE)] for k in range(n_tr)]
+    for b in buttons:
+        b["args"][0]["line.color"] = role_colours
+    # all modules at once: one colour per module (solid VLM, dashed reasoner), not 14 lines in two colours
+    buttons.append({"label": "all modules", "method": "restyle",
+                    "args": [{"visible": [True] * n_tr, "line.color": module_colours}]})
     exact = all(e["exact"] for e in spectra["entries"])
     fig.update_layout(
-        title="Singular values of the task vectors (IP-Merging Fig. 4: are the reasoner's larger?)"
-              + ("" if exact else f"<br><sup>large matrices: randomized top-{spectra['k']}</sup>"),
+        title="Singular values of the task vectors<br><sub>IP-Merging Fig. 4: are the reasoner's larger?"
+              + ("" if exact else f" (large matrices: randomized top-{spectra['k']})") + "</sub>",
         xaxis_title="index i of the singular value (largest first)",
-        yaxis={"title": "singular value σ_i (log scale)", "type": "log"},
+        yaxis={"title": "singular value σ_i (log scale)", "type": "log", "dtick": 1, "exponentformat": "power"},
         sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": "decoder layer: "}, "pad": {"t": 50}}],
         updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12,
                       "showactive": True}],
@@ -90,7 +98,8 @@ def ratio_figure(spectra: dict) -> go.Figure:
     z, modules = spectra["ratio"], spectra["modules"]
     fig = go.Figure(_heatmap(z, modules, _hover_grid(z, modules, "ΣS_v / ΣS_r"), "Viridis",
                              colorbar={"title": "ΣS_v/ΣS_r"}))
-    fig.update_layout(title="Nuclear-norm ratio of the task vectors, VLM / reasoner (below 1: the reasoner's is larger)",
+    fig.update_layout(title={"text": "Nuclear-norm ratio of the task vectors, VLM / reasoner"
+                                     "<br><sub>below 1: the reasoner's is larger</sub>"},
                       xaxis_title="projection matrix", yaxis_title="decoder layer")
     return fig
 
@@ -130,9 +139,11 @@ def attention_figure(att: dict) -> go.Figure:
         x=fine, y=[c * math.exp(-beta * x) for x in fine], mode="lines", line={"dash": "dash"},
         name=f"fit a_l = {c:.3g}·exp(−β·l), β = {beta:.3f}, R² = {_fmt(att.get('r2'), '.2f')}",
         hovertemplate="fit at layer %{x:.1f}: %{y:.1%}<extra></extra>"))
-    fig.update_layout(title="Visual attention per layer: share of text→image attention (FRANK Fig. 2: decays with depth)",
-                      xaxis_title="decoder layer l", yaxis_title="a_l = text→image / (text→image + text→text)",
-                      yaxis_tickformat=".0%", legend={"x": 0.35, "y": 0.98})
+    fig.update_layout(title={"text": "Visual attention per layer: share of text→image attention"
+                                     "<br><sub>FRANK Fig. 2: decays with depth</sub>"},
+                      xaxis={"title": "decoder layer l", "dtick": 1},  # whole layers only
+                      yaxis_title="a_l = text→image / (text→image + text→text)", yaxis_tickformat=".0%",
+                      legend={"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"})
     return fig
 
 
@@ -150,14 +161,16 @@ def knockout_figure(results: dict) -> go.Figure:
             for s in ko["suites"]:
                 base = ko["baseline"][s]
                 fig.add_trace(go.Scatter(
-                    x=ko["layers"], y=ko["drop"][g][s], mode="lines+markers", name=f"{label}: {s}",
+                    x=ko["layers"], y=ko["drop"][g][s], mode="lines+markers",
+                    name=f"{label}: {s} (intact {base:.0%})",
                     legendgroup=f"{label}{s}", showlegend=(col == 1),
                     line={"color": SUITE_COLOURS.get(s), "dash": dashes[k % len(dashes)]},
                     hovertemplate=f"{label}, layer %{{x}} {g} knocked out: {s} accuracy drops by "
                                   f"%{{y:.1%}} (intact: {base:.1%})<extra></extra>"), 1, col)
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
-    fig.update_layout(title="Layer knockout: accuracy lost when one layer's weights are blanked "
-                            "(BR2V: perception early, reasoning later)")
+    fig.update_layout(title={"text": "Layer knockout: accuracy lost when one layer's weights are blanked"
+                                     "<br><sub>BR2V: perception early, reasoning later; legend: intact accuracy"
+                                     "</sub>"}, margin={"t": 110})
     fig.update_xaxes(title_text="decoder layer knocked out", dtick=1)
     fig.update_yaxes(title_text="accuracy drop vs intact model", tickformat=".0%", col=1)
     return fig
@@ -167,7 +180,7 @@ def knockout_figure(results: dict) -> go.Figure:
 def changes_figure(ch: dict) -> go.Figure:
     """Relative change ||W_merged − W_v|| / ||W_v|| per layer and module."""
     z, modules = ch["rel"], ch["modules"]
-    text = [[f"layer {i}, {m}: changed by {_fmt(v * 100 if v is not None else None, '.2f')}% "
+    text = [[f"layer {i}, {m}: relative norm change {_fmt(v * 100 if v is not None else None, '.2f')}% "
              f"(‖W_merged − W_v‖ / ‖W_v‖ = {_fmt(v, '.4f')})" for m, v in zip(modules, row)]
             for i, row in enumerate(z)]
     fig = go.Figure(_heatmap(z, modules, text, "Viridis", zmin=0, colorbar={"title": "relative change"}))

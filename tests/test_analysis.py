@@ -261,7 +261,12 @@ def test_every_figure_builds_with_readable_hover_text(triple):
     assert any("layer 0, mlp.up_proj: cos = " in t for t in figs[2].data[0].text[0])
     assert "β = 0.500" in figs[3].data[1].name
     assert len(figs[4].data) == 2 * 2 * 2
-    assert "layer 0, mlp.up_proj: changed by 10.00%" in figs[5].data[0].text[0][0]
+    assert "layer 0, mlp.up_proj: relative norm change 10.00%" in figs[5].data[0].text[0][0]
+    # readable at a glance: whole-layer ticks, intact accuracy in the legend, one colour per module
+    assert figs[3].layout.xaxis.dtick == 1
+    assert figs[4].data[0].name == "VLM: perception (intact 100%)"
+    all_modules = figs[0].layout.updatemenus[0].buttons[-1].args[0]["line.color"]
+    assert len(set(all_modules)) == 7 and all_modules[0] == all_modules[1]
 
 
 # ------------------------------------------------------------------------------------- report

@@ -22,4 +22,5 @@ class Changes(Analysis):
         return job.cached(self.name, {"weights": job.weights_id(merged=True)}, compute)
 
     def summary(self, data, p):
-        return f"largest relative change: {data.get('max', 0) * 100:.2f}% of the VLM's weights"
+        return (f"largest relative norm change ||W - W_v|| / ||W_v|| of one weight matrix: "
+                f"{data.get('max', 0) * 100:.2f}% (a norm ratio, not a share of weights changed)")

@@ -36,17 +36,24 @@ class Knockout(Analysis):
         evaluate_fn = partial(evaluate, eval_dir=job.eval_dir)
         suites = eval_key(job.eval_dir)
 
-        def one(merged: bool):
+        def one(i: int, label: str, merged: bool):
+            def step(done, total, msg):  # one bar for all models, each step named by its model
+                if job.progress:
+                    job.progress(i * total + done, len(models) * total,
+                                 f"model {i + 1} of {len(models)} ({label}): {msg}")
+
             def compute():
                 with job.source.model(job, merged=merged) as (model, proc):
                     return knockout.knockout(model, proc, evaluate_fn, limit=p["limit"], device=job.device,
-                                             progress=job.progress)
+                                             progress=step)
 
             key = {"weights": job.weights_id(merged), "limit": p["limit"], "eval": suites}
             return job.cached(self.name, key, compute)
 
         # One entry per model: the VLM's baseline is shared by every recipe's request.
-        return {label: one(merged) for label, merged in models}
+        return {label: one(i, label, merged) for i, (label, merged) in enumerate(models)}
 
     def summary(self, data, p):
-        return f"{p['limit']} eval item(s) per suite; models: {', '.join(data)}"
+        intact = "; ".join(f"{label} intact: " + ", ".join(f"{s} {acc:.0%}" for s, acc in ko["baseline"].items())
+                           for label, ko in data.items())
+        return f"{p['limit']} eval item(s) per suite; {intact}"
