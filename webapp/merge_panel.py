@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import tempfile
 import time
@@ -24,16 +25,44 @@ from webapp.models_panel import ModelsPanel, check
 @dataclass
 class MergePanel:
     method: gr.Dropdown
-    knobs: list
+    about: gr.Markdown
+    sliders: list  # the pool of sliders: a method's number knobs, in order
+    radios: list  # the pool of radios: its choice knobs (recipes.is_choice), in order
     prior: gr.Checkbox
     first: gr.Slider
     last: gr.Slider
+    layers_n: gr.Textbox  # hidden: the model's layer count, for the browser's URL encoder
     advanced: gr.Textbox
+    typed: gr.Textbox  # hidden: what was last typed or dragged into each slider (JSON), before the browser clamps it
     merge_btn: gr.Button
     cancel_btn: gr.Button
     status: gr.Markdown
+    export_status: gr.Markdown
     recipe_state: gr.State
     variant_state: gr.State  # what chat's "merged" side uses: this merge's recipe, or a DRIFT result
+
+    @property
+    def knobs(self) -> list:
+        return [*self.sliders, *self.radios]
+
+    @property
+    def apply_targets(self) -> list:
+        """The components apply() updates."""
+        return [self.method, self.about, self.prior, self.advanced, self.typed, self.first, self.last,
+                self.layers_n, *self.knobs]
+
+    def apply(self, state, dims: dict | None) -> dict:
+        """Updates that show this panel in a url_state.LabState (the URL restore and the walkthrough)."""
+        n = (dims or {}).get("num_layers")
+        first, last = state.layers or (0, (n or 32) - 1)
+        ups = {self.method: state.method, self.about: _describe(state.method),
+               self.prior: gr.update(visible=state.method == "frank", value=state.prior),
+               self.advanced: "", self.typed: "",
+               self.first: gr.update(maximum=(n or 32) - 1, value=first),
+               self.last: gr.update(maximum=(n or 32) - 1, value=last), self.layers_n: str(n or "")}
+        values = {p.name: state.knob(p.name) for p in recipes.shown_params(state.method)}
+        ups.update(zip(self.knobs, _knob_updates(state.method, dims, values, state.prior)))
+        return ups
 
 
 def _report_text(report: dict | None) -> str:
@@ -46,26 +75,72 @@ def _report_text(report: dict | None) -> str:
     return "\n\n" + "\n".join(body + warns)
 
 
-def _name_knobs(fn, n: int):
-    """Name fn's pooled *knob_values knob1..knobN in the API (Gradio reads the signature), so clients
-    can pass knob1=... without a hand-written parameter per slider."""
+def _name_knobs(fn):
+    """Name fn's pooled *knob_values in the API (Gradio reads the signature): knob1..knobN for the
+    sliders (a method's number knobs in order), choice1..choiceM for the radios (its choice knobs),
+    so clients can pass knob1=... without a hand-written parameter per control."""
     sig = inspect.signature(fn)
     fixed = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    pooled = [inspect.Parameter(f"knob{i + 1}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
-              for i in range(n)]
+    names = [f"knob{i + 1}" for i in range(recipes.SLIDERS)] + [f"choice{i + 1}" for i in range(recipes.CHOICES)]
+    pooled = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
     fn.__signature__ = sig.replace(parameters=fixed + pooled)
     return fn
 
 
-def _knob_updates(method: str, num_layers=None) -> list:
-    shown = recipes.shown_params(method)
+def _knob_updates(method: str, dims: dict | None = None, values: dict | None = None, prior: bool = False) -> list:
+    """The pools' updates (sliders, then radios) that show `method`'s knobs at `values` (default: the
+    method's defaults), sliders capped for this model (dims: num_layers, hidden_size)."""
+    dims, values = dims or {}, values or {}
+    hides = recipes.PRIOR_HIDES.get(method, {}).get(bool(prior), ())
+    nums, chs = recipes.numeric_params(method), recipes.choice_params(method)
     ups = []
-    for i in range(recipes.POOL):
-        if i < len(shown):
-            ups.append(gr.update(visible=True, **recipes.slider_spec(shown[i], num_layers)))
+    for i in range(recipes.SLIDERS):
+        if i < len(nums):
+            p = nums[i]
+            spec = recipes.slider_spec(p, dims.get("num_layers"), dims.get("hidden_size"))
+            if p.name in values:
+                spec["value"] = min(max(values[p.name], spec["minimum"]), spec["maximum"])
+            ups.append(gr.update(visible=p.name not in hides, **spec))
+        else:
+            ups.append(gr.update(visible=False, value=None))
+    for i in range(recipes.CHOICES):
+        if i < len(chs):
+            spec = recipes.radio_spec(chs[i])
+            spec["value"] = int(values.get(chs[i].name, spec["value"]))
+            ups.append(gr.update(visible=True, **spec))
         else:
             ups.append(gr.update(visible=False, value=None))
     return ups
+
+
+def _prior_updates(method: str, prior: bool) -> list:
+    """frank: show the slider its prior checkbox uses (beta with the prior, w_v without)."""
+    hides = recipes.PRIOR_HIDES.get(method)
+    if not hides:
+        return [gr.skip()] * recipes.SLIDERS
+    names = [p.name for p in recipes.numeric_params(method)]
+    return [gr.update(visible=names[i] not in hides[bool(prior)]) if i < len(names) else gr.skip()
+            for i in range(recipes.SLIDERS)]
+
+
+def _clamp_notes(method: str, typed: str, slider_values, dims: dict | None) -> list[str]:
+    """Which slider the browser clamped: a typed value outside its range, and what it became."""
+    try:
+        raw = json.loads(typed) if typed and len(typed) < 4096 else {}
+    except ValueError:
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    dims, notes = dims or {}, []
+    for i, (p, v) in enumerate(zip(recipes.numeric_params(method), slider_values)):
+        t = raw.get(str(i))
+        if v is None or not isinstance(t, (int, float)) or isinstance(t, bool) or t == v:
+            continue
+        lo, hi, why = recipes.slider_range(p, dims.get("num_layers"), dims.get("hidden_size"))
+        if t > hi:
+            notes.append(f"`{p.name}`: {t:g} is above {why} ({hi:g}); clamped to {v:g}")
+        elif t < lo:
+            notes.append(f"`{p.name}`: {t:g} is below its minimum ({lo:g}); clamped to {v:g}")
+    return notes
 
 
 def _describe(method: str) -> str:
@@ -74,24 +149,36 @@ def _describe(method: str) -> str:
     return f"_{m.description or m.name}{base}_"
 
 
+TYPED_JS = """(v, typed) => { let o = {}; try { o = JSON.parse(typed || "{}"); } catch (e) {}
+  o["%d"] = v; return JSON.stringify(o); }"""
+
+
 def _controls() -> SimpleNamespace:
     """The panel's components, created in page order."""
     c = SimpleNamespace()
-    c.method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method")
+    c.method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method", elem_id="merge-method")
     c.about = gr.Markdown(_describe(recipes.DEFAULT_METHOD))
-    shown = recipes.shown_params(recipes.DEFAULT_METHOD)
-    c.knobs = []
-    for i in range(recipes.POOL):
-        spec = recipes.slider_spec(shown[i]) if i < len(shown) else {"label": f"knob {i}"}
-        c.knobs.append(gr.Slider(visible=i < len(shown), interactive=True, **spec))
-    c.prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False,
+    ups = _knob_updates(recipes.DEFAULT_METHOD)
+    c.sliders, c.radios = [], []
+    for i in range(recipes.SLIDERS):
+        spec = {k: v for k, v in ups[i].items() if k != "__type__"}
+        spec.setdefault("label", f"knob {i + 1}")
+        c.sliders.append(gr.Slider(interactive=True, elem_id=f"knob-{i + 1}", **spec))
+    for i in range(recipes.CHOICES):
+        spec = {k: v for k, v in ups[recipes.SLIDERS + i].items() if k != "__type__"}
+        spec.setdefault("label", f"choice {i + 1}")
+        c.radios.append(gr.Radio(interactive=True, elem_id=f"choice-{i + 1}", **spec))
+    c.prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False, elem_id="frank-prior",
                           info="FRANK: weight the VLM more in early layers, where images get most attention")
+    c.typed = gr.Textbox("", visible="hidden", elem_id="knob-typed")
     with gr.Accordion("Layer range and per-layer values", open=False):
         with gr.Row():
-            c.first = gr.Slider(0, 31, value=0, step=1, label="first layer")
-            c.last = gr.Slider(0, 31, value=31, step=1, label="last layer")
+            c.first = gr.Slider(0, 31, value=0, step=1, label="first layer", elem_id="layer-first")
+            c.last = gr.Slider(0, 31, value=31, step=1, label="last layer", elem_id="layer-last")
         c.advanced = gr.Textbox("", label="Per-layer values (YAML, overrides the sliders)", lines=2,
                                 placeholder="alpha: [0.0, 0.1, 0.2, 0.3]")
+    c.layers_n = gr.Textbox("", visible="hidden", elem_id="layers-n")
+    c.dims_seen = gr.State(None)  # the model dims the layer range was last fitted to
     with gr.Row():
         c.merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
         c.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
@@ -103,51 +190,87 @@ def _controls() -> SimpleNamespace:
         c.recipe_code = gr.Code(language="yaml", label="recipe of the current merge", lines=8)
         c.recipe_file = gr.File(label="download the recipe", interactive=False)
         c.export_btn = gr.Button("Export merged model to a folder", size="sm")
-        c.export_status = gr.Markdown()
+        c.export_status = gr.Markdown(elem_id="export-status")
     return c
 
 
+def _fit_layers(dims, seen, first, last):
+    """The layer range for newly checked models: all layers, except that the page's first model keeps
+    a range that fits it (one a link asked for) and the same model keeps the range it has."""
+    n = (dims or {}).get("num_layers")
+    if not n:
+        return gr.skip(), gr.skip()
+    prev = (seen or {}).get("num_layers")
+    if prev == n:
+        return gr.skip(), gr.skip()
+    fits = first is not None and last is not None and 0 <= int(first) <= int(last) <= n - 1
+    if prev is None and fits:
+        return gr.update(maximum=n - 1), gr.update(maximum=n - 1)
+    return gr.update(maximum=n - 1, value=0), gr.update(maximum=n - 1, value=n - 1)
+
+
 def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
-    """Method -> its knobs; models -> the layer range and whether Merge is clickable."""
-    def on_method(name, n_layers):
-        return [_describe(name), gr.update(visible=name == "frank")] + _knob_updates(name, n_layers)
+    """Method -> its knobs; models -> the layer range, knob caps and whether Merge is clickable.
+    The method and prior listen to the user (input) or to any change where the result is the same
+    whoever set them, so MergePanel.apply (a link, the walkthrough) is not undone by its own updates."""
+    def on_method(name, dims, prior):
+        return [_describe(name), gr.update(visible=name == "frank"), ""] + _knob_updates(name, dims, None, prior)
 
-    c.method.change(on_method, [c.method, models.num_layers], [c.about, c.prior, *c.knobs], queue=False,
-                    api_visibility="private")
+    knobs = [*c.sliders, *c.radios]
+    c.method.input(on_method, [c.method, models.dims, c.prior], [c.about, c.prior, c.typed, *knobs], queue=False,
+                   api_visibility="private")
+    c.prior.change(_prior_updates, [c.method, c.prior], c.sliders, queue=False, api_visibility="private")
+    for i, s in enumerate(c.sliders):
+        s.input(None, [s, c.typed], c.typed, js=TYPED_JS % i)
 
-    def on_models(n_layers, ok):
-        n = int(n_layers or 32)
-        return (gr.update(maximum=n - 1, value=0), gr.update(maximum=n - 1, value=n - 1),
-                gr.update(interactive=bool(ok)))
+    def on_models(dims, seen, first, last, ok, method, *values):
+        caps = []
+        for i in range(recipes.SLIDERS):
+            nums = recipes.numeric_params(method)
+            if i >= len(nums) or values[i] is None:
+                caps.append(gr.skip())
+                continue
+            _, hi, _ = recipes.slider_range(nums[i], (dims or {}).get("num_layers"), (dims or {}).get("hidden_size"))
+            caps.append(gr.update(maximum=hi, value=min(values[i], hi)))
+        n = (dims or {}).get("num_layers")
+        return (*_fit_layers(dims, seen, first, last), str(n or ""), dims if n else seen,
+                gr.update(interactive=bool(ok)), *caps)
 
-    models.num_layers.change(on_models, [models.num_layers, models.compatible], [c.first, c.last, c.merge_btn],
-                             queue=False, api_visibility="private")
+    models.dims.change(on_models, [models.dims, c.dims_seen, c.first, c.last, models.compatible, c.method, *c.sliders],
+                       [c.first, c.last, c.layers_n, c.dims_seen, c.merge_btn, *c.sliders], queue=False,
+                       api_visibility="private")
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, c.merge_btn,
                              queue=False, api_visibility="private")
 
 
 def _merge_handler(lab: Lab):
     def merge(request: gr.Request, preset, vlm, reasoner, base, method, first_layer, last_layer, prior,
-              per_layer_yaml, *knob_values):
-        """knob_values: the method's knobs in merging.methods.get(method).params order (frank's use_prior
-        aside), one per slider of the pool. The request comes first: Gradio injects it only positionally."""
-        keep = (gr.skip(),) * 5
+              per_layer_yaml, typed, *knob_values):
+        """knob_values: the pooled sliders (the method's number knobs in order), then the radios (its
+        choice knobs); frank's use_prior is the prior checkbox. The request comes first: Gradio injects
+        it only positionally. typed: what the page last saw typed into each slider, to say what it clamped."""
+        keep = (gr.skip(),) * 6
+        sliders, radios = knob_values[:recipes.SLIDERS], knob_values[recipes.SLIDERS:]
         try:
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
-            recipe = recipes.build(triple, method, knob_values, first_layer, last_layer,
-                                   rep.layouts["vlm"].num_layers, bool(prior), per_layer_yaml or "")
+            v = rep.layouts["vlm"]
+            clamped = _clamp_notes(method, typed, sliders, {"num_layers": v.num_layers, "hidden_size": v.hidden_size})
+            recipe = recipes.build(triple, method, recipes.in_shown_order(method, sliders, radios), first_layer,
+                                   last_layer, v.num_layers, bool(prior), per_layer_yaml or "")
         except LabError as e:
             yield (f"❌ **Cannot merge:** {e}", *keep)
             return
+        note = "".join(f"\n\n⚠️ **Clamped:** {n}" for n in clamped)
         job = lab.client.submit("merge", {"recipe": recipe}, session_of(request))
         for text, end in follow_status(lab.client, job, f"Merging with {method}"):
             if end is None:
-                yield (text, *keep)
+                yield (text + note, *keep)
                 continue
             ev, payload, el = end
             if ev == "result":
-                yield _merged(method, recipe, payload, el)
+                done = _merged(method, recipe, payload, el)
+                yield (done[0] + note, *done[1:])
             elif ev == "cancelled":
                 yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
             else:
@@ -157,7 +280,8 @@ def _merge_handler(lab: Lab):
 
 
 def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
-    """The outputs of a finished merge: status with its report, the recipe, its download, the states."""
+    """The outputs of a finished merge: status with its report, the recipe, its download, the states,
+    the plot, and an empty export line (no stale "Merge first" under a merge)."""
     # A fresh temp folder: Gradio copies a returned file into its own cache and serves that copy,
     # so no folder of the lab's ever needs to be servable.
     path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method}-{recipe_key(recipe)}.yaml"
@@ -167,7 +291,7 @@ def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
     plot = gr.update(value=merge_report_figure(report), visible=True) if report else gr.update(visible=False)
     return (f"✅ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
             "Chat with it or open the analyses." + _report_text(report),
-            recipes.to_yaml(recipe), str(path), recipe, recipe, plot)
+            recipes.to_yaml(recipe), str(path), recipe, recipe, plot, "")
 
 
 def _cancel_handler(lab: Lab):
@@ -202,13 +326,12 @@ def _export_handler(lab: Lab):
 
 def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     c = _controls()
-    panel = MergePanel(c.method, c.knobs, c.prior, c.first, c.last, c.advanced, c.merge_btn, c.cancel_btn,
-                       c.status, c.recipe_state, c.variant_state)
+    panel = MergePanel(c.method, c.about, c.sliders, c.radios, c.prior, c.first, c.last, c.layers_n, c.advanced,
+                       c.typed, c.merge_btn, c.cancel_btn, c.status, c.export_status, c.recipe_state, c.variant_state)
     _wire_controls(c, models)
-    inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, *c.knobs]
-    outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot]
-    c.merge_btn.click(_name_knobs(_merge_handler(lab), len(c.knobs)), inputs, outputs, api_name="merge",
-                      concurrency_limit=16)
+    inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, c.typed, *panel.knobs]
+    outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot, c.export_status]
+    c.merge_btn.click(_name_knobs(_merge_handler(lab)), inputs, outputs, api_name="merge", concurrency_limit=16)
     c.cancel_btn.click(_cancel_handler(lab), None, c.status, api_name="cancel", queue=False)
     c.export_btn.click(_export_handler(lab), c.recipe_state, c.export_status, api_name="export",
                        concurrency_limit=16)

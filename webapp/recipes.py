@@ -1,4 +1,8 @@
-"""Turn the merge panel's controls into a validated recipe dict, and back (UI side)."""
+"""Turn the merge panel's controls into a validated recipe dict, and back (UI side).
+
+The panel shows a method's knobs from two pools of controls: sliders for numbers and radios for
+choices (integer knobs with a few labelled values, e.g. ties' `normalize` or ip_merging's `svd`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,21 @@ import yaml
 
 from merging import methods
 from merging.errors import LabError
+from merging.recipe import from_dict, parse_yaml
 
 DEFAULT_METHOD = "task_arithmetic"
 HIDDEN = {"frank": ("use_prior",)}  # knobs driven by other controls (frank: the prior checkbox)
+# frank: the prior checkbox decides which of its sliders mean anything (recipes.build drops the other)
+PRIOR_HIDES = {"frank": {True: ("w_v",), False: ("beta",)}}
+# Labels of the choice knobs' values, by knob name (a choice: an integer knob spanning at most 4 values).
+CHOICE_LABELS = {
+    "normalize": ("0 · off: a plain weighted sum", "1 · divide by the summed weights"),
+    "br2v": ("0 · off: mergekit's semantics", "1 · the BR2V reference code's semantics"),
+    "svd": ("0 · auto", "1 · exact", "2 · randomized"),
+    "similarity": ("0 · paired singular vectors (paper)", "1 · principal angles"),
+    "use_prior": ("0 · off: w_v", "1 · on: exp(-beta · layer)"),
+}
+CAP = 256  # largest slider for an integer knob with a huge range when the model's size is not known
 
 
 def shown_params(method: str) -> list:
@@ -16,27 +32,65 @@ def shown_params(method: str) -> list:
     return [p for p in methods.get(method).params if p.name not in hidden]
 
 
-POOL = max(len(shown_params(m)) for m in methods.names())  # sliders in the pool: the most any method shows
+def is_choice(p) -> bool:
+    return bool(p.integer) and p.hi - p.lo <= 3
 
 
-def slider_spec(p, num_layers: int | None = None) -> dict:
-    """Slider settings for a Param: integer knobs with huge ranges are capped for usability."""
-    hi = p.hi
+def choices(p) -> list[tuple[str, int]]:
+    """(label, value) of a choice knob's values."""
+    labels = CHOICE_LABELS.get(p.name, ())
+    values = range(int(p.lo), int(p.hi) + 1)
+    return [(labels[i] if i < len(labels) else str(v), v) for i, v in enumerate(values)]
+
+
+def numeric_params(method: str) -> list:
+    return [p for p in shown_params(method) if not is_choice(p)]
+
+
+def choice_params(method: str) -> list:
+    return [p for p in shown_params(method) if is_choice(p)]
+
+
+SLIDERS = max(len(numeric_params(m)) for m in methods.names())  # sliders in the pool: the most any method shows
+CHOICES = max(len(choice_params(m)) for m in methods.names())  # radios in the pool
+
+
+def in_shown_order(method: str, slider_values, radio_values) -> list:
+    """The pooled controls' values in shown_params(method) order (what build() takes)."""
+    sliders, radios = iter(slider_values), iter(radio_values)
+    return [next(radios) if is_choice(p) else next(sliders) for p in shown_params(method)]
+
+
+def slider_range(p, num_layers: int | None = None, hidden_size: int | None = None) -> tuple[float, float, str]:
+    """(lo, hi, why hi) of a knob's slider: layer knobs end at the last layer, integer knobs with
+    huge ranges (ip_merging's rank) at the model's hidden size, else at CAP when it is not known."""
+    hi, why = p.hi, "its maximum"
     if p.integer and "layer" in p.name and num_layers:
-        hi = min(hi, num_layers - 1)
-    elif p.integer and hi > 256:
-        hi = 256
-    span = hi - p.lo
+        if num_layers - 1 < hi:
+            hi, why = num_layers - 1, "this model's last layer"
+    elif p.integer and hi > CAP:
+        hi, why = (hidden_size, "this model's hidden size") if hidden_size else (CAP, "the slider's maximum")
+        hi = min(hi, p.hi)
+    return p.lo, hi, why
+
+
+def slider_spec(p, num_layers: int | None = None, hidden_size: int | None = None) -> dict:
+    """Slider settings for a Param."""
+    lo, hi, _ = slider_range(p, num_layers, hidden_size)
+    span = hi - lo
     step = 1 if p.integer else (0.01 if span <= 5 else 0.1)
-    return {"minimum": p.lo, "maximum": hi, "step": step, "value": min(max(p.default, p.lo), hi),
+    return {"minimum": lo, "maximum": hi, "step": step, "value": min(max(p.default, lo), hi),
             "label": p.name, "info": p.hint}
+
+
+def radio_spec(p) -> dict:
+    return {"choices": choices(p), "value": int(p.default), "label": p.name, "info": p.hint}
 
 
 def build(triple: dict, method: str, knob_values, first=None, last=None, num_layers=None,
           prior: bool = False, advanced: str = "") -> dict:
-    """The recipe dict for these controls, validated by merging.recipe (LabError when not valid)."""
-    from merging.recipe import from_dict, parse_yaml
-
+    """The recipe dict for these controls, validated by merging.recipe (LabError when not valid).
+    knob_values: the method's shown knobs in shown_params order (see in_shown_order)."""
     m = methods.get(method)
     params = {}
     for p, v in zip(shown_params(method), knob_values):

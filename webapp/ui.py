@@ -1,10 +1,10 @@
-"""The page: title, models + merge controls on the left, chat and analyses on the right (UI side)."""
+"""The page: title, the walkthrough, models + merge controls on the left, chat and analyses on the right (UI side)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from webapp import analysis_panel, chat_panel, drift_panel, merge_panel, models_panel
+from webapp import analysis_panel, chat_panel, drift_panel, merge_panel, models_panel, page_state, walkthrough
 from webapp.lab import Lab
 
 TITLE = "Merge lab"
@@ -27,22 +27,27 @@ def build(lab: Lab) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# 🧪 {TITLE}", elem_id="lab-title")
         gr.Markdown(INTRO, elem_id="lab-intro")
+        with gr.Accordion("🎓 Walkthrough: the papers' findings in seven steps", open=False, elem_id="walkthrough"):
+            steps = walkthrough.build()
+        message = gr.Markdown(elem_id="state-message")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=340):
                 gr.Markdown("### 1 · Models")
                 models = models_panel.build(lab)
                 gr.Markdown("### 2 · Merge")
                 merge = merge_panel.build(lab, models)
-                with gr.Accordion("2b · DRIFT fine-tune (instead of merging)", open=False):
+                with gr.Accordion("2b · DRIFT fine-tune (instead of merging)", open=False,
+                                  elem_id="drift-panel") as drift:
                     drift_panel.build(lab, models, merge.variant_state)
                 device = gr.Markdown(elem_id="device-line")
-            with gr.Column(scale=9), gr.Tabs():
-                with gr.Tab("3 · Chat", id="tab-chat"):
+            with gr.Column(scale=9), gr.Tabs() as main_tabs:
+                with gr.Tab("3 · Chat", id="tab-chat") as chat_tab:
                     chat_panel.build(lab, models, merge.variant_state)
-                with gr.Tab("4 · Why it works", id="tab-analysis"):
+                with gr.Tab("4 · Why it works", id="tab-analysis") as analysis_tab:
                     analysis_panel.build(lab, models, merge.recipe_state)
-        fn, ins, outs = models.load_event
-        demo.load(fn, ins, outs, api_visibility="private")
+        # the models' first check, a link's state (?method=...) and the walkthrough's steps
+        page_state.wire(demo, lab, models, merge, page_state.PageTabs(main_tabs, chat_tab, analysis_tab, drift),
+                        message, steps)
 
         def device_line():
             info = lab.client.wait_ready(60)

@@ -1,0 +1,264 @@
+"""Teaching features in the real app and a real headless Chromium: the state in the page's URL (restored
+from a link, rewritten as the controls change, bad parameters named), the walkthrough's steps, and
+the merge panel's knobs (choices as radios, frank's beta only with its prior, rank capped at the
+hidden size, a clamped typed value reported, no stale export line).
+
+Screenshots go to tests/_output/teaching_*.png. The app runs with --models-root at the toy family's
+folder, so a link may name a custom triple by folder. Needs /usr/bin/chromium (see test_app_browser).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+
+from analysis import analyses
+from tests.app_fixtures import start_app, stop_app
+from webapp import presets, recipes, url_state
+from webapp.walkthrough import STEPS
+
+pytest_plugins = ("tests.app_fixtures",)
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+OUT = Path(__file__).resolve().parent / "_output"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+WAIT = 60_000
+
+
+@pytest.fixture(scope="module")
+def app(toy_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teaching")
+    proc, url = start_app(toy_dir, tmp / "cache", tmp / "app.log", ["--models-root", str(toy_dir)])
+    yield url, toy_dir
+    stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_page(app, browser):
+    """open_page(query) -> a fresh page (its own session) at the app's URL with that query, loaded."""
+    from playwright.sync_api import expect
+
+    pages = []
+
+    def _open(query: str = ""):
+        pg = browser.new_page(viewport={"width": 1440, "height": 1000})
+        pg.set_default_timeout(WAIT)
+        pages.append(pg)
+        pg.goto(app[0] + (f"?{query}" if query else ""))
+        expect(pg.locator("#device-line")).to_contain_text("Worker", timeout=90_000)
+        return pg
+
+    yield _open
+    for pg in pages:
+        pg.close()
+
+
+def url_query(page) -> dict:
+    return dict(parse_qsl(urlsplit(page.url).query))
+
+
+def method_of(page) -> str:
+    return page.locator("#merge-method input").input_value()
+
+
+def knob(page, i: int):
+    return page.locator(f"#knob-{i} input[type=number]")
+
+
+def choice(page, i: int) -> str:
+    return page.locator(f"#choice-{i} input:checked").get_attribute("value")
+
+
+def pick_method(page, name: str) -> None:
+    page.locator("#merge-method input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def selected_tabs(page) -> list[str]:
+    return [t.inner_text().strip() for t in page.get_by_role("tab").all() if t.get_attribute("aria-selected") == "true"]
+
+
+def expect_tab(page, tab: str) -> None:
+    """The view a state's `tab` names is the one shown."""
+    from playwright.sync_api import expect
+
+    if tab in ("chat", "drift"):
+        expect(page.get_by_role("tab", name="3 · Chat")).to_have_attribute("aria-selected", "true")
+        if tab == "drift":
+            expect(page.locator("#drift-btn")).to_be_visible()
+        return
+    expect(page.get_by_role("tab", name="4 · Why it works")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name=analyses.get(tab).title)).to_have_attribute("aria-selected", "true")
+
+
+def test_a_link_restores_the_state_and_the_url_follows_the_controls(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page("method=ties&alpha=1.5&density=0.3&normalize=0&layers=1-2&tab=spectra")
+    expect(page.locator("#merge-method input")).to_have_value("ties")
+    expect(knob(page, 1)).to_have_value("1.5")  # alpha
+    expect(knob(page, 3)).to_have_value("0.3")  # density
+    assert choice(page, 1) == "0"  # normalize: off
+    expect_tab(page, "spectra")
+    page.get_by_text("Layer range and per-layer values").click()
+    expect(page.locator("#layer-first input[type=number]")).to_have_value("1")
+    expect(page.locator("#layer-last input[type=number]")).to_have_value("2")
+    expect(page.locator("#state-message")).not_to_contain_text("could not be used")
+    page.screenshot(path=str(OUT / "teaching_url_restore.png"), full_page=True)
+    # the URL is rewritten to the whole state (every knob of ties), the link's values kept
+    page.wait_for_function("() => location.search.includes('weight_vlm=')")
+    q = url_query(page)
+    assert (q["method"], q["alpha"], q["density"], q["normalize"], q["layers"], q["tab"]) == (
+        "ties", "1.5", "0.3", "0", "1-2", "spectra")
+    # ... and follows the controls: a knob, a choice, the method, the open tab
+    knob(page, 3).fill("0.6")
+    knob(page, 3).blur()
+    page.wait_for_function("() => location.search.includes('density=0.6')")
+    page.locator("#choice-2").get_by_text("1 · the BR2V").click()
+    page.wait_for_function("() => location.search.includes('br2v=1')")
+    page.get_by_role("tab", name="Layer knockout").click()
+    page.wait_for_function("() => location.search.includes('tab=knockout')")
+    pick_method(page, "linear")
+    page.wait_for_function("() => location.search.includes('method=linear')")
+    state, notes = url_state.parse(url_query(page))
+    assert notes == [] and state.method == "linear" and state.tab == "knockout" and state.layers == (1, 2)
+    assert set(url_query(page)) == {"method", "alpha", "layers", "tab"}
+    # the rewritten URL, opened in a new session, shows the same state
+    again = open_page(urlsplit(page.url).query)
+    expect(again.locator("#merge-method input")).to_have_value("linear")
+    expect(again.locator("#knob-1 input[type=number]")).to_have_value(url_query(page)["alpha"])
+    expect_tab(again, "knockout")
+
+
+def test_a_link_can_name_a_custom_triple_inside_the_models_root(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page("vlm=vlm&reasoner=math&base=base&method=frank&use_prior=1&beta=0.2&tab=attention")
+    expect(page.locator("#merge-method input")).to_have_value("frank")
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    expect(page.get_by_label("Model triple")).to_have_value(presets.CUSTOM)
+    expect(page.get_by_label("VLM", exact=True)).to_have_value("vlm")
+    expect(page.locator("#frank-prior input")).to_be_checked()
+    expect(knob(page, 2)).to_have_value("0.2")  # beta
+    expect_tab(page, "attention")
+    page.wait_for_function("() => location.search.includes('beta=0.2')")
+    q = url_query(page)
+    assert (q["vlm"], q["reasoner"], q["base"], q["use_prior"]) == ("vlm", "math", "base", "1") and "w_v" not in q
+
+
+def test_bad_parameters_are_named_and_the_defaults_used(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page("method=ties&alpha=9&density=lots&lam=1.5&normalize=3&foo=1&tab=nowhere&layers=2-9")
+    msg = page.locator("#state-message")
+    for name in ("alpha", "density", "normalize", "foo", "tab", "layers"):
+        expect(msg).to_contain_text(name)
+    expect(msg).to_contain_text("outside 0..2")
+    expect(msg).to_contain_text("not a number")
+    expect(page.locator("#merge-method input")).to_have_value("ties")
+    expect(knob(page, 1)).to_have_value("1")  # alpha: ties' default
+    expect(knob(page, 4)).to_have_value("1.5")  # lam, which was fine
+    expect_tab(page, "chat")
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    page.locator("#state-message").screenshot(path=str(OUT / "teaching_url_bad_params.png"))
+    page.wait_for_function("() => !location.search.includes('foo=')")  # the URL says what is shown
+    assert url_query(page)["alpha"] == "1"
+
+    for query, name, default in [("method=nonsense&alpha=0.3", "method", "task_arithmetic"),
+                                 ("preset=nope", "preset", "task_arithmetic"),
+                                 ("vlm=../../etc&reasoner=math&base=base", "vlm", "task_arithmetic"),
+                                 ("method=ip_merging&rank=5000", "rank", "ip_merging")]:
+        page = open_page(query)
+        expect(page.locator("#state-message")).to_contain_text(name)
+        expect(page.locator("#merge-method input")).to_have_value(default)
+        expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    expect(page.locator("#state-message")).to_contain_text("hidden size")
+    expect(knob(page, 3)).to_have_value("128")  # rank, at the toy's hidden size
+    page.screenshot(path=str(OUT / "teaching_url_rank_clamped.png"))
+
+
+def test_every_walkthrough_step_sets_the_state_it_describes(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page()
+    page.get_by_text("Walkthrough: the papers' findings").click()
+    expect(page.locator("#walk-1")).to_be_visible()
+    page.screenshot(path=str(OUT / "teaching_walkthrough.png"), full_page=True)
+    for i, step in enumerate(STEPS, 1):
+        page.locator(f"#walk-{i}").click()
+        method = step.query["method"]
+        expect(page.locator("#merge-method input")).to_have_value(method)
+        name, value = next((k, v) for k, v in step.query.items() if k not in url_state.RESERVED)
+        if name == "use_prior":
+            expect(page.locator("#frank-prior input")).to_be_checked()
+            name, value = "beta", step.query["beta"]
+        slot = [p.name for p in recipes.numeric_params(method)].index(name) + 1
+        expect(knob(page, slot)).to_have_value(value)
+        expect_tab(page, step.query["tab"])
+        page.wait_for_function(f"() => location.search.includes('method={method}')")
+        assert url_state.parse(url_query(page))[0].method == method and url_query(page).get("tab", "chat") == step.query["tab"]
+        page.screenshot(path=str(OUT / f"teaching_walkthrough_step{i}.png"), full_page=True)
+
+
+def test_knobs_choices_prior_caps_clamping_and_export_line(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page()
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    page.get_by_text("Recipe (YAML) and export").click()
+    page.get_by_role("button", name="Export merged model to a folder").click()
+    expect(page.locator("#export-status")).to_contain_text("Merge first")
+
+    pick_method(page, "ties")  # choices as radios with labelled options, not sliders
+    expect(page.locator("#choice-1")).to_contain_text("normalize")
+    expect(page.locator("#choice-1")).to_contain_text("1 · divide by the summed weights")
+    expect(page.locator("#choice-2")).to_contain_text("br2v")
+    assert choice(page, 1) == "1"
+    for i in (1, 2, 3, 4):
+        expect(page.locator(f"#knob-{i}")).to_be_visible()
+    expect(page.locator("#knob-5")).to_be_hidden()
+    page.locator("#choice-1").screenshot(path=str(OUT / "teaching_knobs_ties_choices.png"))
+
+    pick_method(page, "frank")  # beta only with the prior, w_v only without
+    expect(page.locator("#knob-1")).to_be_visible()
+    expect(page.locator("#knob-2")).to_be_hidden()
+    page.locator("#frank-prior input").check()
+    expect(page.locator("#knob-2")).to_be_visible()
+    expect(page.locator("#knob-1")).to_be_hidden()
+    page.screenshot(path=str(OUT / "teaching_knobs_frank_prior.png"))
+
+    pick_method(page, "ip_merging")  # rank capped at the hidden size; svd a three-way choice
+    expect(page.locator("#choice-1")).to_contain_text("2 · randomized")
+    assert knob(page, 3).get_attribute("max") == "128"
+    knob(page, 3).fill("500")  # typed past the cap: the browser clamps it, the status says so
+    knob(page, 3).blur()
+    expect(knob(page, 3)).to_have_value("128")
+    knob(page, 2).fill("0.5")  # top_fraction: something to merge
+    knob(page, 2).blur()
+    page.locator("#merge-btn").click()
+    status = page.locator("#merge-status")
+    expect(status).to_contain_text("Merged with ip_merging", timeout=180_000)
+    expect(status).to_contain_text("rank")
+    expect(status).to_contain_text("500 is above this model's hidden size (128); clamped to 128")
+    expect(page.locator("#export-status")).not_to_contain_text("Merge first")
+    page.locator("#merge-status").screenshot(path=str(OUT / "teaching_merge_clamped.png"))
