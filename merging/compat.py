@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from merging import params
+from merging import recipe as recipe_mod
 from merging.checkpoint import Checkpoint
 from merging.errors import LabError
 from merging.layout import VOCAB_TENSORS, Layout, derive_layout
@@ -26,7 +27,12 @@ class CompatReport:
     shape_mismatches: list[str] = field(default_factory=list)  # "name: vlm (a,b) vs reasoner (c,d)"
     missing: list[str] = field(default_factory=list)  # "name missing in reasoner"
     warnings: list[str] = field(default_factory=list)
-    reason: str | None = None  # why the triple cannot be merged; None when it can
+    reason: str | None = None  # why the triple cannot be merged (the first problem); None when it can
+    problems: list[str] = field(default_factory=list)  # every reason it cannot, so all are fixed at once
+
+    def fail(self, problem: str) -> None:
+        self.problems.append(problem)
+        self.reason = self.reason or problem
 
     @property
     def ok(self) -> bool:
@@ -54,7 +60,7 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
     refs = {"vlm": vlm, "reasoner": reasoner}
     if base:
         refs["base"] = base
-    layouts, prints, shapes = {}, {}, {}
+    layouts, prints, shapes, unreadable = {}, {}, {}, []
     for role, ref in refs.items():
         try:
             with Checkpoint.open(ref, allow_bin=allow_bin) as ck:
@@ -62,7 +68,9 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
                 prints[role] = ck.fingerprint
                 shapes[role] = {c: ck.shape(a) for c, a in layouts[role].lm.items()}
         except LabError as e:
-            raise LabError(f"{role}: {e}") from None
+            unreadable.append(f"{role}: {e}")  # every model's problem in one message, not one per try
+    if unreadable:
+        raise LabError("; ".join(unreadable))
     rep = CompatReport(refs, layouts, prints)
     for role, lay in layouts.items():
         rep.warnings += [f"{role}: {w}" for w in lay.warnings]
@@ -74,9 +82,10 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
             continue
         o = layouts[role]
         if o.num_layers != v.num_layers:
-            rep.reason = rep.reason or f"layer counts differ: vlm has {v.num_layers}, {role} has {o.num_layers}"
+            rep.fail(f"layer counts differ: vlm has {v.num_layers}, {role} has {o.num_layers}")
         if v.hidden_size and o.hidden_size and v.hidden_size != o.hidden_size:
-            rep.reason = rep.reason or f"hidden sizes differ: vlm {v.hidden_size}, {role} {o.hidden_size}"
+            rep.fail(f"hidden sizes differ: vlm {v.hidden_size}, {role} {o.hidden_size}")
+        shape_failed = False
         for name, shape in shapes["vlm"].items():
             if name not in shapes[role]:
                 if name in VOCAB_TENSORS:
@@ -87,13 +96,14 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
             if shapes[role][name] != shape:
                 msg = f"{name}: vlm {tuple(shape)} vs {role} {tuple(shapes[role][name])}"
                 rep.shape_mismatches.append(msg)
-                if name not in VOCAB_TENSORS:
-                    rep.reason = rep.reason or f"tensor shapes differ: {msg}"
+                if name not in VOCAB_TENSORS and not shape_failed:  # the first per model is enough to fix
+                    shape_failed = True
+                    rep.fail(f"tensor shapes differ: {msg}")
         extra = [n for n in shapes[role] if n not in shapes["vlm"]]
         if extra:
             rep.warnings.append(f"{role} has {len(extra)} LM tensors the vlm lacks (ignored), e.g. {extra[0]}")
-    if rep.missing and rep.reason is None:
-        rep.reason = f"tensor {rep.missing[0]}" + (f" (and {len(rep.missing) - 1} more)" if len(rep.missing) > 1 else "")
+    if rep.missing:
+        rep.fail(f"tensor {rep.missing[0]}" + (f" (and {len(rep.missing) - 1} more)" if len(rep.missing) > 1 else ""))
     if rep.ok and "base" in refs:
         rep.warnings += _parent_probe(refs, layouts, allow_bin)
     if v.vocab_size and any(layouts[r].vocab_size != v.vocab_size for r in refs):
@@ -128,8 +138,6 @@ def check_recipe(recipe) -> CompatReport:
 
 
 def main_check(args) -> int:
-    from merging import recipe as recipe_mod
-
     rec = recipe_mod.load(args.recipe)
     rep = check_recipe(rec)
     print(f"method: {rec.method}  parameters: {rec.knobs()}")

@@ -95,3 +95,36 @@ def test_chat_labels_limits_and_reset(page):
     expect(merged).to_contain_text("none yet")
     expect(merged).to_contain_text("No merge yet in this tab")
     page.screenshot(path=str(OUT / "app_chat_reset.png"), full_page=True)
+
+
+def test_missing_presets_are_marked_and_picking_one_is_calm(page):
+    """A hub triple not in the local cache says so in the dropdown; picking it lists what is missing
+    (not a big error), disables Merge and drops the tab's merge from the chat; custom fields list
+    every problem at once."""
+    from playwright.sync_api import expect
+
+    dropdown = page.get_by_label("Model triple")
+    dropdown.click()
+    option = page.get_by_role("option", name="Qwen2-VL-7B + Qwen2-Math-7B (not downloaded)")
+    expect(option).to_be_visible()
+    option.click()
+    expect(page.get_by_text("Not usable here")).to_be_visible(timeout=30_000)
+    expect(page.locator("h3", has_text="Not usable here")).to_have_count(0)
+    expect(page.get_by_text("not in the local Hugging Face cache").first).to_be_visible()
+    expect(page.locator("#chat-merged")).to_contain_text("none yet")
+    page.screenshot(path=str(OUT / "app_preset_missing.png"), full_page=True)
+
+    dropdown.click()
+    page.get_by_role("option", name="Custom triple (folders or hub ids)").click()
+    page.get_by_label("VLM", exact=True).fill("no/such-vlm")
+    page.get_by_label("Reasoner (math LLM)").fill("no/such-reasoner")
+    page.get_by_label("Shared base LLM").fill("no/such-base")
+    page.get_by_role("button", name="Check compatibility").click()
+    for role in ("vlm", "reasoner", "base"):
+        expect(page.locator("li", has_text=f"{role}: no/such-{role}")).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(OUT / "app_custom_problems.png"), full_page=True)
+
+    dropdown.click()
+    page.get_by_role("option", name="Toy family (bundled, CPU, seconds)").click()
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=30_000)
+    expect(page.locator("#merge-btn")).to_be_enabled()

@@ -209,4 +209,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         return gr.update(maximum=top, value=min(DEFAULT_MAX_NEW, top))
 
     models.dims.change(on_dims, models.dims, max_new, api_visibility="private", queue=False)
+    # another triple: this tab's merge (or DRIFT run) was of the old one, so the left pane drops it
+    models.preset.input(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot],
+                        api_visibility="private", queue=False)
     return merged_bot, original_bot

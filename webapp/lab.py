@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradio.utils import get_upload_folder
+
 from merging.errors import LabError
 from webapp import presets
 from webapp.client import Job, WorkerClient
@@ -22,20 +24,25 @@ class Lab:
     @property
     def read_roots(self) -> list[Path]:
         """The only folders a user-named file may be read from: this server's uploads and the models root."""
-        from gradio.utils import get_upload_folder
-
         return [Path(r) for r in (self.upload_dir or get_upload_folder(), self.models_root) if r]
 
     def triple(self, preset: str, vlm: str = "", reasoner: str = "", base: str = "") -> dict[str, str]:
         """The (vlm, reasoner, base) refs the UI's model inputs name; LabError when unusable."""
         if preset and preset != presets.CUSTOM:
             p = presets.by_label(preset)
-            missing = presets.missing_parts(p.triple())
+            missing = [f"{role}: {msg}" for role, ref in p.triple().items() if (msg := presets.availability(ref))]
             if missing:
                 raise LabError("; ".join(missing))
             return {k: presets.locate(v) for k, v in p.triple().items()}
-        return {k: presets.resolve_custom(v, self.models_root)
-                for k, v in (("vlm", vlm), ("reasoner", reasoner), ("base", base))}
+        out, problems = {}, []
+        for k, v in (("vlm", vlm), ("reasoner", reasoner), ("base", base)):
+            try:
+                out[k] = presets.resolve_custom(v, self.models_root)
+            except LabError as e:  # all three checked: the user fixes every field at once
+                problems.append(f"{k}: {e}")
+        if problems:
+            raise LabError("; ".join(problems))
+        return out
 
 
 def session_of(request) -> str | None:

@@ -6,15 +6,18 @@ in the UI process at once (no waiting behind a merge in the worker queue).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import gradio as gr
 
+from merging.compat import check_triple
 from merging.errors import LabError
 from webapp import presets
 from webapp.lab import Lab
 
 _reports: dict[tuple, object] = {}
+ROLE_SPLIT = re.compile(r"; (?=(?:vlm|reasoner|base): )")  # one problem per model in a joined LabError
 
 
 def check(lab: Lab, preset: str, vlm: str, reasoner: str, base: str):
@@ -22,14 +25,28 @@ def check(lab: Lab, preset: str, vlm: str, reasoner: str, base: str):
     triple = lab.triple(preset, vlm, reasoner, base)
     key = tuple(triple.values())
     if key not in _reports:
-        from merging.compat import check_triple
-
         _reports[key] = check_triple(triple["vlm"], triple["reasoner"], triple["base"])
     return _reports[key], triple
 
 
+def problems_markdown(head: str, problems: list[str], hint: str = "") -> str:
+    """A calm list (not one bold line): every problem at once, each on its own line."""
+    return f"#### {head}\n\n" + "\n".join(f"- {p}" for p in problems) + (f"\n\n_{hint}_" if hint else "")
+
+
+def choices() -> list[tuple[str, str]]:
+    """The preset dropdown's (shown, value) pairs; a triple not on this machine says so in its name."""
+    out = []
+    for label in presets.labels():
+        missing = label != presets.CUSTOM and presets.missing_parts(presets.by_label(label).triple())
+        out.append((f"{label} (not downloaded)" if missing else label, label))
+    return out
+
+
 def report_markdown(rep, preset: str) -> str:
-    head = "### ✅ Compatible: ready to merge" if rep.ok else f"### ⛔ Cannot merge: {rep.reason}"
+    if not rep.ok:
+        return problems_markdown("Cannot merge this triple", rep.problems)
+    head = "#### Compatible: ready to merge"
     note = ""
     if preset and preset != presets.CUSTOM:
         p = presets.by_label(preset)
@@ -59,8 +76,10 @@ class ModelsPanel:
 
 def build(lab: Lab) -> ModelsPanel:
     root_note = f" (folders inside {lab.models_root})" if lab.models_root else ""
-    preset = gr.Dropdown(presets.labels(), value=presets.DEFAULT, label="Model triple",
-                         info="VLM + reasoning LLM + the base LLM both were fine-tuned from")
+    preset = gr.Dropdown(choices(), value=presets.DEFAULT, label="Model triple",
+                         info="VLM + reasoning LLM + the base LLM both were fine-tuned from; the lab never "
+                              "downloads: triples marked 'not downloaded' need their models in the local "
+                              "Hugging Face cache first")
     with gr.Group(visible=False) as custom:
         vlm = gr.Textbox("", label="VLM", placeholder=f"folder or hub id{root_note}")
         reasoner = gr.Textbox("", label="Reasoner (math LLM)", placeholder=f"folder or hub id{root_note}")
@@ -78,13 +97,24 @@ def build(lab: Lab) -> ModelsPanel:
         try:
             rep, _ = check(lab, preset_v, vlm_v, reasoner_v, base_v)
         except LabError as e:
-            return show_custom, f"### ⛔ {e}", "", None, False, None
+            hint = ("Download the three models (e.g. `huggingface-cli download ID`) and restart the app, "
+                    "or pick the bundled toy family." if preset_v != presets.CUSTOM else "")
+            return (show_custom, problems_markdown("Not usable here", ROLE_SPLIT.split(str(e)), hint), "", None, False,
+                    None)
         v = rep.layouts["vlm"]
         dims = {"num_layers": v.num_layers, "hidden_size": v.hidden_size, "context": v.context}
         return (show_custom, report_markdown(rep, preset_v), "\n".join(rep.lines()), v.num_layers, rep.ok, dims)
 
     outs = [custom, report, details, panel.num_layers, panel.compatible, panel.dims]
-    preset.change(on_check, panel.inputs, outs, api_name="check_preset", queue=False)
-    check_btn.click(on_check, panel.inputs, outs, api_name="check")
+    # kept so the merge panel can chain its button's state on the check itself (a State's .change
+    # alone did not reach the button in the browser)
+    panel.check_events = [preset.change(on_check, panel.inputs, outs, api_name="check_preset", queue=False),
+                          check_btn.click(on_check, panel.inputs, outs, api_name="check")]
     panel.load_event = (on_check, panel.inputs, outs)
+
+    def edited():  # an edited field has not been checked: Merge waits for the check
+        return "Fields changed: press **Check compatibility**.", False
+
+    for box in (vlm, reasoner, base):
+        box.input(edited, None, [report, panel.compatible], queue=False, api_visibility="private")
     return panel
