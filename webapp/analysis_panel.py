@@ -6,10 +6,12 @@ from __future__ import annotations
 import inspect
 
 import gradio as gr
+import plotly.io as pio
 
 from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
+from webapp import glossary
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.safety import check_images
@@ -18,8 +20,6 @@ BASE_PARAMS = ("preset", "vlm", "reasoner", "base", "recipe")
 
 
 def _figure(fig_json: str):
-    import plotly.io as pio
-
     return pio.from_json(fig_json)
 
 
@@ -88,7 +88,8 @@ def _control(k):
 
 
 def _tab(lab: Lab, a, base_inputs) -> None:
-    gr.Markdown(a.about)
+    links = glossary.analysis_links(a.name)
+    gr.Markdown(a.about + (f"  \n<small>{links} · symbols: see the Glossary below</small>" if links else ""))
     with gr.Row():
         extra = [_control(k) for k in a.knobs]
         btn = gr.Button("Compute", variant="primary", elem_id=f"compute-{a.name}", scale=0, min_width=120)
@@ -111,3 +112,5 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
             a = analyses.get(name)
             with gr.Tab(a.title, id=f"an-{name}"):
                 _tab(lab, a, base_inputs)
+    with gr.Accordion("Glossary: the symbols in these plots, and the papers", open=False, elem_id="glossary"):
+        gr.Markdown(glossary.markdown())
