@@ -58,3 +58,14 @@ def test_drift_cancel(client, app_handle):
     final = final if isinstance(final, str) else final[0]
     assert "cancelled" in final, final
     assert not [p for p in (app_handle.cache / "drift").iterdir() if p.name.startswith(".")]
+
+
+def test_drift_out_of_range_names_the_field(client):
+    for kwargs, expected in (({"alpha": 500.0}, "drift alpha = 500.0 is out of range; allowed 0.0 to 100.0"),
+                             ({"lr": 0.0}, "drift lr = 0.0 is out of range"),
+                             ({"steps": None}, "drift steps: enter a number")):
+        args = {"preset": TOY_PRESET, "mode": "adaptive_cosine", "alpha": 1.0, "steps": 3, "lr": 1e-4,
+                "batch_size": 4, "examples": 8, **kwargs}
+        status = client.predict(**args, api_name="/drift")
+        status = status if isinstance(status, str) else status[0]
+        assert status.startswith("❌ **Cannot run DRIFT:**") and expected in status, status

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from merging.drift import DRIFT_DEFAULTS, MODES, drift_settings
+from merging.drift import DRIFT_DEFAULTS, DRIFT_KEYS, MODES, drift_settings
 from merging.errors import LabError
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel, check
@@ -17,17 +17,26 @@ ABOUT = ("_DRIFT fine-tunes the VLM's language model for a few steps, steering e
          "reasoner (D = W_reasoner - W_vlm); alpha 0 is a plain fine-tune._")
 
 
+def _range(name: str) -> str:
+    lo, hi = DRIFT_KEYS[name]
+    return f"{lo:g} to {hi:g}"
+
+
 def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown:
     gr.Markdown(ABOUT)
+    # No minimum/maximum on the boxes: Gradio's own check shows an unnamed error toast (twice) and
+    # logs a traceback; drift_settings names the field and its range in the status line instead.
     with gr.Row():
-        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode")
-        alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", minimum=0.0, maximum=100.0)
+        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode",
+                           info="how the gradient is bent toward the reasoner (see the Glossary)")
+        alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", info=_range("alpha"))
     with gr.Row():
-        steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, minimum=1)
-        lr = gr.Number(DRIFT_DEFAULTS["lr"], label="learning rate", minimum=1e-7, maximum=1.0)
+        steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, info=_range("steps"))
+        lr = gr.Number(DRIFT_DEFAULTS["lr"], label="learning rate", info=_range("lr"))
     with gr.Row():
-        batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0, minimum=1)
-        examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, minimum=1)
+        batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0,
+                               info=_range("batch_size"))
+        examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, info=_range("examples"))
     with gr.Row():
         run_btn = gr.Button("Run DRIFT", variant="primary", elem_id="drift-btn")
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="drift-cancel-btn")
@@ -39,8 +48,11 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
         try:
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
-            settings = drift_settings({"mode": mode, "alpha": float(alpha), "steps": int(steps),
-                                       "lr": float(lr), "batch_size": int(batch_size), "examples": int(examples)})
+            typed = {"alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "examples": examples}
+            empty = [k for k, v in typed.items() if v is None]
+            if empty:
+                raise LabError(f"drift {empty[0]}: enter a number ({_range(empty[0])})")
+            settings = drift_settings({"mode": mode, **typed})
         except (LabError, TypeError, ValueError) as e:
             yield f"❌ **Cannot run DRIFT:** {e}", gr.skip()
             return
@@ -56,7 +68,8 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
                 losses = payload["losses"]
                 how = ("already trained, reused" if payload["reused"] else
                        f"{len(losses)} steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
-                variant = {**triple, "drift": payload["path"]}
+                variant = {**triple, "drift": payload["path"],
+                           "label": f"{what}, {settings['steps']} steps, lr {settings['lr']:g}"}
                 yield (f"✅ **{what} done** in {el:.1f} s ({how}, on {payload['device']}). The chat's "
                        "left side now answers with it.", variant)
             elif ev == "cancelled":
