@@ -153,7 +153,7 @@ def test_a_link_restores_the_state_and_the_url_follows_the_controls(open_page):
 def test_a_link_can_name_a_custom_triple_inside_the_models_root(open_page):
     from playwright.sync_api import expect
 
-    page = open_page("vlm=vlm&reasoner=math&base=base&method=frank&use_prior=1&beta=0.2&tab=attention")
+    page = open_page("vlm=vlm&reasoner=math&base=base&method=frank&use_prior=1&beta=0.2&tab=attention&__theme=dark")
     expect(page.locator("#merge-method input")).to_have_value("frank")
     expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
     expect(page.get_by_label("Model triple")).to_have_value(presets.CUSTOM)
@@ -164,6 +164,8 @@ def test_a_link_can_name_a_custom_triple_inside_the_models_root(open_page):
     page.wait_for_function("() => location.search.includes('beta=0.2')")
     q = url_query(page)
     assert (q["vlm"], q["reasoner"], q["base"], q["use_prior"]) == ("vlm", "math", "base", "1") and "w_v" not in q
+    assert q["__theme"] == "dark"  # Gradio's own parameter is kept
+    expect(page.locator("#state-message")).not_to_contain_text("could not be used")
 
 
 def test_bad_parameters_are_named_and_the_defaults_used(open_page):

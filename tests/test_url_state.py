@@ -88,6 +88,10 @@ def test_bad_parameters_give_a_message_naming_them_and_the_defaults(query, name,
     assert state.preset == presets.DEFAULT and state.layers is None and state.tab == "chat"
 
 
+def test_gradios_own_parameters_are_left_alone():
+    assert parse({"__theme": "dark", "method": "linear"}) == (LabState(method="linear"), [])
+
+
 def test_messages_quote_user_text_as_code():
     _, notes = parse({"preset": "[click](http://x) `y`\n# head"})
     assert "(http://x)" in notes[0] and "`[click](http://x) y # head`" in notes[0]  # one code span: no link
@@ -180,7 +184,7 @@ def test_the_browsers_encoder_writes_what_encode_writes():
     custom = LabState(preset=presets.CUSTOM, vlm="a b/vlm", reasoner="math", base="base")
     cases.append((encode(custom, 4), [presets.CUSTOM, "a b/vlm", "math", "base", "task_arithmetic", False, 0, 3, "4",
                                       "chat", 0.5] + [None] * (recipes.SLIDERS + recipes.CHOICES - 1)))
-    script = ("const out = []; globalThis.location = {pathname: '/'};"
+    script = ("const out = []; globalThis.location = {pathname: '/', search: ''};"
               "globalThis.history = {state: null, replaceState: (s, t, u) => out.push(u)};"
               f"const f = {url_state.encoder_js().strip()};"
               f"for (const args of {json.dumps([a for _, a in cases])}) f(...args);"

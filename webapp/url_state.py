@@ -4,7 +4,8 @@
 
 Keys: `preset` (a preset's slug or label; absent: the bundled toy family), or `vlm`, `reasoner` and
 `base` (folders inside the app's --models-root), `method`, the method's knobs by name (frank's prior
-as `use_prior`), `layers` (FIRST-LAST, absent: all) and `tab` (chat, drift or an analysis' name).
+as `use_prior`), `layers` (FIRST-LAST, absent: all) and `tab` (chat, drift or an analysis' name);
+Gradio's own parameters (`__theme`) are left alone.
 parse() never raises: each parameter it cannot use is named in a message and left at its default.
 The page writes the URL in the browser (encoder_js(), the same format as encode()).
 """
@@ -171,7 +172,8 @@ def _layers(text: str, notes: list[str]) -> tuple[int, int] | None:
 def parse(query: Mapping, models_root: str | None = None) -> tuple[LabState, list[str]]:
     """The state a URL's query asks for, and one message per parameter that could not be used."""
     notes: list[str] = []
-    query = {str(k): str(v) for k, v in list(query.items())[:MAX_KEYS]}
+    query = {str(k): str(v) for k, v in query.items() if not str(k).startswith("__")}  # Gradio's own: ?__theme=
+    query = dict(list(query.items())[:MAX_KEYS])
     for k, v in list(query.items()):
         if len(v) > MAX_VALUE:
             notes.append(f"`{_key(k)}`: longer than {MAX_VALUE} characters; ignored")
@@ -253,6 +255,7 @@ ENCODER = """
 (preset, vlm, reasoner, base, method, prior, first, last, nLayers, tab, ...pool) => {
   const L = %s;
   const q = new URLSearchParams();
+  for (const [k, v] of new URLSearchParams(location.search)) if (k.startsWith("__")) q.set(k, v);
   const num = (v) => String(Math.round(Number(v) * 1e6) / 1e6);
   if (preset === L.custom) { q.set("vlm", vlm || ""); q.set("reasoner", reasoner || ""); q.set("base", base || ""); }
   else if (preset !== L.default) q.set("preset", L.slugs[preset] || preset);
