@@ -6,6 +6,8 @@ for it (merging.engine.merge_to_disk), not the worker's in-place merge.
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 TOKENS = 8  # few tokens: fast, and already enough for merged and original answers to differ
@@ -15,7 +17,8 @@ def answer_text(message: dict) -> str:
     """The text of a chat message as gradio_client returns it (a string or a list of parts)."""
     c = message["content"]
     parts = c if isinstance(c, list) else [c]
-    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
+    text = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
+    return re.sub(r"\s*<sub>answered by: [^<]*</sub>$", "", text)  # the pane's label, not the model's words
 
 
 class Reference:

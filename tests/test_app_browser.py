@@ -111,6 +111,7 @@ def test_missing_presets_are_marked_and_picking_one_is_calm(page):
     expect(page.get_by_text("Not usable here")).to_be_visible(timeout=30_000)
     expect(page.locator("h3", has_text="Not usable here")).to_have_count(0)
     expect(page.get_by_text("not in the local Hugging Face cache").first).to_be_visible()
+    expect(page.locator("#merge-btn")).to_be_disabled()
     expect(page.locator("#chat-merged")).to_contain_text("none yet")
     page.screenshot(path=str(OUT / "app_preset_missing.png"), full_page=True)
 
@@ -122,6 +123,7 @@ def test_missing_presets_are_marked_and_picking_one_is_calm(page):
     page.get_by_role("button", name="Check compatibility").click()
     for role in ("vlm", "reasoner", "base"):
         expect(page.locator("li", has_text=f"{role}: no/such-{role}")).to_be_visible(timeout=30_000)
+    expect(page.locator("#merge-btn")).to_be_disabled()
     page.screenshot(path=str(OUT / "app_custom_problems.png"), full_page=True)
 
     dropdown.click()

@@ -57,6 +57,10 @@ def test_drift_cancel(client, app_handle):
     final = job.result(timeout=60)
     final = final if isinstance(final, str) else final[0]
     assert "cancelled" in final, final
+    # once the status says so, it keeps saying so until the end (no progress line over it)
+    texts = [o if isinstance(o, str) else o[0] for o in job.outputs()]
+    first = next((i for i, o in enumerate(texts) if "Cancelling" in o), len(texts) - 1)  # a fast stop shows none
+    assert all("Cancelling" in o for o in texts[first:-1]), texts[first:]
     assert not [p for p in (app_handle.cache / "drift").iterdir() if p.name.startswith(".")]
 
 

@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 
+from webapp import worker
 from webapp.jobs import TERMINAL
 
 CRASHED = ("the worker stopped unexpectedly (exit code {code}: killed, or out of memory); it was "
@@ -29,6 +31,7 @@ class Job:
     started: bool = False
     done: bool = False
     generation: int = 0  # which worker process it was sent to
+    cancel_requested: bool = False  # the status then says "Cancelling" until the worker confirms
 
 
 class WorkerClient:
@@ -50,8 +53,6 @@ class WorkerClient:
 
     # -- process ------------------------------------------------------------------------------
     def start(self) -> None:
-        from webapp import worker
-
         with self._lock:
             self._generation += 1
             self._requests = self._ctx.Queue()
@@ -122,8 +123,6 @@ class WorkerClient:
 
     def _watch(self, gen: int, proc) -> None:
         """Backstop for _dispatch: if the worker died mid-message the event read can block forever."""
-        from multiprocessing.connection import wait
-
         wait([proc.sentinel])
         time.sleep(3)  # let _dispatch drain what the worker sent before it died
         self._on_death(gen, proc)
@@ -174,6 +173,10 @@ class WorkerClient:
 
     def cancel(self, job: Job | int) -> None:
         job_id = job.id if isinstance(job, Job) else job
+        with self._lock:
+            known = self._jobs.get(job_id)
+        if known is not None:
+            known.cancel_requested = True
         self._control.put(job_id)
 
     def cancel_session(self, session: str | None, kinds: tuple[str, ...] | None = None) -> int:

@@ -62,8 +62,11 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
     try:
         for ev, payload in client.follow(job):
             el = time.monotonic() - t0
-            if ev == "waiting":
-                last = f"⏳ **Waiting for the worker** — {payload} job(s) ahead of this one ({el:.0f} s)"
+            if job.cancel_requested and ev not in ("result", "error", "cancelled"):
+                last = f"⏹ **Cancelling…** ({el:.0f} s)"  # not overwritten by a progress line meanwhile
+            elif ev == "waiting":
+                last = (f"⏳ **Waiting for the worker**: {payload} job(s) ahead of this one ({el:.0f} s)" if payload
+                        else f"⏳ **Starting on the worker…** ({el:.0f} s)")
             elif ev == "started":
                 last = f"⏳ **{verb}…** ({el:.1f} s)"
             elif ev == "progress":

@@ -239,6 +239,9 @@ def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
     models.dims.change(on_models, [models.dims, c.dims_seen, c.first, c.last, models.compatible, c.method, *c.sliders],
                        [c.first, c.last, c.layers_n, c.dims_seen, c.merge_btn, *c.sliders], queue=False,
                        api_visibility="private")
+    for ev in models.check_events:  # after each check, edit or preset pick: Merge only when compatible
+        ev.then(lambda ok: gr.update(interactive=bool(ok)), models.compatible, c.merge_btn, queue=False,
+                api_visibility="private")
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, c.merge_btn,
                              queue=False, api_visibility="private")
 

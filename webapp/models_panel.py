@@ -116,5 +116,6 @@ def build(lab: Lab) -> ModelsPanel:
         return "Fields changed: press **Check compatibility**.", False
 
     for box in (vlm, reasoner, base):
-        box.input(edited, None, [report, panel.compatible], queue=False, api_visibility="private")
+        panel.check_events.append(box.input(edited, None, [report, panel.compatible], queue=False,
+                                            api_visibility="private"))
     return panel
