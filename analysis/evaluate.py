@@ -2,6 +2,7 @@
 
 Suites live in assets/toy/eval/<suite>.jsonl, one item a line:
   {"id": ..., "question": ..., "answer": "7", "target": "... the answer is 7 .", "image": "images/x.png" | null}
+A user's own file (`--suite-file items.jsonl`, analysis.eval_file) is scored the same way as suite "custom".
 A model answers greedily; its final answer is the X of the first "the answer is X" in the
 generation (`toydata.parse_answer`), scored by exact match. A text-only model skips the image
 suites (perception, visual_math) unless one is asked for by name, which is an error.
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from analysis.eval_file import read_items
+from merging.engine import check_device
 from merging.errors import LabError
 
 # load_model is re-exported: analysis.leaderboard and the tests load through this module.
@@ -98,6 +101,57 @@ def _resolve(model_or_dir, processor, device):
     return model_or_dir, processor
 
 
+def _has_image(item: dict) -> bool:
+    return item.get("pil") is not None
+
+
+def _chunks(items: list[dict], batch_size: int):
+    """Batches of at most batch_size consecutive items that all have an image or all have none."""
+    chunk: list[dict] = []
+    for it in items:
+        if chunk and (len(chunk) >= batch_size or _has_image(chunk[0]) != _has_image(it)):
+            yield chunk
+            chunk = []
+        chunk.append(it)
+    if chunk:
+        yield chunk
+
+
+def score(model, proc, items: list[dict], on_batch: Callable[[int], None] | None = None,
+          batch_size: int = 64) -> list[dict]:
+    """One record per item (id, question, answer, output, correct), in order; an item with "pil"
+    is asked with its image. on_batch(n) after each batch of n items."""
+    recs = []
+    for chunk in _chunks(items, batch_size):
+        imgs = [it["pil"] for it in chunk] if _has_image(chunk[0]) else None
+        outs = generate(model, proc, [it["question"] for it in chunk], imgs)
+        for it, text in zip(chunk, outs):
+            ok = parse_answer(text) == str(it["answer"]).lower()
+            recs.append({"id": it["id"], "question": it["question"], "answer": it["answer"], "output": text,
+                         "correct": ok})
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return recs
+
+
+def _suites(names, vision: bool, extra: dict | None, limit, eval_dir) -> dict[str, list[dict]]:
+    """suite name -> items: the bundled suites asked for, then the given ones (e.g. "custom")."""
+    if names is None:
+        names = [s for s in SUITES if vision or s not in IMAGE_SUITES]
+    else:
+        names = [names] if isinstance(names, str) else list(names)
+        for s in names:
+            if s in IMAGE_SUITES and not vision:
+                raise LabError(f"suite {s} needs images but the model is text-only")
+    loaded = {s: load_suite(s, limit, eval_dir) for s in names}
+    for s, items in (extra or {}).items():
+        with_image = sum(map(_has_image, items))
+        if with_image and not vision:
+            raise LabError(f"{with_image} item(s) of the {s} suite have an image but the model is text-only")
+        loaded[s] = items
+    return loaded
+
+
 def evaluate(
     model_or_dir,
     suites: Iterable[str] | str | None = None,
@@ -108,59 +162,42 @@ def evaluate(
     batch_size: int = 64,
     eval_dir: Path | str | None = None,
     return_items: bool = False,
+    extra: dict[str, list[dict]] | None = None,
 ) -> dict:
     """suite -> accuracy in [0, 1].
 
     model_or_dir: a folder, a (model, processor_or_tokenizer) tuple, or a loaded model with
-    `processor=`. suites: None for all (a text-only model skips the image suites). With
-    return_items, the result is {"accuracy": {...}, "items": {suite: [per-item dicts]}}.
+    `processor=`. suites: None for all (a text-only model skips the image suites). extra: more
+    suites by name, their items already loaded (analysis.eval_file.read_items; scored whole, no
+    limit). With return_items, the result is {"accuracy": {...}, "items": {suite: [per-item dicts]}}.
     """
     model, proc = _resolve(model_or_dir, processor, device)
-    vision = is_vlm(model)
-    if suites is None:
-        names = [s for s in SUITES if vision or s not in IMAGE_SUITES]
-    else:
-        names = [suites] if isinstance(suites, str) else list(suites)
-        for s in names:
-            if s in IMAGE_SUITES and not vision:
-                raise LabError(f"suite {s} needs images but the model is text-only")
-    loaded = {s: load_suite(s, limit, eval_dir) for s in names}
+    loaded = _suites(suites, is_vlm(model), extra, limit, eval_dir)
     total = sum(len(v) for v in loaded.values())
-    done, accuracy, records = 0, {}, {}
+    done, accuracy, records = [0], {}, {}
     for s, items in loaded.items():
-        correct, recs = 0, []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            imgs = [it["pil"] for it in chunk] if s in IMAGE_SUITES else None
-            outs = generate(model, proc, [it["question"] for it in chunk], imgs)
-            for it, text in zip(chunk, outs):
-                pred = parse_answer(text)
-                ok = pred == str(it["answer"]).lower()
-                correct += ok
-                recs.append(
-                    {
-                        "id": it["id"],
-                        "question": it["question"],
-                        "answer": it["answer"],
-                        "output": text,
-                        "correct": ok,
-                    }
-                )
-            done += len(chunk)
+        def on_batch(n, s=s):
+            done[0] += n
             if progress is not None:
-                progress(done, total, f"{s}: {done}/{total}")
-        accuracy[s] = correct / len(items) if items else 0.0
-        records[s] = recs
+                progress(done[0], total, f"{s}: {done[0]}/{total}")
+
+        records[s] = score(model, proc, items, on_batch, batch_size)
+        accuracy[s] = sum(r["correct"] for r in records[s]) / len(items) if items else 0.0
     return {"accuracy": accuracy, "items": records} if return_items else accuracy
 
 
 def main_eval(args) -> int:
-    from merging.engine import check_device
-
+    """Print {suite: accuracy} as JSON: the bundled suites (or --suite), or with --suite-file the
+    user's file as suite "custom" (plus --suite when both are given)."""
     check_device(args.device)
-    suites = [args.suite] if args.suite else None
     if args.suite is not None and args.suite not in SUITES:
         raise LabError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    suite_file = getattr(args, "suite_file", None)
+    suites = [args.suite] if args.suite else ([] if suite_file else None)
+    # the whole file is checked before the model loads: a bad line costs no model load
+    extra = {"custom": read_items(suite_file, args.limit)} if suite_file else None
+    # `python -m analysis --help` imports this module (the knockout analysis); a bad --suite is refused first.
+    # lazy: transformers costs 0.9 s after torch (python -X importtime), only needed to load the model.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr is for the one line that says what went wrong
@@ -172,6 +209,6 @@ def main_eval(args) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise LabError(f"could not load the model in {args.model_dir} (bad config or tokenizer?): "
                        f"{type(e).__name__} {first}") from None
-    result = evaluate(loaded, suites=suites, limit=args.limit, device=args.device)
+    result = evaluate(loaded, suites=suites, limit=args.limit, device=args.device, extra=extra)
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return 0
