@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -74,10 +75,13 @@ def file_access(cache_dir: Path) -> dict[str, list[str]]:
 
 
 def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
-    from webapp.client import WorkerClient
-    from webapp.lab import Lab
-    from webapp.safety import UPLOAD_LIMIT, limit_pil
-    from webapp.ui import CSS, build, theme
+    # Not at the top: gradio must load after main() sets GRADIO_TEMP_DIR, `python app.py --help` answers
+    # in 0.07 s, and the spawned worker runs this file's top level again (as __mp_main__).
+    # lazy, the four below (python -X importtime): gradio 4.6 s; torch 2.1 s; PIL 0.04 s.
+    from webapp.client import WorkerClient  # lazy: torch (webapp.worker), 2.1 s
+    from webapp.lab import Lab  # lazy: gradio (gradio.utils), 4.6 s
+    from webapp.safety import UPLOAD_LIMIT, limit_pil  # lazy: PIL, 0.04 s
+    from webapp.ui import CSS, build, theme  # lazy: gradio, 4.6 s
 
     limit_pil()
     client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,
@@ -88,8 +92,6 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
         demo = build(lab)
         demo.queue(default_concurrency_limit=16)
         auth = tuple(args.auth.split(":", 1)) if args.auth else None
-        import signal
-
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below: stop the worker
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     theme=theme(), css=CSS, show_error=True, footer_links=[], max_file_size=UPLOAD_LIMIT,

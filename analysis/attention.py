@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from merging.errors import LabError
 from merging.loading import has_template, prompt, user_turn
@@ -107,8 +108,6 @@ def fit_decay(shares: list[float]) -> dict:
 # ----------------------------------------------------------------------------- images and inputs
 def load_images(images=None, limit: int | None = None) -> list:
     """PIL images from paths / PIL images, or the bundled toy samples when images is None."""
-    from PIL import Image
-
     if images is None:
         paths = sorted(SAMPLES_DIR.glob("*.png")) if SAMPLES_DIR.is_dir() else []
         if not paths:

@@ -18,41 +18,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diskcache
+from diskcache.core import MODE_RAW, UNKNOWN
+
 # Bump when the shape or the meaning of a cached result changes, so old entries are never misread.
 # 2: live-model analyses are keyed on the weights they ran on; schema-1 entries of the attention
 # and knockout baselines may hold results of a merge filed under the original VLM (issue 18).
 SCHEMA = 2
 
 
-def _json_only_disk():
+class JSONOnlyDisk(diskcache.Disk):
     """A diskcache.Disk that stores str values in the database and reads back nothing else."""
-    import diskcache
-    from diskcache.core import MODE_RAW, UNKNOWN
 
-    class JSONOnlyDisk(diskcache.Disk):
-        def store(self, value, read, key=UNKNOWN):
-            if type(value) is not str or read:
-                raise TypeError(f"the analysis cache stores JSON text, not {type(value).__name__}")
-            return 0, MODE_RAW, None, value  # in the row itself: no value files to point elsewhere
+    def store(self, value, read, key=UNKNOWN):
+        if type(value) is not str or read:
+            raise TypeError(f"the analysis cache stores JSON text, not {type(value).__name__}")
+        return 0, MODE_RAW, None, value  # in the row itself: no value files to point elsewhere
 
-        def fetch(self, mode, filename, value, read):
-            # Checked before anything is decoded: pickle rows, file rows and blobs are refused unread.
-            if mode != MODE_RAW or filename is not None or type(value) is not str:
-                raise ValueError(f"not a JSON text row (mode {mode})")
-            return value
+    def fetch(self, mode, filename, value, read):
+        # Checked before anything is decoded: pickle rows, file rows and blobs are refused unread.
+        if mode != MODE_RAW or filename is not None or type(value) is not str:
+            raise ValueError(f"not a JSON text row (mode {mode})")
+        return value
 
-        def remove(self, file_path):
-            # Only rows we did not write name files; delete one only if it is a regular file inside
-            # the cache folder (a crafted row could name any path).
-            folder = Path(self._directory).resolve()
-            path = Path(self._directory, str(file_path))
-            try:
-                if path.resolve().parent.is_relative_to(folder) and path.is_file() and not path.is_symlink():
-                    path.unlink()
-            except OSError:
-                pass
-
-    return JSONOnlyDisk
+    def remove(self, file_path):
+        # Only rows we did not write name files; delete one only if it is a regular file inside
+        # the cache folder (a crafted row could name any path).
+        folder = Path(self._directory).resolve()
+        path = Path(self._directory, str(file_path))
+        try:
+            if path.resolve().parent.is_relative_to(folder) and path.is_file() and not path.is_symlink():
+                path.unlink()
+        except OSError:
+            pass
 
 
 def default_dir() -> Path:
@@ -73,12 +71,10 @@ class AnalysisCache:
         self.directory = Path(directory).expanduser() if directory else default_dir()
         self._cache = None
         try:
-            import diskcache
-
             self.directory.mkdir(parents=True, exist_ok=True)
             # size_limit: a few GB; results are small (spectra of a 7B model are a few MB).
             # disk_min_file_size: every value stays in its row (store() never writes value files).
-            self._cache = diskcache.Cache(str(self.directory), size_limit=4 * 2**30, disk=_json_only_disk(),
+            self._cache = diskcache.Cache(str(self.directory), size_limit=4 * 2**30, disk=JSONOnlyDisk,
                                           disk_min_file_size=2**40)
         except Exception as e:  # an unusable folder only costs speed
             warnings.warn(f"analysis cache disabled ({self.directory}): {e}", stacklevel=2)

@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import torch
 
+from analysis.knockout import decoder_layers
 from analysis.spectra import MODULES, grid
+from merging.checkpoint import Checkpoint
 from merging.errors import LabError
-from merging.layout import split_canonical
+from merging.layout import derive_layout, split_canonical
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
@@ -25,16 +27,12 @@ def _module(rest: str) -> str | None:
 
 def checkpoint_source(ckpt) -> tuple[dict[str, str], Callable[[str], torch.Tensor], int]:
     """(canonical -> actual names, getter, num_layers) of an open Checkpoint."""
-    from merging.layout import derive_layout
-
     lay = derive_layout(ckpt)
     return lay.lm, lambda c: ckpt.get(lay.lm[c]).float(), lay.num_layers
 
 
 def model_source(model) -> tuple[dict[str, str], Callable[[str], torch.Tensor], int]:
     """(canonical -> parameter names, getter, num_layers) of a loaded model's decoder layers."""
-    from analysis.knockout import decoder_layers
-
     layers = decoder_layers(model)
     params = {}
     for i, block in enumerate(layers):
@@ -77,8 +75,6 @@ def compute_changes(merged_names, merged_get, vlm_names, vlm_get, num_layers: in
 
 def change_map(merged, vlm, progress=None) -> dict:
     """merged: a folder / hub id of a merged model, or a loaded model; vlm: the VLM's folder / id."""
-    from merging.checkpoint import Checkpoint
-
     with Checkpoint.open(vlm) as vck:
         v_names, v_get, n = checkpoint_source(vck)
         if isinstance(merged, torch.nn.Module):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from analysis.evaluate import evaluate
 from merging.errors import LabError
 
 GROUPS = {
@@ -79,12 +80,6 @@ def knocked_out(model, layer: int, group: str):
                 p.copy_(s)
 
 
-def _default_evaluate():
-    from analysis.evaluate import evaluate
-
-    return evaluate
-
-
 def knockout(model, processor=None, evaluate_fn=None, suites=SUITES, limit: int | None = 20, layers=None,
              groups=("attention", "mlp"), device="cpu", progress=None) -> dict:
     """Accuracy drop per (layer, group) for one loaded model.
@@ -95,7 +90,7 @@ def knockout(model, processor=None, evaluate_fn=None, suites=SUITES, limit: int 
     Returns {"suites", "groups", "limit", "baseline": {suite: acc},
              "drop": {group: {suite: [per layer]}}, "accuracy": same shape, "layers": [...]}.
     """
-    evaluate_fn = evaluate_fn or _default_evaluate()
+    evaluate_fn = evaluate_fn or evaluate
     n = len(decoder_layers(model))
     layers = list(range(n)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < n]

@@ -18,11 +18,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import plotly.graph_objects as go
 import torch
 
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from merging import methods
 from merging.errors import LabError
+from merging.inplace import InPlaceMerger
+from merging.recipe import from_dict
+from merging.writer import AtomicFolder
 from tasks import toydata as td
 
 DEV_SEED = 30_000
@@ -149,8 +153,6 @@ class Board:
     """The VLM loaded once, merged in place for every grid point, restored between them."""
 
     def __init__(self, family: Path, dev_dir: Path, limit: int | None, progress=None):
-        from merging.inplace import InPlaceMerger
-
         self.family, self.dev_dir, self.limit, self.progress = family, dev_dir, limit, progress
         self.model, self.proc = load_model(family / "vlm")
         self.merger = InPlaceMerger(self.model, str(family / "vlm"), str(family / "math"), str(family / "base"))
@@ -161,8 +163,6 @@ class Board:
         return evaluate((self.model, self.proc), limit=self.limit, eval_dir=eval_dir)
 
     def merged(self, method: str, knobs: dict) -> dict:
-        from merging.recipe import from_dict
-
         fam = self.family
         rec = from_dict({"vlm": str(fam / "vlm"), "reasoner": str(fam / "math"), "base": str(fam / "base"),
                          "method": method, "parameters": dict(knobs)})
@@ -197,8 +197,6 @@ def fmt(acc: dict) -> str:
 def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 100, only=None,
         progress=print, grid_size: int | None = None) -> dict:
     """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir."""
-    from merging.writer import AtomicFolder
-
     names = methods.names() if not only else list(only)
     for n in names:
         methods.get(n)  # unknown names fail before any work
@@ -238,8 +236,6 @@ def markdown(result: dict) -> str:
 
 def scatter(result: dict):
     """Perception vs visual_math, one point per method and setting; the free-lunch target shaded."""
-    import plotly.graph_objects as go
-
     vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
     fig = go.Figure()
     x0, y0 = 100 * (vlm["perception"] - PERCEPTION_SLACK), 100 * vlm["visual_math"] + 10

@@ -17,7 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from analysis import analyses, runner
+from merging.engine import check_device
+from merging.recipe import load
+from merging.writer import AtomicFolder, WriteError, write_text
 
 
 def _given(args, a) -> dict:
@@ -52,8 +57,6 @@ def compute_all(recipe, args, progress, step, workdir: Path | None = None) -> tu
 
 def write_report(folder: Path, results: dict, skipped: dict, figs: dict, meta: dict) -> None:
     """The figures, report.json and index.html into `folder` (AtomicFolder's temp folder)."""
-    from merging.writer import WriteError, write_text
-
     for name, fig in figs.items():
         try:
             # include_plotlyjs=True embeds plotly.js (~4 MB): the file works offline and alone.
@@ -76,10 +79,6 @@ def _index_html(figs: dict, skipped: dict, meta: dict) -> str:
 
 
 def main_report(args) -> int:
-    from merging.engine import check_device
-    from merging.recipe import load
-    from merging.writer import AtomicFolder
-
     recipe = load(args.recipe)
     check_device(args.device)
     inputs = (recipe.vlm, recipe.reasoner, recipe.base, args.recipe, *(args.attention_images or ()))
@@ -105,8 +104,6 @@ def main_report(args) -> int:
 
 def _run_all(recipe, args, workdir: Path) -> tuple[dict, dict, dict, dict]:
     """compute_all with a progress bar; also the seconds each analysis took."""
-    from tqdm import tqdm
-
     steps = analyses.names()
     timings: dict[str, float] = {}
     with tqdm(total=len(steps), desc="report", unit="analysis", file=sys.stderr, dynamic_ncols=True) as bar:

@@ -15,11 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from analysis.cache import cached
+from merging import decomposition_cache as dc
+from merging.checkpoint import Checkpoint
 from merging.errors import LabError
-from merging.linalg import decompose
+from merging.layout import derive_layout
+from merging.linalg import decompose, decompose_many
 
 # The 2-D projection matrices of a decoder block, in display order (canonical rest names).
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -67,9 +72,6 @@ class Triple:
 @contextmanager
 def open_triple(vlm, reasoner, base) -> Iterator[Triple]:
     """Open three refs (folder or hub id) as a Triple; closes them on exit."""
-    from merging.checkpoint import Checkpoint
-    from merging.layout import derive_layout
-
     if base is None:
         raise LabError("this analysis needs the shared base model ('base' in the recipe)")
     with ExitStack() as stack:
@@ -110,11 +112,7 @@ def _ratio(a: float, b: float) -> float:
 
 def decomposition_dir(cache_dir=None):
     """The decomposition cache's folder: beside the analysis cache, where ip_merging files its own."""
-    from pathlib import Path
-
-    from merging.decomposition_cache import default_dir
-
-    return Path(cache_dir).expanduser() / "decompositions" if cache_dir else default_dir()
+    return Path(cache_dir).expanduser() / "decompositions" if cache_dir else dc.default_dir()
 
 
 def layer_decompositions(triple: Triple, canonicals: list[str], k: int, method: str, device="cpu",
@@ -124,9 +122,6 @@ def layer_decompositions(triple: Triple, canonicals: list[str], k: int, method: 
     checkpoints' fingerprints, without reading a tensor; else by content), or computed in one
     batched call and filed there. `pairs` (canonical -> (tau_v, tau_r)) holds task vectors the
     caller has already read; the others are read on a miss only. use_cache=False: computed."""
-    from merging import decomposition_cache as dc
-    from merging.linalg import decompose_many
-
     fp = triple.fingerprints
     pairs = {} if pairs is None else pairs
 
@@ -193,8 +188,6 @@ def cached_on_triple(name: str, vlm, reasoner, base, params: dict, compute, cach
                      use_cache: bool = True) -> dict:
     """Open the triple and return compute(triple), served from the cache when the same triple
     (by fingerprints) and the same params were asked for before."""
-    from analysis.cache import cached
-
     with open_triple(vlm, reasoner, base) as t:
         if not use_cache:
             return compute(t)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from merging import linalg
 from merging.linalg import Decomposition
@@ -109,8 +111,6 @@ class DecompositionCache:
                              None if d.all_s is None else d.all_s.to(device))
 
     def store(self, key: str, tag: str, d: Decomposition) -> None:
-        from safetensors.torch import save_file
-
         path = self._entry(key, tag)
         tensors = {"s": (d.all_s if d.exact else d.s).detach().cpu().double().contiguous(),
                    "vt": d.v.detach().cpu().float().T.contiguous()}
@@ -161,8 +161,6 @@ def _read(path: Path, shape, k: int, tag: str, need_v: bool) -> Decomposition | 
     """Read and check one entry; None when it holds fewer basis vectors than asked for. The basis
     is stored transposed (one vector a row), so only the k rows asked for are read; need_v=False
     reads none (v then has no columns)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("schema") != SCHEMA or set(f.keys()) != {"s", "vt"}:

@@ -18,10 +18,14 @@ training is silently plain; here every prior tensor must map to a parameter, or 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
+from merging.checkpoint import Checkpoint
+from merging.compat import check_triple
 from merging.errors import LabError
+from merging.inplace import map_parameters
 
 MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
@@ -30,6 +34,30 @@ DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "
 DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
                   "mode": "adaptive_cosine", "normalize_delta": True}
 _EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """A finished fine-tune (DRIFT, or the plain one at alpha 0): the Hugging Face folder it wrote
+    and what it was trained from. merging.finetune.run_drift makes it, the `drift` command prints
+    it, the app's worker answers its drift job from it. reused: an earlier run's folder for the
+    same settings, taken as it is (then no losses and 0 seconds)."""
+
+    folder: str
+    vlm: str
+    reasoner: str
+    settings: dict = field(hash=False)  # drift_settings(): steps, lr, alpha, mode, batch_size, ...
+    losses: tuple[float, ...] = ()  # one per training step
+    seconds: float = 0.0  # training and saving
+    reused: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
 
 
 def adjust_gradient(g: torch.Tensor, d: torch.Tensor, mode: str, alpha: float, d_norm: float | None = None) -> torch.Tensor:
@@ -51,9 +79,6 @@ def adjust_gradient(g: torch.Tensor, d: torch.Tensor, mode: str, alpha: float, d
 
 def compute_prior(vlm_ref: str, reasoner_ref: str, progress=None) -> dict[str, torch.Tensor]:
     """canonical name -> D = W_r - W_v (float32, CPU) for every attention/MLP projection."""
-    from merging.checkpoint import Checkpoint
-    from merging.compat import check_triple
-
     report = check_triple(vlm_ref, reasoner_ref)
     report.raise_if_incompatible()
     lv, lr = report.layouts["vlm"], report.layouts["reasoner"]
@@ -76,8 +101,6 @@ def attach_hooks(model, prior: dict[str, torch.Tensor], mode: str = "adaptive_co
     """Register one gradient hook per prior tensor on the loaded model. Returns the handles
     (call .remove() on each to detach). Raises LabError if any prior tensor has no parameter.
     normalize_delta: in absolute mode, rescale each D to the norm of its parameter (as loaded)."""
-    from merging.inplace import map_parameters
-
     if mode not in MODES:
         raise LabError(f"unknown DRIFT mode {mode!r}; choose one of {', '.join(MODES)}")
     bad = [c for c in prior if not PRIOR_NAMES.match(c)]

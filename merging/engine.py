@@ -18,6 +18,7 @@ applies to LM tensors only, so the vision tower and projector stay byte-identica
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -25,11 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from merging import merge_report, methods, params
+from merging import recipe as recipe_mod
+from merging.checkpoint import Checkpoint
+from merging.compat import check_triple
 from merging.errors import LabError
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.methods import MergeContext, TensorSet
+from merging.writer import (
+    AtomicFolder,
+    ShardedWriter,
+    WriteError,
+    copy_side_files,
+    parse_size,
+    side_files,
+    write_text,
+)
 
 MERGE_REPORT = "merge_report.json"  # what the merge changed (merging/merge_report.py), beside the weights
 # Rows per block for elementwise methods: ~1 MB of float32 keeps a block's passes in cache on a
@@ -188,8 +202,6 @@ class Progress:
     """tqdm on the terminal and the progress(done, total, message) callback; checks cancel()."""
 
     def __init__(self, total: int, progress=None, cancel=None, bar: bool | None = None):
-        from tqdm import tqdm
-
         self.total, self.done, self.cb, self.cancel = total, 0, progress, cancel
         show = sys.stderr.isatty() if bar is None else bar
         self.bar = tqdm(total=total, disable=not show, unit="tensor", desc="merging", file=sys.stderr)
@@ -236,9 +248,6 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
     """Merge `recipe` into a new Hugging Face model folder OUT_DIR (atomic). Returns OUT_DIR.
     block_elems: elements per block when streaming an elementwise method (default per device).
     OUT_DIR may never be one of the three models (or hold one), nor hold a path in `protect`."""
-    from merging.checkpoint import Checkpoint
-    from merging.writer import AtomicFolder, WriteError, side_files
-
     t0 = time.time()
     method = methods.get(recipe.method)
     folder = AtomicFolder(out_dir, overwrite, (recipe.vlm, recipe.reasoner, recipe.base, *protect))
@@ -263,8 +272,6 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
 
 def _plan(recipe, method, device: str) -> _Run:
     """Check device and triple, and plan the merged groups; nothing is opened for reading weights."""
-    from merging.compat import check_triple
-
     check_device(device)
     report = check_triple(recipe.vlm, recipe.reasoner, recipe.base if method.needs_base else None)
     report.raise_if_incompatible()
@@ -286,8 +293,6 @@ def _plan_entries(run: _Run) -> None:
 def _write_weights(run: _Run, tmp: Path, max_shard_bytes: int, bar: Progress, block: int) -> None:
     """Every tensor of the output: the kept ones bit for bit (cast only for out_dtype on LM
     tensors), then each merged group."""
-    from merging.writer import ShardedWriter
-
     vck, vlay = run.cks["vlm"], run.layouts["vlm"]
     writer = ShardedWriter(tmp, run.entries, max_shard_bytes)
     merged = {vlay.lm[c] for g in run.groups for c in g.names}
@@ -331,10 +336,6 @@ def _merge_whole_group(run: _Run, g: Group, writer) -> None:
 
 
 def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
-    import json
-
-    from merging.writer import copy_side_files, write_text
-
     copy_side_files(run.cks["vlm"].path, tmp, side)
     write_text(tmp / "recipe.yaml", run.recipe.to_yaml())
     report = merge_report.build(run.method.name, run.ctx.extra, [c for g in run.groups for c in g.names])
@@ -364,11 +365,6 @@ def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
 
 
 def main_merge(args) -> int:
-    import json
-
-    from merging import recipe as recipe_mod
-    from merging.writer import parse_size
-
     rec = recipe_mod.load(args.recipe)
     size = parse_size(getattr(args, "max_shard_size", "2GB"))
     out = merge_to_disk(rec, args.out_dir, device=getattr(args, "device", "cpu"), max_shard_bytes=size,

@@ -13,10 +13,15 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from merging.drift import attach_hooks, compute_prior, drift_settings
+from merging.drift import DriftResult, attach_hooks, compute_prior, drift_settings
+from merging.engine import check_device
 from merging.errors import LabError
 from merging.loading import load_model, prompt, tokenizer_of, user_turn
+from merging.recipe import read_yaml, resolve_ref
+from merging.writer import AtomicFolder, guard_output
+from tasks.drift_data import training_examples
 
 
 def build_batch(processor, examples: list) -> dict:
@@ -88,8 +93,6 @@ def finetune(model, processor, examples: list, steps: int, lr: float, batch_size
 
 def load_drift_recipe(path) -> dict:
     """vlm, reasoner and the validated drift settings from a recipe file."""
-    from merging.recipe import read_yaml, resolve_ref
-
     d, here = read_yaml(path)
     for k in ("vlm", "reasoner"):
         if not isinstance(d.get(k), str):
@@ -98,11 +101,8 @@ def load_drift_recipe(path) -> dict:
             "drift": drift_settings(d.get("drift"))}
 
 
-def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=None) -> dict:
+def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=None) -> DriftResult:
     """Load the VLM, train (DRIFT or plain when alpha is 0) and save to out_dir atomically."""
-    from merging.writer import AtomicFolder
-    from tasks.drift_data import training_examples
-
     s = spec["drift"]
     with AtomicFolder(out_dir) as tmp:
         prior = compute_prior(spec["vlm"], spec["reasoner"])
@@ -120,13 +120,14 @@ def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=No
             f"# DRIFT fine-tune\n\nBase VLM: `{spec['vlm']}`\nReasoner (prior): `{spec['reasoner']}`\n\n"
             f"Settings: {s}\n\nSteps: {len(losses)}, first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}, "
             f"{seconds:.1f} s\n")
-    return {"losses": losses, "seconds": seconds}
+    return DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=str(spec["reasoner"]), settings=dict(s),
+                       losses=tuple(losses), seconds=seconds)
 
 
 def main_drift(args) -> int:
-    from tqdm import tqdm
-
+    check_device(args.device)
     spec = load_drift_recipe(args.recipe)
+    guard_output(args.out_dir, (spec["vlm"], spec["reasoner"], args.recipe))  # run_drift's folder does not know the inputs
     bar = tqdm(total=spec["drift"]["steps"], desc="drift", disable=args.no_progress, file=sys.stderr)
 
     def progress(done, total, msg):
@@ -134,8 +135,8 @@ def main_drift(args) -> int:
         bar.set_postfix_str(msg.split(", ")[-1])
         bar.refresh()
 
-    out = run_drift(spec, args.out_dir, args.device, progress)
+    result = run_drift(spec, args.out_dir, args.device, progress)
     bar.close()
-    print(f"wrote {args.out_dir}: {len(out['losses'])} steps in {out['seconds']:.1f} s, "
-          f"loss {out['losses'][0]:.3f} -> {out['losses'][-1]:.3f}")
+    print(f"wrote {args.out_dir}: {result.steps} steps in {result.seconds:.1f} s, "
+          f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
     return 0

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 
 import torch
 
 from merging import merge_report, methods, params
+from merging.checkpoint import Checkpoint
+from merging.compat import check_triple
 from merging.engine import ROLES, Progress, check_device, merge_group, plan_groups, read_checked, torch_dtype
 from merging.errors import LabError
+from merging.hub import resolve
 from merging.methods import MergeContext, TensorSet
 
 
@@ -80,8 +84,6 @@ def weights_id(fingerprints: dict[str, str], key: str | None) -> str:
 
 def triple_fingerprints(vlm_ref: str, reasoner_ref: str, base_ref: str | None = None) -> dict[str, str]:
     """{"vlm", "reasoner"[, "base"]} -> checkpoint fingerprint, the roles weights_id() expects."""
-    from merging.checkpoint import Checkpoint
-
     out = {}
     for role, ref in (("vlm", vlm_ref), ("reasoner", reasoner_ref), ("base", base_ref)):
         if ref:
@@ -104,8 +106,6 @@ class InPlaceMerger:
 
     def __init__(self, model, vlm_ref: str, reasoner_ref: str, base_ref: str | None = None,
                  device: str | None = None, snapshots: int = 0, snapshot_max_bytes: int = 256 * 2**20):
-        from merging.compat import check_triple
-
         self.model = model
         self.refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, **({"base": base_ref} if base_ref else {})}
         report = check_triple(vlm_ref, reasoner_ref, base_ref)
@@ -115,8 +115,6 @@ class InPlaceMerger:
         first = next(model.parameters())
         self.device = str(device or first.device)
         check_device(self.device)
-        from merging.checkpoint import Checkpoint
-
         with Checkpoint.open(vlm_ref) as ck:
             vl = self.layouts["vlm"]
             shapes = {c: ck.shape(a) for c, a in vl.lm.items()}
@@ -151,8 +149,6 @@ class InPlaceMerger:
         return nbytes < 0.8 * free
 
     def _load(self, canonicals: list[str]) -> None:
-        from merging.checkpoint import Checkpoint
-
         for role in ("reasoner", "base"):
             if role not in self.refs:
                 continue
@@ -197,10 +193,6 @@ class InPlaceMerger:
 
     # -- changing the weights -------------------------------------------------------------------
     def _check_triple(self, recipe) -> None:
-        import os
-
-        from merging.hub import resolve
-
         for role in ROLES:
             ref = getattr(recipe, role)
             if role == "base" and not ref:

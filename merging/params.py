@@ -14,12 +14,11 @@ a per-tensor special case.
 
 from __future__ import annotations
 
+from merging import methods
 from merging.errors import LabError
 
 
 def _method(method):
-    from merging import methods
-
     return methods.get(method) if isinstance(method, str) else method
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from merging import methods
 from merging.errors import LabError
 
 KEYS = ("vlm", "reasoner", "base", "method", "parameters", "layers", "embeddings", "dtype", "out_dtype", "seed", "drift")
@@ -112,8 +113,6 @@ class Recipe:
 
     def knobs(self) -> dict:
         """The method's defaults overlaid with the recipe's parameters."""
-        from merging import methods
-
         return {**methods.get(self.method).defaults(), **self.parameters}
 
     def to_dict(self) -> dict:
@@ -176,8 +175,6 @@ def _canonical_names(method, params: dict) -> dict:
 
 
 def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
-    from merging import methods
-
     if not isinstance(d, dict):
         raise LabError("the recipe must be a YAML mapping with keys vlm, reasoner, base, method, parameters")
     unknown = [k for k in d if k not in KEYS]

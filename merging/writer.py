@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from merging import hub
 from merging.checkpoint import SAFETENSORS_DTYPES, confine, open_regular
 from merging.errors import LabError
 
@@ -76,8 +77,6 @@ def _input_folder(ref) -> Path | None:
     try:
         if p.exists():
             return _real(p)
-        from merging import hub
-
         return _real(hub.resolve(str(ref)))
     except (LabError, OSError):
         return None

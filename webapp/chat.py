@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import torch
+
+from merging.errors import LabError
 from merging.loading import is_vision, prompt, tokenizer_of, user_turn
 from webapp.jobs import Cancelled
 
@@ -43,8 +46,6 @@ def fit_inputs(model, proc, question: str, image=None, history: list[dict] | Non
     Earlier turns go first (oldest first), then the question is cut at its end; the image is kept.
     LabError when even the image alone does not fit.
     """
-    from merging.errors import LabError
-
     tok = tokenizer_of(proc)
     history = list(history or [])
     ctx = context_length(model, tok)
@@ -90,7 +91,8 @@ def stream_answer(model, proc, question: str, image=None, history: list[dict] | 
                   on_notice: Callable[[str], None] | None = None) -> str:
     """Generate an answer; on_text(piece) is called for each decoded piece, on_notice(text) for each
     way the prompt had to be cut to fit the context. Returns the full text."""
-    import torch
+    # The UI process imports this module (webapp.client -> webapp.worker) and never generates.
+    # lazy: transformers' generation classes cost 1.0 s after torch (python -X importtime).
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     tok = tokenizer_of(proc)

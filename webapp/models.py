@@ -11,8 +11,12 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import torch
+
 from merging.errors import LabError
+from merging.inplace import InPlaceMerger, merge_key
 from merging.loading import load_model, serving_dtype
+from merging.recipe import from_dict
 from webapp.jobs import Cancelled
 
 SNAPSHOT_MAX_BYTES = 256 * 2**20  # keep merged-state snapshots only for LMs below this size
@@ -20,8 +24,6 @@ SNAPSHOTS = 4
 
 
 def pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -39,8 +41,6 @@ class Loaded:
     weights (and keeps the snapshots): this class never writes a parameter itself."""
 
     def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False):
-        from merging.inplace import InPlaceMerger
-
         self.triple = triple
         self.device = device
         self.model, self.processor = load_serving(triple[0], device, trust_remote_code)
@@ -55,9 +55,6 @@ class Loaded:
     def ensure(self, recipe: dict | None, progress=None, cancel=None) -> bool:
         """Make the model hold `recipe`'s merge (None: the original). True when work was done.
         A cancelled or failed merge leaves the original VLM (the merger restores it)."""
-        from merging.inplace import merge_key
-        from merging.recipe import from_dict
-
         if recipe is None:
             if self.merger.current is None:
                 return False
@@ -74,9 +71,6 @@ class Loaded:
     def hold(self, recipe: dict | None, progress=None, cancel=None) -> str:
         """ensure(recipe), then check that the merger holds exactly that state; returns its
         weights_id (what results computed on these weights are cached under)."""
-        from merging.inplace import merge_key
-        from merging.recipe import from_dict
-
         self.ensure(recipe, progress, cancel)
         want = None if recipe is None else merge_key(from_dict(recipe))
         if self.merger.current != want:
@@ -87,8 +81,6 @@ class Loaded:
         self.model = self.merger = self.processor = None  # the merger holds the snapshots
         gc.collect()
         try:
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except Exception:

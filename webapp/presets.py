@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.errors import LabError
+from merging.hub import looks_like_hub_id, resolve_hub_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # MERGE_LAB_TOY_DIR: another toy family folder (e.g. one made by tools/make_toy_family.py --smoke).
@@ -72,8 +73,6 @@ def by_label(label: str) -> Preset:
 def locate(ref: str) -> str:
     """A preset's model as a folder: its own path, or (a hub id) its snapshot in the local Hugging Face
     cache, never a folder of the working directory that happens to share the id's name."""
-    from merging.hub import looks_like_hub_id, resolve_hub_id
-
     p = Path(ref)
     if p.is_absolute() or not looks_like_hub_id(ref):
         if not (p / "config.json").is_file():
@@ -127,8 +126,6 @@ def resolve_custom(ref: str, models_root: str | None) -> str:
         if real != root and root not in real.parents:
             raise LabError(f"{ref!r} is a link that leads outside the models root {root}; refused")
         return str(real)
-    from merging.hub import looks_like_hub_id, resolve_hub_id
-
     if looks_like_hub_id(ref):  # through the Hugging Face cache only, never relative to the working directory
         try:
             return str(resolve_hub_id(ref))

@@ -14,6 +14,8 @@ import os
 import warnings
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from merging.errors import LabError
 
 MAX_IMAGE_SIDE = 4096  # pixels, either side
@@ -25,8 +27,6 @@ UPLOAD_LIMIT = "64mb"  # gradio's own cap on any upload (launch(max_file_size=..
 
 def limit_pil() -> None:
     """Make PIL refuse decompression bombs: more than 2x this many pixels raises DecompressionBombError."""
-    from PIL import Image
-
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 
 
@@ -45,8 +45,6 @@ def uploaded(path: str | Path, roots: list[Path]) -> str:
 
 def check_image(path: str | Path) -> str:
     """The path when it is an image the app can use; LabError with the reason otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
     limit_pil()
     name = _name(path)
     try:
@@ -76,8 +74,6 @@ def check_image(path: str | Path) -> str:
 
 def open_image(path: str | Path):
     """Checked, decoded, RGB PIL image (worker side); LabError when refused or undecodable."""
-    from PIL import Image
-
     check_image(path)
     try:
         with Image.open(path) as img:

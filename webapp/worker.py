@@ -10,13 +10,25 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from merging.drift import DriftResult, drift_settings
+from merging.engine import merge_to_disk
 from merging.errors import LabError
+from merging.finetune import run_drift
+from merging.hub import resolve
+from merging.recipe import from_dict
+from webapp.chat import stream_answer
 from webapp.jobs import Cancelled, recipe_key, triple_of
+from webapp.models import ModelHolder, load_serving, pick_device
+from webapp.safety import limit_pil, open_image
 
 
 class CancelFlag:
@@ -40,8 +52,6 @@ class CancelFlag:
 
 class Worker:
     def __init__(self, events, control, config: dict):
-        from webapp.models import ModelHolder, pick_device
-
         self.events, self.control, self.config = events, control, config
         self.device = pick_device(config.get("device", "auto"))
         self.cache_dir = config.get("cache_dir")
@@ -52,8 +62,6 @@ class Worker:
 
     def _sweep_exports(self) -> None:
         """Remove the temp folders of exports a killed worker left behind (finished ones are kept)."""
-        import shutil
-
         if not self.cache_dir:
             return
         for sub in ("exports", "drift"):
@@ -123,9 +131,6 @@ class Worker:
                 "reused": not worked, "device": self.device, "report": loaded.merger.extra.get("report")}
 
     def do_chat(self, job_id, args, flag):
-        from webapp.chat import stream_answer
-        from webapp.safety import open_image
-
         recipe = args.get("recipe")
         given = args["triple"]  # a dict from the UI ({"vlm", "reasoner", "base"}) or a sequence
         triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
@@ -155,14 +160,14 @@ class Worker:
         return {"answers": answers, "notices": notices}
 
     def do_analysis(self, job_id, args, flag):
+        # The UI process imports this module too (webapp.client), and a worker may only merge and chat.
+        # lazy: analysis.runner imports plotly's figures, 0.22 s after torch (python -X importtime).
         from webapp.analysis_jobs import run_analysis
 
         return run_analysis(self, job_id, args, flag)
 
     def drift_loaded(self, folder: str, progress=None):
         """(model, processor) of a DRIFT result folder; one is kept loaded beside the triple's VLM."""
-        from webapp.models import load_serving
-
         folder = str(Path(folder).resolve())
         drift_root = Path(self.cache_dir or ".", "drift").resolve()
         if Path(folder).parent != drift_root or not Path(folder, "config.json").is_file():
@@ -175,26 +180,20 @@ class Worker:
         return self.drift_model[1], self.drift_model[2]
 
     def do_drift(self, job_id, args, flag):
-        from merging.drift import drift_settings
-        from merging.finetune import run_drift
-        from merging.hub import resolve
-
         spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift"))}
         out_dir = Path(self.cache_dir or ".", "drift", recipe_key(spec)).resolve()
         progress = self.progress_fn(job_id, flag)
-        reused = (out_dir / "config.json").is_file()
-        out = {"losses": [], "seconds": 0.0}
-        if not reused:
+        if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
+            result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
+                                 settings=spec["drift"], reused=True)
+        else:
             self.drift_model = None  # free the previous result's memory before training
-            out = run_drift(spec, out_dir, self.device, progress, flag)
-        self.drift_loaded(str(out_dir), progress)
-        return {"path": str(out_dir), "reused": reused, "losses": out["losses"],
-                "train_seconds": round(out["seconds"], 2), "device": self.device}
+            result = run_drift(spec, out_dir, self.device, progress, flag)
+        self.drift_loaded(result.folder, progress)
+        return {"path": result.folder, "reused": result.reused, "losses": list(result.losses),
+                "train_seconds": round(result.seconds, 2), "device": self.device}
 
     def do_export(self, job_id, args, flag):
-        from merging.engine import merge_to_disk
-        from merging.recipe import from_dict
-
         out_dir = Path(args["out_dir"])
         progress = self.progress_fn(job_id, flag)
         merge_to_disk(from_dict(args["recipe"]), out_dir, device=self.device, progress=progress, cancel=flag)
@@ -211,18 +210,11 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def main(requests, events, control, config: dict) -> None:
     """Entry point of the spawned process."""
-    import threading
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     threads = config.get("threads")
     try:
-        import torch
-
-        from webapp.safety import limit_pil
-
         limit_pil()
-
         if threads:
             torch.set_num_threads(int(threads))
         worker = Worker(events, control, config)
