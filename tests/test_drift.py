@@ -1,6 +1,8 @@
 """DRIFT: the three gradient rewrites, the prior, alpha 0 == plain fine-tuning, and no silent skips."""
 
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from merging.checkpoint import Checkpoint
-from merging.drift import adjust_gradient, attach_hooks, compute_prior, drift_settings
+from merging.drift import DriftResult, adjust_gradient, attach_hooks, compute_prior, drift_settings
 from merging.errors import LabError
 from tests.factories import make_tiny_triple
 
@@ -156,3 +158,19 @@ def test_drift_command_writes_a_loadable_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "merging", "drift", str(recipe), str(tmp_path / "out2")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "drift mode must be one of" in r.stderr and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.skipif(not (TOY / "vlm" / "config.json").exists(), reason="toy family not built")
+def test_run_drift_returns_its_result(tmp_path):
+    from merging.finetune import run_drift
+
+    settings = drift_settings({"steps": 2, "examples": 8, "batch_size": 4, "lr": 1e-3})
+    spec = {"vlm": str(TOY / "vlm"), "reasoner": str(TOY / "math"), "drift": settings}
+    result = run_drift(spec, tmp_path / "out")
+    assert isinstance(result, DriftResult) and result.folder == str(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert (result.vlm, result.reasoner, result.settings) == (spec["vlm"], spec["reasoner"], settings)
+    assert result.steps == 2 and result.final_loss == result.losses[-1] and result.seconds > 0 and not result.reused
+    assert pickle.loads(pickle.dumps(result)) == result  # it crosses the worker's pipe
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.folder = "elsewhere"
