@@ -130,3 +130,25 @@ def test_missing_presets_are_marked_and_picking_one_is_calm(page):
     page.get_by_role("option", name="Toy family (bundled, CPU, seconds)").click()
     expect(page.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=30_000)
     expect(page.locator("#merge-btn")).to_be_enabled()
+
+
+def test_attention_fit_sets_franks_prior_in_one_click(page):
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=60_000)  # the page's load is done
+    page.get_by_role("tab", name="4 · Why it works").click()
+    page.get_by_role("tab", name="Attention decay").click()
+    page.locator("#compute-attention").click()
+    button = page.locator("#use-beta")
+    expect(button).to_be_visible(timeout=90_000)
+    beta = button.inner_text().split("β = ")[1].split(" ")[0]
+    expect(page.locator("#plot-attention .js-plotly-plot .scatterlayer .trace")).to_have_count(2)
+    page.locator("#plot-attention").screenshot(path=str(OUT / "app_attention.png"))
+    button.click()
+    expect(page.locator("#merge-method input")).to_have_value("frank", timeout=30_000)
+    expect(page.locator("#frank-prior input[type=checkbox]")).to_be_checked()
+    slider = page.locator("[id^=knob-]:visible", has_text="beta").locator("input[type=number]")
+    assert abs(float(slider.input_value()) - float(beta)) < 1e-3, (slider.input_value(), beta)
+    expect(page.locator("#plot-attention .js-plotly-plot .scatterlayer .trace")).to_have_count(2)  # fit still drawn
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(OUT / "app_attention_beta_to_frank.png"))

@@ -198,7 +198,7 @@ def test_attention_reads_only_this_servers_uploads(lab, client, upload_dir, toy_
     _each_planted_file_is_refused(lab, upload_dir, tmp_path, "attention",
                                   lambda path: [DEFAULT, "", "", "", None, [file_data(path)], "describe the image ."])
     sample = sorted((toy_dir / "samples").glob("*.png"))[0]
-    status, _ = client.predict(preset=DEFAULT, images=[handle_file(str(sample))], question="describe the image .",
+    status, *_ = client.predict(preset=DEFAULT, images=[handle_file(str(sample))], question="describe the image .",
                                api_name="/attention")
     assert status.startswith("✅"), status  # control: an uploaded image is used
 

@@ -43,14 +43,15 @@ def _submit(lab: Lab, a, preset, vlm, reasoner, base, recipe, values) -> dict:
     return args
 
 
-def _handler(lab: Lab, a):
-    """The analysis' event handler, with one named parameter per knob (the API's keywords)."""
+def _handler(lab: Lab, a, n_extra: int = 0):
+    """The analysis' event handler, with one named parameter per knob (the API's keywords).
+    n_extra: outputs after the plots (attention: the fitted beta and the button that uses it)."""
     n_plots = len(a.figures)
 
     def run(*values):
         *values, request = values  # gradio passes the gr.Request last (see __signature__ below)
         preset, vlm, reasoner, base, recipe, *knobs = values
-        blank = [gr.skip()] * n_plots
+        blank = [gr.skip()] * (n_plots + n_extra)
         try:
             args = _submit(lab, a, preset, vlm, reasoner, base, recipe, knobs)
         except LabError as e:
@@ -67,7 +68,9 @@ def _handler(lab: Lab, a):
                 return
             figs = [_figure(f) for f in payload["figures"]][:n_plots]
             figs += [gr.skip()] * (n_plots - len(figs))
-            yield (f"✅ {payload.get('summary', '')} ({el:.1f} s)", *figs)
+            extra = (payload["beta"], gr.update(visible=True, value=f"Use β = {payload['beta']:.3f} for FRANK's "
+                                                                  "prior")) if n_extra else ()
+            yield (f"✅ {payload.get('summary', '')} ({el:.1f} s)", *figs, *extra)
 
     names = [*BASE_PARAMS, *(k.api_name for k in a.knobs)]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
@@ -87,7 +90,8 @@ def _control(k):
     return gr.Textbox(value=k.default, label=k.label, info=k.hint or None)
 
 
-def _tab(lab: Lab, a, base_inputs) -> None:
+def _tab(lab: Lab, a, base_inputs):
+    """One analysis' controls, status and plots; for attention, (beta state, button) else None."""
     links = glossary.analysis_links(a.name)
     gr.Markdown(a.about + (f"  \n<small>{links} · symbols: see the Glossary below</small>" if links else ""))
     with gr.Row():
@@ -96,21 +100,31 @@ def _tab(lab: Lab, a, base_inputs) -> None:
         stop = gr.Button("Cancel", variant="stop", scale=0, min_width=100)
     status = gr.Markdown(elem_id=f"status-{a.name}")
     plots = [gr.Plot(label=f.label, elem_id=f.elem_id) for f in a.figures]
-    btn.click(_handler(lab, a), base_inputs + extra, [status, *plots], api_name=a.name, concurrency_limit=16)
+    use_beta = None
+    if a.name == "attention":  # one click from the fit to FRANK's knobs (wired by page_state)
+        use_beta = (gr.State(None), gr.Button("Use this β for FRANK's prior", visible=False, elem_id="use-beta",
+                                              size="sm"))
+    outs = [status, *plots, *(use_beta or ())]
+    btn.click(_handler(lab, a, 2 if use_beta else 0), base_inputs + extra, outs, api_name=a.name,
+              concurrency_limit=16)
 
     def cancel(request: gr.Request = None):
         n = lab.client.cancel_session(session_of(request), ("analysis",))
         return "⏹ Cancelling…" if n else "Nothing is running."
 
     stop.click(cancel, None, status, queue=False, api_visibility="private")
+    return use_beta
 
 
 def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
+    """The panel; returns (fitted beta state, its 'use in FRANK' button)."""
     base_inputs = [*models.inputs, recipe_state]
+    use_beta = None
     with gr.Tabs():
         for name in analyses.names():
             a = analyses.get(name)
             with gr.Tab(a.title, id=f"an-{name}"):
-                _tab(lab, a, base_inputs)
+                use_beta = _tab(lab, a, base_inputs) or use_beta
     with gr.Accordion("Glossary: the symbols in these plots, and the papers", open=False, elem_id="glossary"):
         gr.Markdown(glossary.markdown())
+    return use_beta

@@ -42,15 +42,22 @@ def _notes_markdown(notes: list[str]) -> str:
             + "\n".join(f"- {n}" for n in notes))
 
 
+def _triple_query(preset, vlm, reasoner, base) -> dict:
+    """The current triple as url_state query keys, so applying a state keeps it."""
+    if preset == presets.CUSTOM:
+        return {"vlm": vlm, "reasoner": reasoner, "base": base}
+    return {"preset": url_state.slug(preset)} if preset != presets.DEFAULT else {}
+
+
 def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs: PageTabs,
-         message: gr.Markdown, step_buttons: list) -> None:
+         message: gr.Markdown, step_buttons: list, use_beta: tuple | None = None) -> None:
     """Restore a link's state when the page loads, apply walkthrough steps, and keep the URL current."""
     an_tabs, an_tab = tabs.analysis_tabs()
     tab_box = gr.Textbox("chat", visible="hidden", elem_id="lab-tab")  # the open view, as the URL's `tab`
     an_box = gr.Textbox("similarity", visible="hidden", elem_id="lab-analysis-tab")  # the last analysis sub-tab
     on_check, _, model_outs = models.load_event
 
-    def apply_query(query: Mapping) -> dict:
+    def apply_query(query: Mapping, keep_view: bool = False) -> dict:
         """The updates that show the state `query` asks for, with a message naming what was not used."""
         state, notes = url_state.parse(query, lab.models_root)
         checked = on_check(state.preset, state.vlm, state.reasoner, state.base)
@@ -69,6 +76,10 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
         ups[tabs.drift] = gr.Accordion(open=state.tab == "drift")
         ups[tab_box] = state.tab
         ups[message] = _notes_markdown(notes + more)
+        if keep_view:  # re-selecting the open tab re-mounts its plots blank: leave the view alone
+            for t in (tabs.main, an_tabs, tabs.drift, tab_box, an_box, *model_outs, models.preset, models.vlm,
+                      models.reasoner, models.base, message):  # the triple is unchanged too
+                ups[t] = gr.skip()
         return ups
 
     outputs = [*model_outs, models.preset, models.vlm, models.reasoner, models.base, *merge.apply_targets,
@@ -85,6 +96,12 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
         button.click(lambda q=step.query: apply_query(q), None, outputs, queue=False,
                      api_visibility="private").then(None, url_inputs, None, js=encoder)
 
+    if use_beta is not None:  # the attention fit's beta into frank's knobs, prior on, the fit still in view
+        beta, button = use_beta
+        button.click(lambda b, p, v, r, bs: apply_query({"method": "frank", "use_prior": "1", "beta": f"{b:.4f}",
+                                                          **_triple_query(p, v, r, bs)}, keep_view=True),
+                     [beta, models.preset, models.vlm, models.reasoner, models.base], outputs, queue=False,
+                     api_visibility="private").then(None, url_inputs, None, js=encoder)
     gr.on([c.change for c in url_inputs], None, url_inputs, None, js=encoder)
     # tab "drift": the chat tab with the DRIFT panel open (selecting a tab, even from apply_query, fires select)
     tabs.chat.select(None, tab_box, tab_box, js="(t) => t === 'drift' ? t : 'chat'")

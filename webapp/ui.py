@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webapp import analysis_panel, chat_panel, drift_panel, merge_panel, models_panel, page_state, walkthrough
+from webapp import (
+    analysis_panel,
+    chat_panel,
+    drift_panel,
+    evaluate_panel,
+    leaderboard_panel,
+    merge_panel,
+    models_panel,
+    page_state,
+    walkthrough,
+)
 from webapp.lab import Lab
 
 TITLE = "Merge lab"
@@ -44,10 +54,14 @@ def build(lab: Lab) -> gr.Blocks:
                 with gr.Tab("3 · Chat", id="tab-chat") as chat_tab:
                     chat_panel.build(lab, models, merge.variant_state)
                 with gr.Tab("4 · Why it works", id="tab-analysis") as analysis_tab:
-                    analysis_panel.build(lab, models, merge.recipe_state)
+                    use_beta = analysis_panel.build(lab, models, merge.recipe_state)
+                with gr.Tab("5 · Evaluate", id="tab-evaluate"):
+                    evaluate_panel.build(lab, models, merge.variant_state)
+                with gr.Tab("6 · Leaderboard", id="tab-leaderboard"):
+                    leaderboard_panel.build(lab, models, merge)
         # the models' first check, a link's state (?method=...) and the walkthrough's steps
         page_state.wire(demo, lab, models, merge, page_state.PageTabs(main_tabs, chat_tab, analysis_tab, drift),
-                        message, steps)
+                        message, steps, use_beta)
 
         def device_line():
             info = lab.client.wait_ready(60)
