@@ -55,7 +55,10 @@ def test_cancel_then_merge_again(client):
         if outs and "Computing" in str(outs[-1][0]):
             break
         time.sleep(0.1)
-    assert client.predict(api_name="/cancel") == "⏹ Cancelling…"
+    # the merge panel's Cancel leaves the analysis tab's knockout alone; the tab's own Cancel stops it
+    assert client.predict(api_name="/cancel") == "Nothing is running."
+    assert not job.done()
+    assert client.predict(api_name="/cancel_knockout") == "⏹ Cancelling…"
     final = job.result(timeout=120)
     assert "cancelled" in final[0], final[0]
     status, *_ = _merge(client, method="linear", knob1=0.2)

@@ -112,7 +112,7 @@ def _tab(lab: Lab, a, base_inputs):
         n = lab.client.cancel_session(session_of(request), ("analysis",))
         return "⏹ Cancelling…" if n else "Nothing is running."
 
-    stop.click(cancel, None, status, queue=False, api_visibility="private")
+    stop.click(cancel, None, status, queue=False, api_name=f"cancel_{a.name}")
     return use_beta
 
 

@@ -299,7 +299,8 @@ def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
 
 def _cancel_handler(lab: Lab):
     def cancel(request: gr.Request = None):
-        n = lab.client.cancel_session(session_of(request), ("merge", "export", "analysis"))
+        # this panel's own jobs only: a knockout running in the analysis tab has its own Cancel
+        n = lab.client.cancel_session(session_of(request), ("merge", "export"))
         return "⏹ Cancelling…" if n else "Nothing is running."
 
     return cancel
