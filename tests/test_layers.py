@@ -43,3 +43,15 @@ def test_no_package_imports_the_app_module():
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 assert not any(n == "app" or n.startswith("app.") for n in names), path
+
+
+def test_no_function_over_60_lines_outside_tests():
+    """nanoGPT-style readability: long functions are split into named steps."""
+    long = []
+    for path in [ROOT / "app.py", *[p for d in ("merging", "analysis", "webapp", "tasks", "tools")
+                                    for p in (ROOT / d).rglob("*.py")]]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -22,26 +22,7 @@ def _range(name: str) -> str:
     return f"{lo:g} to {hi:g}"
 
 
-def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown:
-    gr.Markdown(ABOUT)
-    # No minimum/maximum on the boxes: Gradio's own check shows an unnamed error toast (twice) and
-    # logs a traceback; drift_settings names the field and its range in the status line instead.
-    with gr.Row():
-        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode",
-                           info="how the gradient is bent toward the reasoner (see the Glossary)")
-        alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", info=_range("alpha"))
-    with gr.Row():
-        steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, info=_range("steps"))
-        lr = gr.Number(DRIFT_DEFAULTS["lr"], label="learning rate", info=_range("lr"))
-    with gr.Row():
-        batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0,
-                               info=_range("batch_size"))
-        examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, info=_range("examples"))
-    with gr.Row():
-        run_btn = gr.Button("Run DRIFT", variant="primary", elem_id="drift-btn")
-        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="drift-cancel-btn")
-    status = gr.Markdown("Set the fine-tune and press **Run DRIFT**.", elem_id="status-drift")
-
+def _drift_handler(lab: Lab):
     def drift(preset, vlm, reasoner, base, mode, alpha, steps, lr, batch_size, examples,
               request: gr.Request = None):
         """Fine-tune the triple's VLM (DRIFT, or plain at alpha 0); chat then uses the result."""
@@ -77,8 +58,31 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
             else:
                 yield f"❌ **{what} failed:** {payload}", gr.skip()
 
+    return drift
+
+
+def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown:
+    gr.Markdown(ABOUT)
+    # No minimum/maximum on the boxes: Gradio's own check shows an unnamed error toast (twice) and
+    # logs a traceback; drift_settings names the field and its range in the status line instead.
+    with gr.Row():
+        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode",
+                           info="how the gradient is bent toward the reasoner (see the Glossary)")
+        alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", info=_range("alpha"))
+    with gr.Row():
+        steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, info=_range("steps"))
+        lr = gr.Number(DRIFT_DEFAULTS["lr"], label="learning rate", info=_range("lr"))
+    with gr.Row():
+        batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0,
+                               info=_range("batch_size"))
+        examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, info=_range("examples"))
+    with gr.Row():
+        run_btn = gr.Button("Run DRIFT", variant="primary", elem_id="drift-btn")
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="drift-cancel-btn")
+    status = gr.Markdown("Set the fine-tune and press **Run DRIFT**.", elem_id="status-drift")
+
     inputs = [*models.inputs, mode, alpha, steps, lr, batch_size, examples]
-    run_btn.click(drift, inputs, [status, variant_state], api_name="drift", concurrency_limit=16)
+    run_btn.click(_drift_handler(lab), inputs, [status, variant_state], api_name="drift", concurrency_limit=16)
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
                              queue=False, api_visibility="private")
 

@@ -49,6 +49,17 @@ def _triple_query(preset, vlm, reasoner, base) -> dict:
     return {"preset": url_state.slug(preset)} if preset != presets.DEFAULT else {}
 
 
+def _track_tabs(tabs: PageTabs, an_tab: dict, tab_box, an_box) -> None:
+    """Keep the hidden `tab` box (the URL's tab) in step with what the user opens, in the browser."""
+    # tab "drift": the chat tab with the DRIFT panel open (selecting a tab, even from apply_query, fires select)
+    tabs.chat.select(None, tab_box, tab_box, js="(t) => t === 'drift' ? t : 'chat'")
+    tabs.drift.expand(None, tab_box, tab_box, js="(t) => t === 'chat' ? 'drift' : t")
+    tabs.drift.collapse(None, tab_box, tab_box, js="(t) => t === 'drift' ? 'chat' : t")
+    tabs.analysis.select(None, an_box, tab_box, js="(a) => a || 'similarity'")
+    for name, tab in an_tab.items():
+        tab.select(None, None, [an_box, tab_box], js=f"() => [{name!r}, {name!r}]")
+
+
 def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs: PageTabs,
          message: gr.Markdown, step_buttons: list, use_beta: tuple | None = None) -> None:
     """Restore a link's state when the page loads, apply walkthrough steps, and keep the URL current."""
@@ -103,10 +114,4 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
                      [beta, models.preset, models.vlm, models.reasoner, models.base], outputs, queue=False,
                      api_visibility="private").then(None, url_inputs, None, js=encoder)
     gr.on([c.change for c in url_inputs], None, url_inputs, None, js=encoder)
-    # tab "drift": the chat tab with the DRIFT panel open (selecting a tab, even from apply_query, fires select)
-    tabs.chat.select(None, tab_box, tab_box, js="(t) => t === 'drift' ? t : 'chat'")
-    tabs.drift.expand(None, tab_box, tab_box, js="(t) => t === 'chat' ? 'drift' : t")
-    tabs.drift.collapse(None, tab_box, tab_box, js="(t) => t === 'drift' ? 'chat' : t")
-    tabs.analysis.select(None, an_box, tab_box, js="(a) => a || 'similarity'")
-    for name, tab in an_tab.items():
-        tab.select(None, None, [an_box, tab_box], js=f"() => [{name!r}, {name!r}]")
+    _track_tabs(tabs, an_tab, tab_box, an_box)
