@@ -53,7 +53,7 @@ def test_task_arithmetic_relative_change_per_layer_from_the_checkpoints(setup):
 
 def test_a_no_op_merge_warns_and_names_the_knob(setup):
     tri, merger = setup
-    rep = merger.apply(recipe(tri, "ip_merging", {"threshold": 1.0}))["report"]
+    rep = merger.apply(recipe(tri, "ip_merging", {"threshold": 1.0, "top_fraction": 0}))["report"]
     merger.restore()
     ip = rep["diagnostics"]["ip_merging"]
     assert rep["changed"] == [] and ip["selected"] == 0 and ip["matrices"] == 3 * 7
@@ -92,7 +92,7 @@ def test_merge_command_writes_the_report_and_warns_on_a_no_op(setup, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     runs = {}
-    for name, knobs in (("noop", "{threshold: 1.0}"), ("some", "{top_fraction: 0.5}")):
+    for name, knobs in (("noop", "{threshold: 1.0, top_fraction: 0}"), ("some", "{top_fraction: 0.5}")):
         rec = tmp_path / f"{name}.yaml"
         rec.write_text(f"vlm: {tri['vlm']}\nreasoner: {tri['reasoner']}\nbase: {tri['base']}\n"
                        f"method: ip_merging\nparameters: {knobs}\n")

@@ -45,10 +45,10 @@ def test_every_method_round_trips_through_the_url(method):
 
 
 def test_defaults_leave_the_url_short():
-    assert encode(LabState(), num_layers=4) == "method=task_arithmetic&alpha=0.5"
+    assert encode(LabState(), num_layers=4) == "method=task_arithmetic&alpha=1"
     assert parse({}) == (LabState(), [])
     state = LabState(preset=presets.PRESETS[1].label, layers=(0, 3))
-    assert encode(state, num_layers=4) == "preset=llava-next-8b-dart-math-prop2diff&method=task_arithmetic&alpha=0.5"
+    assert encode(state, num_layers=4) == "preset=llava-next-8b-dart-math-prop2diff&method=task_arithmetic&alpha=1"
 
 
 @pytest.mark.parametrize("method", methods.names())
@@ -183,7 +183,7 @@ def test_the_browsers_encoder_writes_what_encode_writes():
         cases.append((encode(state, 4), args))
     custom = LabState(preset=presets.CUSTOM, vlm="a b/vlm", reasoner="math", base="base")
     cases.append((encode(custom, 4), [presets.CUSTOM, "a b/vlm", "math", "base", "task_arithmetic", False, 0, 3, "4",
-                                      "chat", 0.5] + [None] * (recipes.SLIDERS + recipes.CHOICES - 1)))
+                                      "chat", 1.0] + [None] * (recipes.SLIDERS + recipes.CHOICES - 1)))
     script = ("const out = []; globalThis.location = {pathname: '/', search: ''};"
               "globalThis.history = {state: null, replaceState: (s, t, u) => out.push(u)};"
               f"const f = {url_state.encoder_js().strip()};"

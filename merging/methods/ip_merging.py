@@ -4,8 +4,10 @@ Per 2-D matrix of the layer (q, k, v, o, gate, up, down in LLaMA/Qwen blocks; ev
 of the block is treated alike so fused projections of other families work too):
   s = merging.linalg.similarity of the top-`rank` decompositions of tau_v and tau_r
       (`similarity` 0: the paper's index-paired score; 1 [choice]: principal angles);
-  selected when s >= threshold, or [choice] with `top_fraction` > 0 the ceil(fraction * n)
-  matrices of the layer with the highest s; the others, and every 1-D tensor, keep W_v;
+  selected: [choice, the default] with `top_fraction` > 0 (default 0.5) the ceil(fraction * n)
+  matrices of the layer with the highest s; with top_fraction 0 the paper's rule s >= threshold
+  (its scale depends on rank and matrix shape: on the bundled family no score reaches 0.4);
+  the others, and every 1-D tensor, keep W_v;
   lambda_n = ||tau_v||_* / ||tau_r||_* (exact nuclear norms, whatever the solver);
   gamma = softmax(s / temperature) over the layer's selected matrices, times their count;
   W = W_v + lam * gamma * (lambda_n tau_r) @ V_k V_k^T, V_k the top-`rank` right singular vectors of tau_v.
@@ -58,10 +60,11 @@ class IPMerging(MergeMethod):
     description = ("Project the reasoner's rescaled task vector onto the VLM's top singular subspace, "
                    "only for matrices whose subspaces already agree.")
     params = (
-        Param("threshold", 0.4, 0.0, 1.0, "merge a matrix only when its subspace similarity >= this "
-              "(paper: 0.3-0.4 LLaVA, 0.6 Qwen; check the score distribution first)"),
-        Param("top_fraction", 0.0, 0.0, 1.0, "if > 0: merge this fraction of each layer's matrices, the most "
-              "similar first, instead of using the threshold", per_layer=False),
+        Param("threshold", 0.4, 0.0, 1.0, "used when top_fraction is 0: merge a matrix only when its subspace "
+              "similarity >= this (paper: 0.3-0.4 LLaVA, 0.6 Qwen; the score's scale depends on rank and shape)"),
+        Param("top_fraction", 0.5, 0.0, 1.0, "merge this fraction of each layer's matrices, the most similar "
+              "first (default 0.5 [choice]: calibration-free, selects on any triple; 0 = the paper's threshold)",
+              per_layer=False),
         Param("rank", 32, 1, 8192, "top singular directions of the VLM's task vector kept", integer=True),
         Param("lam", 1.0, 0.0, 3.0, "scale of the projected update"),
         Param("temperature", 1.0, 0.01, 100.0, "softmax temperature of the per-matrix importance gamma"),

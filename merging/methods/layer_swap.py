@@ -1,7 +1,8 @@
 """`layer_swap` (Bring Reason to Vision): early decoder layers keep the VLM, later ones are `linear`.
 
 Layers <= base_layer_num keep W_v; later layers, and tensors outside the decoder layers (the
-final norm counts as after the last layer), get (1 - alpha) W_v + alpha W_r.
+final norm counts as after the last layer), get (1 - alpha) W_v + alpha W_r. [choice] alpha
+defaults to 1, a true swap (at 0.1 the default changed no answer on the bundled family).
 base_layer_num = -1 (default) means "the first half": layers < num_layers // 2 keep the VLM's,
 so the default does something sensible on any depth.
 """
@@ -20,7 +21,8 @@ class LayerSwap(MergeMethod):
     scope = "tensor"
     description = "Keep the VLM's early (perception) layers; average the later (reasoning) layers."
     params = (
-        Param("alpha", 0.1, 0.0, 1.0, "weight on the reasoner in the merged (later) layers"),
+        Param("alpha", 1.0, 0.0, 1.0, "weight on the reasoner in the later layers (default 1: they are "
+                                            "swapped for the reasoner's)"),
         Param("base_layer_num", -1, -1, 10_000, "last layer kept from the VLM; -1 = first half", integer=True,
               per_layer=False),
     )
