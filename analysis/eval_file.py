@@ -127,8 +127,16 @@ def _lines(path: Path, name: str):
 
 
 def read_items(path: str | Path, limit: int | None = None, by_name: bool = False, name: str | None = None) -> list[dict]:
-    """Every item of the file checked (JSON, fields, types, image paths and headers), then the first
-    `limit` of them with their images opened ("pil"). name: how messages call the file."""
+    """Every item of the file checked (check_items), then the first `limit` of them with their images
+    opened ("pil")."""
+    name = name or str(path)
+    items = check_items(path, by_name, name)
+    return open_images(items[:limit] if limit is not None else items, name)
+
+
+def check_items(path: str | Path, by_name: bool = False, name: str | None = None) -> list[dict]:
+    """Every item of the file checked (JSON, fields, types, image paths and headers; no pixels decoded).
+    name: how messages call the file (default: its path)."""
     path = Path(path)
     name = name or str(path)
     root = path.parent
@@ -147,7 +155,7 @@ def read_items(path: str | Path, limit: int | None = None, by_name: bool = False
         items.append(item)
     if not items:
         raise LabError(f"{name}: no items (one JSON object a line, with \"question\" and \"answer\")")
-    return open_images(items[:limit] if limit is not None else items, name)
+    return items
 
 
 def open_images(items: list[dict], name: str) -> list[dict]:

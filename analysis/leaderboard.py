@@ -20,6 +20,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
+from plotly.colors import qualitative
 
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from merging import methods
@@ -149,24 +150,44 @@ def better(a: dict, b: dict | None, floor: float) -> bool:
     return b is None or _rank(a, floor) > _rank(b, floor)
 
 
-class Board:
-    """The VLM loaded once, merged in place for every grid point, restored between them."""
+def steps(names, num_layers: int, grid_size: int | None = None) -> int:
+    """How many scorings run() makes: the VLM on dev and test, the reasoner on test, and per method
+    its defaults and grid points on dev plus defaults and the dev-best on test."""
+    return 3 + sum(len(grid(n, num_layers)[:grid_size]) + 3 for n in names)
 
-    def __init__(self, family: Path, dev_dir: Path, limit: int | None, progress=None):
-        self.family, self.dev_dir, self.limit, self.progress = family, dev_dir, limit, progress
+
+class Board:
+    """The VLM loaded once, merged in place for every grid point, restored between them.
+
+    progress(done, total, message) after each scoring; cancel() -> True stops the run (a LabError
+    "cancelled") between batches and between merged tensors."""
+
+    def __init__(self, family: Path, dev_dir: Path, limit: int | None, progress=None, cancel=None):
+        self.family, self.dev_dir, self.limit, self.progress, self.cancel = family, dev_dir, limit, progress, cancel
         self.model, self.proc = load_model(family / "vlm")
         self.merger = InPlaceMerger(self.model, str(family / "vlm"), str(family / "math"), str(family / "base"))
         self.num_layers = self.merger.num_layers
+        self.done, self.total = 0, 0
 
-    def score(self, split: str) -> dict:
+    def check(self, *_) -> None:
+        if self.cancel is not None and self.cancel():
+            raise LabError("cancelled")
+
+    def step(self, message: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total, message)
+
+    def score(self, split: str, model=None) -> dict:
+        """Accuracy of the live VLM (or `model`, a (model, processor) pair) on dev or the held-out test."""
         eval_dir = self.dev_dir if split == "dev" else self.family / "eval"
-        return evaluate((self.model, self.proc), limit=self.limit, eval_dir=eval_dir)
+        return evaluate(model or (self.model, self.proc), limit=self.limit, eval_dir=eval_dir, progress=self.check)
 
     def merged(self, method: str, knobs: dict) -> dict:
         fam = self.family
         rec = from_dict({"vlm": str(fam / "vlm"), "reasoner": str(fam / "math"), "base": str(fam / "base"),
                          "method": method, "parameters": dict(knobs)})
-        return self.merger.apply(rec) or {}
+        return self.merger.apply(rec, cancel=self.cancel) or {}
 
     def run_method(self, method: str, vlm_dev: dict, grid_size: int | None = None) -> list[Entry]:
         floor = vlm_dev["perception"] - PERCEPTION_SLACK
@@ -175,17 +196,18 @@ class Board:
         for knobs in [{}] + grid(method, self.num_layers)[:grid_size]:
             extra = self.merged(method, knobs)
             dev = self.score("dev")
+            self.step(f"{method} {knobs or 'defaults'}: dev {fmt(dev)}")
             if not knobs:
                 defaults.dev, defaults.details = dev, selection_details(method, extra)
                 defaults.test = self.score("test")
+                self.step(f"{method} defaults: test {fmt(defaults.test)}")
             if better(dev, best_dev, floor):
                 best, best_dev, best_details = knobs, dev, selection_details(method, extra)
             self.merger.restore()
-            if self.progress:
-                self.progress(f"{method} {knobs or 'defaults'}: dev {fmt(dev)}")
         tuned = Entry(method, "best on dev", best or {}, best_dev, details=best_details)
         self.merged(method, tuned.knobs)
         tuned.test = self.score("test")
+        self.step(f"{method} best on dev {tuned.knobs or 'defaults'}: test {fmt(tuned.test)}")
         self.merger.restore()
         return [defaults, tuned]
 
@@ -194,22 +216,32 @@ def fmt(acc: dict) -> str:
     return " ".join(f"{s} {100 * acc[s]:.1f}" for s in SUITES if s in acc)
 
 
+def _baselines(board: Board) -> list[Entry]:
+    """The VLM on dev and test, the reasoner on test."""
+    vlm = Entry("vlm", "the VLM", {}, board.score("dev"))
+    board.step(f"the VLM: dev {fmt(vlm.dev)}")
+    vlm.test = board.score("test")
+    board.step(f"the VLM: test {fmt(vlm.test)}")
+    reasoner = Entry("reasoner", "the math LLM", {}, {}, board.score("test", load_model(board.family / "math")))
+    board.step(f"the math LLM: test {fmt(reasoner.test)}")
+    return [vlm, reasoner]
+
+
 def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 100, only=None,
-        progress=print, grid_size: int | None = None) -> dict:
-    """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir."""
+        progress=None, grid_size: int | None = None, cancel=None) -> dict:
+    """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir.
+    progress(done, total, message) after each scoring; cancel() -> True stops it (LabError "cancelled",
+    out_dir left as it was)."""
     names = methods.names() if not only else list(only)
     for n in names:
         methods.get(n)  # unknown names fail before any work
     with AtomicFolder(out_dir, inputs=(family,), kind="leaderboard", replace_own=True) as tmp:
         dev_dir = write_split(build_dev_split(dev_items, family / "eval"), tmp / "dev")
-        board = Board(family, dev_dir, limit, progress)
-        vlm = Entry("vlm", "the VLM", {}, board.score("dev"), board.score("test"))
-        math_model = load_model(family / "math")
-        reasoner = Entry("reasoner", "the math LLM", {}, {}, evaluate(math_model, limit=limit,
-                                                                       eval_dir=family / "eval"))
-        entries = [vlm, reasoner]
+        board = Board(family, dev_dir, limit, progress, cancel)
+        board.total = steps(names, board.num_layers, grid_size)
+        entries = _baselines(board)
         for name in names:
-            entries += board.run_method(name, vlm.dev, grid_size)
+            entries += board.run_method(name, entries[0].dev, grid_size)
         result = {"limit": limit, "dev_items": dev_items, "num_layers": board.num_layers,
                   "entries": [e.__dict__ for e in entries]}
         (tmp / "leaderboard.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -235,13 +267,17 @@ def markdown(result: dict) -> str:
 
 
 def scatter(result: dict):
-    """Perception vs visual_math, one point per method and setting; the free-lunch target shaded."""
+    """Perception vs visual_math, one point per method and setting (one colour per method: open for
+    its defaults, filled for its best on dev); the free-lunch target shaded; the legend below."""
     vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
     fig = go.Figure()
     x0, y0 = 100 * (vlm["perception"] - PERCEPTION_SLACK), 100 * vlm["visual_math"] + 10
     fig.add_shape(type="rect", x0=x0, x1=100, y0=y0, y1=100, fillcolor="rgba(40,160,80,0.12)", line_width=0)
-    fig.add_annotation(x=x0, y=y0, text="target: perception within 3, visual_math +10", showarrow=False,
-                       xanchor="left", yanchor="bottom", font={"size": 11, "color": "#2a7a40"})
+    fig.add_annotation(x=100, y=y0, text="target: perception within 3, visual_math +10", showarrow=False,
+                       xanchor="right", yanchor="bottom", font={"size": 11, "color": "#2a7a40"})
+    palette = qualitative.Plotly + qualitative.D3
+    methods_shown = dict.fromkeys(e["method"] for e in result["entries"] if "perception" in e["test"])
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(methods_shown)}
     for e in result["entries"]:
         t = e["test"]
         if "perception" not in t:
@@ -250,12 +286,14 @@ def scatter(result: dict):
         fig.add_trace(go.Scatter(
             x=[100 * t["perception"]], y=[100 * t["visual_math"]], mode="markers", name=f"{e['method']} ({e['label']})",
             hovertext=f"{e['method']} ({e['label']}) {e['knobs'] or ''}",
-            marker={"size": 16 if e["method"] == "vlm" else 11, "line": {"width": 2},
+            marker={"size": 16 if e["method"] == "vlm" else 11, "line": {"width": 2}, "color": colours[e["method"]],
                     "symbol": "star" if e["method"] == "vlm" else ("circle" if tuned else "circle-open")}))
-    fig.update_layout(title="Perception vs visual math, held-out suites (open: defaults, filled: best on dev)",
-                      xaxis={"title": "perception accuracy (%)", "range": [0, 100], "dtick": 10},
-                      yaxis={"title": "visual_math accuracy (%)", "range": [0, max(40, y0 + 5)], "dtick": 10},
-                      template="plotly_white", height=560, legend={"font": {"size": 11}})
+    fig.update_layout(title={"text": "Perception vs visual math on the held-out suites<br><sup>open: a method's "
+                             "defaults · filled: its best knobs on dev · star: the VLM</sup>"},
+                      xaxis={"title": "perception accuracy (%)", "range": [-3, 103], "dtick": 10},
+                      yaxis={"title": "visual_math accuracy (%)", "range": [-2, max(40, y0 + 5)], "dtick": 10},
+                      template="plotly_white", height=640, margin={"t": 80},
+                      legend={"font": {"size": 11}, "orientation": "h", "yanchor": "top", "y": -0.14, "x": 0})
     return fig
 
 
@@ -265,7 +303,7 @@ def main_leaderboard(args) -> int:
         raise LabError(f"{family} has no vlm/ folder: not a model family like assets/toy")
     torch.set_num_threads(args.threads)
     result = run(family, Path(args.out_dir), args.limit, args.dev_items, args.methods or None,
-                 progress=lambda m: print(m, flush=True), grid_size=args.grid_size)
+                 progress=lambda done, total, m: print(f"[{done}/{total}] {m}", flush=True), grid_size=args.grid_size)
     print(markdown(result))
     print(f"\nwrote {args.out_dir}/leaderboard.md, leaderboard.json, leaderboard.html")
     return 0

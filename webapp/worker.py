@@ -2,7 +2,8 @@
 
 Started by webapp.client with the multiprocessing "spawn" context. It reads requests from
 `requests`, answers with events on `events` (see webapp.jobs), and reads job ids to cancel from
-`control`; the cancel flag is checked between tensors (merges), tokens (chat) and steps (analyses).
+`control`; the cancel flag is checked between tensors (merges), tokens (chat), steps (analyses) and
+batches (evaluations, the leaderboard).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from merging.finetune import run_drift
 from merging.hub import resolve
 from merging.recipe import from_dict
 from webapp.chat import stream_answer
+from webapp.evaluate_jobs import run_evaluate
 from webapp.jobs import Cancelled, recipe_key, triple_of
 from webapp.models import ModelHolder, load_serving, pick_device
 from webapp.safety import limit_pil, open_image
@@ -64,7 +66,7 @@ class Worker:
         """Remove the temp folders of exports a killed worker left behind (finished ones are kept)."""
         if not self.cache_dir:
             return
-        for sub in ("exports", "drift"):
+        for sub in ("exports", "drift", "leaderboard"):
             for tmp in Path(self.cache_dir, sub).glob(".*.tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -165,6 +167,15 @@ class Worker:
         from webapp.analysis_jobs import run_analysis
 
         return run_analysis(self, job_id, args, flag)
+
+    def do_evaluate(self, job_id, args, flag):
+        return run_evaluate(self, job_id, args, flag)
+
+    def do_leaderboard(self, job_id, args, flag):
+        # lazy: analysis.leaderboard draws with plotly, 0.22 s after torch (python -X importtime).
+        from webapp.leaderboard_jobs import run_leaderboard
+
+        return run_leaderboard(self, job_id, args, flag)
 
     def drift_loaded(self, folder: str, progress=None):
         """(model, processor) of a DRIFT result folder; one is kept loaded beside the triple's VLM."""

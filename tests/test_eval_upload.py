@@ -1,0 +1,121 @@
+"""An uploaded eval set gathered into one folder of the upload dir: files given one by one (images matched by
+name), or one zip unpacked with its folders; nothing outside the upload dir read, no zip member written
+outside the new folder, links and bombs refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from analysis.eval_file import check_items, read_items
+from merging.errors import LabError
+from webapp import eval_upload
+from webapp.eval_upload import stage
+
+TOY = Path(__file__).resolve().parent.parent / "assets" / "toy"
+
+
+def rows(n: int = 3) -> list[dict]:
+    return [json.loads(x) for x in (TOY / "eval" / "perception.jsonl").read_text().splitlines()[:n]]
+
+
+@pytest.fixture
+def uploads(tmp_path) -> Path:
+    d = tmp_path / "uploads"
+    d.mkdir()
+    return d
+
+
+def as_uploads(uploads: Path, files: dict[str, bytes]) -> list[str]:
+    """Each file in its own random folder, as Gradio keeps uploads."""
+    out = []
+    for i, (name, data) in enumerate(files.items()):
+        (uploads / f"u{i}").mkdir()
+        (uploads / f"u{i}" / name).write_bytes(data)
+        out.append(str(uploads / f"u{i}" / name))
+    return out
+
+
+def jsonl(items: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in items) + "\n").encode()
+
+
+def test_files_one_by_one_are_matched_by_name(uploads):
+    files = {"set.jsonl": jsonl(rows())}
+    files.update({Path(r["image"]).name: (TOY / "eval" / r["image"]).read_bytes() for r in rows()})
+    es = stage(as_uploads(uploads, files), [uploads], uploads)
+    assert es.by_name and es.name == "set.jsonl" and es.jsonl.parent.parent == uploads
+    items = read_items(es.jsonl, by_name=True, name=es.name)
+    assert [it["id"] for it in items] == [r["id"] for r in rows()] and items[0]["pil"].size == (48, 48)
+    # an image the JSONL names but that was not uploaded: its line is named
+    paths = as_uploads(uploads / "u0", {"again.jsonl": jsonl(rows())})
+    es = stage(paths, [uploads], uploads)
+    with pytest.raises(LabError, match=r"^again.jsonl line 1: \"image\" 'images/perception_0000.png' is not there "
+                                       r"\(upload it with the JSONL\)$"):
+        check_items(es.jsonl, es.by_name, es.name)
+
+
+def test_a_zip_keeps_its_folders(uploads, tmp_path):
+    z = tmp_path / "set.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("my set/items.jsonl", jsonl(rows()))
+        for r in rows():
+            zf.write(TOY / "eval" / r["image"], f"my set/{r['image']}")
+        zf.writestr("__MACOSX/._items.jsonl", b"junk")
+    paths = as_uploads(uploads, {"set.zip": z.read_bytes()})
+    es = stage(paths, [uploads], uploads)
+    assert not es.by_name and es.name == "my set/items.jsonl"
+    assert len(read_items(es.jsonl, name=es.name)) == 3
+
+
+def zip_with(tmp_path, name: str, data: bytes = b"x", link: bool = False) -> bytes:
+    z = tmp_path / "bad.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("items.jsonl", jsonl(rows(1)))
+        info = zipfile.ZipInfo(name)
+        if link:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, data)
+    return z.read_bytes()
+
+
+@pytest.mark.parametrize("member, link, why", [
+    ("../escape.png", False, "zip refused: ../escape.png points outside the archive's folder"),
+    ("/abs.png", False, "zip refused: /abs.png points outside the archive's folder"),
+    ("images/link.png", True, "zip refused: images/link.png is a link"),
+    ("second.jsonl", False, "set.zip: the zip holds 2 .jsonl files; put exactly one in it"),
+])
+def test_bad_zip_members_are_refused_and_nothing_is_left(uploads, tmp_path, member, link, why):
+    paths = as_uploads(uploads, {"set.zip": zip_with(tmp_path, member, link=link)})
+    with pytest.raises(LabError) as e:
+        stage(paths, [uploads], uploads)
+    assert str(e.value) == why
+    assert not list(uploads.glob("eval-set-*")) and not (tmp_path / "escape.png").exists()
+
+
+def test_caps_and_refusals(uploads, tmp_path, monkeypatch):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(jsonl(rows(1)))
+    with pytest.raises(LabError, match="was not uploaded to this app"):
+        stage([str(outside)], [uploads], uploads)
+    (uploads / "link.jsonl").symlink_to(outside)  # a link in the upload dir to a file outside it
+    with pytest.raises(LabError, match="was not uploaded to this app"):
+        stage([str(uploads / "link.jsonl")], [uploads], uploads)
+    two = as_uploads(uploads, {"a.jsonl": b"{}", "b.jsonl": b"{}"})
+    with pytest.raises(LabError, match=r"upload exactly one .jsonl file with its images \(2 given\)"):
+        stage(two, [uploads], uploads)
+    with pytest.raises(LabError, match="upload either one .zip or a .jsonl"):
+        stage(as_uploads(uploads / "u0", {"x.zip": b"PK", "c.jsonl": b"{}"}), [uploads], uploads)
+    with pytest.raises(LabError, match="x.zip is not a zip archive"):
+        stage([str(uploads / "u0" / "u0" / "x.zip")], [uploads], uploads)
+    monkeypatch.setattr(eval_upload, "MAX_UNPACKED", 10)
+    with pytest.raises(LabError, match="zip refused: it unpacks to more than"):
+        stage(as_uploads(uploads / "u1", {"big.zip": zip_with(tmp_path, "img.png", b"y" * 100)}), [uploads], uploads)
+    with pytest.raises(LabError, match="upload a .jsonl file and its images"):
+        stage([], [uploads], uploads)
+    shutil.rmtree(uploads / "u0")

@@ -1,0 +1,144 @@
+"""The worker's evaluate and leaderboard jobs, in process on the bundled toy family: the original VLM and
+the merge scored with the weights the worker holds; the leaderboard (cached) leaves those weights as
+they were, bit for bit; a cancel stops it between batches."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis import leaderboard
+from analysis.eval_file import read_items
+from analysis.evaluate import evaluate
+from merging.errors import LabError
+from webapp.leaderboard_jobs import settings
+from webapp.models import load_serving
+from webapp.presets import TOY_ROOT
+from webapp.worker import Worker
+
+TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
+RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    torch.set_num_threads(1)
+    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    yield w
+    w.models.loaded and w.models.loaded.close()
+
+
+_ids = iter(range(1, 10_000))
+
+
+def run(w: Worker, kind: str, args: dict, cancel_after: int | None = None):
+    """(terminal event, payload, progress events seen) of one job; cancel_after: cancel it at that progress event."""
+    job_id = next(_ids)
+    t = threading.Thread(target=w.handle, args=({"id": job_id, "kind": kind, "args": args},))
+    t.start()
+    seen = 0
+    while True:
+        jid, ev, payload = w.events.get(timeout=600)
+        assert jid == job_id
+        if ev == "progress":
+            seen += 1
+            w.last_progress = payload
+            if seen == cancel_after:
+                w.control.put(job_id)
+        if ev in ("result", "error", "cancelled"):
+            t.join()
+            return ev, payload, seen
+
+
+def live_state(w: Worker) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in w.models.loaded.model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
+    ev, out, _ = run(worker, "merge", {"recipe": RECIPE})
+    assert ev == "result", out
+    ev, out, seen = run(worker, "evaluate", {"triple": TRIPLE, "recipe": RECIPE, "suites": ["perception", "text_math"],
+                                              "limit": 6})
+    assert ev == "result", out
+    assert set(out["accuracy"]) == {"original", "merged"} and seen >= 2
+    vlm = load_serving(TRIPLE["vlm"], "cpu")
+    assert out["accuracy"]["original"] == evaluate(vlm, suites=["perception", "text_math"], limit=6)
+    assert set(out["accuracy"]["merged"]) == {"perception", "text_math"}
+    # the second time the scores come from the cache (no progress from evaluations)
+    ev, again, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": RECIPE, "suites": ["perception", "text_math"],
+                                             "limit": 6})
+    assert again["accuracy"] == out["accuracy"] and again["seconds"] < out["seconds"]
+    ev, only, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": None, "suites": ["text_math"], "limit": 3})
+    assert ev == "result" and set(only["accuracy"]) == {"original"}
+    ev, msg, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": None, "suites": ["text_math"], "limit": 999})
+    assert ev == "error" and msg == "items per suite: 999 is outside 1..300"
+
+
+def test_evaluate_an_uploaded_set_lists_the_disagreements(worker, tmp_path):
+    rows = [json.loads(x) for x in (TOY_ROOT / "eval" / "visual_math.jsonl").read_text().splitlines()[:12]]
+    for r in rows:
+        shutil.copy(TOY_ROOT / "eval" / r["image"], tmp_path / Path(r["image"]).name)  # flat: uploaded one by one
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = {"triple": TRIPLE, "recipe": RECIPE, "suite_file": str(tmp_path / "mine.jsonl"), "by_name": True,
+            "name": "mine.jsonl"}
+    ev, out, _ = run(worker, "evaluate", args)
+    assert ev == "result", out
+    assert set(out["accuracy"]["original"]) == {"custom"} and out["items"] == 12
+    items = read_items(tmp_path / "mine.jsonl", by_name=True)
+    want = evaluate(load_serving(TRIPLE["vlm"], "cpu"), suites=[], extra={"custom": items})
+    assert out["accuracy"]["original"] == want
+    assert out["disagree_total"] == len(out["disagree"])
+    for d in out["disagree"]:
+        assert d["original"] != d["merged"] and Path(d["image"]).parent == tmp_path and d["line"] >= 1
+
+
+def test_leaderboard_leaves_the_workers_weights_bit_identical(worker):
+    ev, out, _ = run(worker, "merge", {"recipe": RECIPE})
+    merged_before, key_before = live_state(worker), worker.models.loaded.current
+    args = {"limit": 2, "dev_items": 2, "grid_size": 1, "methods": ["linear", "task_arithmetic"]}
+    ev, out, seen = run(worker, "leaderboard", args)
+    assert ev == "result", out
+    entries = out["result"]["entries"]
+    assert [(e["method"], e["label"]) for e in entries][:4] == [("vlm", "the VLM"), ("reasoner", "the math LLM"),
+                                                                 ("linear", "defaults"), ("linear", "best on dev")]
+    assert not out["cached"] and seen >= 5 and (Path(out["folder"]) / "leaderboard.md").is_file()
+    done, total, _ = worker.last_progress
+    assert done == total == leaderboard.steps(args["methods"], 4, 1)  # the bar ends full
+    # the worker still holds the tab's merge, tensor for tensor; restored, the checkpoint's weights
+    assert worker.models.loaded.current == key_before and same(live_state(worker), merged_before)
+    worker.models.loaded.hold(None)
+    checkpoint, _ = load_serving(TRIPLE["vlm"], "cpu")
+    assert same(live_state(worker), {k: v for k, v in checkpoint.state_dict().items()})
+    t0 = time.monotonic()
+    ev, again, _ = run(worker, "leaderboard", args)
+    assert again["cached"] and again["result"] == out["result"] and time.monotonic() - t0 < 5
+
+
+def test_leaderboard_cancel_stops_between_batches_and_keeps_the_weights(worker):
+    worker.models.loaded.hold(RECIPE)
+    before = live_state(worker)
+    args = {"limit": 3, "dev_items": 3, "grid_size": 2, "methods": ["ties"]}
+    ev, msg, _ = run(worker, "leaderboard", args, cancel_after=2)
+    assert ev == "cancelled", msg
+    assert same(live_state(worker), before)
+    assert not list(Path(worker.cache_dir, "leaderboard").glob(".*.tmp-*"))  # its temp folder is gone
+
+
+def test_leaderboard_settings_are_checked():
+    assert settings({})["methods"][0] == "linear"
+    for bad, msg in [({"limit": 0}, "limit: 0 is not a whole number in 1..300"),
+                     ({"grid_size": 1.5}, "grid size: 1.5 is not"), ({"dev_items": "x"}, "dev items: 'x' is not"),
+                     ({"methods": ["nope"]}, "unknown method(s): nope")]:
+        with pytest.raises(LabError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            settings(bad)

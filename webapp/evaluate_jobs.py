@@ -1,0 +1,115 @@
+"""The worker's evaluate job: the original VLM and this tab's merge (or DRIFT result) scored on the
+bundled suites or on an uploaded eval set, with the model the worker already holds (worker side).
+
+The original is scored with the merger restored (Loaded.hold(None)), the merge with it applied, so
+both are the same weights chat answers with. Scores of the bundled suites are cached under the
+weights' id (merging.inplace.weights_id), the dtype and the number of items; an uploaded set is
+scored every time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from analysis.cache import cached
+from analysis.eval_file import read_items
+from analysis.evaluate import SUITES, evaluate
+from merging.errors import LabError
+from merging.loading import serving_dtype
+from tasks.toydata import parse_answer
+from webapp.jobs import triple_of
+from webapp.presets import TOY_ROOT
+
+MAX_LIMIT = 300  # items per bundled suite (each has 300)
+MAX_SHOWN = 200  # disagreements sent back
+BATCH = 16  # items per generate call: a cancel waits for at most one batch
+
+
+def _models(worker, args: dict, progress, flag):
+    """(name, label, (model, processor) getter, weights id getter) of the models to score, original first."""
+    variant = args.get("recipe")
+    given = args["triple"]
+    triple = triple_of(variant) if variant else (given["vlm"], given["reasoner"], given["base"])
+    loaded = worker.models.get(tuple(triple), progress)
+
+    def held(recipe):
+        def get():
+            wid = loaded.hold(recipe, progress=progress, cancel=flag)
+            return (loaded.model, loaded.processor), wid
+        return get
+
+    out = [("original", "the original VLM", held(None))]
+    if variant and variant.get("drift"):
+        folder = variant["drift"]
+        out.append(("merged", variant.get("label") or "DRIFT fine-tune",
+                    lambda: (worker.drift_loaded(folder, progress), f"drift:{Path(folder).name}")))
+    elif variant:
+        out.append(("merged", variant["method"], held(variant)))
+    return out
+
+
+def _suite_args(args: dict) -> tuple[list[str], int]:
+    suites = [s for s in args.get("suites") or SUITES if s in SUITES]
+    if not suites:
+        raise LabError("choose at least one suite")
+    limit = int(args.get("limit") or 20)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise LabError(f"items per suite: {limit} is outside 1..{MAX_LIMIT}")
+    return suites, limit
+
+
+def _scorer(worker, args: dict, items: list[dict] | None):
+    """score(model, wid, progress) -> (accuracy by suite, records of the custom set or None)."""
+    if items is not None:
+        def score_file(model, wid, progress):
+            out = evaluate(model, suites=[], extra={"custom": items}, progress=progress, batch_size=BATCH,
+                           return_items=True)
+            return out["accuracy"], out["items"]["custom"]
+        return score_file
+    suites, limit = _suite_args(args)
+    dtype = serving_dtype(worker.device)
+
+    def score_suites(model, wid, progress):
+        key = {"weights": wid, "dtype": dtype, "suites": suites, "limit": limit}
+        acc = cached("evaluate", key, lambda: evaluate(model, suites=suites, limit=limit, progress=progress,
+                                                       batch_size=BATCH, eval_dir=TOY_ROOT / "eval"),
+                     worker.cache_dir)
+        return acc, None
+    return score_suites
+
+
+def disagreements(items: list[dict], original: list[dict], merged: list[dict]) -> list[dict]:
+    """The items whose final answers differ between the two models, with both outputs."""
+    out = []
+    for it, a, b in zip(items, original, merged):
+        pa, pb = parse_answer(a["output"]), parse_answer(b["output"])
+        if pa != pb:
+            out.append({"line": it["line"], "id": it["id"], "question": it["question"], "answer": it["answer"],
+                        "image": str(it["image_path"]) if it["image_path"] else None,
+                        "original": pa or a["output"].strip()[:80], "original_correct": a["correct"],
+                        "merged": pb or b["output"].strip()[:80], "merged_correct": b["correct"]})
+    return out
+
+
+def run_evaluate(worker, job_id: int, args: dict, flag) -> dict:
+    """{"labels", "accuracy": {"original": {...}, "merged": {...}}, "items", "disagree" (an uploaded set)}."""
+    progress = worker.progress_fn(job_id, flag)
+    items = None
+    if args.get("suite_file"):  # checked by the UI (inside its upload folder); read again here, whole
+        items = read_items(args["suite_file"], by_name=bool(args.get("by_name")), name=args.get("name"))
+    score = _scorer(worker, args, items)
+    models = _models(worker, args, progress, flag)
+    labels, accuracy, records = {}, {}, {}
+    for i, (name, label, get) in enumerate(models):
+        model, wid = get()
+
+        def part(done, total, msg, i=i, label=label):
+            progress(i * total + done, len(models) * total, f"{label}: {msg}")
+
+        accuracy[name], records[name] = score(model, wid, part)
+        labels[name] = label
+    out = {"labels": labels, "accuracy": accuracy, "items": len(items) if items is not None else None}
+    if items is not None and "merged" in records:
+        found = disagreements(items, records["original"], records["merged"])
+        out.update(disagree=found[:MAX_SHOWN], disagree_total=len(found))
+    return out

@@ -1,0 +1,199 @@
+"""The "Evaluate" panel: the original VLM and this tab's merge (or DRIFT result) scored side by side on
+the bundled suites, or on the user's own eval set (a JSONL with its images, or a zip), in the worker
+(UI side). An uploaded set is gathered and checked here (webapp.eval_upload, analysis.eval_file), so
+a bad line is named before the worker queue is joined; the worker reads it again before scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from analysis.eval_file import check_items
+from analysis.evaluate import SUITES
+from merging.errors import LabError
+from merging.layout import ROLES
+from webapp import eval_upload
+from webapp.chat_panel import variant_label
+from webapp.evaluate_jobs import MAX_LIMIT
+from webapp.lab import Lab, follow_status, session_of
+from webapp.models_panel import ModelsPanel
+
+DEFAULT_LIMIT = 20
+ABOUT = ("Score **the original VLM** and **this tab's merge** on the same items: the bundled toy suites, or "
+         "your own. Merge first (2 · Merge) to compare; without a merge only the VLM is scored.")
+OWN_HELP = """One JSON object a line: `{"question": "how many circles ?", "answer": "3", "image": "images/a.png"}`
+(`image` and `id` optional; the image path is relative to the JSONL). Upload the `.jsonl` with its images
+(matched by file name), or one `.zip` holding the JSONL and its folders. A bad line is named with its number."""
+NO_MERGE = "_No merge in this tab yet: only the original VLM was scored. Press **Merge** to compare._"
+
+
+SCORE_COLUMNS = ["suite", "original VLM", "merged", "difference (points)"]
+DISAGREE_COLUMNS = ["line", "question", "answer", "original VLM", "merged"]
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def score_table(acc: dict, merged_label: str | None) -> pd.DataFrame:
+    """suite | original VLM | merged | difference (points)."""
+    orig, merged = acc["original"], acc.get("merged")
+    rows = []
+    for s, o in orig.items():
+        m = merged.get(s) if merged else None
+        rows.append([s, _pct(o), _pct(m), "—" if m is None else f"{100 * (m - o):+.1f}"])
+    head = f"merged: {merged_label}" if merged_label else "merged (none yet)"
+    return pd.DataFrame(rows, columns=[*SCORE_COLUMNS[:2], head, SCORE_COLUMNS[3]])
+
+
+def disagreement_views(found: list[dict]) -> tuple[pd.DataFrame, list]:
+    """The disagreements as a table (every one) and a gallery (those with an image, captioned)."""
+    def mark(answer, ok):
+        return f"{answer} {'✓' if ok else '✗'}"
+
+    rows = [[d["line"], d["question"], d["answer"], mark(d["original"], d["original_correct"]),
+             mark(d["merged"], d["merged_correct"])] for d in found]
+    table = pd.DataFrame(rows, columns=DISAGREE_COLUMNS)
+    # short captions: a thumbnail shows one line; the table above has the questions
+    gallery = [(d["image"], f"line {d['line']}: {mark(d['original'], d['original_correct'])} → "
+                f"{mark(d['merged'], d['merged_correct'])}") for d in found if d["image"]]
+    return table, gallery
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame([], columns=columns)
+
+
+def _triple(lab: Lab, variant, preset, vlm, reasoner, base) -> dict:
+    return {k: variant.get(k) for k in ROLES} if variant else lab.triple(preset, vlm, reasoner, base)
+
+
+def _run(lab: Lab, args: dict, request, verb: str):
+    """Yield (status, None) while the job runs, then (status, payload or None) once it ends."""
+    job = lab.client.submit("evaluate", args, session_of(request))
+    for text, end in follow_status(lab.client, job, verb):
+        if end is None:
+            yield text, None
+            continue
+        ev, payload, el = end
+        if ev == "result":
+            yield f"✅ Done in {el:.1f} s on the worker.", payload
+        else:
+            yield f"{'⏹' if ev == 'cancelled' else '❌'} {payload}", None
+
+
+def _suites_handler(lab: Lab):
+    def evaluate(variant, preset, vlm, reasoner, base, suites, limit, request: gr.Request = None):
+        """Score the original VLM and this tab's merge on the bundled suites."""
+        try:
+            if limit is None or not 1 <= limit <= MAX_LIMIT:
+                raise LabError(f"items per suite: enter a whole number from 1 to {MAX_LIMIT}")
+            if not suites:
+                raise LabError("choose at least one suite")
+            args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
+                    "suites": list(suites), "limit": int(limit)}
+        except LabError as e:
+            yield f"⛔ {e}", gr.skip()
+            return
+        label = variant_label(variant)
+        for text, payload in _run(lab, args, request, "Evaluating"):
+            if payload is None:
+                yield text, gr.skip()
+                continue
+            note = "" if variant else f"\n\n{NO_MERGE}"
+            yield (f"{text} {int(limit)} items per suite{'' if variant else ', the original VLM only'}.{note}",
+                   score_table(payload["accuracy"], label))
+
+    return evaluate
+
+
+def _own_args(lab: Lab, files, variant, preset, vlm, reasoner, base) -> tuple[dict, int]:
+    """The worker job's arguments for an uploaded set, and its item count; LabError for a bad upload."""
+    paths = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (files or [])]
+    upload_dir = Path(lab.read_roots[0])
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    es = eval_upload.stage([p for p in paths if p], lab.read_roots, upload_dir)
+    items = check_items(es.jsonl, es.by_name, es.name)
+    args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
+            "suite_file": str(es.jsonl), "by_name": es.by_name, "name": es.name}
+    return args, len(items)
+
+
+def _own_handler(lab: Lab):
+    def evaluate_own(files, variant, preset, vlm, reasoner, base, request: gr.Request = None):
+        """Score both models on an uploaded eval set; list the items where their answers differ."""
+        keep = (gr.skip(),) * 3
+        try:
+            args, n = _own_args(lab, files, variant, preset, vlm, reasoner, base)
+        except LabError as e:  # no results of an earlier set under this set's refusal
+            yield f"⛔ {e}", _empty(SCORE_COLUMNS), _empty(DISAGREE_COLUMNS), None
+            return
+        for text, payload in _run(lab, args, request, f"Evaluating your {n} items"):
+            if payload is None:
+                yield (text, *keep)
+                continue
+            acc = score_table(payload["accuracy"], variant_label(variant))
+            if "disagree" not in payload:
+                yield (f"{text} {n} items.\n\n{NO_MERGE}", acc, _empty(DISAGREE_COLUMNS), None)
+                continue
+            table, gallery = disagreement_views(payload["disagree"])
+            total = payload["disagree_total"]
+            shown = f" (the first {len(payload['disagree'])} listed)" if total > len(payload["disagree"]) else ""
+            yield (f"{text} {n} items; the two models' final answers differ on **{total}**{shown}.", acc, table,
+                   gallery)
+
+    return evaluate_own
+
+
+def _own_section(lab: Lab, base_inputs: list) -> None:
+    """Bring your own eval set: the upload, its button, the scores, the disagreements and their images."""
+    gr.Markdown(OWN_HELP)
+    files = gr.File(file_count="multiple", file_types=[".jsonl", ".json", ".zip", "image"], type="filepath",
+                    label="your .jsonl and its images, or one .zip", elem_id="eval-files", height=220)
+    with gr.Row():
+        own_btn = gr.Button("Evaluate my set", variant="primary", elem_id="eval-own-btn", scale=0, min_width=200)
+        own_cancel = gr.Button("Cancel", variant="stop", elem_id="eval-own-cancel", scale=0, min_width=100)
+    own_status = gr.Markdown(elem_id="status-eval-own")
+    own_table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy on your set", interactive=False,
+                             elem_id="eval-own-table")
+    disagree = gr.Dataframe(_empty(DISAGREE_COLUMNS), label="where the two models answer differently",
+                            interactive=False, wrap=True, elem_id="eval-disagree", max_height=360,
+                            column_widths=["8%", "50%", "12%", "15%", "15%"])
+    gallery = gr.Gallery(label="those items with their image (line: the VLM's answer → the merge's)", columns=4, height="auto", elem_id="eval-gallery",
+                         object_fit="contain")
+    own_btn.click(_own_handler(lab), [files, *base_inputs], [own_status, own_table, disagree, gallery],
+                  api_name="evaluate_own", concurrency_limit=16)
+    own_cancel.click(_cancel_handler(lab), None, None, queue=False, api_visibility="private")
+
+
+def _cancel_handler(lab: Lab):
+    def cancel(request: gr.Request = None):
+        """Stop this tab's evaluation. The running handler writes "Cancelling…" and then the outcome into
+        the status, so a job that ends as Cancel is pressed keeps its result line (no output here)."""
+        if not lab.client.cancel_session(session_of(request), ("evaluate",)):
+            gr.Info("Nothing is running.")
+
+    return cancel
+
+
+def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
+    gr.Markdown(ABOUT)
+    with gr.Row():
+        suites = gr.CheckboxGroup(list(SUITES), value=list(SUITES), label="suites", elem_id="eval-suites", scale=3)
+        limit = gr.Number(DEFAULT_LIMIT, label="items per suite", precision=0, info=f"1 to {MAX_LIMIT}",
+                          elem_id="eval-limit", scale=1, min_width=160)
+    with gr.Row():
+        run_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-btn", scale=0, min_width=160)
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="eval-cancel", scale=0, min_width=100)
+    status = gr.Markdown(elem_id="status-evaluate")
+    table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy, per suite", interactive=False,
+                         elem_id="eval-table", wrap=True)
+    base_inputs = [variant_state, *models.inputs]
+    run_btn.click(_suites_handler(lab), [*base_inputs, suites, limit], [status, table], api_name="evaluate",
+                  concurrency_limit=16)
+    cancel_btn.click(_cancel_handler(lab), None, None, queue=False, api_visibility="private")
+    with gr.Accordion("Bring your own eval set", open=True, elem_id="eval-own"):
+        _own_section(lab, base_inputs)

@@ -1,0 +1,70 @@
+"""The worker's leaderboard job: `python -m analysis leaderboard` on the bundled family, cached like the
+analyses (worker side).
+
+analysis.leaderboard loads its own copy of the family's VLM and merges that copy in place (its own
+InPlaceMerger), so the model the worker holds for chat, merges and analyses, and its merger's
+state and snapshots, are never touched. The result is cached under the family's checkpoint
+fingerprints, a digest of its eval suites, the three numbers and the methods; the run's files
+(leaderboard.md/.json/.html and the dev split) go to <cache-dir>/leaderboard/<key>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from analysis import leaderboard
+from analysis.cache import cached, make_key
+from analysis.evaluate import SUITES
+from merging import methods
+from merging.errors import LabError
+from merging.inplace import triple_fingerprints
+from webapp.presets import TOY_ROOT
+
+# (lowest, highest, default) of the panel's three numbers
+LIMITS = {"limit": (1, 300, 30), "dev_items": (1, 200, 20), "grid_size": (0, 12, 2)}
+
+
+def settings(args: dict) -> dict:
+    """The run's numbers and methods, checked; LabError naming the first bad one."""
+    out = {}
+    for name, (lo, hi, default) in LIMITS.items():
+        v = args.get(name, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not float(v).is_integer() or not lo <= v <= hi:
+            raise LabError(f"{name.replace('_', ' ')}: {v!r} is not a whole number in {lo}..{hi}")
+        out[name] = int(v)
+    names = list(args.get("methods") or methods.names())
+    unknown = [n for n in names if n not in methods.names()]
+    if unknown:
+        raise LabError(f"unknown method(s): {', '.join(unknown)}")
+    out["methods"] = [n for n in methods.names() if n in names]  # registry order
+    return out
+
+
+def key_parts(family: Path, s: dict) -> dict:
+    """What a leaderboard result depends on: the three checkpoints, the eval items, the settings."""
+    digest = hashlib.sha256()
+    for suite in SUITES:
+        digest.update((family / "eval" / f"{suite}.jsonl").read_bytes())
+    fps = triple_fingerprints(str(family / "vlm"), str(family / "math"), str(family / "base"))
+    return {"fingerprints": fps, "eval": digest.hexdigest(), "dev_seed": leaderboard.DEV_SEED, **s}
+
+
+def run_leaderboard(worker, job_id: int, args: dict, flag, family: Path = TOY_ROOT) -> dict:
+    """{"result": leaderboard.run's dict, "cached": bool, "folder": where its files are}."""
+    s = settings(args)
+    if not (family / "vlm").is_dir():
+        raise LabError("the bundled toy family is not on this machine")
+    key = key_parts(family, s)
+    out_dir = Path(worker.cache_dir or ".", "leaderboard", make_key("leaderboard", key).split(":")[1][:16])
+    progress = worker.progress_fn(job_id, flag)
+    computed = []
+
+    def compute() -> dict:
+        computed.append(True)
+        progress(0, 1, "building the dev split")
+        return leaderboard.run(family, out_dir, s["limit"], s["dev_items"], s["methods"], progress=progress,
+                               grid_size=s["grid_size"], cancel=flag)
+
+    result = cached("leaderboard", key, compute, worker.cache_dir)
+    return {"result": result, "cached": not computed, "folder": str(out_dir.resolve())}

@@ -1,0 +1,162 @@
+"""The "Leaderboard" panel: every merge method ranked with dev-tuned knobs on the bundled family, as
+`python -m analysis leaderboard` does, computed in the worker and cached; one row's recipe can be
+loaded into the merge panel (UI side).
+
+A row is loaded the way a link's state is: its method and knobs become a url_state query, parsed
+and fitted to the model (url_state.parse / fit), and shown by MergePanel.apply, the setter the URL
+restore and the walkthrough use.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from analysis import leaderboard
+from analysis.evaluate import SUITES
+from merging import methods
+from merging.errors import LabError
+from webapp import presets, url_state
+from webapp.lab import Lab, follow_status, session_of
+from webapp.leaderboard_jobs import LIMITS
+from webapp.merge_panel import MergePanel
+from webapp.models_panel import ModelsPanel
+
+ABOUT = ("Every merge method on the bundled toy family: its defaults, and its best knobs from a small grid "
+         "chosen on a **dev split** (disjoint from the eval suites), both scored on the held-out suites. "
+         "The same run as `python -m analysis leaderboard`; results are cached, so the same numbers load at once.")
+TOY_ONLY = ("_The leaderboard runs on the bundled toy family only (its dev split is generated from the toy tasks): "
+            "pick **Toy family** in 1 · Models to run it._")
+FIELDS = {"limit": "held-out items per suite", "dev_items": "dev items per suite",
+          "grid_size": "grid points per method"}
+
+
+COLUMNS = ["method", "setting", "perception", "visual math", "text math", "Δ perception", "Δ visual math",
+           "selection"]
+WIDTHS = ["18%", "21%", "12%", "9%", "9%", "12%", "10%", "9%"]
+
+
+def _knobs_text(knobs: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in knobs.items())
+
+
+def table(result: dict) -> pd.DataFrame:
+    """One row per entry: the held-out accuracies and their change from the VLM, in points."""
+    vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
+    rows = []
+    for e in result["entries"]:
+        t = e["test"]
+        cells = [f"{100 * t[s]:.1f}" if s in t else "—" for s in SUITES]
+        deltas = [f"{100 * (t[s] - vlm[s]):+.1f}" if s in t else "—" for s in ("perception", "visual_math")]
+        setting = e["label"] + (f": {_knobs_text(e['knobs'])}" if e["knobs"] else "")
+        rows.append([e["method"], setting, *cells, *deltas, e.get("details", "")])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def row_choices(result: dict) -> list[tuple[str, int]]:
+    """(shown, index into entries) of every row that is a merge (not the VLM or the reasoner)."""
+    return [(f"{e['method']} · {e['label']}" + (f" ({_knobs_text(e['knobs'])})" if e["knobs"] else ""), i)
+            for i, e in enumerate(result["entries"]) if e["method"] in methods.names()]
+
+
+def _args(preset, limit, dev_items, grid_size, chosen) -> dict:
+    if preset != presets.DEFAULT:
+        raise LabError(TOY_ONLY.strip("_").replace("**", ""))
+    args = {"methods": list(chosen or [])}
+    if not args["methods"]:
+        raise LabError("choose at least one method")
+    for name, v in (("limit", limit), ("dev_items", dev_items), ("grid_size", grid_size)):
+        lo, hi, _ = LIMITS[name]
+        if v is None or not lo <= v <= hi or not float(v).is_integer():
+            raise LabError(f"{FIELDS[name]}: enter a whole number from {lo} to {hi}")
+        args[name] = int(v)
+    return args
+
+
+def _run_handler(lab: Lab):
+    def run(preset, limit, dev_items, grid_size, chosen, request: gr.Request = None):
+        """Rank the chosen methods on the toy family (dev-tuned knobs, held-out scores)."""
+        keep = (gr.skip(),) * 4
+        try:
+            args = _args(preset, limit, dev_items, grid_size, chosen)
+        except LabError as e:
+            yield (f"⛔ {e}", *keep)
+            return
+        job = lab.client.submit("leaderboard", args, session_of(request))
+        for text, end in follow_status(lab.client, job, "Ranking the methods"):
+            if end is None:
+                yield (text, *keep)
+                continue
+            ev, payload, el = end
+            if ev != "result":
+                yield (f"{'⏹' if ev == 'cancelled' else '❌'} {payload}", *keep)
+                return
+            result = payload["result"]
+            how = "from the cache" if payload["cached"] else "computed"
+            n = len(args["methods"])
+            yield (f"✅ {n} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and {args['dev_items']} "
+                   f"dev items per suite, up to {args['grid_size']} grid points each).",
+                   leaderboard.scatter(result), table(result), gr.update(choices=row_choices(result), value=None),
+                   result)
+
+    return run
+
+
+def _load_handler(merge: MergePanel, load_status: gr.Markdown):
+    def load(index, result, preset, dims):
+        """Show a row's method and knobs in the merge panel (as a link with them would)."""
+        if preset != presets.DEFAULT:
+            return {load_status: TOY_ONLY}
+        if result is None or index is None:
+            return {load_status: "Run the leaderboard, then pick a row."}
+        e = result["entries"][int(index)]
+        query = {"method": e["method"], **{k: str(v) for k, v in e["knobs"].items()}}
+        state, notes = url_state.parse(query)
+        state, more = url_state.fit(state, dims)
+        ups = merge.apply(state, dims)
+        what = f"{e['method']} ({e['label']}{': ' + _knobs_text(e['knobs']) if e['knobs'] else ''})"
+        ups[merge.status] = f"Loaded **{what}** from the leaderboard: press **Merge**."
+        warn = "".join(f"\n\n⚠️ {n}" for n in notes + more)
+        ups[load_status] = f"✅ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"
+        return ups
+
+    return load
+
+
+def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
+    gr.Markdown(ABOUT)
+    note = gr.Markdown("", elem_id="lb-toy-note")
+    with gr.Row():
+        numbers = [gr.Number(LIMITS[k][2], label=label, precision=0, info=f"{LIMITS[k][0]} to {LIMITS[k][1]}",
+                             elem_id=f"lb-{k.replace('_', '-')}", min_width=150) for k, label in FIELDS.items()]
+    chosen = gr.CheckboxGroup(methods.names(), value=methods.names(), label="methods", elem_id="lb-methods")
+    with gr.Row():
+        run_btn = gr.Button("Run leaderboard", variant="primary", elem_id="lb-btn", scale=0, min_width=240)
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="lb-cancel", scale=0, min_width=100)
+    status = gr.Markdown(elem_id="status-leaderboard")
+    plot = gr.Plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
+    rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%) and change from the VLM "
+                        "(points)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS)
+    result = gr.State(None)
+    pick = gr.Dropdown([], label="a row's recipe (method and knobs)", elem_id="lb-row",
+                       info="run the leaderboard first; the VLM and the reasoner are not merges")
+    with gr.Row():
+        load_btn = gr.Button("Load into 2 · Merge", elem_id="lb-load", scale=0, min_width=260)
+    load_status = gr.Markdown(elem_id="status-lb-load")
+    run_btn.click(_run_handler(lab), [models.preset, *numbers, chosen], [status, plot, rows, pick, result],
+                  api_name="leaderboard", concurrency_limit=16)
+    load_btn.click(_load_handler(merge, load_status), [pick, result, models.preset, models.dims],
+                   [*merge.apply_targets, merge.status, load_status], api_name="leaderboard_load", queue=False)
+
+    def cancel(request: gr.Request = None):
+        """Stop this tab's run; its handler writes "Cancelling…" and the outcome (see evaluate_panel)."""
+        if not lab.client.cancel_session(session_of(request), ("leaderboard",)):
+            gr.Info("Nothing is running.")
+
+    cancel_btn.click(cancel, None, None, queue=False, api_visibility="private")
+
+    def toy_note(preset):
+        toy = preset == presets.DEFAULT
+        return "" if toy else TOY_ONLY, gr.update(interactive=toy), gr.update(interactive=toy)
+
+    models.preset.change(toy_note, models.preset, [note, run_btn, load_btn], queue=False, api_visibility="private")
