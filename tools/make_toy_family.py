@@ -43,6 +43,7 @@ class Plan:
     batch: int = 48
     base_steps: int = 1500
     base_lr: float = 2e-3
+    base_word_problems: float = 0.0  # share of solved word problems in the base's pretraining mixture
     math_steps: int = 300
     math_lr: float = 1e-3
     math_replay: float = corpus.REPLAY
@@ -91,7 +92,10 @@ def stage_key(plan: Plan, seed: int, stage: str) -> dict:
         "vlm": ("vlm_batch", "vision_steps", "vision_lr", "joint_steps", "joint_lm_lr", "joint_vision_lr"),
     }
     keys = fields["base"] + (fields[stage] if stage != "base" else ())
-    return {"stage": stage, "seed": seed, **{k: getattr(plan, k) for k in keys}}
+    key = {"stage": stage, "seed": seed, **{k: getattr(plan, k) for k in keys}}
+    if plan.base_word_problems:  # only when used: the shipped family's stamps stay valid for --resume
+        key["base_word_problems"] = plan.base_word_problems
+    return key
 
 
 def _done(folder: Path, key: dict) -> bool:
@@ -110,8 +114,8 @@ def train_base(tok, plan: Plan, seed: int, log):
     """Stage 1: the base LM pretrained from scratch on the text mixture."""
     base = models.build_base(len(tok), seed, plan.layers)
     groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
-    train(base, text_batches(tok, corpus.base_text, plan.batch), groups, plan.base_steps, seed + 1,
-          log=log, name="base")
+    draw = lambda rng: corpus.base_text(rng, plan.base_word_problems)  # noqa: E731
+    train(base, text_batches(tok, draw, plan.batch), groups, plan.base_steps, seed + 1, log=log, name="base")
     return base
 
 

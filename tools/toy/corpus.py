@@ -80,8 +80,12 @@ def _chat(rng: random.Random) -> str:
     return " ".join(chat_pair(rng))
 
 
-def base_text(rng: random.Random) -> str:
-    """One pretraining sequence: a chat, or a short document of mixed sentences."""
+def base_text(rng: random.Random, word_problems: float = 0.0) -> str:
+    """One pretraining sequence: a chat, or a short document of mixed sentences; with probability
+    `word_problems`, a solved word problem (pretraining corpora hold some math, so the later math
+    fine-tune sharpens a skill the base half has instead of writing it from nothing)."""
+    if word_problems and rng.random() < word_problems:  # no draw at 0: the 4-layer stream is unchanged
+        return " ".join(_word_problem(rng))
     if rng.random() < 0.35:
         return _chat(rng)
     makers = (_shape_sentence, _object_sentence, _fact, _fact, _counting)
@@ -96,6 +100,10 @@ def math_example(rng: random.Random, replay: float = REPLAY) -> tuple[str, str]:
     or, with probability `replay`, one of the base's text chats."""
     if rng.random() < replay:
         return chat_pair(rng)
+    return _word_problem(rng)
+
+
+def _word_problem(rng: random.Random) -> tuple[str, str]:
     while True:
         key, item = td.random_text_math(rng)
         if not td.is_heldout(key):
