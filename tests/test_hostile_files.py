@@ -245,7 +245,7 @@ def test_the_apps_check_refuses_a_fifo_and_keeps_serving(toy_dir, tmp_path):
             return next(o for o in job.result(timeout=60) if isinstance(o, str) and o.startswith("###"))
 
         bad = report("piped")
-        assert bad.startswith("### ⛔") and "model.safetensors is a FIFO, not a regular file; refused" in bad, bad
+        assert bad.startswith("#### Not usable here") and "model.safetensors is a FIFO, not a regular file; refused" in bad, bad
         assert "Compatible" in report("math")  # the app was not wedged: the next user's check works
     finally:
         stop_app(proc)
