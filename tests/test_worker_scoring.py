@@ -85,6 +85,19 @@ def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
     assert ev == "error" and msg == "items per suite: 999 is outside 1..300"
 
 
+def test_evaluate_a_drift_result_as_the_merged_side(worker):
+    """A DRIFT result (here: a copy of the VLM itself) answers on the merged side, like in the chat."""
+    folder = Path(worker.cache_dir, "drift", "copy-of-the-vlm")
+    shutil.copytree(TOY_ROOT / "vlm", folder)
+    variant = {**TRIPLE, "drift": str(folder), "label": "DRIFT run copy"}
+    ev, out, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": variant, "suites": ["visual_math"], "limit": 4})
+    assert ev == "result", out
+    assert out["labels"]["merged"] == "DRIFT run copy" and out["accuracy"]["merged"] == out["accuracy"]["original"]
+    elsewhere = {**variant, "drift": str(TOY_ROOT / "vlm")}  # not a folder the worker's DRIFT runs wrote
+    ev, msg, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": elsewhere, "suites": ["visual_math"], "limit": 4})
+    assert ev == "error" and msg == "that DRIFT result is gone; run DRIFT again"
+
+
 def test_evaluate_an_uploaded_set_lists_the_disagreements(worker, tmp_path):
     rows = [json.loads(x) for x in (TOY_ROOT / "eval" / "visual_math.jsonl").read_text().splitlines()[:12]]
     for r in rows:

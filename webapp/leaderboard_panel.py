@@ -31,9 +31,9 @@ FIELDS = {"limit": "held-out items per suite", "dev_items": "dev items per suite
           "grid_size": "grid points per method"}
 
 
-COLUMNS = ["method", "setting", "perception", "visual math", "text math", "Δ perception", "Δ visual math",
-           "selection"]
-WIDTHS = ["18%", "21%", "12%", "9%", "9%", "12%", "10%", "9%"]
+COLUMNS = ["method", "setting (and what the merge selected)", "perception", "visual math", "text math",
+           "Δ perception", "Δ visual math"]
+WIDTHS = ["18%", "28%", "13%", "9%", "9%", "13%", "10%"]
 
 
 def _knobs_text(knobs: dict) -> str:
@@ -49,7 +49,8 @@ def table(result: dict) -> pd.DataFrame:
         cells = [f"{100 * t[s]:.1f}" if s in t else "—" for s in SUITES]
         deltas = [f"{100 * (t[s] - vlm[s]):+.1f}" if s in t else "—" for s in ("perception", "visual_math")]
         setting = e["label"] + (f": {_knobs_text(e['knobs'])}" if e["knobs"] else "")
-        rows.append([e["method"], setting, *cells, *deltas, e.get("details", "")])
+        setting += f" · {e['details']}" if e.get("details") else ""
+        rows.append([e["method"], setting, *cells, *deltas])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -136,7 +137,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     status = gr.Markdown(elem_id="status-leaderboard")
     plot = gr.Plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
     rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%) and change from the VLM "
-                        "(points)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS)
+                        "(points)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
     result = gr.State(None)
     pick = gr.Dropdown([], label="a row's recipe (method and knobs)", elem_id="lb-row",
                        info="run the leaderboard first; the VLM and the reasoner are not merges")
