@@ -113,6 +113,8 @@ def test_missing_presets_are_marked_and_picking_one_is_calm(page):
     expect(page.get_by_text("not in the local Hugging Face cache").first).to_be_visible()
     expect(page.locator("#merge-btn")).to_be_disabled()
     expect(page.locator("#chat-merged")).to_contain_text("none yet")
+    expect(page.locator("#merge-status")).to_contain_text("Another triple")  # the toy merge is not shown as current
+    expect(page.locator("#merge-change-plot")).to_be_hidden()
     page.screenshot(path=str(OUT / "app_preset_missing.png"), full_page=True)
 
     dropdown.click()

@@ -162,14 +162,14 @@ def _chat_handler(lab: Lab):
 
 
 def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
-    gr.Markdown("Ask about an image (📎) or a word problem. The merged model answers on the left, the "
+    gr.Markdown("Ask about an image (the paper-clip button) or a word problem. The merged model answers on the left, the "
                 "original VLM on the right, so you can see what the reasoner's skills added.")
     with gr.Row(equal_height=True):
         merged_bot = gr.Chatbot(label="Merged model (none yet)", height=360, elem_id="chat-merged",
                                 feedback_options=None, placeholder=NO_MERGE)
         original_bot = gr.Chatbot(label="Original VLM", height=360, elem_id="chat-original", feedback_options=None)
     box = gr.MultimodalTextbox(file_types=["image"], file_count="single", show_label=False, elem_id="chat-box",
-                               placeholder="Type a question, attach an image with 📎, press Enter")
+                               placeholder="Type a question, attach an image with the paper clip, press Enter")
     with gr.Row():
         max_new = gr.Slider(1, 256, value=DEFAULT_MAX_NEW, step=1, label="max new tokens",
                             info="up to half the model's context")

@@ -339,4 +339,10 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     c.cancel_btn.click(_cancel_handler(lab), None, c.status, api_name="cancel", queue=False)
     c.export_btn.click(_export_handler(lab), c.recipe_state, c.export_status, api_name="export",
                        concurrency_limit=16)
+
+    def triple_changed():  # the merge shown was of the previous triple: drop it everywhere
+        return ("Another triple: press **Merge** to merge this one.", "", None, None, None,
+                gr.update(visible=False), "")
+
+    models.preset.input(triple_changed, None, outputs, queue=False, api_visibility="private")
     return panel

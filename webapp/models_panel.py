@@ -87,7 +87,7 @@ def build(lab: Lab) -> ModelsPanel:
         check_btn = gr.Button("Check compatibility", size="sm")
     report = gr.Markdown("Checking the bundled toy family…")
     with gr.Accordion("Compatibility report (details)", open=False):
-        details = gr.Code(language=None, label="report", lines=6)
+        details = gr.Code(language=None, label="report", lines=6, wrap_lines=True)  # no cut lines
     panel = ModelsPanel(preset, vlm, reasoner, base, report, details, gr.State(None), gr.State(False), gr.State(None))
 
     def on_check(preset_v, vlm_v, reasoner_v, base_v):

@@ -35,9 +35,9 @@ def theme():
 
 def build(lab: Lab) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# 🧪 {TITLE}", elem_id="lab-title")
+        gr.Markdown(f"# {TITLE}", elem_id="lab-title")  # no emoji: boxes without an emoji font
         gr.Markdown(INTRO, elem_id="lab-intro")
-        with gr.Accordion("🎓 Walkthrough: the papers' findings in seven steps", open=False, elem_id="walkthrough"):
+        with gr.Accordion("Walkthrough: the papers' findings in seven steps", open=False, elem_id="walkthrough"):
             steps = walkthrough.build()
         message = gr.Markdown(elem_id="state-message")
         with gr.Row(equal_height=False):
