@@ -49,7 +49,7 @@ def svd_reference(sets: dict[str, TensorSet], rank: int) -> tuple[dict, dict]:
 
 def ip_merge(sets: dict[str, TensorSet], rank: int, layer: int = 0, fingerprints=None):
     m = methods.get("ip_merging")
-    p = params.resolve(m, {"rank": rank, "threshold": 0.0, "svd": 1}, layer, layer + 1)
+    p = params.resolve(m, {"rank": rank, "threshold": 0.0, "top_fraction": 0.0, "svd": 1}, layer, layer + 1)
     ctx = MergeContext(num_layers=layer + 1)
     if fingerprints:
         ctx.extra["fingerprints"] = fingerprints
@@ -109,7 +109,7 @@ def test_analyses_after_a_merge_and_a_merge_after_the_analyses_decompose_nothing
 
     rec = recipe_mod.from_dict({"vlm": str(TOY_REFS[0]), "reasoner": str(TOY_REFS[1]),
                                        "base": str(TOY_REFS[2]), "method": "ip_merging",
-                                       "parameters": {"threshold": 0.0, "svd": 1}})
+                                       "parameters": {"threshold": 0.0, "top_fraction": 0.0, "svd": 1}})
     merge_to_disk(rec, tmp_path / "out", bar=False)
     after_merge = entries(cache_root)
     assert after_merge

@@ -18,7 +18,7 @@ CASES = [
     ("dare_ties", {"density": 0.4}, {"seed": 3}),
     ("dare_linear", {"density": 0.6, "normalize": 1}, {"seed": 5, "embeddings": "merge_shared_rows"}),
     ("layer_swap", {"base_layer_num": 0, "alpha": 0.4}, {}),
-    ("ip_merging", {"threshold": 0.0, "rank": 8}, {}),
+    ("ip_merging", {"threshold": 0.0, "top_fraction": 0.0, "rank": 8}, {}),
     ("frank", {"use_prior": 1, "beta": 0.3}, {}),
     ("frank", {"w_v": [0.9, 0.2, 0.5]}, {}),
 ]

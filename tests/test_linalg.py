@@ -67,7 +67,7 @@ def test_ip_merging_rescale_on_a_large_pair_is_the_nuclear_norm_ratio():
     b = torch.zeros(n, n)  # keeps the task vectors exact in float32
     t = TensorSet("layers.0.mlp.up_proj.weight", 0, (b + tau_v).float(), (b + tau_r).float(), b)
     m = methods.get("ip_merging")
-    p = params.resolve(m, {"rank": 4, "threshold": 0.0, "lam": 1.0}, 0, 2)
+    p = params.resolve(m, {"rank": 4, "threshold": 0.0, "top_fraction": 0.0, "lam": 1.0}, 0, 2)
     out = m.merge_layer(0, {t.name: t}, p, MergeContext(num_layers=2))[t.name]
     tv, tr = t.vlm.double() - b.double(), t.reasoner.double() - b.double()
     lam_n = float(torch.linalg.svdvals(tv).sum() / torch.linalg.svdvals(tr).sum())

@@ -196,7 +196,7 @@ def test_ip_merging_formula_and_selection():
     lo, hi = sorted(x[0] for x in ref.values())[:2]
     assert hi - lo > 1e-3
     thr = (lo + hi) / 2  # selects the two most similar matrices
-    p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr}, 1, L)
+    p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr, "top_fraction": 0.0}, 1, L)
     out = m.merge_layer(1, sets, p, MergeContext(num_layers=L))
     chosen = [n for n, x in ref.items() if x[0] >= thr]
     assert sorted(out) == sorted(chosen) and len(chosen) == 2
@@ -207,7 +207,7 @@ def test_ip_merging_formula_and_selection():
         want = t.vlm + lam * gm * (lam_n * (t.reasoner - t.base)) @ vk @ vk.T
         torch.testing.assert_close(out[n], want, rtol=1e-4, atol=1e-5)
     assert m.merge_layer(None, sets, p, MergeContext(num_layers=L)) == {}
-    p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0}, 1, L)
+    p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0, "top_fraction": 0.0}, 1, L)
     assert all(torch.equal(x, sets[n].vlm) for n, x in m.merge_layer(1, sets, p0, MergeContext(num_layers=L)).items())
 
 

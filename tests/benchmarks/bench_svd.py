@@ -81,7 +81,7 @@ def merge_rows(root: Path, device: str, before: str | None) -> list[dict]:
     """12-layer hidden-768 triple: task_arithmetic vs ip_merging (exact, threshold 0), cold and warm."""
     tri = triple_paths(root / "h768", "small", layers=12)
     ta = recipe(root, tri, "task_arithmetic", {})
-    ip = recipe(root, tri, "ip_merging", {"threshold": 0.0, "svd": 1})
+    ip = recipe(root, tri, "ip_merging", {"threshold": 0.0, "top_fraction": 0.0, "svd": 1})
     cache = root / "cache_h768"
     shutil.rmtree(cache, ignore_errors=True)
     rows = []
