@@ -14,6 +14,23 @@ import pytest
 
 from tests.factories import make_tiny_triple
 
+
+@pytest.fixture(autouse=True)
+def plain_signals():
+    """These tests send SIGINT/SIGTERM to this process and to children, which inherit the signal
+    mask and ignored signals. An earlier test in the same run (a library's thread or event loop)
+    can leave either changed; start each test from Python's defaults and put back what was there."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+    handlers = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
