@@ -191,10 +191,12 @@ class AtomicFolder:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
             (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
-        except OSError as e:
+        except BaseException as e:  # an interrupt here too: __exit__ will not run, so clean up now
             with deferred_signals():
                 shutil.rmtree(self.tmp, ignore_errors=True)
-            raise _oserror(self.out, e) from None
+            if isinstance(e, OSError):
+                raise _oserror(self.out, e) from None
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
