@@ -197,6 +197,28 @@ def text_math_item(template: int, a: int, op: str, b: int, noun: str, name: str)
 TEXT_MATH_TEMPLATES = 5
 
 
+def two_step_math_item(a1: int, a2: int, colours: tuple[str, str], op: str, b: int, noun: str) -> Item:
+    """A word problem whose starting amount is not written in the question: two groups are
+    summed first ("there are 2 red cups and 3 blue cups ." -> "there are 5 cups ."), so the
+    arithmetic has to take its first number from the model's own first sentence."""
+    a = a1 + a2
+    change, ask = _op_sentences(noun, op, b)
+    sol, c = _solution(a, op, b)
+    return Item(
+        f"there are {a1} {colours[0]} {noun} and {a2} {colours[1]} {noun} . {change} {ask}",
+        f"there are {a} {noun} . {sol} the answer is {c} .",
+        str(c),
+    )
+
+
+def random_two_step_math(rng: random.Random) -> Item:
+    a = rng.randint(2, 9)  # the scenes' count range, so the summed statement looks like a perceived one
+    a1 = rng.randint(1, a - 1)
+    op, b = random_op(rng, a)
+    colours = tuple(rng.sample(list(COLOURS), 2))
+    return two_step_math_item(a1, a - a1, colours, op, b, rng.choice(OBJECTS + tuple(PLURAL.values())))
+
+
 def random_text_math(rng: random.Random) -> tuple[str, Item]:
     """(holdout key, item). Nouns include the shapes so text and image problems share words."""
     a = rng.randint(1, 9)

@@ -9,6 +9,7 @@ import queue
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ import torch
 from analysis import leaderboard
 from analysis.eval_file import read_items
 from analysis.evaluate import evaluate
+from merging.drift import DriftResult, drift_settings
 from merging.errors import LabError
+from webapp.jobs import DriftRun
 from webapp.leaderboard_jobs import settings
 from webapp.models import load_serving
 from webapp.presets import TOY_ROOT
@@ -89,11 +92,15 @@ def test_evaluate_a_drift_result_as_the_merged_side(worker):
     """A DRIFT result (here: a copy of the VLM itself) answers on the merged side, like in the chat."""
     folder = Path(worker.cache_dir, "drift", "copy-of-the-vlm")
     shutil.copytree(TOY_ROOT / "vlm", folder)
-    variant = {**TRIPLE, "drift": str(folder), "label": "DRIFT run copy"}
+    settings = drift_settings({"mode": "absolute", "alpha": 0.5, "steps": 3, "lr": 1e-4})
+    result = DriftResult(folder=str(folder), vlm=TRIPLE["vlm"], reasoner=TRIPLE["reasoner"], settings=settings)
+    variant = DriftRun(result, (TRIPLE["vlm"], TRIPLE["reasoner"], TRIPLE["base"]))
     ev, out, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": variant, "suites": ["visual_math"], "limit": 4})
     assert ev == "result", out
-    assert out["labels"]["merged"] == "DRIFT run copy" and out["accuracy"]["merged"] == out["accuracy"]["original"]
-    elsewhere = {**variant, "drift": str(TOY_ROOT / "vlm")}  # not a folder the worker's DRIFT runs wrote
+    assert out["labels"]["merged"] == "DRIFT (absolute, alpha 0.5), 3 steps, lr 0.0001"
+    assert out["accuracy"]["merged"] == out["accuracy"]["original"]
+    # not a folder the worker's DRIFT runs wrote
+    elsewhere = DriftRun(replace(result, folder=str(TOY_ROOT / "vlm")), variant.triple)
     ev, msg, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": elsewhere, "suites": ["visual_math"], "limit": 4})
     assert ev == "error" and msg == "that DRIFT result is gone; run DRIFT again"
 

@@ -47,6 +47,7 @@ class Plan:
     math_steps: int = 300
     math_lr: float = 1e-3
     math_replay: float = corpus.REPLAY
+    math_two_step: float = 0.0  # share of two-step word problems (groups summed first) in the math fine-tune
     vlm_batch: int = 48
     vision_steps: int = 1200
     vision_lr: float = 2e-3
@@ -95,6 +96,8 @@ def stage_key(plan: Plan, seed: int, stage: str) -> dict:
     key = {"stage": stage, "seed": seed, **{k: getattr(plan, k) for k in keys}}
     if plan.base_word_problems:  # only when used: the shipped family's stamps stay valid for --resume
         key["base_word_problems"] = plan.base_word_problems
+    if plan.math_two_step and stage == "math":
+        key["math_two_step"] = plan.math_two_step
     return key
 
 
@@ -123,7 +126,7 @@ def train_math(base, tok, plan: Plan, seed: int, log):
     """Stage 2: the math LLM, the base briefly fine-tuned on word problems (with replay)."""
     math = copy.deepcopy(base)
     groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
-    draw = lambda rng: corpus.math_example(rng, plan.math_replay)  # noqa: E731
+    draw = lambda rng: corpus.math_example(rng, plan.math_replay, plan.math_two_step)  # noqa: E731
     train(math, text_batches(tok, draw, plan.batch), groups, plan.math_steps, seed + 2, log=log, name="math")
     return math
 

@@ -1,7 +1,7 @@
 """The "Chat" panel: ask the merged model and the original VLM side by side, streamed (UI side).
 
 The session's own history lives in a gr.State (never shared between tabs); each request carries
-the recipe this tab merged (or the folder of its last DRIFT run, whichever came last), so the worker
+the recipe this tab merged (or its last DRIFT run, a jobs.DriftRun, whichever came last), so the worker
 answers with that model even if another tab merged since.
 """
 
@@ -12,6 +12,8 @@ import json
 import gradio as gr
 
 from merging.errors import LabError
+from merging.layout import ROLES
+from webapp.jobs import DriftRun, triple_of
 from webapp.lab import Lab, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.presets import TOY_ROOT
@@ -26,8 +28,8 @@ def variant_label(variant) -> str | None:
     """Short form of what answers on the left: 'task_arithmetic alpha 0.5, layers 2-7', 'DRIFT run ...'."""
     if not variant:
         return None
-    if variant.get("drift"):
-        return variant.get("label") or "DRIFT fine-tune"
+    if isinstance(variant, DriftRun):
+        return variant.label
     knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
                       for k, v in (variant.get("parameters") or {}).items())
     layers = variant.get("layers")
@@ -40,7 +42,7 @@ def pane_updates(variant):
     label = variant_label(variant)
     if label is None:
         return gr.update(label="Merged model (none yet)", placeholder=NO_MERGE)
-    title = "DRIFT model" if variant.get("drift") else "Merged model"
+    title = "DRIFT model" if isinstance(variant, DriftRun) else "Merged model"
     return gr.update(label=f"{title}: {label}", placeholder=f"_{title} ready ({label}): ask a question below._")
 
 
@@ -146,8 +148,7 @@ def _chat_handler(lab: Lab):
         if cut:
             turn["notice"] = cut
         try:
-            triple = recipe and {k: recipe.get(k) for k in ("vlm", "reasoner", "base")} or lab.triple(
-                preset, vlm, reasoner, base)
+            triple = dict(zip(ROLES, triple_of(recipe))) if recipe else lab.triple(preset, vlm, reasoner, base)
         except LabError as e:
             turn["original"] = f"⛔ {e}"
             yield _views(turns, clear_box=True)

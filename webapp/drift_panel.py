@@ -10,6 +10,7 @@ import gradio as gr
 
 from merging.drift import DRIFT_DEFAULTS, DRIFT_KEYS, MODES, drift_settings
 from merging.errors import LabError
+from webapp.jobs import DriftRun
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel, check
 
@@ -46,11 +47,10 @@ def _drift_handler(lab: Lab):
                 continue
             ev, payload, el = end
             if ev == "result":
-                losses = payload["losses"]
-                how = ("already trained, reused" if payload["reused"] else
-                       f"{len(losses)} steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
-                variant = {**triple, "drift": payload["path"],
-                           "label": f"{what}, {settings['steps']} steps, lr {settings['lr']:g}"}
+                result = payload["result"]
+                how = ("already trained, reused" if result.reused else
+                       f"{result.steps} steps, loss {result.losses[0]:.3f} → {result.final_loss:.3f}")
+                variant = DriftRun(result, (triple["vlm"], triple["reasoner"], triple["base"]))
                 yield (f"✅ **{what} done** in {el:.1f} s ({how}, on {payload['device']}). The chat's "
                        "left side now answers with it.", variant)
             elif ev == "cancelled":

@@ -17,7 +17,7 @@ from analysis.evaluate import SUITES, evaluate
 from merging.errors import LabError
 from merging.loading import serving_dtype
 from tasks.toydata import parse_answer
-from webapp.jobs import triple_of
+from webapp.jobs import DriftRun, triple_of
 from webapp.presets import TOY_ROOT
 
 MAX_LIMIT = 300  # items per bundled suite (each has 300)
@@ -39,9 +39,9 @@ def _models(worker, args: dict, progress, flag):
         return get
 
     out = [("original", "the original VLM", held(None))]
-    if variant and variant.get("drift"):
-        folder = variant["drift"]
-        out.append(("merged", variant.get("label") or "DRIFT fine-tune",
+    if isinstance(variant, DriftRun):
+        folder = variant.folder
+        out.append(("merged", variant.label,
                     lambda: (worker.drift_loaded(folder, progress), f"drift:{Path(folder).name}")))
     elif variant:
         out.append(("merged", variant["method"], held(variant)))

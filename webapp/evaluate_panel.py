@@ -18,6 +18,7 @@ from merging.layout import ROLES
 from webapp import eval_upload
 from webapp.chat_panel import variant_label
 from webapp.evaluate_jobs import MAX_LIMIT
+from webapp.jobs import triple_of
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
 
@@ -68,7 +69,7 @@ def _empty(columns: list[str]) -> pd.DataFrame:
 
 
 def _triple(lab: Lab, variant, preset, vlm, reasoner, base) -> dict:
-    return {k: variant.get(k) for k in ROLES} if variant else lab.triple(preset, vlm, reasoner, base)
+    return dict(zip(ROLES, triple_of(variant))) if variant else lab.triple(preset, vlm, reasoner, base)
 
 
 def _run(lab: Lab, args: dict, request, verb: str):

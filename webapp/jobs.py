@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotation only: jobs stays free of torch for the UI process's client
+    from merging.drift import DriftResult
 
 TERMINAL = ("result", "error", "cancelled")
 
@@ -31,5 +36,29 @@ def recipe_key(recipe: dict | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def triple_of(recipe: dict) -> tuple[str, str, str | None]:
-    return recipe["vlm"], recipe["reasoner"], recipe.get("base")
+@dataclass(frozen=True)
+class DriftRun:
+    """A finished DRIFT run where the chat's left side and the Evaluate tab would take a merge
+    recipe: the fine-tune's result, and the triple it was run on as the UI named it (the original
+    VLM beside it is that triple's, loaded and cached like a merge's)."""
+
+    result: DriftResult
+    triple: tuple[str, str, str | None]
+
+    @property
+    def folder(self) -> str:
+        return self.result.folder
+
+    @property
+    def label(self) -> str:
+        """Short form for chat and score labels: 'DRIFT (absolute, alpha 0.5), 40 steps, lr 0.0001'."""
+        s = self.result.settings
+        what = "Plain fine-tune" if s["alpha"] == 0 else f"DRIFT ({s['mode']}, alpha {s['alpha']:g})"
+        return f"{what}, {s['steps']} steps, lr {s['lr']:g}"
+
+
+def triple_of(variant: dict | DriftRun) -> tuple[str, str, str | None]:
+    """(vlm, reasoner, base) of a merge recipe or a DRIFT run."""
+    if isinstance(variant, DriftRun):
+        return variant.triple
+    return variant["vlm"], variant["reasoner"], variant.get("base")

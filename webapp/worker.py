@@ -28,7 +28,7 @@ from merging.hub import resolve
 from merging.recipe import from_dict
 from webapp.chat import stream_answer
 from webapp.evaluate_jobs import run_evaluate
-from webapp.jobs import Cancelled, recipe_key, triple_of
+from webapp.jobs import Cancelled, DriftRun, recipe_key, triple_of
 from webapp.models import ModelHolder, load_serving, pick_device
 from webapp.safety import limit_pil, open_image
 
@@ -146,7 +146,7 @@ class Worker:
                 notices.append(text)
                 self.send(job_id, "notice", text)
 
-        drift = recipe.get("drift") if recipe else None  # a DRIFT result folder instead of a merge
+        drift = recipe.folder if isinstance(recipe, DriftRun) else None  # a DRIFT result instead of a merge
         streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
         for stream in streams:
             if stream == "merged" and drift:
@@ -201,8 +201,7 @@ class Worker:
             self.drift_model = None  # free the previous result's memory before training
             result = run_drift(spec, out_dir, self.device, progress, flag)
         self.drift_loaded(result.folder, progress)
-        return {"path": result.folder, "reused": result.reused, "losses": list(result.losses),
-                "train_seconds": round(result.seconds, 2), "device": self.device}
+        return {"result": result, "device": self.device}
 
     def do_export(self, job_id, args, flag):
         out_dir = Path(args["out_dir"])

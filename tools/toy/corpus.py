@@ -95,11 +95,15 @@ def base_text(rng: random.Random, word_problems: float = 0.0) -> str:
 REPLAY = 0.3  # share of the math fine-tune that replays the base's chats, so the task vector stays on math
 
 
-def math_example(rng: random.Random, replay: float = REPLAY) -> tuple[str, str]:
+def math_example(rng: random.Random, replay: float = REPLAY, two_step: float = 0.0) -> tuple[str, str]:
     """(prompt, answer) of a training word problem (held-out combinations are never drawn),
-    or, with probability `replay`, one of the base's text chats."""
+    or, with probability `replay`, one of the base's text chats; a share `two_step` of the word
+    problems sums two groups before the arithmetic (td.two_step_math_item)."""
     if rng.random() < replay:
         return chat_pair(rng)
+    if two_step and rng.random() < two_step:  # no draw at 0: earlier families' streams are unchanged
+        item = td.random_two_step_math(rng)
+        return td.chat_prompt(item.question, image=False), f"{item.answer} </s>"
     return _word_problem(rng)
 
 
