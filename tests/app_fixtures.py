@@ -22,6 +22,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "toy"
 STARTUP_S = 120
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent / "_output"  # the browser tests' screenshots
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Debian Chromium for Playwright. Without /usr/bin/chromium the test is skipped, unless
+    LAB_REQUIRE_BROWSER=1 (CI), where it fails."""
+    if not CHROMIUM.exists():
+        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
+    # lazy: playwright is only installed for the browser tests' machines; the other tests never need it
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

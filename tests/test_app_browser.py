@@ -6,36 +6,23 @@ chromium); without it the test is skipped, unless LAB_REQUIRE_BROWSER=1 (CI), wh
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+
+from tests.app_fixtures import SHOTS, chromium
 
 pytest_plugins = ("tests.app_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-OUT = Path(__file__).resolve().parent / "_output"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
+OUT = SHOTS
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    if not CHROMIUM.exists():
-        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
-    from playwright.sync_api import sync_playwright
-
-    OUT.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+    with chromium() as browser:
         pg = browser.new_page(viewport={"width": 1440, "height": 1000})
         pg.set_default_timeout(60_000)
         pg.goto(app_url)
         yield pg
-        browser.close()
 
 
 def test_merge_plot_and_chat_in_browser(page):

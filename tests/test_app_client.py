@@ -34,7 +34,7 @@ def test_merge_figure_chat(client, toy_dir):
     assert recipe_file and Path(recipe_file).read_text().strip() == recipe_yaml.strip()
 
     status, plot = client.predict(preset=TOY_PRESET, rank=8, api_name="/similarity")
-    assert status.startswith("✅"), status
+    assert status.startswith("✓"), status
     assert plot and "plot" in json.dumps(plot)
 
     sample = json.loads((toy_dir / "samples" / "samples.json").read_text())[0]
@@ -58,7 +58,7 @@ def test_cancel_then_merge_again(client):
     # the merge panel's Cancel leaves the analysis tab's knockout alone; the tab's own Cancel stops it
     assert client.predict(api_name="/cancel") == "Nothing is running."
     assert not job.done()
-    assert client.predict(api_name="/cancel_knockout") == "⏹ Cancelling…"
+    assert client.predict(api_name="/cancel_knockout") == "■ Cancelling…"
     final = job.result(timeout=120)
     assert "cancelled" in final[0], final[0]
     status, *_ = _merge(client, method="linear", knob1=0.2)

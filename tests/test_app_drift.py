@@ -53,7 +53,7 @@ def test_drift_cancel(client, app_handle):
         if outs and "step " in str(outs[-1]):
             break
         time.sleep(0.1)
-    assert client.predict(api_name="/drift_cancel") == "⏹ Cancelling…"
+    assert client.predict(api_name="/drift_cancel") == "■ Cancelling…"
     final = job.result(timeout=60)
     final = final if isinstance(final, str) else final[0]
     assert "cancelled" in final, final
@@ -72,4 +72,4 @@ def test_drift_out_of_range_names_the_field(client):
                 "batch_size": 4, "examples": 8, **kwargs}
         status = client.predict(**args, api_name="/drift")
         status = status if isinstance(status, str) else status[0]
-        assert status.startswith("❌ **Cannot run DRIFT:**") and expected in status, status
+        assert status.startswith("✗ **Cannot run DRIFT:**") and expected in status, status

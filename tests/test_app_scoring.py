@@ -10,7 +10,6 @@ Needs /usr/bin/chromium (see test_app_browser).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -18,34 +17,26 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_fixtures import SHOTS, chromium
+
 pytest_plugins = ("tests.app_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-OUT = Path(__file__).resolve().parent / "_output"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
+OUT = SHOTS
 WAIT = 60_000
 LONG = 300_000
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    if not CHROMIUM.exists():
-        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    OUT.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+    with chromium() as browser:
         pg = browser.new_page(viewport={"width": 1440, "height": 1000})
         pg.set_default_timeout(WAIT)
         pg.goto(app_url)
         expect(pg.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=90_000)
         yield pg
-        browser.close()
 
 
 def timed(what: str, t0: float) -> float:

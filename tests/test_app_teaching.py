@@ -9,24 +9,19 @@ folder, so a link may name a custom triple by folder. Needs /usr/bin/chromium (s
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
 from analysis import analyses
-from tests.app_fixtures import start_app, stop_app
+from tests.app_fixtures import SHOTS, chromium, start_app, stop_app
 from webapp import presets, recipes, url_state
 from webapp.walkthrough import STEPS
 
 pytest_plugins = ("tests.app_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-OUT = Path(__file__).resolve().parent / "_output"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
+OUT = SHOTS
 WAIT = 60_000
 
 
@@ -40,17 +35,8 @@ def app(toy_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install -y chromium)")
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium to run the browser test")
-    from playwright.sync_api import sync_playwright
-
-    OUT.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
@@ -107,6 +93,10 @@ def expect_tab(page, tab: str) -> None:
         if tab == "drift":
             expect(page.locator("#drift-btn")).to_be_visible()
         return
+    if tab in url_state.PAGES:
+        name = {"evaluate": "5 · Evaluate", "leaderboard": "6 · Leaderboard"}[tab]
+        expect(page.get_by_role("tab", name=name)).to_have_attribute("aria-selected", "true")
+        return
     expect(page.get_by_role("tab", name="4 · Why it works")).to_have_attribute("aria-selected", "true")
     expect(page.get_by_role("tab", name=analyses.get(tab).title)).to_have_attribute("aria-selected", "true")
 
@@ -136,6 +126,9 @@ def test_a_link_restores_the_state_and_the_url_follows_the_controls(open_page):
     page.wait_for_function("() => location.search.includes('density=0.6')")
     page.locator("#choice-2").get_by_text("1 · the BR2V").click()
     page.wait_for_function("() => location.search.includes('br2v=1')")
+    page.get_by_role("tab", name="6 · Leaderboard").click()
+    page.wait_for_function("() => location.search.includes('tab=leaderboard')")
+    page.get_by_role("tab", name="4 · Why it works").click()
     page.get_by_role("tab", name="Layer knockout").click()
     page.wait_for_function("() => location.search.includes('tab=knockout')")
     pick_method(page, "linear")
@@ -148,6 +141,16 @@ def test_a_link_restores_the_state_and_the_url_follows_the_controls(open_page):
     expect(again.locator("#merge-method input")).to_have_value("linear")
     expect(again.locator("#knob-1 input[type=number]")).to_have_value(url_query(page)["alpha"])
     expect_tab(again, "knockout")
+
+
+def test_a_link_opens_the_evaluate_and_leaderboard_tabs(open_page):
+    from playwright.sync_api import expect
+
+    for tab, button in (("evaluate", "#eval-btn"), ("leaderboard", "#lb-btn")):
+        page = open_page(f"tab={tab}")
+        expect_tab(page, tab)
+        expect(page.locator(button)).to_be_visible()
+        page.wait_for_function(f"() => location.search.includes('tab={tab}')")
 
 
 def test_a_link_can_name_a_custom_triple_inside_the_models_root(open_page):

@@ -68,7 +68,7 @@ def _session(url: str, i: int) -> dict:
         elif out:
             recipe = yaml.safe_load(out[1])
         out = call("similarity", preset=TOY_PRESET, rank=4 + i, api_name="/similarity")
-        if out and not str(out[0]).startswith("✅"):
+        if out and not str(out[0]).startswith("✓"):
             calls[-1].update(ok=False, error=str(out[0])[:200])
         question = f"client {i} round {r} : what is {i} plus {r} ?"
         asked.append(question)

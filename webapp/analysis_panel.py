@@ -11,7 +11,7 @@ import plotly.io as pio
 from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
-from webapp import glossary
+from webapp import cancel_button, glossary
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel
 from webapp.safety import check_images
@@ -55,7 +55,7 @@ def _handler(lab: Lab, a, n_extra: int = 0):
         try:
             args = _submit(lab, a, preset, vlm, reasoner, base, recipe, knobs)
         except LabError as e:
-            yield (f"⛔ {e}", *blank)
+            yield (f"✗ {e}", *blank)
             return
         job = lab.client.submit("analysis", args, session_of(request))
         for text, end in follow_status(lab.client, job, f"Computing {a.title.lower()}"):
@@ -64,13 +64,13 @@ def _handler(lab: Lab, a, n_extra: int = 0):
                 continue
             ev, payload, el = end
             if ev != "result":
-                yield (f"{'⏹' if ev == 'cancelled' else '❌'} {payload}", *blank)
+                yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *blank)
                 return
             figs = [_figure(f) for f in payload["figures"]][:n_plots]
             figs += [gr.skip()] * (n_plots - len(figs))
             extra = (payload["beta"], gr.update(visible=True, value=f"Use β = {payload['beta']:.3f} for FRANK's "
                                                                   "prior")) if n_extra else ()
-            yield (f"✅ {payload.get('summary', '')} ({el:.1f} s)", *figs, *extra)
+            yield (f"✓ {payload.get('summary', '')} ({el:.1f} s)", *figs, *extra)
 
     names = [*BASE_PARAMS, *(k.api_name for k in a.knobs)]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
@@ -108,11 +108,7 @@ def _tab(lab: Lab, a, base_inputs):
     btn.click(_handler(lab, a, 2 if use_beta else 0), base_inputs + extra, outs, api_name=a.name,
               concurrency_limit=16)
 
-    def cancel(request: gr.Request = None):
-        n = lab.client.cancel_session(session_of(request), ("analysis",))
-        return "⏹ Cancelling…" if n else "Nothing is running."
-
-    stop.click(cancel, None, status, queue=False, api_name=f"cancel_{a.name}")
+    cancel_button.wire(lab, stop, ("analysis",), api_name=f"cancel_{a.name}")
     return use_beta
 
 

@@ -137,7 +137,7 @@ def _chat_handler(lab: Lab):
             try:
                 check_image(uploaded(image, lab.read_roots))
             except LabError as e:  # shown as this turn's answer; the image is neither kept nor echoed
-                turns.append({"question": text, "image": None, "merged": f"⛔ {e}", "original": f"⛔ {e}"})
+                turns.append({"question": text, "image": None, "merged": f"✗ {e}", "original": f"✗ {e}"})
                 yield _views(turns, clear_box=True)
                 return
         history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
@@ -150,7 +150,7 @@ def _chat_handler(lab: Lab):
         try:
             triple = dict(zip(ROLES, triple_of(recipe))) if recipe else lab.triple(preset, vlm, reasoner, base)
         except LabError as e:
-            turn["original"] = f"⛔ {e}"
+            turn["original"] = f"✗ {e}"
             yield _views(turns, clear_box=True)
             return
         args = {"recipe": recipe, "triple": triple, "question": text, "image": image, "history": history,

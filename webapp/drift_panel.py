@@ -10,6 +10,7 @@ import gradio as gr
 
 from merging.drift import DRIFT_DEFAULTS, DRIFT_KEYS, MODES, drift_settings
 from merging.errors import LabError
+from webapp import cancel_button
 from webapp.jobs import DriftRun
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel, check
@@ -36,7 +37,7 @@ def _drift_handler(lab: Lab):
                 raise LabError(f"drift {empty[0]}: enter a number ({_range(empty[0])})")
             settings = drift_settings({"mode": mode, **typed})
         except (LabError, TypeError, ValueError) as e:
-            yield f"❌ **Cannot run DRIFT:** {e}", gr.skip()
+            yield f"✗ **Cannot run DRIFT:** {e}", gr.skip()
             return
         args = {"vlm": triple["vlm"], "reasoner": triple["reasoner"], "drift": settings}
         job = lab.client.submit("drift", args, session_of(request))
@@ -51,12 +52,12 @@ def _drift_handler(lab: Lab):
                 how = ("already trained, reused" if result.reused else
                        f"{result.steps} steps, loss {result.losses[0]:.3f} → {result.final_loss:.3f}")
                 variant = DriftRun(result, (triple["vlm"], triple["reasoner"], triple["base"]))
-                yield (f"✅ **{what} done** in {el:.1f} s ({how}, on {payload['device']}). The chat's "
+                yield (f"✓ **{what} done** in {el:.1f} s ({how}, on {payload['device']}). The chat's "
                        "left side now answers with it.", variant)
             elif ev == "cancelled":
-                yield f"⏹ **{what} cancelled** ({payload}); nothing was saved.", gr.skip()
+                yield f"■ **{what} cancelled** ({payload}); nothing was saved.", gr.skip()
             else:
-                yield f"❌ **{what} failed:** {payload}", gr.skip()
+                yield f"✗ **{what} failed:** {payload}", gr.skip()
 
     return drift
 
@@ -86,9 +87,5 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
                              queue=False, api_visibility="private")
 
-    def cancel(request: gr.Request = None):
-        n = lab.client.cancel_session(session_of(request), ("drift",))
-        return "⏹ Cancelling…" if n else "Nothing is running."
-
-    cancel_btn.click(cancel, None, status, api_name="drift_cancel", queue=False)
+    cancel_button.wire(lab, cancel_btn, ("drift",), api_name="drift_cancel")
     return status

@@ -15,7 +15,7 @@ from analysis.eval_file import check_items
 from analysis.evaluate import SUITES
 from merging.errors import LabError
 from merging.layout import ROLES
-from webapp import eval_upload
+from webapp import cancel_button, eval_upload
 from webapp.chat_panel import variant_label
 from webapp.evaluate_jobs import MAX_LIMIT
 from webapp.jobs import triple_of
@@ -81,9 +81,9 @@ def _run(lab: Lab, args: dict, request, verb: str):
             continue
         ev, payload, el = end
         if ev == "result":
-            yield f"✅ Done in {el:.1f} s on the worker.", payload
+            yield f"✓ Done in {el:.1f} s on the worker.", payload
         else:
-            yield f"{'⏹' if ev == 'cancelled' else '❌'} {payload}", None
+            yield f"{'■' if ev == 'cancelled' else '✗'} {payload}", None
 
 
 def _suites_handler(lab: Lab):
@@ -97,7 +97,7 @@ def _suites_handler(lab: Lab):
             args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
                     "suites": list(suites), "limit": int(limit)}
         except LabError as e:
-            yield f"⛔ {e}", gr.skip()
+            yield f"✗ {e}", gr.skip()
             return
         label = variant_label(variant)
         for text, payload in _run(lab, args, request, "Evaluating"):
@@ -130,7 +130,7 @@ def _own_handler(lab: Lab):
         try:
             args, n = _own_args(lab, files, variant, preset, vlm, reasoner, base)
         except LabError as e:  # no results of an earlier set under this set's refusal
-            yield f"⛔ {e}", _empty(SCORE_COLUMNS), _empty(DISAGREE_COLUMNS), None
+            yield f"✗ {e}", _empty(SCORE_COLUMNS), _empty(DISAGREE_COLUMNS), None
             return
         for text, payload in _run(lab, args, request, f"Evaluating your {n} items"):
             if payload is None:
@@ -167,17 +167,7 @@ def _own_section(lab: Lab, base_inputs: list) -> None:
                          object_fit="contain")
     own_btn.click(_own_handler(lab), [files, *base_inputs], [own_status, own_table, disagree, gallery],
                   api_name="evaluate_own", concurrency_limit=16)
-    own_cancel.click(_cancel_handler(lab), None, None, queue=False, api_visibility="private")
-
-
-def _cancel_handler(lab: Lab):
-    def cancel(request: gr.Request = None):
-        """Stop this tab's evaluation. The running handler writes "Cancelling…" and then the outcome into
-        the status, so a job that ends as Cancel is pressed keeps its result line (no output here)."""
-        if not lab.client.cancel_session(session_of(request), ("evaluate",)):
-            gr.Info("Nothing is running.")
-
-    return cancel
+    cancel_button.wire(lab, own_cancel, ("evaluate",))
 
 
 def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
@@ -195,6 +185,6 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
     base_inputs = [variant_state, *models.inputs]
     run_btn.click(_suites_handler(lab), [*base_inputs, suites, limit], [status, table], api_name="evaluate",
                   concurrency_limit=16)
-    cancel_btn.click(_cancel_handler(lab), None, None, queue=False, api_visibility="private")
+    cancel_button.wire(lab, cancel_btn, ("evaluate",))
     with gr.Accordion("Bring your own eval set", open=True, elem_id="eval-own"):
         _own_section(lab, base_inputs)

@@ -58,25 +58,27 @@ def bar(done: int, total: int, width: int = 20) -> str:
 def follow_status(client: WorkerClient, job: Job, verb: str):
     """Yield (markdown status, terminal event or None) while a job runs; the last has the event."""
     t0 = time.monotonic()
-    last = f"⏳ **{verb}…**"
+    last = f"○ **{verb}…**"
     try:
         for ev, payload in client.follow(job):
             el = time.monotonic() - t0
-            if job.cancel_requested and ev not in ("result", "error", "cancelled"):
-                last = f"⏹ **Cancelling…** ({el:.0f} s)"  # not overwritten by a progress line meanwhile
+            if job.cancel_requested and ev not in ("result", "error", "cancelled", "tick"):
+                last = f"■ **Cancelling…** ({el:.0f} s)"  # not overwritten by a progress line meanwhile
             elif ev == "waiting":
-                last = (f"⏳ **Waiting for the worker**: {payload} job(s) ahead of this one ({el:.0f} s)" if payload
-                        else f"⏳ **Starting on the worker…** ({el:.0f} s)")
+                last = (f"○ **Waiting for the worker**: {payload} job(s) ahead of this one ({el:.0f} s)" if payload
+                        else f"○ **Starting on the worker…** ({el:.0f} s)")
             elif ev == "started":
-                last = f"⏳ **{verb}…** ({el:.1f} s)"
+                last = f"○ **{verb}…** ({el:.1f} s)"
             elif ev == "progress":
                 done, total, msg = payload
-                last = f"⏳ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s)"
+                last = f"○ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s)"
             elif ev in ("result", "error", "cancelled"):
                 yield last, (ev, payload, el)
                 return
             elif ev == "tick":
-                continue
+                if not job.cancel_requested or last.startswith("■"):
+                    continue
+                last = f"■ **Cancelling…** ({el:.0f} s)"  # pressed between two progress lines: say so now
             yield last, None
     finally:
         if not job.done:  # the browser went away or the handler was stopped: stop the job too

@@ -16,7 +16,7 @@ from analysis import leaderboard
 from analysis.evaluate import SUITES
 from merging import methods
 from merging.errors import LabError
-from webapp import presets, url_state
+from webapp import cancel_button, presets, url_state
 from webapp.lab import Lab, follow_status, session_of
 from webapp.leaderboard_jobs import LIMITS
 from webapp.merge_panel import MergePanel
@@ -81,7 +81,7 @@ def _run_handler(lab: Lab):
         try:
             args = _args(preset, limit, dev_items, grid_size, chosen)
         except LabError as e:
-            yield (f"⛔ {e}", *keep)
+            yield (f"✗ {e}", *keep)
             return
         job = lab.client.submit("leaderboard", args, session_of(request))
         for text, end in follow_status(lab.client, job, "Ranking the methods"):
@@ -90,12 +90,12 @@ def _run_handler(lab: Lab):
                 continue
             ev, payload, el = end
             if ev != "result":
-                yield (f"{'⏹' if ev == 'cancelled' else '❌'} {payload}", *keep)
+                yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *keep)
                 return
             result = payload["result"]
             how = "from the cache" if payload["cached"] else "computed"
             n = len(args["methods"])
-            yield (f"✅ {n} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and {args['dev_items']} "
+            yield (f"✓ {n} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and {args['dev_items']} "
                    f"dev items per suite, up to {args['grid_size']} grid points each).",
                    leaderboard.scatter(result), table(result), gr.update(choices=row_choices(result), value=None),
                    result)
@@ -117,8 +117,8 @@ def _load_handler(merge: MergePanel, load_status: gr.Markdown):
         ups = merge.apply(state, dims)
         what = f"{e['method']} ({e['label']}{': ' + _knobs_text(e['knobs']) if e['knobs'] else ''})"
         ups[merge.status] = f"Loaded **{what}** from the leaderboard: press **Merge**."
-        warn = "".join(f"\n\n⚠️ {n}" for n in notes + more)
-        ups[load_status] = f"✅ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"
+        warn = "".join(f"\n\n⚠ {n}" for n in notes + more)
+        ups[load_status] = f"✓ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"
         return ups
 
     return load
@@ -149,12 +149,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     load_btn.click(_load_handler(merge, load_status), [pick, result, models.preset, models.dims],
                    [*merge.apply_targets, merge.status, load_status], api_name="leaderboard_load", queue=False)
 
-    def cancel(request: gr.Request = None):
-        """Stop this tab's run; its handler writes "Cancelling…" and the outcome (see evaluate_panel)."""
-        if not lab.client.cancel_session(session_of(request), ("leaderboard",)):
-            gr.Info("Nothing is running.")
-
-    cancel_btn.click(cancel, None, None, queue=False, api_visibility="private")
+    cancel_button.wire(lab, cancel_btn, ("leaderboard",))
 
     def toy_note(preset):
         toy = preset == presets.DEFAULT

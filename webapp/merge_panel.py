@@ -16,7 +16,7 @@ import gradio as gr
 from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
-from webapp import recipes
+from webapp import cancel_button, recipes
 from webapp.jobs import recipe_key
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel, check
@@ -262,9 +262,9 @@ def _merge_handler(lab: Lab):
             recipe = recipes.build(triple, method, recipes.in_shown_order(method, sliders, radios), first_layer,
                                    last_layer, v.num_layers, bool(prior), per_layer_yaml or "")
         except LabError as e:
-            yield (f"❌ **Cannot merge:** {e}", *keep)
+            yield (f"✗ **Cannot merge:** {e}", *keep)
             return
-        note = "".join(f"\n\n⚠️ **Clamped:** {n}" for n in clamped)
+        note = "".join(f"\n\n⚠ **Clamped:** {n}" for n in clamped)
         job = lab.client.submit("merge", {"recipe": recipe}, session_of(request))
         for text, end in follow_status(lab.client, job, f"Merging with {method}"):
             if end is None:
@@ -275,9 +275,9 @@ def _merge_handler(lab: Lab):
                 done = _merged(method, recipe, payload, el)
                 yield (done[0] + note, *done[1:])
             elif ev == "cancelled":
-                yield (f"⏹ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
+                yield (f"■ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
             else:
-                yield (f"❌ **Merge failed:** {payload}", *keep)
+                yield (f"✗ **Merge failed:** {payload}", *keep)
 
     return merge
 
@@ -292,18 +292,9 @@ def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
     how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
     report = payload.get("report")
     plot = gr.update(value=merge_report_figure(report), visible=True) if report else gr.update(visible=False)
-    return (f"✅ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
+    return (f"✓ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
             "Chat with it or open the analyses." + _report_text(report),
             recipes.to_yaml(recipe), str(path), recipe, recipe, plot, "")
-
-
-def _cancel_handler(lab: Lab):
-    def cancel(request: gr.Request = None):
-        # this panel's own jobs only: a knockout running in the analysis tab has its own Cancel
-        n = lab.client.cancel_session(session_of(request), ("merge", "export"))
-        return "⏹ Cancelling…" if n else "Nothing is running."
-
-    return cancel
 
 
 def _export_handler(lab: Lab):
@@ -321,9 +312,9 @@ def _export_handler(lab: Lab):
             if end is None:
                 yield text
             elif end[0] == "result":
-                yield f"✅ Exported in {end[2]:.1f} s to `{end[1]['path']}`"
+                yield f"✓ Exported in {end[2]:.1f} s to `{end[1]['path']}`"
             else:
-                yield f"❌ Export {end[0]}: {end[1]}"
+                yield f"✗ Export {end[0]}: {end[1]}"
 
     return export
 
@@ -336,7 +327,8 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, c.typed, *panel.knobs]
     outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot, c.export_status]
     c.merge_btn.click(_name_knobs(_merge_handler(lab)), inputs, outputs, api_name="merge", concurrency_limit=16)
-    c.cancel_btn.click(_cancel_handler(lab), None, c.status, api_name="cancel", queue=False)
+    # this panel's own jobs only: a knockout running in the analysis tab has its own Cancel
+    cancel_button.wire(lab, c.cancel_btn, ("merge", "export"), api_name="cancel")
     c.export_btn.click(_export_handler(lab), c.recipe_state, c.export_status, api_name="export",
                        concurrency_limit=16)
 

@@ -21,6 +21,7 @@ class PageTabs:
     chat: gr.Tab  # id "tab-chat"
     analysis: gr.Tab  # id "tab-analysis", holding one sub-tab per analysis
     drift: gr.Accordion
+    pages: dict[str, gr.Tab]  # the other main tabs by url_state.PAGES name (ids "tab-<name>")
 
     def analysis_tabs(self) -> tuple[gr.Tabs, dict[str, gr.Tab]]:
         """The analysis panel's own Tabs and its tabs by analysis name (ids "an-<name>")."""
@@ -38,7 +39,7 @@ class PageTabs:
 def _notes_markdown(notes: list[str]) -> str:
     if not notes:
         return ""
-    return ("⚠️ **Some of the link's settings could not be used as given:**\n\n"
+    return ("⚠ **Some of the link's settings could not be used as given:**\n\n"
             + "\n".join(f"- {n}" for n in notes))
 
 
@@ -58,6 +59,8 @@ def _track_tabs(tabs: PageTabs, an_tab: dict, tab_box, an_box) -> None:
     tabs.analysis.select(None, an_box, tab_box, js="(a) => a || 'similarity'")
     for name, tab in an_tab.items():
         tab.select(None, None, [an_box, tab_box], js=f"() => [{name!r}, {name!r}]")
+    for name, tab in tabs.pages.items():
+        tab.select(None, None, tab_box, js=f"() => {name!r}")
 
 
 def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs: PageTabs,
@@ -80,7 +83,8 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
             ups.update({models.vlm: state.vlm, models.reasoner: state.reasoner, models.base: state.base})
         ups.update(merge.apply(state, dims))
         analysis = state.tab if state.tab in an_tab else None
-        ups[tabs.main] = gr.Tabs(selected="tab-analysis" if analysis else "tab-chat")
+        main = "analysis" if analysis else state.tab if state.tab in tabs.pages else "chat"
+        ups[tabs.main] = gr.Tabs(selected=f"tab-{main}")
         if analysis:
             ups[an_tabs] = gr.Tabs(selected=f"an-{analysis}")
             ups[an_box] = analysis

@@ -55,12 +55,14 @@ def build(lab: Lab) -> gr.Blocks:
                     chat_panel.build(lab, models, merge.variant_state)
                 with gr.Tab("4 · Why it works", id="tab-analysis") as analysis_tab:
                     use_beta = analysis_panel.build(lab, models, merge.recipe_state)
-                with gr.Tab("5 · Evaluate", id="tab-evaluate"):
+                with gr.Tab("5 · Evaluate", id="tab-evaluate") as evaluate_tab:
                     evaluate_panel.build(lab, models, merge.variant_state)
-                with gr.Tab("6 · Leaderboard", id="tab-leaderboard"):
+                with gr.Tab("6 · Leaderboard", id="tab-leaderboard") as leaderboard_tab:
                     leaderboard_panel.build(lab, models, merge)
         # the models' first check, a link's state (?method=...) and the walkthrough's steps
-        page_state.wire(demo, lab, models, merge, page_state.PageTabs(main_tabs, chat_tab, analysis_tab, drift),
+        page_state.wire(demo, lab, models, merge, page_state.PageTabs(
+                            main_tabs, chat_tab, analysis_tab, drift,
+                            {"evaluate": evaluate_tab, "leaderboard": leaderboard_tab}),
                         message, steps, use_beta)
 
         def device_line():

@@ -4,7 +4,7 @@
 
 Keys: `preset` (a preset's slug or label; absent: the bundled toy family), or `vlm`, `reasoner` and
 `base` (folders inside the app's --models-root), `method`, the method's knobs by name (frank's prior
-as `use_prior`), `layers` (FIRST-LAST, absent: all) and `tab` (chat, drift or an analysis' name);
+as `use_prior`), `layers` (FIRST-LAST, absent: all) and `tab` (chat, drift, an analysis' name, evaluate or leaderboard);
 Gradio's own parameters (`__theme`) are left alone.
 parse() never raises: each parameter it cannot use is named in a message and left at its default.
 The page writes the URL in the browser (encoder_js(), the same format as encode()).
@@ -26,7 +26,8 @@ from webapp import presets, recipes
 
 ROLES = ("vlm", "reasoner", "base")
 RESERVED = ("preset", *ROLES, "method", "layers", "tab")
-TABS = ("chat", "drift", *analyses.names())  # drift: the chat tab with the DRIFT panel open
+PAGES = ("evaluate", "leaderboard")  # main tabs of their own (ids "tab-<name>")
+TABS = ("chat", "drift", *analyses.names(), *PAGES)  # drift: the chat tab with the DRIFT panel open
 MAX_VALUE = 300  # characters of one parameter's value
 MAX_KEYS = 40
 
