@@ -17,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -203,13 +204,16 @@ def test_attention_reads_only_this_servers_uploads(lab, client, upload_dir, toy_
     assert status.startswith("✓"), status  # control: an uploaded image is used
 
 
-def test_only_this_sessions_outputs_are_served(lab, client):
+def test_only_this_sessions_outputs_are_served(lab, client, toy_dir):
     status, _, recipe_file, *_ = client.predict(method="linear", knob1=0.3, api_name="/merge")
     assert "Merged with linear" in status, status
     assert client.predict(api_name="/similarity")[0].startswith("✓")
-    exported = client.predict(api_name="/export")
-    assert exported.startswith("✓"), exported
+    exported, archive = client.predict(api_name="/export")
+    assert exported.startswith("✓") and "download it below" in exported, exported
     export_dir = Path(exported.split("`")[1])
+    assert archive["visible"] is True  # a visibility update: the file box appears with the zip in it
+    with zipfile.ZipFile(archive["value"]) as z:  # this session's download: the whole folder
+        assert {Path(n).name for n in z.namelist()} >= {"config.json", "model.safetensors", "recipe.yaml"}
     drift = lab["cache"] / "drift" / "abc" / "config.json"
     drift.parent.mkdir(parents=True)
     drift.write_text("{}")  # what a DRIFT result leaves
@@ -219,7 +223,10 @@ def test_only_this_sessions_outputs_are_served(lab, client):
         assert path.is_file(), path
         assert fetch(lab["url"], path)[0] == 403, f"{path} is served"
     got = Path(recipe_file)
-    assert got.read_text().startswith("vlm:") and "method: linear" in got.read_text()  # this session's download
+    text = got.read_text()  # this session's download, with no server path in it
+    assert "method: linear" in text and str(ROOT) not in text
+    if toy_dir.resolve().is_relative_to(ROOT):  # the bundled family (else a --smoke one in a temp folder)
+        assert "vlm: assets/toy/vlm" in text and "relative to the merge lab's folder" in text
     assert not (cache / "recipes").exists()  # downloads never live in a servable lab folder
 
 

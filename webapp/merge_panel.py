@@ -17,9 +17,11 @@ from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
 from webapp import cancel_button, recipes
+from webapp.export_zip import zip_for_download
 from webapp.jobs import recipe_key
 from webapp.lab import Lab, follow_status, session_of
 from webapp.models_panel import ModelsPanel, check
+from webapp.recipe_paths import portable_yaml
 
 
 @dataclass
@@ -191,6 +193,8 @@ def _controls() -> SimpleNamespace:
         c.recipe_file = gr.File(label="download the recipe", interactive=False)
         c.export_btn = gr.Button("Export merged model to a folder", size="sm")
         c.export_status = gr.Markdown(elem_id="export-status")
+        c.export_file = gr.File(label="download the merged model (zip)", interactive=False, visible=False,
+                                elem_id="export-file")
     return c
 
 
@@ -272,7 +276,7 @@ def _merge_handler(lab: Lab):
                 continue
             ev, payload, el = end
             if ev == "result":
-                done = _merged(method, recipe, payload, el)
+                done = _merged(method, recipe, payload, el, lab.models_root)
                 yield (done[0] + note, *done[1:])
             elif ev == "cancelled":
                 yield (f"■ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
@@ -282,25 +286,26 @@ def _merge_handler(lab: Lab):
     return merge
 
 
-def _merged(method: str, recipe: dict, payload: dict, el: float) -> tuple:
+def _merged(method: str, recipe: dict, payload: dict, el: float, models_root: str | None) -> tuple:
     """The outputs of a finished merge: status with its report, the recipe, its download, the states,
     the plot, and an empty export line (no stale "Merge first" under a merge)."""
     # A fresh temp folder: Gradio copies a returned file into its own cache and serves that copy,
     # so no folder of the lab's ever needs to be servable.
     path = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-")) / f"{method}-{recipe_key(recipe)}.yaml"
-    path.write_text(recipes.to_yaml(recipe))
+    text = portable_yaml(recipe, models_root)  # no server paths in what the user takes away
+    path.write_text(text)
     how = "already merged, reused" if payload.get("reused") else f"merge {payload['merge_seconds']:.2f} s"
     report = payload.get("report")
     plot = gr.update(value=merge_report_figure(report), visible=True) if report else gr.update(visible=False)
     return (f"✓ **Merged with {method}** in {el:.2f} s ({how}, on {payload['device']}). "
             "Chat with it or open the analyses." + _report_text(report),
-            recipes.to_yaml(recipe), str(path), recipe, recipe, plot, "")
+            text, str(path), recipe, recipe, plot, "")
 
 
 def _export_handler(lab: Lab):
     def export(recipe, request: gr.Request = None):
         if not recipe:
-            yield "Merge first; then the merged model can be exported."
+            yield "Merge first; then the merged model can be exported.", gr.update(visible=False)
             return
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{recipe['method']}-{recipe_key(recipe)}-{int(time.time())}")
         out_dir, n = lab.cache_dir / "exports" / name, 1
@@ -310,11 +315,15 @@ def _export_handler(lab: Lab):
         job = lab.client.submit("export", {"recipe": recipe, "out_dir": str(out_dir)}, session_of(request))
         for text, end in follow_status(lab.client, job, "Writing the merged model"):
             if end is None:
-                yield text
+                yield text, gr.skip()
             elif end[0] == "result":
-                yield f"✓ Exported in {end[2]:.1f} s to `{end[1]['path']}`"
+                folder = end[1]["path"]
+                archive, why = zip_for_download(Path(folder))
+                where = f"✓ Exported in {end[2]:.1f} s to `{folder}` on the server"
+                yield (f"{where}; download it below." if archive else f"{where}. {why}",
+                       gr.update(value=str(archive), visible=True) if archive else gr.update(visible=False))
             else:
-                yield f"✗ Export {end[0]}: {end[1]}"
+                yield f"✗ Export {end[0]}: {end[1]}", gr.skip()
 
     return export
 
@@ -329,8 +338,11 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     c.merge_btn.click(_name_knobs(_merge_handler(lab)), inputs, outputs, api_name="merge", concurrency_limit=16)
     # this panel's own jobs only: a knockout running in the analysis tab has its own Cancel
     cancel_button.wire(lab, c.cancel_btn, ("merge", "export"), api_name="cancel")
-    c.export_btn.click(_export_handler(lab), c.recipe_state, c.export_status, api_name="export",
+    c.export_btn.click(_export_handler(lab), c.recipe_state, [c.export_status, c.export_file], api_name="export",
                        concurrency_limit=16)
+    # another merge: the zip offered was of the previous one
+    c.recipe_state.change(lambda: gr.update(value=None, visible=False), None, c.export_file, queue=False,
+                          api_visibility="private")
 
     def triple_changed():  # the merge shown was of the previous triple: drop it everywhere
         return ("Another triple: press **Merge** to merge this one.", "", None, None, None,

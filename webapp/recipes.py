@@ -6,8 +6,6 @@ choices (integer knobs with a few labelled values, e.g. ties' `normalize` or ip_
 
 from __future__ import annotations
 
-import yaml
-
 from merging import methods
 from merging.errors import LabError
 from merging.recipe import from_dict, parse_yaml
@@ -120,7 +118,3 @@ def build(triple: dict, method: str, knob_values, first=None, last=None, num_lay
         if (first, last) != (0, num_layers - 1):
             d["layers"] = [first, last]
     return from_dict(d).to_dict()
-
-
-def to_yaml(recipe: dict) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False)

@@ -1,0 +1,31 @@
+"""An exported model folder as one zip the browser can download (UI side).
+
+Written into a fresh temp folder (Gradio copies a returned file into its own cache and serves that
+copy, so no folder of the lab's needs to be servable), complete or not at all. Stored, not
+compressed: safetensors hardly compress and storing is as fast as copying. Folders over
+MAX_BYTES stay a server path: a multi-GB model goes by disk or scp, not through a browser.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+MAX_BYTES = 1 << 30
+
+
+def zip_for_download(folder: Path, max_bytes: int = MAX_BYTES) -> tuple[Path | None, str]:
+    """(the zip's path, "") or (None, why there is no download)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    if size > max_bytes:
+        return None, f"It is {size / 2**30:.1f} GiB, over the {max_bytes / 2**30:.0f} GiB a browser download is offered for."
+    out = Path(tempfile.mkdtemp(prefix="merge-lab-export-")) / f"{folder.name}.zip"
+    part = out.with_name(f".{out.name}.part")
+    with zipfile.ZipFile(part, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for p in files:
+            z.write(p, f"{folder.name}/{p.relative_to(folder).as_posix()}")
+    os.replace(part, out)
+    return out, ""
