@@ -63,6 +63,11 @@ def test_merge_plot_and_chat_in_browser(page):
     # every answer says what produced it, and the pane's title names the merge
     expect(bot).to_contain_text("answered by: task_arithmetic alpha", timeout=30_000)
     expect(merged).to_contain_text("Merged model: task_arithmetic alpha")
+    # each pane's title sits above its conversation, so scrolled text never runs under it
+    for pane in ("#chat-merged", "#chat-original"):
+        title = page.locator(f"{pane} > .wrapper > label[data-testid=block-label]").bounding_box()
+        log = page.locator(f"{pane} > .wrapper > .bubble-wrap").bounding_box()
+        assert title["y"] + title["height"] <= log["y"] + 1, (pane, title, log)
 
 
 def test_chat_labels_limits_and_reset(page):
@@ -141,3 +146,19 @@ def test_attention_fit_sets_franks_prior_in_one_click(page):
     expect(page.locator("#plot-attention .js-plotly-plot .scatterlayer .trace")).to_have_count(2)  # fit still drawn
     page.wait_for_timeout(500)
     page.screenshot(path=str(OUT / "app_attention_beta_to_frank.png"))
+
+
+def test_the_drift_mode_is_not_cut_by_its_arrow(page):
+    """(same page) the longest DRIFT mode fits its dropdown."""
+    from playwright.sync_api import expect
+
+    if not page.locator("#drift-mode input").is_visible():
+        page.get_by_text("2b · DRIFT fine-tune").click()
+    box = page.locator("#drift-mode input")
+    expect(box).to_be_visible()
+    box.click()
+    page.get_by_role("option", name="adaptive_cosine").click()
+    expect(box).to_have_value("adaptive_cosine")
+    scroll, client = box.evaluate("e => [e.scrollWidth, e.clientWidth]")
+    assert scroll <= client, (scroll, client)
+    page.locator("#drift-panel").screenshot(path=str(OUT / "app_drift_panel.png"))

@@ -66,9 +66,10 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
     gr.Markdown(ABOUT)
     # No minimum/maximum on the boxes: Gradio's own check shows an unnamed error toast (twice) and
     # logs a traceback; drift_settings names the field and its range in the status line instead.
+    # the mode on a row of its own: "adaptive_cosine" does not fit half the column beside its arrow
+    mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode", elem_id="drift-mode",
+                       info="how the gradient is bent toward the reasoner (see the Glossary)")
     with gr.Row():
-        mode = gr.Dropdown(list(MODES), value=DRIFT_DEFAULTS["mode"], label="mode",
-                           info="how the gradient is bent toward the reasoner (see the Glossary)")
         alpha = gr.Number(DRIFT_DEFAULTS["alpha"], label="alpha", info=_range("alpha"))
     with gr.Row():
         steps = gr.Number(DRIFT_DEFAULTS["steps"], label="steps", precision=0, info=_range("steps"))

@@ -25,6 +25,10 @@ CSS = """
 #lab-intro p {font-size: 1.05em; margin-top: 0;}
 #merge-status p, [id^=status-] p {font-size: 0.95em;}
 footer {display: none !important;}
+/* the chat panes' titles sit above the conversation, not floating over text scrolled beneath them */
+#chat-merged > .wrapper > label[data-testid=block-label], #chat-original > .wrapper > label[data-testid=block-label] {
+  position: static; margin: 0 0 6px 0; max-width: calc(100% - 96px);}
+#chat-merged > .wrapper > .bubble-wrap, #chat-original > .wrapper > .bubble-wrap {border-top: 1px solid var(--border-color-primary);}
 """
 
 
