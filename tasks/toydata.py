@@ -95,7 +95,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 # -------------------------------------------------------------------------------------- questions
 def perception_item(scene: Scene, kind: str, claim: int | None = None) -> Item:
-    """kind: count | count_shapes | colour | shape | describe (no final answer) | verify.
+    """kind: count | count_shapes | colour | shape | describe (no final answer) | verify | compare.
 
     verify asks "are there {claim} circles ?": the question carries a number that may not be
     the count, so a model learns to take the count from the image, not from the question text.
@@ -106,6 +106,11 @@ def perception_item(scene: Scene, kind: str, claim: int | None = None) -> Item:
         claim = n if claim is None else claim
         yes = "yes" if claim == n else "no"
         return Item(f"are there {claim} {noun} ?", f"there are {n} {noun} . the answer is {yes} .", yes, scene)
+    if kind == "compare":  # a visual question with one reasoning step that is not arithmetic
+        k = n if claim is None else claim
+        rel, yes = (">", "yes") if n > k else ("<", "no") if n < k else ("=", "no")
+        return Item(f"are there more than {k} {noun} ?",
+                    f"there are {n} {noun} . {n} {rel} {k} . the answer is {yes} .", yes, scene)
     if kind == "count":
         return Item(
             f"how many {noun} are there ?", f"there are {n} {noun} . the answer is {n} .", str(n), scene

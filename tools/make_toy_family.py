@@ -48,6 +48,7 @@ class Plan:
     math_lr: float = 1e-3
     math_replay: float = corpus.REPLAY
     math_two_step: float = 0.0  # share of two-step word problems (groups summed first) in the math fine-tune
+    compare: float = 0.0  # share of comparison questions in the base's scene chats and the VLM's questions
     vlm_batch: int = 48
     vision_steps: int = 1200
     vision_lr: float = 2e-3
@@ -71,11 +72,11 @@ def text_batches(tok, draw, batch: int):
     return make
 
 
-def vlm_batches(tok, image_processor, batch: int):
+def vlm_batches(tok, image_processor, batch: int, compare: float = 0.0):
     def make(rng):
         images, pairs = [], []
         for _ in range(batch):
-            image, prompt, answer = vlm_data.vlm_example(rng)
+            image, prompt, answer = vlm_data.vlm_example(rng, compare)
             images.append(image)
             pairs.append(expand_image(*encode(tok, prompt, answer)))
         out = collate(pairs)
@@ -98,6 +99,8 @@ def stage_key(plan: Plan, seed: int, stage: str) -> dict:
         key["base_word_problems"] = plan.base_word_problems
     if plan.math_two_step and stage == "math":
         key["math_two_step"] = plan.math_two_step
+    if plan.compare:
+        key["compare"] = plan.compare
     return key
 
 
@@ -117,7 +120,7 @@ def train_base(tok, plan: Plan, seed: int, log):
     """Stage 1: the base LM pretrained from scratch on the text mixture."""
     base = models.build_base(len(tok), seed, plan.layers)
     groups = [{"params": list(base.parameters()), "lr": plan.base_lr}]
-    draw = lambda rng: corpus.base_text(rng, plan.base_word_problems)  # noqa: E731
+    draw = lambda rng: corpus.base_text(rng, plan.base_word_problems, plan.compare)  # noqa: E731
     train(base, text_batches(tok, draw, plan.batch), groups, plan.base_steps, seed + 1, log=log, name="base")
     return base
 
@@ -126,7 +129,7 @@ def train_math(base, tok, plan: Plan, seed: int, log):
     """Stage 2: the math LLM, the base briefly fine-tuned on word problems (with replay)."""
     math = copy.deepcopy(base)
     groups = [{"params": list(math.parameters()), "lr": plan.math_lr}]
-    draw = lambda rng: corpus.math_example(rng, plan.math_replay, plan.math_two_step)  # noqa: E731
+    draw = lambda rng: corpus.math_example(rng, plan.math_replay, plan.math_two_step, plan.compare)  # noqa: E731
     train(math, text_batches(tok, draw, plan.batch), groups, plan.math_steps, seed + 2, log=log, name="math")
     return math
 
@@ -134,7 +137,7 @@ def train_math(base, tok, plan: Plan, seed: int, log):
 def train_vlm(base, tok, processor, plan: Plan, seed: int, log):
     """Stage 3, the LLaVA recipe: vision tower + projector alone, then a joint fine-tune at a low LM rate."""
     vlm = models.build_vlm(base, seed + 3)
-    make = vlm_batches(tok, processor.image_processor, plan.vlm_batch)
+    make = vlm_batches(tok, processor.image_processor, plan.vlm_batch, plan.compare)
     vision = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
     lm = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
     train(vlm, make, [{"params": vision, "lr": plan.vision_lr}], plan.vision_steps, seed + 4, log=log,
@@ -154,7 +157,7 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
     from transformers import AutoModelForCausalLM
 
     timings, t0 = {}, time.time()
-    tok = build_tokenizer()
+    tok = build_tokenizer(compare=plan.compare > 0)
     processor = models.build_processor(tok)
 
     key = stage_key(plan, seed, "base")

@@ -56,12 +56,16 @@ def _counting(rng: random.Random) -> str:
     return " ".join(str(i) for i in range(start, start + rng.randint(3, 8))) + " ."
 
 
-def chat_pair(rng: random.Random) -> tuple[str, str]:
-    """(prompt, answer) of a text-only chat in the shared answer format."""
+def chat_pair(rng: random.Random, compare: float = 0.0) -> tuple[str, str]:
+    """(prompt, answer) of a text-only chat in the shared answer format; a share `compare` of the
+    questions about a stated scene are comparisons ("are there more than 5 circles ?")."""
     r = rng.random()
     if r < 0.5:
         scene = td.random_scene(rng)
-        kind = rng.choice((*td.PERCEPTION_KINDS, "verify"))
+        if compare and rng.random() < compare:  # no draw at 0: earlier families' streams are unchanged
+            kind = "compare"
+        else:
+            kind = rng.choice((*td.PERCEPTION_KINDS, "verify"))
         item = td.perception_item(scene, kind, td.random_claim(rng, scene.count))
         question = f"there are {scene.count} {scene.colour} {td.PLURAL[scene.shape]} . {item.question}"
         return td.chat_prompt(question, image=False), f"{item.answer} </s>"
@@ -76,18 +80,18 @@ def chat_pair(rng: random.Random) -> tuple[str, str]:
     ), f"{a} {op} {b} = {c} . the answer is {c} . </s>"
 
 
-def _chat(rng: random.Random) -> str:
-    return " ".join(chat_pair(rng))
+def _chat(rng: random.Random, compare: float = 0.0) -> str:
+    return " ".join(chat_pair(rng, compare))
 
 
-def base_text(rng: random.Random, word_problems: float = 0.0) -> str:
+def base_text(rng: random.Random, word_problems: float = 0.0, compare: float = 0.0) -> str:
     """One pretraining sequence: a chat, or a short document of mixed sentences; with probability
     `word_problems`, a solved word problem (pretraining corpora hold some math, so the later math
     fine-tune sharpens a skill the base half has instead of writing it from nothing)."""
     if word_problems and rng.random() < word_problems:  # no draw at 0: the 4-layer stream is unchanged
         return " ".join(_word_problem(rng))
     if rng.random() < 0.35:
-        return _chat(rng)
+        return _chat(rng, compare)
     makers = (_shape_sentence, _object_sentence, _fact, _fact, _counting)
     return "<s> " + " ".join(rng.choice(makers)(rng) for _ in range(rng.randint(2, 5))) + " </s>"
 
@@ -95,12 +99,13 @@ def base_text(rng: random.Random, word_problems: float = 0.0) -> str:
 REPLAY = 0.3  # share of the math fine-tune that replays the base's chats, so the task vector stays on math
 
 
-def math_example(rng: random.Random, replay: float = REPLAY, two_step: float = 0.0) -> tuple[str, str]:
+def math_example(rng: random.Random, replay: float = REPLAY, two_step: float = 0.0,
+                 compare: float = 0.0) -> tuple[str, str]:
     """(prompt, answer) of a training word problem (held-out combinations are never drawn),
     or, with probability `replay`, one of the base's text chats; a share `two_step` of the word
     problems sums two groups before the arithmetic (td.two_step_math_item)."""
     if rng.random() < replay:
-        return chat_pair(rng)
+        return chat_pair(rng, compare)
     if two_step and rng.random() < two_step:  # no draw at 0: earlier families' streams are unchanged
         item = td.random_two_step_math(rng)
         return td.chat_prompt(item.question, image=False), f"{item.answer} </s>"

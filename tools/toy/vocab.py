@@ -19,7 +19,7 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", td.IMAGE_TOKEN]
 PAD, UNK, BOS, EOS, IMAGE = range(5)
 
 
-def collect_words() -> list[str]:
+def collect_words(compare: bool = False) -> list[str]:
     words = {str(i) for i in range(td.MAX_NUMBER + 1)}
     words |= set(td.COLOURS) | set(td.SHAPES) | set(td.PLURAL.values()) | set(td.OBJECTS) | set(td.NAMES)
     words |= {"user", "assistant", ":", ".", "?", "+", "-", "=", "the", "answer", "is", "yes", "no"}
@@ -35,14 +35,16 @@ def collect_words() -> list[str]:
             texts.append(item.question + " " + item.answer)
         item = td.random_visual_math(rng)[1]
         texts.append(item.question + " " + item.answer)
+    if compare:  # the comparison questions' words (off: the earlier families' vocabulary, unchanged)
+        words |= {"than", "<", ">"}
     for t in texts:
         words.update(w for w in t.split() if w not in SPECIALS)
     return sorted(words)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(compare: bool = False) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for w in collect_words():
+    for w in collect_words(compare):
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
