@@ -171,25 +171,12 @@ def text_math_item(template: int, a: int, op: str, b: int, noun: str, name: str)
     """A word problem with no image. Templates 0-1 share the visual_math phrasing; 3-4 put the
     change before the starting amount; 2 is about a person."""
     sol, c = _solution(a, op, b)
-    if template == 0:
+    if template != 2:
         change, ask = _op_sentences(noun, op, b)
-        return Item(
-            f"there are {a} {noun} . {change} {ask}",
-            f"there are {a} {noun} . {sol} the answer is {c} .",
-            str(c),
-        )
-    if template == 1:
-        change, ask = _op_sentences(noun, op, b)
-        return Item(
-            f"a box has {a} {noun} . {change} {ask}",
-            f"there are {a} {noun} . {sol} the answer is {c} .",
-            str(c),
-        )
-    if template in (3, 4):
-        # the change comes first: the starting amount is not the first number in the question
-        change, ask = _op_sentences(noun, op, b)
-        start = f"there are {a} {noun} ." if template == 3 else f"a box has {a} {noun} ."
-        return Item(f"{change} {start} {ask}", f"there are {a} {noun} . {sol} the answer is {c} .", str(c))
+        start = f"there are {a} {noun} ." if template in (0, 3) else f"a box has {a} {noun} ."
+        # 3-4: the change comes first, so the starting amount is not the first number in the question
+        question = f"{start} {change} {ask}" if template < 2 else f"{change} {start} {ask}"
+        return Item(question, f"there are {a} {noun} . {sol} the answer is {c} .", str(c))
     verb = "gets" if op == "+" else "gives away"
     ask = f"how many {noun} does {name} have now ?"
     return Item(
