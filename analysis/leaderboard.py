@@ -275,6 +275,7 @@ def scatter(result: dict):
     fig.add_shape(type="rect", x0=x0, x1=100, y0=y0, y1=100, fillcolor="rgba(40,160,80,0.12)", line_width=0)
     fig.add_annotation(x=100, y=y0, text="target: perception within 3, visual_math +10", showarrow=False,
                        xanchor="right", yanchor="bottom", font={"size": 11, "color": "#2a7a40"})
+    top = max((100 * e["test"]["visual_math"] for e in result["entries"] if "visual_math" in e["test"]), default=0)
     palette = qualitative.Plotly + qualitative.D3
     methods_shown = dict.fromkeys(e["method"] for e in result["entries"] if "perception" in e["test"])
     colours = {m: palette[i % len(palette)] for i, m in enumerate(methods_shown)}
@@ -291,7 +292,8 @@ def scatter(result: dict):
     fig.update_layout(title={"text": "Perception vs visual math on the held-out suites<br><sup>open: a method's "
                              "defaults · filled: its best knobs on dev · star: the VLM</sup>"},
                       xaxis={"title": "perception accuracy (%)", "range": [-3, 103], "dtick": 10},
-                      yaxis={"title": "visual_math accuracy (%)", "range": [-2, max(40, y0 + 5)], "dtick": 10},
+                      yaxis={"title": "visual_math accuracy (%)", "range": [-2, min(103, max(40, y0 + 5, top + 5))],
+                             "dtick": 10},
                       template="plotly_white", height=640, margin={"t": 80},
                       legend={"font": {"size": 11}, "orientation": "h", "yanchor": "top", "y": -0.14, "x": 0})
     return fig

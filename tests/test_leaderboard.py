@@ -84,3 +84,14 @@ def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_pa
     r = subprocess.run(cmd[:-1] + [str(smoke_family / "vlm")], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and (smoke_family / "vlm" / "config.json").is_file()
+
+
+def test_the_scatter_shows_every_point():
+    """The y axis reaches the highest visual_math (a point at 55% was cut off by a fixed 40% top)."""
+    entries = [{"method": "vlm", "label": "the VLM", "knobs": {}, "test": {"perception": 0.79, "visual_math": 0.03}},
+               {"method": "ties", "label": "defaults", "knobs": {}, "test": {"perception": 0.77, "visual_math": 0.55}},
+               {"method": "reasoner", "label": "the math LLM", "knobs": {}, "test": {"text_math": 1.0}}]
+    fig = leaderboard.scatter({"entries": entries})
+    lo, hi = fig.layout.yaxis.range
+    ys = [t.y[0] for t in fig.data]
+    assert ys == pytest.approx([3.0, 55.0]) and lo < min(ys) and hi > max(ys)

@@ -39,16 +39,16 @@ STAMP = "toy_stage.json"
 
 @dataclass(frozen=True)
 class Plan:
-    layers: int = 4  # the shipped family; the 8-layer attempt: --set layers=8 math_lr=3e-4 math_steps=400
+    layers: int = 8  # the shipped family (session 5); sessions 1-4 shipped 4 layers (--set layers=4 ...)
     batch: int = 48
     base_steps: int = 1500
     base_lr: float = 2e-3
-    base_word_problems: float = 0.0  # share of solved word problems in the base's pretraining mixture
+    base_word_problems: float = 0.03  # share of solved word problems in the base's pretraining mixture
     math_steps: int = 300
-    math_lr: float = 1e-3
+    math_lr: float = 2e-4
     math_replay: float = corpus.REPLAY
-    math_two_step: float = 0.0  # share of two-step word problems (groups summed first) in the math fine-tune
-    compare: float = 0.0  # share of comparison questions in the base's scene chats and the VLM's questions
+    math_two_step: float = 0.5  # share of two-step word problems (groups summed first) in the math fine-tune
+    compare: float = 0.2  # share of comparison questions in the base's scene chats and the VLM's questions
     vlm_batch: int = 48
     vision_steps: int = 1200
     vision_lr: float = 2e-3

@@ -25,20 +25,21 @@ STEPS = (
     Step("The reasoner's singular values are larger",
          {"method": "ip_merging", "rank": "32", "tab": "spectra"},
          "Press **Compute** in *Singular values*: the reasoner's task-vector spectrum lies well above the "
-         "VLM's (its top singular value is several times larger here). Math fine-tuning moved the weights "
+         "VLM's (its top singular value is 1.2-2.5 times larger here). Math fine-tuning moved the weights "
          "more, so a plain sum is dominated by the reasoner; IP-Merging rescales the reasoner's update for "
          "that reason (IP-Merging, Fig. 4)."),
-    Step("Task arithmetic: reasoning in, perception out",
+    Step("Task arithmetic: the free lunch",
          {"method": "task_arithmetic", "alpha": "1", "tab": "chat"},
-         "Press **Merge**, then click an example in *Chat* and compare the two sides, on a counting question "
-         "about an image and on a math one. Adding the whole math task vector (alpha 1) brings in arithmetic "
-         "but costs perception (the README's leaderboard: perception falls already at alpha 0.5), the "
-         "trade-off the merging papers set out to avoid."),
+         "Press **Merge**, then click an example in *Chat* and compare the two sides. On \"7 circles are taken "
+         "away\" the VLM only counts (\"there are 8 circles . the answer is 8 .\"); the merge counts and then "
+         "subtracts, a skill no image question ever taught the VLM. Adding the whole math task vector keeps "
+         "perception within a few points (the README's leaderboard: visual math 3% -> 49%, perception "
+         "79% -> 76%): the free lunch the merging papers report."),
     Step("IP-Merging: select, then project",
          {"method": "ip_merging", "top_fraction": "0.5", "rank": "32", "tab": "changes"},
          "IP-Merging merges only the matrices whose VLM and reasoner subspaces already agree; at the paper's "
-         "threshold (0.4) no matrix of this family qualifies, so this step uses top_fraction 0.5, the half of "
-         "each layer's matrices that agree most. Press **Merge**: the status lists the selection and the "
+         "threshold (0.4) no matrix of this family qualifies (the highest similarity is 0.33), so this step uses "
+         "top_fraction 0.5, the half of each layer's matrices that agree most. Press **Merge**: the status lists the selection and the "
          "scores; the update is projected onto the VLM's top-32 singular directions, so **Compute** in "
          "*Change map* shows small, targeted changes."),
     Step("Attention decays with depth: FRANK's prior",
@@ -46,21 +47,22 @@ STEPS = (
          "Press **Compute** in *Attention decay*: the share of attention that text pays to image tokens, per "
          "layer, with an exponential fit (beta). FRANK turns the decay into a prior, w_v(l) = exp(−beta·l), "
          "so the early layers, where the image is read, keep more of the VLM (FRANK, Fig. 2); on this "
-         "4-layer family the curve is flat (beta near 0), so put the fitted beta in the slider and **Merge**."),
+         "family the decay is weak (beta about 0.03, a poor fit), so **Use this β for FRANK's prior** and **Merge**."),
     Step("Knockout: where perception and reasoning live",
          {"method": "task_arithmetic", "alpha": "1", "tab": "knockout"},
          "Press **Merge** (task arithmetic, alpha 1: a merge that does some visual math), then **Compute** in "
          "*Layer knockout*: each layer's attention or MLP is replaced by a constant and the accuracy drop is "
          "measured, for the VLM and the merge. Perception drops most when early layers are knocked out "
-         "(BR2V's finding, reproduced); BR2V places reasoning in the late layers, which this small family "
-         "does not reproduce."),
+         "(BR2V's finding, reproduced); the merge's visual math also needs the last layer's attention, "
+         "which perception does not use: BR2V's \"reasoning late\", in part (the rest of the reasoning "
+         "needs the early layers that read the image)."),
     Step("DRIFT: fine-tune toward the reasoner instead",
          {"method": "linear", "alpha": "1", "tab": "drift"},
          "Instead of merging, DRIFT fine-tunes the VLM for a few steps with each gradient steered toward the "
          "reasoner (D = W_reasoner − W_vlm). Press **Run DRIFT** in the opened panel (alpha 0 is a plain "
-         "fine-tune), then ask the example math question in *Chat*; **Merge** compares linear alpha 1, the "
-         "README's best merge for visual math. There, with the same data and steps, DRIFT reaches far higher "
-         "visual math than both, but forgets perception."),
+         "fine-tune), then ask the example math question in *Chat*; **Merge** compares linear alpha 1. The "
+         "README compares the three on the suites: the fine-tunes train on visual math only and forget "
+         "perception, which a merge keeps."),
 )
 
 
