@@ -19,7 +19,7 @@ class TaskArithmetic(MergeMethod):
     elementwise = True
     description = "Add alpha times the reasoner's task vector (reasoner - base) to the VLM."
     params = (Param("alpha", 1.0, 0.0, 2.0, "scale of the reasoner's task vector added to the VLM "
-                             "(default 1, mergekit's weight: the whole fine-tune; try 0.3-0.5 to keep perception)"),)
+                             "(default 1, mergekit's weight: the whole fine-tune; lower it if perception drops)"),)
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
         # In place on our own temporary only (inputs may be the in-place merger's originals):
