@@ -62,8 +62,11 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
     try:
         for ev, payload in client.follow(job):
             el = time.monotonic() - t0
-            if job.cancel_requested and ev not in ("result", "error", "cancelled", "tick"):
-                last = f"■ **Cancelling…** ({el:.0f} s)"  # not overwritten by a progress line meanwhile
+            if ev == "tick" and (not job.cancel_requested or last.startswith("■")):
+                continue  # nothing new to show
+            if job.cancel_requested and ev not in ("result", "error", "cancelled"):
+                # at once (also between two progress lines), and not overwritten by one meanwhile
+                last = f"■ **Cancelling…** ({el:.0f} s)"
             elif ev == "waiting":
                 last = (f"○ **Waiting for the worker**: {payload} job(s) ahead of this one ({el:.0f} s)" if payload
                         else f"○ **Starting on the worker…** ({el:.0f} s)")
@@ -75,10 +78,6 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
             elif ev in ("result", "error", "cancelled"):
                 yield last, (ev, payload, el)
                 return
-            elif ev == "tick":
-                if not job.cancel_requested or last.startswith("■"):
-                    continue
-                last = f"■ **Cancelling…** ({el:.0f} s)"  # pressed between two progress lines: say so now
             yield last, None
     finally:
         if not job.done:  # the browser went away or the handler was stopped: stop the job too

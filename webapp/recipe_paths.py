@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from merging.layout import ROLES
+from webapp.presets import REPO_ROOT as LAB_ROOT
 
-LAB_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 RUN = "# Run it with: python -m merging merge recipe.yaml OUT_DIR"
 

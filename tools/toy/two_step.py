@@ -10,25 +10,16 @@ import argparse
 import random
 import sys
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
+from analysis.evaluate import load_model, score
 from tasks import toydata as td
 
 
 def accuracy(folder: str, items: list[td.Item]) -> tuple[float, str]:
-    """(share answered right by greedy generation, the first item's generation)."""
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    right, first = 0, None
-    for it in items:
-        ids = tok(td.chat_prompt(it.question, image=False), return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        right += td.parse_answer(text) == it.final
-        first = first if first is not None else text
-    return right / len(items), first
+    """(share answered right by the eval suites' greedy generation, the first item's generation)."""
+    model, tok = load_model(folder)
+    recs = score(model, tok, [{"id": str(i), "question": it.question, "answer": it.final}
+                              for i, it in enumerate(items)])
+    return sum(r["correct"] for r in recs) / len(recs), recs[0]["output"]
 
 
 def main(argv=None) -> int:
