@@ -69,8 +69,9 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
 def _interrupted(out_dir: str | None, signals: list[int]) -> int:
     # This module is all that `--help` and a usage error import (0.07 s); only an interrupt needs the writer.
     # lazy: merging.writer imports torch (2.1 s, python -X importtime).
-    from merging.writer import committed
+    from merging.writer import committed, discard_unfinished
 
+    discard_unfinished()  # a temp folder the interrupt caught where no clean-up of its own could run
     signum = signals[0] if signals else signal.SIGINT
     name = signal.Signals(signum).name
     if out_dir is None:

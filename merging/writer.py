@@ -7,7 +7,7 @@ Nothing is buffered: peak memory is the tensor being written, whatever the shard
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import glob
 import json
 import os
@@ -60,11 +60,26 @@ def parse_size(text: str | int) -> int:
 MARKER = ".merge-lab"  # every folder the lab writes holds this file: {"kind": "model" | "report"}
 _NAME_MAX = 255
 _committed: set[str] = set()  # outputs this process has put in place (for the interrupt message)
+# Temp folders created and not yet put in place or removed. A signal can land where no
+# `except`/`finally` of AtomicFolder sees it (the first instruction of __exit__, say); whoever
+# catches the interrupt (merging.cli.run, or interpreter exit) removes these.
+# No lock: set.add and set.discard are atomic, and a lock held when a signal lands may never be released.
+_unfinished: set[Path] = set()
 
 
 def committed(out_dir: str | Path) -> bool:
     """Whether this process has already put OUT_DIR in place (complete)."""
     return str(Path(str(out_dir)).expanduser().absolute()) in _committed
+
+
+def discard_unfinished() -> None:
+    """Remove every temp folder of this process that was neither put in place nor removed."""
+    for tmp in list(_unfinished):
+        shutil.rmtree(tmp, ignore_errors=True)
+        _unfinished.discard(tmp)
+
+
+atexit.register(discard_unfinished)  # an interrupt that ends the interpreter leaves nothing either
 
 
 def _real(path: Path) -> Path:
@@ -146,23 +161,50 @@ def _refuse_stale(out: Path) -> None:
                        "move it back to its name or remove it")
 
 
-@contextlib.contextmanager
-def deferred_signals():
+class deferred_signals:  # noqa: N801 (used like a function: `with deferred_signals():`)
     """SIGINT and SIGTERM wait until the block ends, then take effect: the renames that put an
     output in place (and the clean-ups) happen completely or not at all. Handlers can only be
-    swapped in the main thread; elsewhere signals do not reach this code anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    previous = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-        if got:
-            signal.raise_signal(got[0])
+    swapped in the main thread; elsewhere signals do not reach this code anyway.
+
+    A signal that lands while the handlers are being swapped in raises before the block starts,
+    with every handler put back; one that lands while they are being put back still lets all of
+    them be put back before it acts."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> None:
+        self.got: list[int] = []
+        self.previous: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            for s in self._SIGNALS:
+                self.previous[s] = signal.signal(s, self._hold)
+        except BaseException:
+            self._put_back()
+            raise
+
+    def _hold(self, signum, frame) -> None:
+        self.got.append(signum)
+
+    def _put_back(self) -> None:
+        first = None
+        for s, h in self.previous.items():
+            while True:  # signal.signal runs pending handlers first; if one raises, s is not yet put back
+                try:
+                    signal.signal(s, h if h is not None else signal.SIG_DFL)
+                    break
+                except BaseException as e:  # a signal acting through a handler already put back
+                    first = first or e
+        self.previous = {}
+        if first is not None:
+            raise first
+
+    def __exit__(self, *exc) -> bool:
+        self._put_back()
+        if self.got:
+            signal.raise_signal(self.got[0])
+        return False
 
 
 class AtomicFolder:
@@ -189,20 +231,25 @@ class AtomicFolder:
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            _unfinished.add(self.tmp)  # before it exists: no instant where it exists unlisted
             self.tmp.mkdir()
             (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
+            return self.tmp  # inside the try: an interrupt at the return is caught too
         except BaseException as e:  # an interrupt here too: __exit__ will not run, so clean up now
             with deferred_signals():
-                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._discard()
             if isinstance(e, OSError):
                 raise _oserror(self.out, e) from None
             raise
-        return self.tmp
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _unfinished.discard(self.tmp)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         with deferred_signals():
             if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._discard()
                 return False
             self._commit()
         return False
@@ -216,9 +263,10 @@ class AtomicFolder:
                 out.rename(old)
             os.rename(self.tmp, out)  # an empty OUT is replaced; a non-empty one fails: never clobbered
         except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._discard()
             raise self._restore(old, e) from None
         _committed.add(str(out))
+        _unfinished.discard(self.tmp)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

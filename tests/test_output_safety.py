@@ -295,6 +295,76 @@ def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
         assert len([n for n in row["names"] if n.startswith("f")]) == 30 and len(row["values"]) == 1, row
 
 
+# The same, through the CLI's run(), with SIGINT or SIGTERM at every call and every line of the
+# whole write (entering the temp folder, the body, leaving it, the commit, the signal deferral):
+# the first instruction of __exit__ included, where no clean-up of AtomicFolder's own can run.
+_EVERYWHERE = """
+import json, os, signal, sys
+from pathlib import Path
+from merging.cli import run
+from merging.writer import AtomicFolder, deferred_signals
+out = Path(sys.argv[1])
+state = {"n": 0, "at": 0, "sig": signal.SIGINT}
+def version(i):
+    with AtomicFolder(out, overwrite=True) as tmp:
+        for k in range(3):
+            (tmp / f"f{k}").write_text(str(i))
+    return 0
+CODES = {f.__code__ for f in (version, AtomicFolder.__enter__, AtomicFolder.__exit__, AtomicFolder._commit,
+                              AtomicFolder._discard, deferred_signals.__enter__, deferred_signals.__exit__,
+                              deferred_signals._put_back)}
+def tick():
+    state["n"] += 1
+    if state["n"] == state["at"]:
+        os.kill(os.getpid(), state["sig"])
+def local(frame, event, arg):
+    if event == "line":
+        tick()
+    return local
+def tracer(frame, event, arg):
+    if frame.f_code in CODES:
+        tick()  # the call itself: the instant before the function's first line
+        return local
+    return None
+version(0)
+for at in range(1, 400):
+    state.update(n=0, at=at, sig=(signal.SIGINT, signal.SIGTERM)[at % 2])
+    sys.settrace(tracer)
+    rc = run(lambda: version(at), str(out))
+    sys.settrace(None)
+    files = sorted(out.iterdir()) if out.is_dir() else []
+    print(json.dumps({"at": at, "rc": rc, "lines": state["n"], "handlers": [
+                          signal.getsignal(s) is h for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                                (signal.SIGTERM, signal.SIG_DFL))],
+                      "siblings": sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out")),
+                      "names": [f.name for f in files], "values": sorted({f.read_text() for f in files
+                                                                            if f.name.startswith("f")})}))
+    if at > state["n"]:
+        break
+"""
+
+
+def test_a_signal_at_any_instant_of_a_write_leaves_one_whole_version_and_no_temp_folder(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _EVERYWHERE, str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    hit = [row for row in rows if row["at"] <= row["lines"]]
+    assert len(hit) >= 40, len(hit)  # every call and line of the write was hit, one per run
+    assert all(row["rc"] == (130, 143)[row["at"] % 2] for row in hit), [row for row in hit if row["rc"] not in (130, 143)]
+    assert rows[-1]["rc"] == 0  # the run past the last instant: not interrupted
+    values = set()
+    for row in rows:
+        assert row["siblings"] == [], row  # no temp folder, no old folder set aside
+        assert len([n for n in row["names"] if n.startswith("f")]) == 3 and len(row["values"]) == 1, row
+        assert row["handlers"] == [True, True], row  # run() and the deferral put every handler back
+        values |= set(row["values"])
+    assert len(values) > 2  # some runs did replace the output (a test that never commits proves nothing)
+
+
 def test_the_apps_per_layer_box_parser_refuses_alias_bombs_at_once():
     from merging.errors import LabError
     from merging.recipe import parse_yaml
