@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,8 +148,31 @@ def train_vlm(base, tok, processor, plan: Plan, seed: int, log):
     return vlm
 
 
+def _start_math_child(out: Path, plan: Plan, seed: int, log) -> subprocess.Popen:
+    """This script again, for the math stage alone, on the base just written (every Plan field passed)."""
+    fields = [f"{k}={v}" for k, v in asdict(plan).items()]
+    cmd = [sys.executable, __file__, "--out", str(out), "--seed", str(seed), "--threads", "1", "--jobs", "1",
+           "--only", "math", "--set", *fields]
+    log("[math] started in a second process: " + " ".join(cmd[1:6]) + " ...")
+    return subprocess.Popen(cmd)
+
+
+def _wait(child: subprocess.Popen) -> None:
+    """Wait for the math child; stop it when this process is failing or interrupted (it writes atomically)."""
+    if sys.exc_info()[0] is not None:
+        child.terminate()
+    try:
+        rc = child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+    if rc != 0 and sys.exc_info()[0] is None:
+        raise SystemExit(f"error: the math stage (second process) failed with exit code {rc}")
+
+
 def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print,
-                only: tuple[str, ...] = STAGES) -> dict[str, float]:
+                only: tuple[str, ...] = STAGES, jobs: int = 1) -> dict[str, float]:
     """Train and write base/, math/, vlm/, eval/, samples/ under `out`.
 
     With resume, a stage whose folder carries the same stamp (settings + seed) is loaded
@@ -169,17 +193,32 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
         _save(out / "base", key, base, tok)
     timings["base"] = time.time() - t0
 
-    for stage in ("math", "vlm"):
-        t, key = time.time(), stage_key(plan, seed, stage)
-        if stage not in only:
-            log(f"[{stage}] skipped (--only)")
-        elif resume and _done(out / stage, key):
-            log(f"[{stage}] reused")
-        elif stage == "math":
-            _save(out / "math", key, train_math(base, tok, plan, seed, log), tok)
-        else:
-            _save(out / "vlm", key, train_vlm(base, tok, processor, plan, seed, log), tok, processor)
-        timings[stage] = time.time() - t
+    # math and vlm both start from the base and are independent: with jobs=2, math trains in a child
+    # process (one thread, like this one, so the bytes do not change) while this one trains vlm.
+    child, t_child = None, time.time()
+    math_left = "math" in only and not (resume and _done(out / "math", stage_key(plan, seed, "math")))
+    if jobs >= 2 and math_left and "vlm" in only:
+        child, only = _start_math_child(out, plan, seed, log), tuple(s for s in only if s != "math")
+    try:
+        for stage in ("math", "vlm"):
+            t, key = time.time(), stage_key(plan, seed, stage)
+            if stage == "math" and child is not None:
+                log("[math] training in a second process (it prints its own timing)")
+                continue
+            if stage not in only:
+                log(f"[{stage}] skipped (--only)")
+            elif resume and _done(out / stage, key):
+                log(f"[{stage}] reused")
+            elif stage == "math":
+                _save(out / "math", key, train_math(base, tok, plan, seed, log), tok)
+            else:
+                _save(out / "vlm", key, train_vlm(base, tok, processor, plan, seed, log), tok, processor)
+            timings[stage] = time.time() - t
+    finally:
+        if child is not None:
+            _wait(child)  # stopped at once if vlm failed or was interrupted
+    if child is not None:
+        timings["math+vlm"] = time.time() - t_child
 
     t = time.time()
     if "eval" in only:
@@ -195,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "assets" / "toy"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="2: math trains in a second process while vlm trains (same bytes; 1 for one process)")
     ap.add_argument("--smoke", action="store_true", help="a handful of steps on tiny data (seconds)")
     ap.add_argument("--only", nargs="*", choices=STAGES, default=list(STAGES),
                     help="run only these stages; the base is reused (with --resume) when not among them, so "
@@ -213,10 +254,12 @@ def main(argv=None) -> int:
         if field not in Plan.__dataclass_fields__:
             ap.error(f"--set: Plan has no field {field!r}")
         plan = replace(plan, **{field: type(getattr(plan, field))(value)})
+    if args.jobs < 1:
+        ap.error("--jobs must be 1 or 2")
     if "base" not in args.only and not _done(Path(args.out) / "base", stage_key(plan, args.seed, "base")):
         ap.error("--only without base needs a finished base/ in --out with the same settings (use --resume)")
     timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume or "base" not in args.only,
-                          only=tuple(args.only))
+                          only=tuple(args.only), jobs=args.jobs)
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
 
