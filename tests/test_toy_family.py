@@ -148,3 +148,21 @@ def test_smoke_regeneration_writes_loadable_folders(tmp_path):
     assert model.generate(**batch, max_new_tokens=4, do_sample=False).shape[1] > batch["input_ids"].shape[1]
     for suite in ("perception", "visual_math", "text_math"):
         assert (tmp_path / "eval" / f"{suite}.jsonl").is_file()
+
+
+def test_math_in_a_second_process_writes_the_same_bytes_as_one_process(tmp_path):
+    def regenerate(out, *extra):
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(out),
+                            *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    two = regenerate(tmp_path / "two")  # the default: --jobs 2
+    regenerate(tmp_path / "one", "--jobs", "1")
+    assert "[math] training in a second process" in two
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert any(f.parts[0] == "math" and f.suffix == ".safetensors" for f in files)
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+

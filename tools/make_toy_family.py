@@ -1,6 +1,6 @@
 """Regenerate the bundled toy model family (base, math, vlm) and its eval suites from nothing.
 
-    python tools/make_toy_family.py [--out assets/toy] [--threads 1] [--seed 0] [--smoke] [--resume]
+    python tools/make_toy_family.py [--out assets/toy] [--threads 1] [--jobs 2] [--seed 0] [--smoke] [--resume]
 
 Stages (all seeded, CPU, float32):
 1. base: a small Llama LM pretrained from scratch on the templated text mixture (tools/toy/corpus.py).
@@ -9,8 +9,10 @@ Stages (all seeded, CPU, float32):
 3. vlm:  LLaVA around a copy of the base: first the vision tower and projector alone (LM frozen),
    then a short joint fine-tune with a low LM learning rate, on perception questions only.
 4. eval/ and samples/: held-out suites and the app's sample images.
-Each folder is written atomically. --smoke runs a handful of steps on tiny data (seconds) and
-writes loadable folders; CI uses it.
+With --jobs 2 (the default) math trains in a second process while this one trains vlm (both start
+from the base); each is single-threaded, so the bytes are those of --jobs 1. Each folder is written
+atomically. --smoke runs a handful of steps on tiny data (seconds) and writes loadable folders; CI
+uses it.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
     if "base" not in args.only and not _done(Path(args.out) / "base", stage_key(plan, args.seed, "base")):
         ap.error("--only without base needs a finished base/ in --out with the same settings (use --resume)")
     timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume or "base" not in args.only,
-                          only=tuple(args.only), jobs=args.jobs)
+                          only=tuple(args.only), jobs=args.jobs, log=lambda m: print(m, flush=True))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
 
