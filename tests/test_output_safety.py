@@ -280,14 +280,18 @@ for at in range(1, 16):
 """
 
 
-def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
+def _rows_of(script: str, out: Path) -> list[dict]:
+    """Run a child script on OUT; one JSON row per line of its output (one per instant it signalled)."""
     import json
 
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", _INSTANTS, str(out)], cwd=ROOT, env=ENV, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
+    rows = _rows_of(_INSTANTS, tmp_path / "out")
     hit = [row for row in rows if row["at"] <= row["lines"]]
     assert len(hit) >= 5 and all(row["interrupted"] for row in hit)  # every line of the commit was hit
     for row in rows:
@@ -345,13 +349,7 @@ for at in range(1, 400):
 
 
 def test_a_signal_at_any_instant_of_a_write_leaves_one_whole_version_and_no_temp_folder(tmp_path):
-    import json
-
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", _EVERYWHERE, str(out)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    rows = _rows_of(_EVERYWHERE, tmp_path / "out")
     hit = [row for row in rows if row["at"] <= row["lines"]]
     assert len(hit) >= 40, len(hit)  # every call and line of the write was hit, one per run
     assert all(row["rc"] == (130, 143)[row["at"] % 2] for row in hit), [row for row in hit if row["rc"] not in (130, 143)]
