@@ -160,17 +160,8 @@ def _start_math_child(out: Path, plan: Plan, seed: int, log) -> subprocess.Popen
 
 
 def _wait(child: subprocess.Popen) -> None:
-    """Wait for the math child; stop it when this process is failing or interrupted (it writes atomically)."""
-    if sys.exc_info()[0] is not None:
-        child.terminate()
-    try:
-        rc = child.wait()
-    except BaseException:
-        child.terminate()
-        child.wait()
-        raise
-    if rc != 0 and sys.exc_info()[0] is None:
-        raise SystemExit(f"error: the math stage (second process) failed with exit code {rc}")
+    if child.wait() != 0:
+        raise SystemExit(f"error: the math stage (second process) failed with exit code {child.returncode}")
 
 
 def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print,
@@ -216,10 +207,13 @@ def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=
             else:
                 _save(out / "vlm", key, train_vlm(base, tok, processor, plan, seed, log), tok, processor)
             timings[stage] = time.time() - t
-    finally:
+    except BaseException:  # vlm failed or was interrupted: the child is ours to stop (it writes atomically)
         if child is not None:
-            _wait(child)  # stopped at once if vlm failed or was interrupted
+            child.terminate()
+            child.wait()
+        raise
     if child is not None:
+        _wait(child)
         timings["math+vlm"] = time.time() - t_child
 
     t = time.time()
