@@ -26,8 +26,8 @@ from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from merging import methods
 from merging.errors import LabError
 from merging.inplace import InPlaceMerger
+from merging.output_folder import AtomicFolder
 from merging.recipe import from_dict
-from merging.writer import AtomicFolder
 from tasks import toydata as td
 
 DEV_SEED = 30_000

@@ -1,7 +1,7 @@
 """`python -m analysis report RECIPE OUT_DIR`: every analysis that applies, as HTML + report.json.
 
 Figures are standalone HTML with plotly.js embedded (they must open offline); the numbers go
-into one report.json. The output folder is written by merging.writer.AtomicFolder (under a
+into one report.json. The output folder is written by merging.output_folder.AtomicFolder (under a
 temporary name, then renamed into place), so a crash or Ctrl-C never leaves a half-written
 report, and OUT_DIR is never an input, a folder holding one, or a non-empty folder that is not
 an earlier report (unless --overwrite). The analyses are analysis.analyses, run by
@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from analysis import analyses, runner
 from merging.engine import check_device
+from merging.errors import WriteError
+from merging.output_folder import AtomicFolder
 from merging.recipe import load
-from merging.writer import AtomicFolder, WriteError, write_text
+from merging.writer import write_text
 
 
 def _given(args, a) -> dict:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from merging.errors import LabError
+from merging.interrupts import discard_unfinished
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,9 +68,9 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
 
 
 def _interrupted(out_dir: str | None, signals: list[int]) -> int:
-    # This module is all that `--help` and a usage error import (0.07 s); only an interrupt needs the writer.
-    # lazy: merging.writer imports torch (2.1 s, python -X importtime).
-    from merging.writer import committed, discard_unfinished
+    # `--help` and a usage error import this module alone (0.07 s); merging.output_folder imports
+    # lazy: huggingface_hub (0.12 s, -X importtime), and only an interrupt needs it.
+    from merging.output_folder import committed
 
     discard_unfinished()  # a temp folder the interrupt caught where no clean-up of its own could run
     signum = signals[0] if signals else signal.SIGINT
@@ -82,6 +83,6 @@ def _interrupted(out_dir: str | None, signals: list[int]) -> int:
         state = f"nothing was written; {out_dir} is as it was"
     else:
         state = "nothing was written"
-    # Outputs appear atomically (merging.writer.AtomicFolder): complete, or as they were.
+    # Outputs appear atomically (merging.output_folder.AtomicFolder): complete, or as they were.
     print(f"error: interrupted ({name}); {state}", file=sys.stderr)
     return 128 + signum

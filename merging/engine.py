@@ -32,18 +32,11 @@ from merging import merge_report, methods, params
 from merging import recipe as recipe_mod
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
-from merging.errors import LabError
+from merging.errors import LabError, WriteError
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.methods import MergeContext, TensorSet
-from merging.writer import (
-    AtomicFolder,
-    ShardedWriter,
-    WriteError,
-    copy_side_files,
-    parse_size,
-    side_files,
-    write_text,
-)
+from merging.output_folder import AtomicFolder
+from merging.writer import ShardedWriter, copy_side_files, parse_size, side_files, write_text
 
 MERGE_REPORT = "merge_report.json"  # what the merge changed (merging/merge_report.py), beside the weights
 # Rows per block for elementwise methods: ~1 MB of float32 keeps a block's passes in cache on a

@@ -7,3 +7,12 @@ class LabError(Exception):
     def __init__(self, message: str):
         # Keep it to one line: the CLI and the app show it verbatim.
         super().__init__(" ".join(str(message).split()))
+
+
+class WriteError(LabError):
+    """The output could not be written (disk full, file too large, permissions)."""
+
+
+def write_error(path, e: OSError) -> WriteError:
+    """The one-line error for an OSError while writing PATH."""
+    return WriteError(f"could not write {path}: {e.strerror or e}")

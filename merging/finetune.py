@@ -19,8 +19,8 @@ from merging.drift import DriftResult, attach_hooks, compute_prior, drift_settin
 from merging.engine import check_device
 from merging.errors import LabError
 from merging.loading import load_model, prompt, tokenizer_of, user_turn
+from merging.output_folder import AtomicFolder, guard_output
 from merging.recipe import read_yaml, resolve_ref
-from merging.writer import AtomicFolder, guard_output
 from tasks.drift_data import training_examples
 
 

@@ -1,4 +1,4 @@
-"""Output side of a merge: an atomic folder, a sharded safetensors writer, the side files.
+"""The files of a merged model: a sharded safetensors writer and the side files (config, tokenizer...).
 
 The writer knows every tensor's name, shape and dtype up front (the merge never changes them),
 so it writes each shard's header first and then each tensor's bytes straight to its offset.
@@ -7,37 +7,20 @@ Nothing is buffered: peak memory is the tensor being written, whatever the shard
 
 from __future__ import annotations
 
-import atexit
-import glob
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import stat
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
-from merging import hub
 from merging.checkpoint import SAFETENSORS_DTYPES, confine, open_regular
-from merging.errors import LabError
+from merging.errors import LabError, write_error
 
 _CODES = {dt: code for code, dt in SAFETENSORS_DTYPES.items()}
 # Files of a model folder that are weights (never copied: the merge writes its own).
 _WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|\.index\.json$", re.I)
 _OWN = {"README.md", "recipe.yaml"}  # written by the engine
-
-
-class WriteError(LabError):
-    """The output could not be written (disk full, file too large, permissions)."""
-
-
-def _oserror(path, e: OSError) -> WriteError:
-    return WriteError(f"could not write {path}: {e.strerror or e}")
 
 
 def parse_size(text: str | int) -> int:
@@ -55,230 +38,6 @@ def parse_size(text: str | int) -> int:
     if n <= 0:
         raise LabError(f"shard size {text!r} must be positive")
     return n
-
-
-MARKER = ".merge-lab"  # every folder the lab writes holds this file: {"kind": "model" | "report"}
-_NAME_MAX = 255
-_committed: set[str] = set()  # outputs this process has put in place (for the interrupt message)
-# Temp folders created and not yet put in place or removed. A signal can land where no
-# `except`/`finally` of AtomicFolder sees it (the first instruction of __exit__, say); whoever
-# catches the interrupt (merging.cli.run, or interpreter exit) removes these.
-# No lock: set.add and set.discard are atomic, and a lock held when a signal lands may never be released.
-_unfinished: set[Path] = set()
-
-
-def committed(out_dir: str | Path) -> bool:
-    """Whether this process has already put OUT_DIR in place (complete)."""
-    return str(Path(str(out_dir)).expanduser().absolute()) in _committed
-
-
-def discard_unfinished() -> None:
-    """Remove every temp folder of this process that was neither put in place nor removed."""
-    for tmp in list(_unfinished):
-        shutil.rmtree(tmp, ignore_errors=True)
-        _unfinished.discard(tmp)
-
-
-atexit.register(discard_unfinished)  # an interrupt that ends the interpreter leaves nothing either
-
-
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(path))
-
-
-def _input_folder(ref) -> Path | None:
-    """Where an input (model folder, recipe, image, hub id in the cache) really is, if anywhere."""
-    p = Path(str(ref)).expanduser()
-    try:
-        if p.exists():
-            return _real(p)
-        return _real(hub.resolve(str(ref)))
-    except (LabError, OSError):
-        return None
-
-
-def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None = None) -> Path:
-    """The one check before any command writes OUT_DIR; returns its absolute path.
-    Refused, with one line naming the path: "", /, the working directory or a folder above it,
-    an input or a folder holding one, a folder inside a model input, a symbolic link, a file, a
-    name too long for the temp sibling, and a non-empty folder, unless --overwrite or it is a
-    lab-written folder of the same `kind` (a report replaces its own previous report)."""
-    if not str(out_dir).strip():
-        raise LabError("the output folder name is empty; name a new folder")
-    out = Path(str(out_dir)).expanduser().absolute()
-    if len(out.name.encode()) + 14 > _NAME_MAX:  # 14: ".", ".tmp-" and 8 hex digits of the temp sibling
-        raise LabError(f"output folder name is too long ({len(out.name.encode())} bytes; at most "
-                       f"{_NAME_MAX - 14}): {str(out)[:80]}...")
-    try:
-        st = os.lstat(out)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise LabError(f"output {out}: {e.strerror}") from None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        what = "a symbolic link to a missing target" if not out.exists() else "a symbolic link"
-        raise LabError(f"output {out} is {what}; name a real folder")
-    real, cwd = _real(out), _real(Path.cwd())
-    if real == Path(real.anchor) or real == cwd or real in cwd.parents:
-        raise LabError(f"output {out} is the working directory, one of its parents or /; name a new folder")
-    for ref in inputs:
-        src = _input_folder(ref) if ref else None
-        if src is None:
-            continue
-        if real == src or real in src.parents:
-            raise LabError(f"output {out} is (or holds) the input {ref}; the lab never replaces an input")
-        if src.is_dir() and src in real.parents:
-            raise LabError(f"output {out} is inside the input {ref}; the lab never writes into an input")
-    if st is None:
-        _refuse_stale(out)
-        return out
-    if not stat.S_ISDIR(st.st_mode):
-        raise LabError(f"output {out} exists and is not a folder")
-    try:
-        empty = not any(out.iterdir())
-    except OSError as e:
-        raise LabError(f"output {out}: {e.strerror}") from None
-    if empty or overwrite or (kind is not None and _kind_of(out) == kind):
-        return out
-    raise LabError(f"output folder {out} exists and is not empty; choose another or pass --overwrite to replace it")
-
-
-def _kind_of(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _refuse_stale(out: Path) -> None:
-    """A folder set aside by an --overwrite that was killed (SIGKILL, power) before it finished."""
-    try:
-        old = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
-    except OSError:
-        return
-    if old:
-        raise LabError(f"a previous --overwrite of {out} was cut off; the old output is in {old[0]}: "
-                       "move it back to its name or remove it")
-
-
-class deferred_signals:  # noqa: N801 (used like a function: `with deferred_signals():`)
-    """SIGINT and SIGTERM wait until the block ends, then take effect: the renames that put an
-    output in place (and the clean-ups) happen completely or not at all. Handlers can only be
-    swapped in the main thread; elsewhere signals do not reach this code anyway.
-
-    A signal that lands while the handlers are being swapped in raises before the block starts,
-    with every handler put back; one that lands while they are being put back still lets all of
-    them be put back before it acts."""
-
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> None:
-        self.got: list[int] = []
-        self.previous: dict = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        try:
-            for s in self._SIGNALS:
-                self.previous[s] = signal.signal(s, self._hold)
-        except BaseException:
-            self._put_back()
-            raise
-
-    def _hold(self, signum, frame) -> None:
-        self.got.append(signum)
-
-    def _put_back(self) -> None:
-        first = None
-        for s, h in self.previous.items():
-            while True:  # signal.signal runs pending handlers first; if one raises, s is not yet put back
-                try:
-                    signal.signal(s, h if h is not None else signal.SIG_DFL)
-                    break
-                except BaseException as e:  # a signal acting through a handler already put back
-                    first = first or e
-        self.previous = {}
-        if first is not None:
-            raise first
-
-    def __exit__(self, *exc) -> bool:
-        self._put_back()
-        if self.got:
-            signal.raise_signal(self.got[0])
-        return False
-
-
-class AtomicFolder:
-    """`with AtomicFolder(out, inputs=...) as tmp:` writes into .OUT.tmp-XXXX beside OUT and puts
-    it in place as OUT on success; on any exception (KeyboardInterrupt included) the temp folder
-    is removed and OUT is left as it was. OUT is checked first by guard_output. With overwrite,
-    an old OUT is renamed aside, the new one renamed in, then the old one deleted; signals are
-    deferred across the renames, and a failed second rename puts the old one back."""
-
-    def __init__(self, out_dir: str | Path, overwrite: bool = False, inputs=(), kind: str = "model",
-                 replace_own: bool = False):
-        self.given = out_dir
-        self.overwrite, self.inputs, self.kind, self.replace_own = overwrite, tuple(inputs), kind, replace_own
-        self.out = Path(str(out_dir)).expanduser().absolute()
-        self.tmp: Path | None = None
-
-    def check(self) -> Path:
-        """guard_output for this folder; raises LabError when OUT_DIR may not be written."""
-        self.out = guard_output(self.given, self.inputs, self.overwrite, self.kind if self.replace_own else None)
-        return self.out
-
-    def __enter__(self) -> Path:
-        self.check()
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            _unfinished.add(self.tmp)  # before it exists: no instant where it exists unlisted
-            self.tmp.mkdir()
-            (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
-            return self.tmp  # inside the try: an interrupt at the return is caught too
-        except BaseException as e:  # an interrupt here too: __exit__ will not run, so clean up now
-            with deferred_signals():
-                self._discard()
-            if isinstance(e, OSError):
-                raise _oserror(self.out, e) from None
-            raise
-
-    def _discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        _unfinished.discard(self.tmp)
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        with deferred_signals():
-            if exc_type is not None:
-                self._discard()
-                return False
-            self._commit()
-        return False
-
-    def _commit(self) -> None:
-        out, old = self.out, None
-        replace = self.overwrite or (self.replace_own and _kind_of(out) == self.kind)
-        try:
-            if replace and out.is_dir() and any(out.iterdir()):
-                old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-                out.rename(old)
-            os.rename(self.tmp, out)  # an empty OUT is replaced; a non-empty one fails: never clobbered
-        except OSError as e:
-            self._discard()
-            raise self._restore(old, e) from None
-        _committed.add(str(out))
-        _unfinished.discard(self.tmp)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _restore(self, old: Path | None, e: OSError) -> WriteError:
-        """Put the set-aside old output back after a failed rename; say exactly where it is."""
-        if old is None:
-            return WriteError(f"could not put the output in place at {self.out}: {e.strerror or e}")
-        try:
-            os.rename(old, self.out)
-        except OSError:
-            return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is in {old}")
-        return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is unchanged")
 
 
 def plan_shards(entries: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int) -> list[list[tuple]]:
@@ -332,7 +91,7 @@ class ShardedWriter:
                 f.truncate(start + offset)  # full size now; tensors fill their own ranges
             except OSError as e:
                 self.close_files()
-                raise _oserror(path, e) from None
+                raise write_error(path, e) from None
             for name, shape, dtype in shard:
                 self.where[name] = (i, start + header[name]["data_offsets"][0], tuple(shape), dtype)
             self.total += offset
@@ -359,7 +118,7 @@ class ShardedWriter:
                 f.write(memoryview(t.view(torch.uint8).numpy()))
                 f.flush()  # surface a full disk here, on this tensor, not later at close
         except OSError as e:
-            raise _oserror(self.folder / self.files[i], e) from None
+            raise write_error(self.folder / self.files[i], e) from None
         done = self._written.get(name, 0) + nbytes
         self._written[name] = done
         if done >= _nbytes(shape, dtype):
@@ -374,7 +133,7 @@ class ShardedWriter:
                 f.close()
             except OSError as e:
                 if strict:
-                    raise _oserror(f.name, e) from None
+                    raise write_error(f.name, e) from None
 
     def finish(self) -> None:
         """Check every planned tensor was written; write the index when there are shards."""
@@ -432,7 +191,7 @@ def copy_side_files(src: Path, dst: Path, files: list[tuple[str, Path]] | None =
                                            "while it was copied; refused")
                         fout.write(block)
             except OSError as e:
-                raise _oserror(dst / name, e) from None
+                raise write_error(dst / name, e) from None
     return [name for name, _ in files]
 
 
@@ -440,4 +199,4 @@ def write_text(path: Path, text: str) -> None:
     try:
         Path(path).write_text(text)
     except OSError as e:
-        raise _oserror(path, e) from None
+        raise write_error(path, e) from None

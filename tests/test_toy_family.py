@@ -160,6 +160,9 @@ def test_math_in_a_second_process_writes_the_same_bytes_as_one_process(tmp_path)
     two = regenerate(tmp_path / "two")  # the default: --jobs 2
     regenerate(tmp_path / "one", "--jobs", "1")
     assert "[math] training in a second process" in two
+    # the base on both cores, then math and vlm on one each: the VLM's bytes depend on its thread count
+    assert "[base] 3 steps on 2 thread(s)" in two and "[vlm-vision] 2 steps on 1 thread(s)" in two, two
+    assert "[vlm-joint] 2 steps on 1 thread(s)" in two, two
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert any(f.parts[0] == "math" and f.suffix == ".safetensors" for f in files)
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())

@@ -1,6 +1,7 @@
 """Regenerate the bundled toy model family (base, math, vlm) and its eval suites from nothing.
 
-    python tools/make_toy_family.py [--out assets/toy] [--threads 1] [--jobs 2] [--seed 0] [--smoke] [--resume]
+    python tools/make_toy_family.py [--out assets/toy] [--threads 1] [--base-threads 2] [--jobs 2] [--seed 0]
+                                    [--smoke] [--resume]
 
 Stages (all seeded, CPU, float32):
 1. base: a small Llama LM pretrained from scratch on the templated text mixture (tools/toy/corpus.py).
@@ -9,8 +10,10 @@ Stages (all seeded, CPU, float32):
 3. vlm:  LLaVA around a copy of the base: first the vision tower and projector alone (LM frozen),
    then a short joint fine-tune with a low LM learning rate, on perception questions only.
 4. eval/ and samples/: held-out suites and the app's sample images.
-With --jobs 2 (the default) math trains in a second process while this one trains vlm (both start
-from the base); each is single-threaded, so the bytes are those of --jobs 1. Each folder is written
+The base trains on --base-threads (2: both cores; the LM-only stages write the same bytes on 1 or
+2 threads, measured). With --jobs 2 (the default) math then trains in a second process while this
+one trains vlm (both start from the base); each is single-threaded (the VLM's bytes do depend on
+the thread count), so the bytes are those of --jobs 1. Each folder is written
 atomically. --smoke runs a handful of steps on tiny data (seconds) and writes loadable folders; CI
 uses it.
 """
@@ -164,26 +167,38 @@ def _wait(child: subprocess.Popen) -> None:
         raise SystemExit(f"error: the math stage (second process) failed with exit code {child.returncode}")
 
 
+def _base_stage(out: Path, tok, plan: Plan, seed: int, resume: bool, threads: int | None, log):
+    """The base, reused when its folder carries the same stamp, else trained on `threads` threads."""
+    from transformers import AutoModelForCausalLM
+
+    key = stage_key(plan, seed, "base")
+    if resume and _done(out / "base", key):
+        log("[base] reused")
+        return AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)  # nothing else runs yet: the base may use every core
+    try:
+        base = train_base(tok, plan, seed, log)
+    finally:
+        torch.set_num_threads(before)  # math and vlm: their own count (the VLM's bytes depend on it)
+    _save(out / "base", key, base, tok)
+    return base
+
+
 def make_family(out: Path, plan: Plan, seed: int = 0, resume: bool = False, log=print,
-                only: tuple[str, ...] = STAGES, jobs: int = 1) -> dict[str, float]:
+                only: tuple[str, ...] = STAGES, jobs: int = 1,
+                base_threads: int | None = None) -> dict[str, float]:
     """Train and write base/, math/, vlm/, eval/, samples/ under `out`.
 
     With resume, a stage whose folder carries the same stamp (settings + seed) is loaded
-    instead of retrained; the stages are deterministic, so the result is the same.
+    instead of retrained; the stages are deterministic, so the result is the same. base_threads
+    (default: the current thread count) applies to the base stage only.
     """
-    from transformers import AutoModelForCausalLM
-
     timings, t0 = {}, time.time()
     tok = build_tokenizer(compare=plan.compare > 0)
     processor = models.build_processor(tok)
 
-    key = stage_key(plan, seed, "base")
-    if resume and _done(out / "base", key):
-        base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
-        log("[base] reused")
-    else:
-        base = train_base(tok, plan, seed, log)
-        _save(out / "base", key, base, tok)
+    base = _base_stage(out, tok, plan, seed, resume, base_threads, log)
     timings["base"] = time.time() - t0
 
     # math and vlm both start from the base and are independent: with jobs=2, math trains in a child
@@ -229,7 +244,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "assets" / "toy"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of the math and vlm stages (the VLM's bytes depend on it: 1 gives the shipped ones)")
+    ap.add_argument("--base-threads", type=int, default=2,
+                    help="threads of the base stage, which runs alone (its bytes are the same on 1 or 2, measured)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="2: math trains in a second process while vlm trains (same bytes; 1 for one process)")
     ap.add_argument("--smoke", action="store_true", help="a handful of steps on tiny data (seconds)")
@@ -252,10 +270,13 @@ def main(argv=None) -> int:
         plan = replace(plan, **{field: type(getattr(plan, field))(value)})
     if args.jobs < 1:
         ap.error("--jobs must be 1 or 2")
+    if args.threads < 1 or args.base_threads < 1:
+        ap.error("--threads and --base-threads must be at least 1")
     if "base" not in args.only and not _done(Path(args.out) / "base", stage_key(plan, args.seed, "base")):
         ap.error("--only without base needs a finished base/ in --out with the same settings (use --resume)")
     timings = make_family(Path(args.out), plan, seed=args.seed, resume=args.resume or "base" not in args.only,
-                          only=tuple(args.only), jobs=args.jobs, log=lambda m: print(m, flush=True))
+                          only=tuple(args.only), jobs=args.jobs, base_threads=args.base_threads,
+                          log=lambda m: print(m, flush=True))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
 

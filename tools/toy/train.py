@@ -68,6 +68,7 @@ def train(model, make_batch, groups: list[dict], steps: int, seed: int, warmup: 
     torch.manual_seed(seed)
     model.train()
     start, running = time.time(), None
+    log(f"[{name}] {steps} steps on {torch.get_num_threads()} thread(s)")
     for step in range(steps):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(step, steps, min(warmup, max(1, steps // 5)))

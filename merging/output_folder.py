@@ -1,0 +1,182 @@
+"""The output folder of every command: the one check before writing (guard_output) and the
+folder that appears whole or not at all (AtomicFolder).
+
+A command writes into a hidden temp sibling, .OUT.tmp-XXXX, and renames it to OUT at the end; an
+--overwrite sets the old OUT aside first and deletes it last. Signals are deferred across the
+renames (merging.interrupts), so an interrupt leaves the old version or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+from merging import hub, interrupts
+from merging.errors import LabError, WriteError, write_error
+
+MARKER = ".merge-lab"  # every folder the lab writes holds this file: {"kind": "model" | "report"}
+_NAME_MAX = 255
+_committed: set[str] = set()  # outputs this process has put in place (for the interrupt message)
+
+
+def committed(out_dir: str | Path) -> bool:
+    """Whether this process has already put OUT_DIR in place (complete)."""
+    return str(Path(str(out_dir)).expanduser().absolute()) in _committed
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _input_folder(ref) -> Path | None:
+    """Where an input (model folder, recipe, image, hub id in the cache) really is, if anywhere."""
+    p = Path(str(ref)).expanduser()
+    try:
+        if p.exists():
+            return _real(p)
+        return _real(hub.resolve(str(ref)))
+    except (LabError, OSError):
+        return None
+
+
+def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None = None) -> Path:
+    """The one check before any command writes OUT_DIR; returns its absolute path.
+    Refused, with one line naming the path: "", /, the working directory or a folder above it,
+    an input or a folder holding one, a folder inside a model input, a symbolic link, a file, a
+    name too long for the temp sibling, and a non-empty folder, unless --overwrite or it is a
+    lab-written folder of the same `kind` (a report replaces its own previous report)."""
+    if not str(out_dir).strip():
+        raise LabError("the output folder name is empty; name a new folder")
+    out = Path(str(out_dir)).expanduser().absolute()
+    if len(out.name.encode()) + 14 > _NAME_MAX:  # 14: ".", ".tmp-" and 8 hex digits of the temp sibling
+        raise LabError(f"output folder name is too long ({len(out.name.encode())} bytes; at most "
+                       f"{_NAME_MAX - 14}): {str(out)[:80]}...")
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise LabError(f"output {out}: {e.strerror}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        what = "a symbolic link to a missing target" if not out.exists() else "a symbolic link"
+        raise LabError(f"output {out} is {what}; name a real folder")
+    real, cwd = _real(out), _real(Path.cwd())
+    if real == Path(real.anchor) or real == cwd or real in cwd.parents:
+        raise LabError(f"output {out} is the working directory, one of its parents or /; name a new folder")
+    for ref in inputs:
+        src = _input_folder(ref) if ref else None
+        if src is None:
+            continue
+        if real == src or real in src.parents:
+            raise LabError(f"output {out} is (or holds) the input {ref}; the lab never replaces an input")
+        if src.is_dir() and src in real.parents:
+            raise LabError(f"output {out} is inside the input {ref}; the lab never writes into an input")
+    if st is None:
+        _refuse_stale(out)
+        return out
+    if not stat.S_ISDIR(st.st_mode):
+        raise LabError(f"output {out} exists and is not a folder")
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise LabError(f"output {out}: {e.strerror}") from None
+    if empty or overwrite or (kind is not None and _kind_of(out) == kind):
+        return out
+    raise LabError(f"output folder {out} exists and is not empty; choose another or pass --overwrite to replace it")
+
+
+def _kind_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _refuse_stale(out: Path) -> None:
+    """A folder set aside by an --overwrite that was killed (SIGKILL, power) before it finished."""
+    try:
+        old = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
+    except OSError:
+        return
+    if old:
+        raise LabError(f"a previous --overwrite of {out} was cut off; the old output is in {old[0]}: "
+                       "move it back to its name or remove it")
+
+
+class AtomicFolder:
+    """`with AtomicFolder(out, inputs=...) as tmp:` writes into .OUT.tmp-XXXX beside OUT and puts
+    it in place as OUT on success; on any exception (KeyboardInterrupt included) the temp folder
+    is removed and OUT is left as it was. OUT is checked first by guard_output. With overwrite,
+    an old OUT is renamed aside, the new one renamed in, then the old one deleted; signals are
+    deferred across the renames, and a failed second rename puts the old one back."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, inputs=(), kind: str = "model",
+                 replace_own: bool = False):
+        self.given = out_dir
+        self.overwrite, self.inputs, self.kind, self.replace_own = overwrite, tuple(inputs), kind, replace_own
+        self.out = Path(str(out_dir)).expanduser().absolute()
+        self.tmp: Path | None = None
+
+    def check(self) -> Path:
+        """guard_output for this folder; raises LabError when OUT_DIR may not be written."""
+        self.out = guard_output(self.given, self.inputs, self.overwrite, self.kind if self.replace_own else None)
+        return self.out
+
+    def __enter__(self) -> Path:
+        self.check()
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            interrupts.track(self.tmp)  # before it exists: no instant where it exists unlisted
+            self.tmp.mkdir()
+            (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
+            return self.tmp  # inside the try: an interrupt at the return is caught too
+        except BaseException as e:  # an interrupt here too: __exit__ will not run, so clean up now
+            with interrupts.deferred_signals():
+                self._discard()
+            if isinstance(e, OSError):
+                raise write_error(self.out, e) from None
+            raise
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        interrupts.untrack(self.tmp)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        with interrupts.deferred_signals():
+            if exc_type is not None:
+                self._discard()
+                return False
+            self._commit()
+        return False
+
+    def _commit(self) -> None:
+        out, old = self.out, None
+        replace = self.overwrite or (self.replace_own and _kind_of(out) == self.kind)
+        try:
+            if replace and out.is_dir() and any(out.iterdir()):
+                old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+                out.rename(old)
+            os.rename(self.tmp, out)  # an empty OUT is replaced; a non-empty one fails: never clobbered
+        except OSError as e:
+            self._discard()
+            raise self._restore(old, e) from None
+        _committed.add(str(out))
+        interrupts.untrack(self.tmp)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, old: Path | None, e: OSError) -> WriteError:
+        """Put the set-aside old output back after a failed rename; say exactly where it is."""
+        if old is None:
+            return WriteError(f"could not put the output in place at {self.out}: {e.strerror or e}")
+        try:
+            os.rename(old, self.out)
+        except OSError:
+            return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is in {old}")
+        return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is unchanged")
