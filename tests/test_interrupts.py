@@ -181,13 +181,14 @@ def test_a_signal_at_each_line_of_the_commit_leaves_one_whole_version(tmp_path):
 
 
 # The same, through the CLI's run(), with SIGINT or SIGTERM at every call and every line of the
-# whole write (entering the temp folder, the body, leaving it, the commit, the signal deferral):
-# the first instruction of __exit__ included, where no clean-up of AtomicFolder's own can run.
+# whole write (entering the temp folder, the body, leaving it, the commit, the signal deferral, the
+# listing of the temp folder; 71 instants): the first instruction of __exit__ included, where no
+# clean-up of AtomicFolder's own can run.
 _EVERYWHERE = """
 import json, os, signal, sys
 from pathlib import Path
 from merging.cli import run
-from merging.interrupts import deferred_signals
+from merging.interrupts import deferred_signals, track, untrack
 from merging.output_folder import AtomicFolder
 out = Path(sys.argv[1])
 state = {"n": 0, "at": 0, "sig": signal.SIGINT}
@@ -198,7 +199,7 @@ def version(i):
     return 0
 CODES = {f.__code__ for f in (version, AtomicFolder.__enter__, AtomicFolder.__exit__, AtomicFolder._commit,
                               AtomicFolder._discard, deferred_signals.__enter__, deferred_signals.__exit__,
-                              deferred_signals._put_back)}
+                              deferred_signals._put_back, track, untrack)}
 def tick():
     state["n"] += 1
     if state["n"] == state["at"]:
