@@ -24,6 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     ap.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the worker")
+    ap.add_argument("--cpu-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="dtype the worker serves models in on the CPU (bfloat16 halves the memory; "
+                         "a GPU always serves the checkpoint's own dtype)")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let models run their own Python code (config auto_map) when loaded; off by default")
     args = ap.parse_args(argv)
@@ -85,7 +88,7 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
 
     limit_pil()
     client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,
-                           "trust_remote_code": args.trust_remote_code})
+                           "trust_remote_code": args.trust_remote_code, "cpu_dtype": args.cpu_dtype})
     client.start()
     try:
         lab = Lab(client, cache_dir, args.models_root, args.device, upload_dir)

@@ -1,14 +1,21 @@
 """Merge into a VLM already loaded in memory (the app's sliders), without writing a folder.
 
-InPlaceMerger keeps, once per triple, the VLM's original LM weights (copied from the loaded
-parameters) and the reasoner's / base's LM tensors (read through Checkpoint + layout), on the
-device when they fit, else on the CPU. apply(recipe) always merges from those originals, never
-from the previous merge, with the same plan and merge code as the streaming engine, so a merge
-in place equals the folder written by `python -m merging merge` tensor for tensor.
+InPlaceMerger places what a merge needs by a merging.memory_plan.MemoryPlan, per decoder layer:
+- pointer layers (the device has room): a merge binds new tensors to the parameters and the
+  loaded ones stay untouched as the originals, so restore() and a switch back to a kept merge
+  are pointer exchanges, no copy;
+- in-place layers: a merge is written over the loaded tensors after their originals were copied
+  to host RAM in the checkpoint's dtype (exact), or, without room, they are re-read from the
+  VLM's files; a kept merge waits in host RAM, in its output dtype (exact too);
+- the reasoner's and base's tensors sit on the device, in host RAM, or are read from the files
+  at each merge.
+apply(recipe) always merges from the originals, never from the previous merge, with the same plan
+and merge code as the streaming engine, so a merge in place equals the folder written by
+`python -m merging merge` tensor for tensor.
 
 The merger is the one owner of the model's LM weights: callers change them only through apply(),
-load_snapshot() and restore(), and read what is live from `current` / `weights_id`. Snapshots of
-recent merges live inside it, so restore() always knows which tensors differ from the VLM's.
+load_snapshot() and restore(), and read what is live from `current` / `weights_id`. Kept merges
+("snapshots") live inside it, so restore() always knows which tensors differ from the VLM's.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from collections import OrderedDict
 
 import torch
 
-from merging import merge_report, methods, params
+from merging import memory_plan, merge_report, methods, params
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
 from merging.engine import ROLES, Progress, check_device, merge_group, plan_groups, read_checked, torch_dtype
 from merging.errors import LabError
 from merging.hub import resolve
+from merging.layout import VOCAB_TENSORS, split_canonical
 from merging.methods import MergeContext, TensorSet
 
 
@@ -97,15 +105,56 @@ def triple_fingerprints(vlm_ref: str, reasoner_ref: str, base_ref: str | None = 
 PARTIAL = "(partial)"
 
 
+def _unit(c: str) -> int:
+    layer, _ = split_canonical(c)
+    return layer if layer is not None else (-2 if c in VOCAB_TENSORS else -1)
+
+
+def free_memory(device: str) -> tuple[int, int]:
+    """(bytes free on the device, bytes of host RAM available) right now."""
+    import psutil
+
+    host = int(psutil.virtual_memory().available)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), host
+    return host, host
+
+
+def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, serving_itemsize: int | None,
+                loaded: bool = False, max_sets: int = memory_plan.MAX_SETS) -> memory_plan.MemoryPlan:
+    """The memory plan of a triple from its checkpoints' headers. loaded: the VLM is already in
+    memory, so its live bytes are counted as free again."""
+    report = check_triple(vlm_ref, reasoner_ref, base_ref)
+    report.raise_if_incompatible()
+    refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, "base": base_ref}
+    cks = {r: Checkpoint.open(ref) for r, ref in refs.items() if ref}
+    try:
+        fp = memory_plan.footprint_of(cks["vlm"], report.layouts, cks["reasoner"], cks.get("base"),
+                                      serving_itemsize, label=os.path.basename(os.path.normpath(str(vlm_ref))))
+    finally:
+        for ck in cks.values():
+            ck.close()
+    dev_free, host_free = free_memory(device)
+    if loaded:
+        if torch.device(device).type == "cpu":
+            host_free += fp.live
+        dev_free += fp.live
+    return memory_plan.plan(fp, "cpu" if torch.device(device).type == "cpu" else str(device), dev_free, host_free,
+                            max_sets=max_sets)
+
+
 class InPlaceMerger:
     """merger = InPlaceMerger(model, vlm_ref, reasoner_ref, base_ref, device); merger.apply(recipe);
     merger.restore(). `model` is the VLM loaded from vlm_ref (any device, usually its own dtype).
 
-    snapshots: how many recent merges to keep a copy of (so switching back is a copy, not a
-    re-merge); kept only when the LM is below snapshot_max_bytes."""
+    snapshots: how many merged states to keep (the live one included), so switching back, or
+    answering the original pane and then the merge again, is no re-merge; the plan may allow fewer.
+    plan: a MemoryPlan (default: planned now from the free memory, the model already loaded)."""
 
     def __init__(self, model, vlm_ref: str, reasoner_ref: str, base_ref: str | None = None,
-                 device: str | None = None, snapshots: int = 0, snapshot_max_bytes: int = 256 * 2**20):
+                 device: str | None = None, snapshots: int = 0, plan: memory_plan.MemoryPlan | None = None):
         self.model = model
         self.refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, **({"base": base_ref} if base_ref else {})}
         report = check_triple(vlm_ref, reasoner_ref, base_ref)
@@ -122,18 +171,35 @@ class InPlaceMerger:
         names = map_parameters(model, shapes)
         named = dict(model.named_parameters(remove_duplicate=False))
         self.params = {c: named[n] for c, n in names.items()}
-        lm_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
-        self.store = self.device if self._fits(lm_bytes * len(self.refs)) else "cpu"
-        self.original = {c: p.detach().to(self.store, copy=True) for c, p in self.params.items()}
-        self.max_snapshots = snapshots if lm_bytes <= snapshot_max_bytes else 0
-        # key -> (the tensors that merge changed, its diagnostics); most recently used last
-        self._snapshots: OrderedDict[str, tuple[dict[str, torch.Tensor], dict]] = OrderedDict()
+        if plan is None:
+            itemsize = first.element_size() if first.is_floating_point() else None
+            plan = plan_triple(vlm_ref, reasoner_ref, base_ref, self.device, itemsize, loaded=True,
+                               max_sets=max(snapshots, 1))
+        if not plan.fits:
+            raise LabError(plan.problem)
+        self.plan = plan
+        self._place = {c: plan.of(_unit(c)) for c in self.params}
+        self.max_snapshots = min(snapshots, plan.sets)
+        self.host = "cpu"
+        # Pointer units: the loaded tensors themselves (never written while they are the originals).
+        # In-place units: a host copy in the checkpoint's dtype, or nothing (re-read from the files).
+        self.original: dict[str, torch.Tensor] = {}
+        for c, p in self.params.items():
+            where = self._place[c]
+            if where.merged == "device":
+                self.original[c] = p.detach()
+            elif where.original == "host":
+                self.original[c] = self._to_host(p.detach(), self.vlm_dtypes[c])
+        self._check_file_originals()
+        # key -> (the merge's tensors in their kept form, its diagnostics, its out_dtype); oldest first. The
+        # live merge is not in it: its tensors are the parameters'.
+        self._snapshots: OrderedDict[str, tuple[dict[str, torch.Tensor], dict, torch.dtype | None]] = OrderedDict()
         self._current: str | None = None
         self._extra: dict = {}  # diagnostics and merge report of the live merge
+        self._out_dtype: torch.dtype | None = None  # the live merge's out_dtype (None: the VLM's own)
         self._fingerprints: dict[str, str] | None = None
-        self.cache: dict[tuple[str, str], torch.Tensor] = {}
-        # Decoder layers and final norm now (every method reads them); vocabulary tensors on demand.
-        self._load([c for c in self.layouts["vlm"].lm if not c.startswith(("embed_tokens", "lm_head"))])
+        self.cache: dict[tuple[str, str], torch.Tensor] = {}  # resident reasoner/base tensors
+        self._load([c for c in self.params if _unit(c) != -2])  # vocabulary tensors on demand
         self.dirty: set[str] = set()
 
     @classmethod
@@ -141,32 +207,55 @@ class InPlaceMerger:
         """The merger for a recipe's triple (the base is read only when the recipe names one)."""
         return cls(model, recipe.vlm, recipe.reasoner, recipe.base, device)
 
-    def _fits(self, nbytes: int) -> bool:
-        dev = torch.device(self.device)
-        if dev.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(dev)
-        return nbytes < 0.8 * free
+    def _to_host(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = t.to(device=self.host, dtype=dtype, copy=True)
+        if torch.device(self.device).type == "cuda":
+            out = out.pin_memory()  # host <-> device copies at full speed
+        return out
+
+    def _check_file_originals(self) -> None:
+        """Originals re-read from the files must be what was loaded: one tensor per unit is compared
+        (a model class that changes weights while loading would make such a restore inexact)."""
+        seen = set()
+        todo = [c for c in self.params if self._place[c].original == "file" and _unit(c) not in seen
+                and not seen.add(_unit(c))]
+        if not todo:
+            return
+        with Checkpoint.open(self.refs["vlm"]) as ck:
+            for c in todo:
+                t = ck.get(self.layouts["vlm"].lm[c])
+                if not torch.equal(t.to(device=self.device, dtype=self.params[c].dtype), self.params[c].detach()):
+                    raise LabError(f"the loaded model's {c} differs from its checkpoint, and there is no room to keep "
+                                   "a copy of the originals: free host RAM")
 
     def _load(self, canonicals: list[str]) -> None:
         for role in ("reasoner", "base"):
             if role not in self.refs:
                 continue
-            todo = [c for c in canonicals if (role, c) not in self.cache and c in self.layouts[role].lm]
+            todo = [c for c in canonicals if (role, c) not in self.cache and c in self.layouts[role].lm
+                    and self._place[c].inputs != "file"]
             if not todo:
                 continue
             with Checkpoint.open(self.refs[role]) as ck:
                 for c in todo:
-                    self.cache[(role, c)] = read_checked(ck, self.layouts[role].lm[c], role, self.store)
+                    if self._place[c].inputs == "device":
+                        t = read_checked(ck, self.layouts[role].lm[c], role, self.device)
+                    else:
+                        t = self._to_host(read_checked(ck, self.layouts[role].lm[c], role, "cpu"), ck.dtype(
+                            self.layouts[role].lm[c]))
+                    self.cache[(role, c)] = t
 
-    def _tensor(self, role: str, c: str, dtype: torch.dtype) -> torch.Tensor | None:
+    def _input(self, cks: dict, role: str, c: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The VLM's original (the live parameter: merges start from a restored model), or the
+        reasoner's / base's tensor, on the device in the compute dtype."""
         if role == "vlm":
-            t = self.original[c]
-        elif role in self.refs:
-            t = self.cache[(role, c)]
-        else:
+            return self.params[c].detach().to(dtype=dtype)
+        if role not in self.refs:
             return None
-        return t.to(device=self.device, dtype=dtype)
+        t = self.cache.get((role, c))
+        if t is None:
+            t = read_checked(cks[role], self.layouts[role].lm[c], role, "cpu")
+        return t.to(device=self.device, dtype=dtype, non_blocking=True)
 
     # -- what is live ----------------------------------------------------------------------------
     @property
@@ -188,8 +277,10 @@ class InPlaceMerger:
         return weights_id(self.fingerprints, self._current)
 
     def snapshots(self) -> list[str]:
-        """Keys of the merges kept as snapshots, oldest first."""
-        return list(self._snapshots)
+        """Keys of the merges that can be had without re-merging, least recently used first (the
+        live one last)."""
+        live = [self._current] if self.max_snapshots and self._current not in (None, PARTIAL) else []
+        return list(self._snapshots) + live
 
     # -- changing the weights -------------------------------------------------------------------
     def _check_triple(self, recipe) -> None:
@@ -199,6 +290,24 @@ class InPlaceMerger:
                 continue  # a method without a base never reads it
             if role not in self.refs or os.path.realpath(resolve(ref)) != os.path.realpath(resolve(self.refs[role])):
                 raise LabError(f"this merger holds {self.refs.get(role)} as the {role}; the recipe names {ref}")
+
+    def _open_inputs(self, names) -> dict:
+        """Checkpoints of the roles whose tensors a merge of `names` reads from the files."""
+        roles = {r for r in ("reasoner", "base") if r in self.refs
+                 for c in names if (r, c) not in self.cache and c in self.layouts[r].lm}
+        return {r: Checkpoint.open(self.refs[r]) for r in roles}
+
+    def _bind(self, c: str, value: torch.Tensor) -> None:
+        """Make parameter c hold `value` (the merge's result): pointer units get a tensor of their
+        own (the loaded one stays the original), in-place units are written over."""
+        p = self.params[c]
+        self.dirty.add(c)  # before the change: an interrupt between the two must not hide it
+        if self._place[c].merged == "device":
+            fresh = torch.empty_like(p)
+            fresh.copy_(value)
+            p.data = fresh
+        else:
+            p.copy_(value)
 
     @torch.no_grad()
     def apply(self, recipe, progress=None, cancel=None) -> dict:
@@ -211,62 +320,62 @@ class InPlaceMerger:
         self._check_triple(recipe)
         params.validate_lengths(recipe, self.num_layers)
         groups, _ = plan_groups(recipe, method, self.layouts)
-        self._load([c for g in groups for c in g.names])
+        names = [c for g in groups for c in g.names]
+        self._load(names)
         cdtype = torch_dtype(recipe.dtype)
         knobs = recipe.knobs()
         ctx = MergeContext(seed=recipe.seed, device=self.device, num_layers=self.num_layers)
         ctx.extra["fingerprints"] = self.fingerprints  # lets ip_merging file its decompositions for the analyses
-        bar = Progress(sum(len(g.names) for g in groups), progress, cancel, bar=False)
+        bar = Progress(len(names), progress, cancel, bar=False)
+        cks = {}
         try:
             self.restore()
+            while self._snapshots and len(self._snapshots) >= max(self.max_snapshots, 1):
+                self._snapshots.popitem(last=False)  # room for the new merge, as the plan counted it
             self._current = PARTIAL
+            cks = self._open_inputs(names)
             for g in groups:
                 bar.check()
-                sets = {c: TensorSet(c, g.layer, *(self._tensor(r, c, cdtype) for r in ROLES)) for c in g.names}
+                sets = {c: TensorSet(c, g.layer, *(self._input(cks, r, c, cdtype) for r in ROLES)) for c in g.names}
                 out = merge_group(method, g, sets, knobs, ctx)
                 for c, res in out.items():
                     dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else self.vlm_dtypes[c]
-                    self.dirty.add(c)  # before the copy: an interrupt between the two must not hide it
-                    self.params[c].copy_(res.to(dtype))
+                    self._bind(c, res.to(dtype))
                 del sets, out
                 bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
         except BaseException:
             self.restore()
             raise
+        finally:
+            for ck in cks.values():
+                ck.close()
         self._current = merge_key(recipe)
-        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, [c for g in groups for c in g.names])
+        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, names)
         self._extra = ctx.extra
-        self._keep_snapshot(ctx.extra)
+        self._out_dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else None
         return ctx.extra
-
-    def _keep_snapshot(self, extra: dict) -> None:
-        if not self.max_snapshots:
-            return
-        snap = {c: self.params[c].detach().clone() for c in self.dirty}
-        self._snapshots[self._current] = (snap, dict(extra))
-        self._snapshots.move_to_end(self._current)
-        while len(self._snapshots) > self.max_snapshots:
-            self._snapshots.popitem(last=False)
 
     @torch.no_grad()
     def load_snapshot(self, key: str) -> bool:
-        """Make the model hold the kept merge `key` (a copy, no re-merge). False when not kept."""
-        if key not in self._snapshots:
+        """Make the model hold the kept merge `key` (no re-merge). False when not kept."""
+        if key not in self.snapshots():
             return False
         if key == self._current:
             return True
-        snap, extra = self._snapshots[key]
-        self._snapshots.move_to_end(key)
         try:
             self.restore()
+            tensors, extra, out_dtype = self._snapshots.pop(key)
             self._current = PARTIAL
-            for c, t in snap.items():
+            for c, t in tensors.items():
                 self.dirty.add(c)
-                self.params[c].copy_(t)
+                if self._place[c].merged == "device":
+                    self.params[c].data = t
+                else:
+                    self.params[c].copy_(t)
         except BaseException:
             self.restore()
             raise
-        self._current, self._extra = key, extra
+        self._current, self._extra, self._out_dtype = key, extra, out_dtype
         return True
 
     @property
@@ -276,9 +385,35 @@ class InPlaceMerger:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the VLM's original weights back (every tensor a merge or snapshot changed)."""
-        self._current = PARTIAL  # until every copy is done (an interrupt may stop us half way)
-        for c in list(self.dirty):
-            self.params[c].copy_(self.original[c])
-        self.dirty.clear()
+        """Put the VLM's original weights back (every tensor a merge or snapshot changed). A whole
+        live merge is kept as a snapshot, when the merger keeps any, so going back costs no merge."""
+        keep = self._current not in (None, PARTIAL) and self.max_snapshots > 0
+        key, extra, out_dtype = self._current, self._extra, self._out_dtype
+        self._current = PARTIAL  # until every tensor is back (an interrupt may stop us half way)
+        kept: dict[str, torch.Tensor] = {}
+        vlm_ck = None
+        try:
+            for c in list(self.dirty):
+                p, where = self.params[c], self._place[c]
+                if where.merged == "device":
+                    if keep:
+                        kept[c] = p.data
+                    p.data = self.original[c]
+                else:
+                    if keep:
+                        kept[c] = self._to_host(p.detach(), out_dtype or self.vlm_dtypes[c])
+                    if c in self.original:
+                        p.copy_(self.original[c])
+                    else:
+                        vlm_ck = vlm_ck or Checkpoint.open(self.refs["vlm"])
+                        p.copy_(vlm_ck.get(self.layouts["vlm"].lm[c]))
+                self.dirty.discard(c)
+        finally:
+            if vlm_ck is not None:
+                vlm_ck.close()
+        if keep and kept:
+            self._snapshots[key] = (kept, extra, out_dtype)
+            self._snapshots.move_to_end(key)
+            while len(self._snapshots) > self.max_snapshots:
+                self._snapshots.popitem(last=False)
         self._current = None

@@ -17,9 +17,10 @@ from merging.errors import LabError
 from merging.hub import resolve
 
 
-def serving_dtype(device: str) -> str:
-    """float32 on the CPU (bf16 matmuls there are slow and lossy); the checkpoint's own elsewhere."""
-    return "float32" if device == "cpu" else "auto"
+def serving_dtype(device: str, cpu_dtype: str = "float32") -> str:
+    """On the CPU float32 unless bfloat16 is asked for (bf16 matmuls there are slower and lossy,
+    but halve the memory); the checkpoint's own elsewhere."""
+    return cpu_dtype if torch.device(device).type == "cpu" else "auto"
 
 
 def is_vision(config) -> bool:
@@ -58,7 +59,12 @@ def load_model(ref: str | Path, device: str = "cpu", *, attentions: bool = False
     kw = {"attn_implementation": "eager"} if attentions else {}
     cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust, **kw).to(device).eval()
+    if torch.device(device).type != "cpu":
+        # Straight onto the device, tensor by tensor: never a whole copy in host RAM first.
+        kw["device_map"] = {"": device}
+    model = cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust, **kw).eval()
+    if torch.device(device).type == "cpu":
+        model = model.to(device)
     try:
         proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=trust)
     except Exception as e:

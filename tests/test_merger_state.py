@@ -20,6 +20,7 @@ from merging.errors import LabError
 from merging.inplace import PARTIAL, InPlaceMerger, merge_key, triple_fingerprints, weights_id
 from merging.recipe import from_dict
 from tests.factories import file_tensors, make_tiny_triple
+from tests.test_memory_plan import forced_plans
 
 LAYERS = 4
 RECIPES = [  # full merges, layer-limited ones, one that merges the embeddings too
@@ -47,10 +48,12 @@ def world(tmp_path_factory):
         refs[merge_key(rec)] = file_tensors(root / f"m{i}")
     assert len(refs) == len(recipes) + 1  # every recipe has its own key
 
-    def fresh(snapshots=2):
+    plans = forced_plans(tri)
+
+    def fresh(snapshots=2, plan=None):
         model = LlavaForConditionalGeneration.from_pretrained(tri["vlm"]).eval()
         return model, InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]),
-                                    snapshots=snapshots)
+                                    snapshots=snapshots, plan=plans[plan] if plan else None)
 
     return tri, recipes, refs, fresh
 
@@ -113,9 +116,9 @@ def step(merger, recipes, op: str, i: int, k: int) -> None:
         assert merger.current == before
 
 
-def run_sequence(world, ops: list[tuple[str, int, int]]) -> None:
+def run_sequence(world, ops: list[tuple[str, int, int]], plan: str | None = None) -> None:
     _, recipes, refs, fresh = world
-    model, merger = fresh()
+    model, merger = fresh(plan=plan)
     check(model, merger, refs)
     for op, i, k in ops:
         step(merger, recipes, op, i, k)
@@ -129,6 +132,36 @@ def test_random_sequences_keep_the_original_exact(world, seed):
     rnd = random.Random(seed)
     ops = [(rnd.choice(OPS), rnd.randrange(len(RECIPES)), rnd.randrange(0, 6)) for _ in range(14)]
     run_sequence(world, ops)
+
+
+@pytest.mark.parametrize("plan", ["mixed", "tight"])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_sequences_keep_the_original_exact_under_a_large_models_plan(world, plan, seed):
+    """The placements a 7B pair gets on a small card (in-place layers with host or file originals,
+    kept merges in host RAM or none, inputs on the device, in RAM or in the files) keep the same
+    invariants as the roomy one."""
+    rnd = random.Random(100 + seed)
+    ops = [(rnd.choice(OPS), rnd.randrange(len(RECIPES)), rnd.randrange(0, 6)) for _ in range(14)]
+    run_sequence(world, ops, plan)
+
+
+def test_both_panes_alternate_without_a_re_merge(world):
+    """Original, merge, original, merge...: after the first merge every switch is a kept state
+    (load_snapshot finds it; nothing is merged again), and each state is exact."""
+    _, recipes, refs, fresh = world
+    for plan in (None, "mixed"):
+        model, merger = fresh(plan=plan)
+        merger.apply(recipes[2])
+        key = merge_key(recipes[2])
+        for _ in range(3):
+            merger.restore()
+            assert_holds(model, refs[None], "original")
+            assert merger.load_snapshot(key), plan
+            assert_holds(model, refs[key], "merged")
+    _, tight = fresh(plan="tight")  # no room to keep a merge: the caller must merge again
+    tight.apply(recipes[2])
+    tight.restore()
+    assert not tight.load_snapshot(key)
 
 
 def test_random_sequences_hypothesis(world):

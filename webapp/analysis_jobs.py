@@ -62,7 +62,8 @@ def run_analysis(worker, job_id: int, args: dict, flag) -> dict:
     a = analyses.get(name)
     if args.get("images"):
         check_images(args["images"])
-    data, p = runner.run(name, _job(worker, args, worker.progress_fn(job_id, flag)), args)
+    progress = worker.progress_fn(job_id, flag, yields=not a.changes_weights)
+    data, p = runner.run(name, _job(worker, args, progress), args)
     out = {"figures": [f.to_json() for f in runner.figures_of(name, data).values()],
            "summary": a.summary(data, p)}
     if name == "attention":

@@ -1,7 +1,8 @@
 """UI-side proxy to the worker process: submit jobs, follow their events, cancel them.
 
-One worker, one FIFO queue of jobs shared by every browser tab. Each job remembers the Gradio
-session that made it, so "Cancel" in one tab only stops that tab's jobs.
+One worker shared by every browser tab, with two FIFO lanes (webapp.jobs.lane_of): chat turns and
+merges go before, and between the steps of, long jobs. Each job remembers the Gradio session that
+made it, so "Cancel" in one tab only stops that tab's jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from webapp import worker
-from webapp.jobs import TERMINAL
+from webapp.jobs import TERMINAL, lane_of
 
 CRASHED = ("the worker stopped unexpectedly (exit code {code}: killed, or out of memory); it was "
            "restarted — please run this again")
@@ -167,9 +168,22 @@ class WorkerClient:
         return job
 
     def ahead_of(self, job: Job) -> int:
-        """How many jobs (of any tab) the worker runs before this one."""
+        """How many jobs (of any tab) the worker runs before this one: those of its lane submitted
+        earlier, and for a long job also every running or waiting chat-lane job."""
         with self._lock:
-            return self._order.index(job.id) if job.id in self._order else 0
+            if job.id not in self._order:
+                return 0
+            lane = lane_of(job.kind)
+            before = self._order[: self._order.index(job.id)]
+            return sum(1 for i in before if i in self._jobs and (
+                lane_of(self._jobs[i].kind) == lane or lane == "long"))
+
+    def holder(self) -> str | None:
+        """The long job running now (its kind), which a waiting chat-lane job is served between the
+        steps of; None when no long job runs."""
+        with self._lock:
+            running = [j for j in self._jobs.values() if j.started and not j.done and lane_of(j.kind) == "long"]
+        return running[0].kind if running else None
 
     def cancel(self, job: Job | int) -> None:
         job_id = job.id if isinstance(job, Job) else job
@@ -187,13 +201,14 @@ class WorkerClient:
         return len(mine)
 
     def follow(self, job: Job, poll: float = 0.25) -> Iterator[tuple[str, object]]:
-        """Yield (type, payload) events until a terminal one; ("waiting", n) while queued."""
+        """Yield (type, payload) events until a terminal one; ("waiting", (n jobs ahead, the kind of
+        the long job holding the device or None)) while queued."""
         while True:
             try:
                 kind, payload = job.events.get(timeout=poll)
             except queue.Empty:
                 if not job.started:
-                    yield "waiting", self.ahead_of(job)
+                    yield "waiting", (self.ahead_of(job), self.holder())
                 else:
                     yield "tick", None
                 continue

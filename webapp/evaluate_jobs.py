@@ -67,7 +67,7 @@ def _scorer(worker, args: dict, items: list[dict] | None):
             return out["accuracy"], out["items"]["custom"]
         return score_file
     suites, limit = _suite_args(args)
-    dtype = serving_dtype(worker.device)
+    dtype = serving_dtype(worker.device, worker.models.cpu_dtype)
 
     def score_suites(model, wid, progress):
         key = {"weights": wid, "dtype": dtype, "suites": suites, "limit": limit}
@@ -93,7 +93,7 @@ def disagreements(items: list[dict], original: list[dict], merged: list[dict]) -
 
 def run_evaluate(worker, job_id: int, args: dict, flag) -> dict:
     """{"labels", "accuracy": {"original": {...}, "merged": {...}}, "items", "disagree" (an uploaded set)}."""
-    progress = worker.progress_fn(job_id, flag)
+    progress = worker.progress_fn(job_id, flag, yields=True)
     items = None
     if args.get("suite_file"):  # checked by the UI (inside its upload folder); read again here, whole
         items = read_items(args["suite_file"], by_name=bool(args.get("by_name")), name=args.get("name"))

@@ -1,6 +1,8 @@
 """What travels between the UI process and the worker process: plain picklable data only.
 
-Request: {"id": int, "kind": str, "args": dict}; the worker runs requests one at a time, FIFO.
+Request: {"id": int, "kind": str, "args": dict}. The worker runs one job at a time, in two lanes,
+each FIFO: the chat lane (merges, chat turns) goes first, and is also served between the steps of
+a long job (analyses, evaluations, the leaderboard, DRIFT, exports), which then gets its weights back.
 Event:   (job_id, type, payload) with type one of
     started   - the worker picked the job up (payload: None)
     progress  - (done, total, message)
@@ -22,6 +24,11 @@ if TYPE_CHECKING:  # the annotation only: jobs stays free of torch for the UI pr
     from merging.drift import DriftResult
 
 TERMINAL = ("result", "error", "cancelled")
+CHAT_LANE = ("ping", "merge", "chat")  # what a person waits on while typing: never behind a long job
+
+
+def lane_of(kind: str) -> str:
+    return "chat" if kind in CHAT_LANE else "long"
 
 
 class Cancelled(Exception):

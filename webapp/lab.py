@@ -11,6 +11,11 @@ from gradio.utils import get_upload_folder
 from merging.errors import LabError
 from webapp import presets
 from webapp.client import Job, WorkerClient
+from webapp.jobs import lane_of
+
+# A long job's kind as the waiting status names it.
+HELD = {"analysis": "an analysis", "evaluate": "an evaluation", "leaderboard": "a leaderboard",
+        "drift": "a DRIFT fine-tune", "export": "an export"}
 
 
 @dataclass
@@ -68,8 +73,12 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
                 # at once (also between two progress lines), and not overwritten by one meanwhile
                 last = f"■ **Cancelling…** ({el:.0f} s)"
             elif ev == "waiting":
-                last = (f"○ **Waiting for the worker**: {payload} job(s) ahead of this one ({el:.0f} s)" if payload
-                        else f"○ **Starting on the worker…** ({el:.0f} s)")
+                ahead, holder = payload
+                held = f"; the device is running {HELD.get(holder, holder)}" if holder else ""
+                if holder and lane_of(job.kind) == "chat":
+                    held += ", which lets this through between its steps"
+                last = (f"○ **Waiting for the worker**: {ahead} job(s) ahead of this one{held} ({el:.0f} s)"
+                        if ahead or holder else f"○ **Starting on the worker…** ({el:.0f} s)")
             elif ev == "started":
                 last = f"○ **{verb}…** ({el:.1f} s)"
             elif ev == "progress":

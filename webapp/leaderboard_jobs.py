@@ -57,7 +57,7 @@ def run_leaderboard(worker, job_id: int, args: dict, flag, family: Path = TOY_RO
         raise LabError("the bundled toy family is not on this machine")
     key = key_parts(family, s)
     out_dir = Path(worker.cache_dir or ".", "leaderboard", make_key("leaderboard", key).split(":")[1][:16])
-    progress = worker.progress_fn(job_id, flag)
+    progress = worker.progress_fn(job_id, flag, yields=True)
     computed = []
 
     def compute() -> dict:

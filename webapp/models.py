@@ -3,7 +3,11 @@
 `Loaded.ensure(recipe)` puts the model into the state a job asks for: the merge of that recipe,
 or the original VLM (recipe None). merging.inplace.InPlaceMerger owns the weights: it re-merges
 from the kept originals, so switching between recipes (several tabs, or a slider moved) is quick,
-and for small models it also keeps the merged tensors of the last few recipes (a copy to switch back).
+and it keeps the last merges the memory plan has room for, so the chat's original pane and the
+merged pane answer one after the other without a re-merge.
+
+Before a triple is loaded its memory plan (merging.memory_plan) is made from the checkpoints'
+headers and the free memory: a triple that cannot fit is refused with one line naming what to free.
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ from pathlib import Path
 import torch
 
 from merging.errors import LabError
-from merging.inplace import InPlaceMerger, merge_key
+from merging.inplace import InPlaceMerger, merge_key, plan_triple
 from merging.loading import load_model, serving_dtype
 from merging.recipe import from_dict
 from webapp.jobs import Cancelled
 
-SNAPSHOT_MAX_BYTES = 256 * 2**20  # keep merged-state snapshots only for LMs below this size
-SNAPSHOTS = 4
+SNAPSHOTS = 4  # merged states kept at most (the plan may allow fewer)
 
 
 def pick_device(device: str) -> str:
@@ -31,21 +34,31 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_serving(ref: str, device: str, trust_remote_code: bool = False):
+def load_serving(ref: str, device: str, trust_remote_code: bool = False, cpu_dtype: str = "float32"):
     """(model, processor) of the worker: merging.loading.load_model in the serving dtype."""
-    return load_model(ref, device, dtype=serving_dtype(device), trust_remote_code=trust_remote_code)
+    return load_model(ref, device, dtype=serving_dtype(device, cpu_dtype), trust_remote_code=trust_remote_code)
+
+
+def serving_itemsize(device: str, cpu_dtype: str = "float32") -> int | None:
+    """Bytes per element of the served model's float tensors (None: the checkpoint's own)."""
+    dt = serving_dtype(device, cpu_dtype)
+    return None if dt == "auto" else getattr(torch, dt).itemsize
 
 
 class Loaded:
     """One triple's VLM in memory plus the in-place merger, the only thing that changes its
     weights (and keeps the snapshots): this class never writes a parameter itself."""
 
-    def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False):
+    def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False,
+                 cpu_dtype: str = "float32"):
         self.triple = triple
         self.device = device
-        self.model, self.processor = load_serving(triple[0], device, trust_remote_code)
-        self.merger = InPlaceMerger(self.model, *triple, device=device, snapshots=SNAPSHOTS,
-                                    snapshot_max_bytes=SNAPSHOT_MAX_BYTES)
+        plan = plan_triple(*triple, device, serving_itemsize(device, cpu_dtype), max_sets=SNAPSHOTS)
+        if not plan.fits:  # before anything is loaded
+            raise LabError(plan.problem)
+        self.model, self.processor = load_serving(triple[0], device, trust_remote_code, cpu_dtype)
+        self.merger = InPlaceMerger(self.model, *triple, device=device, snapshots=SNAPSHOTS, plan=plan)
+        self.recipes: dict[str, dict] = {}  # merge key -> its recipe, to bring a merge back by key
 
     @property
     def current(self) -> str | None:
@@ -62,6 +75,7 @@ class Loaded:
             return True
         rec = from_dict(recipe)  # the merger refuses a recipe for another triple
         key = merge_key(rec)
+        self.recipes[key] = recipe
         if key == self.merger.current:
             return False
         if not self.merger.load_snapshot(key):
@@ -77,6 +91,20 @@ class Loaded:
             raise LabError("internal: the model does not hold the weights this job asked for")
         return self.merger.weights_id
 
+    @property
+    def plan(self):
+        return self.merger.plan
+
+    def state(self) -> str | None:
+        """What is live, to hand back to restore_state() after another job changed it."""
+        return self.merger.current
+
+    def restore_state(self, key: str | None, progress=None, cancel=None) -> None:
+        """Bring back the state state() returned (a kept merge is no re-merge)."""
+        if key == self.merger.current:
+            return
+        self.ensure(None if key is None else self.recipes[key], progress, cancel)
+
     def close(self) -> None:
         self.model = self.merger = self.processor = None  # the merger holds the snapshots
         gc.collect()
@@ -90,9 +118,10 @@ class Loaded:
 class ModelHolder:
     """At most one loaded triple at a time (the device holds one model); a new triple replaces it."""
 
-    def __init__(self, device: str, trust_remote_code: bool = False):
+    def __init__(self, device: str, trust_remote_code: bool = False, cpu_dtype: str = "float32"):
         self.device = device
         self.trust_remote_code = trust_remote_code
+        self.cpu_dtype = cpu_dtype
         self.loaded: Loaded | None = None
 
     def get(self, triple: tuple[str, str, str | None], progress=None) -> Loaded:
@@ -103,7 +132,7 @@ class ModelHolder:
             self.loaded = None
         if progress:
             progress(0, 1, f"loading {Path(triple[0]).name} onto {self.device}")
-        self.loaded = Loaded(tuple(triple), self.device, self.trust_remote_code)
+        self.loaded = Loaded(tuple(triple), self.device, self.trust_remote_code, self.cpu_dtype)
         return self.loaded
 
 

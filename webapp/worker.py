@@ -1,13 +1,18 @@
-"""The worker process: owns the device, keeps the model loaded, runs jobs one at a time (FIFO).
+"""The worker process: owns the device, keeps the model loaded, runs jobs one at a time in two lanes.
 
-Started by webapp.client with the multiprocessing "spawn" context. It reads requests from
-`requests`, answers with events on `events` (see webapp.jobs), and reads job ids to cancel from
-`control`; the cancel flag is checked between tensors (merges), tokens (chat), steps (analyses) and
-batches (evaluations, the leaderboard).
+Started by webapp.client with the multiprocessing "spawn" context. A thread reads requests from
+`requests` into the lanes (webapp.jobs.lane_of); it answers with events on `events` (see
+webapp.jobs), and reads job ids to cancel from `control`; the cancel flag is checked between
+tensors (merges), tokens (chat), steps (analyses) and batches (evaluations, the leaderboard).
+
+Chat never waits for a long job to end: at each progress step of a long job that does not change
+weights itself, the worker answers the chat lane's waiting jobs for the same triple, then puts the
+weights back as the long job had them (a kept merge: no re-merge).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -25,10 +30,11 @@ from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.finetune import run_drift
 from merging.hub import resolve
+from merging.inplace import PARTIAL
 from merging.recipe import from_dict
 from webapp.chat import stream_answer
 from webapp.evaluate_jobs import run_evaluate
-from webapp.jobs import Cancelled, DriftRun, recipe_key, triple_of
+from webapp.jobs import Cancelled, DriftRun, lane_of, recipe_key, triple_of
 from webapp.models import ModelHolder, load_serving, pick_device
 from webapp.safety import limit_pil, open_image
 
@@ -52,13 +58,49 @@ class CancelFlag:
             raise Cancelled("cancelled")
 
 
+class Lanes:
+    """The two FIFO lanes of requests; next() takes the chat lane first. A None request closes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._q = {"chat": collections.deque(), "long": collections.deque()}
+        self._closed = False
+
+    def put(self, req: dict | None) -> None:
+        with self._cond:
+            if req is None:
+                self._closed = True
+            else:
+                self._q[lane_of(req["kind"])].append(req)
+            self._cond.notify()
+
+    def next(self) -> dict | None:
+        with self._cond:
+            while not (self._closed or self._q["chat"] or self._q["long"]):
+                self._cond.wait()
+            if self._closed:
+                return None
+            return (self._q["chat"] or self._q["long"]).popleft()
+
+    def take_chat(self, accept) -> list[dict]:
+        """The chat lane's requests that accept(req) takes, in order; the others stay."""
+        with self._cond:
+            taken = [r for r in self._q["chat"] if accept(r)]
+            for r in taken:
+                self._q["chat"].remove(r)
+            return taken
+
+
 class Worker:
     def __init__(self, events, control, config: dict):
         self.events, self.control, self.config = events, control, config
         self.device = pick_device(config.get("device", "auto"))
         self.cache_dir = config.get("cache_dir")
-        self.models = ModelHolder(self.device, bool(config.get("trust_remote_code", False)))
+        self.models = ModelHolder(self.device, bool(config.get("trust_remote_code", False)),
+                                  config.get("cpu_dtype") or "float32")
         self.cancelled: set[int] = set()
+        self.lanes = Lanes()
+        self._serving = False  # answering the chat lane inside a long job's step
         self.drift_model = None  # (folder, model, processor) of the last DRIFT result chatted with
         self._sweep_exports()
 
@@ -74,11 +116,15 @@ class Worker:
     def send(self, job_id: int, kind: str, payload=None) -> None:
         self.events.put((job_id, kind, payload))
 
-    def progress_fn(self, job_id: int, flag: CancelFlag):
+    def progress_fn(self, job_id: int, flag: CancelFlag, yields: bool = False):
+        """progress(done, total, message) for a job: checks its cancel flag, sends progress events, and
+        (yields: the job does not change weights itself) answers the chat lane at each step."""
         last = [0.0]
 
         def progress(done, total, message=""):
             flag.check()
+            if yields:
+                self.serve_chat_lane()
             now = time.monotonic()
             if now - last[0] >= 0.1 or done >= total:
                 last[0] = now
@@ -87,11 +133,58 @@ class Worker:
         return progress
 
     def run(self, requests) -> None:
+        threading.Thread(target=self._read, args=(requests,), daemon=True).start()
         while True:
-            req = requests.get()
+            req = self.lanes.next()
             if req is None:
                 break
             self.handle(req)
+
+    def _read(self, requests) -> None:
+        while True:
+            try:
+                req = requests.get()
+            except (EOFError, OSError, ValueError):
+                req = None
+            self.lanes.put(req)
+            if req is None:
+                return
+
+    def _can_serve_now(self, req: dict) -> bool:
+        """A chat-lane request runs inside a long job only on the loaded triple (no second model
+        loaded beside the one the long job holds)."""
+        if req["kind"] == "ping":
+            return True
+        args = req.get("args", {})
+        recipe = args.get("recipe")
+        if isinstance(recipe, DriftRun):
+            return self.drift_model is not None and self.drift_model[0] == str(Path(recipe.folder).resolve())
+        try:
+            given = args.get("triple")
+            triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
+        except (TypeError, KeyError):
+            return False
+        loaded = self.models.loaded
+        return loaded is not None and loaded.triple == tuple(triple)
+
+    def serve_chat_lane(self) -> None:
+        """Answer the chat lane's waiting requests now (called between a long job's steps), then give
+        the long job back the weights it had."""
+        loaded = self.models.loaded
+        if self._serving or (loaded is not None and loaded.merger.current == PARTIAL):
+            return  # never in the middle of a change of the weights
+        pending = self.lanes.take_chat(self._can_serve_now)
+        if not pending:
+            return
+        self._serving = True
+        state = loaded.state() if loaded is not None else None
+        try:
+            for req in pending:
+                self.handle(req)
+        finally:
+            self._serving = False
+            if loaded is not None and self.models.loaded is loaded:
+                loaded.restore_state(state)
 
     def handle(self, req: dict) -> None:
         job_id, kind, args = req["id"], req["kind"], req.get("args", {})
@@ -193,7 +286,7 @@ class Worker:
     def do_drift(self, job_id, args, flag):
         spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift"))}
         out_dir = Path(self.cache_dir or ".", "drift", recipe_key(spec)).resolve()
-        progress = self.progress_fn(job_id, flag)
+        progress = self.progress_fn(job_id, flag, yields=True)
         if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
             result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
                                  settings=spec["drift"], reused=True)
@@ -205,7 +298,7 @@ class Worker:
 
     def do_export(self, job_id, args, flag):
         out_dir = Path(args["out_dir"])
-        progress = self.progress_fn(job_id, flag)
+        progress = self.progress_fn(job_id, flag, yields=True)
         merge_to_disk(from_dict(args["recipe"]), out_dir, device=self.device, progress=progress, cancel=flag)
         return {"path": str(out_dir.resolve())}
 

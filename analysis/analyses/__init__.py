@@ -83,6 +83,7 @@ class Analysis:
     on_merge: bool = False  # also analyses the recipe's merge (the app then takes the recipe's triple)
     needs_merge: bool = False  # nothing to show without a merge
     slow: str = ""  # why the report runs it only when asked (--NAME); "" runs it always
+    changes_weights: bool = False  # writes the model's weights while it runs (no chat between its steps)
 
     def params(self, given: dict) -> dict:
         """Every knob's value: from `given` (by name), else its default."""

@@ -30,6 +30,7 @@ class Knockout(Analysis):
     figures = (Figure("knockout_figure", "knockout", "Layer knockout", "plot-knockout"),)
     on_merge = True
     slow = "it evaluates the model once per layer and module"
+    changes_weights = True  # each step runs with one module's weights replaced
 
     def run(self, job, p):
         models = [("VLM", False)] + ([(f"merged ({job.recipe.method})", True)] if job.recipe else [])
