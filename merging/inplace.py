@@ -123,9 +123,11 @@ def free_memory(device: str) -> tuple[int, int]:
 
 
 def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, serving_itemsize: int | None,
-                loaded: bool = False, max_sets: int = memory_plan.MAX_SETS) -> memory_plan.MemoryPlan:
+                loaded: bool = False, max_sets: int = memory_plan.MAX_SETS,
+                freed: tuple[int, int] = (0, 0)) -> memory_plan.MemoryPlan:
     """The memory plan of a triple from its checkpoints' headers. loaded: the VLM is already in
-    memory, so its live bytes are counted as free again."""
+    memory, so its live bytes are counted as free again; freed: (device, host) bytes that another
+    loaded triple gives back before this one loads."""
     report = check_triple(vlm_ref, reasoner_ref, base_ref)
     report.raise_if_incompatible()
     refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, "base": base_ref}
@@ -137,6 +139,7 @@ def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: s
         for ck in cks.values():
             ck.close()
     dev_free, host_free = free_memory(device)
+    dev_free, host_free = dev_free + freed[0], host_free + freed[1]
     if loaded:
         if torch.device(device).type == "cpu":
             host_free += fp.live

@@ -25,7 +25,8 @@ def _bytes_by_safetensors(folder, keep=lambda name: True, itemsize=None) -> int:
     total = 0
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
-            for n in sf.keys():
+            names = sf.keys()
+            for n in names:
                 if keep(n):
                     t = sf.get_tensor(n)
                     total += t.numel() * (itemsize or t.element_size())

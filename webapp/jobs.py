@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the annotation only: jobs stays free of torch for the UI pr
     from merging.drift import DriftResult
 
 TERMINAL = ("result", "error", "cancelled")
-CHAT_LANE = ("ping", "merge", "chat")  # what a person waits on while typing: never behind a long job
+CHAT_LANE = ("ping", "plan", "merge", "chat")  # what a person waits on while typing: never behind a long job
 
 
 def lane_of(kind: str) -> str:

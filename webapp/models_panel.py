@@ -1,7 +1,8 @@
 """The "Models" panel: pick a preset or a custom triple and see its compatibility report (UI side).
 
 The report comes from merging.compat.check_triple, which reads only file headers, so it runs
-in the UI process at once (no waiting behind a merge in the worker queue).
+in the UI process at once (no waiting behind a merge in the worker queue). The memory plan comes
+from the worker (it knows its device's free memory), in the chat lane, right after the check.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def report_markdown(rep, preset: str) -> str:
     return head + note + summary
 
 
+def plan_markdown(lab: Lab, preset: str, vlm: str, reasoner: str, base: str) -> str:
+    """The worker's memory plan for the checked triple, as a short list ("" when not checkable)."""
+    try:
+        rep, triple = check(lab, preset, vlm, reasoner, base)
+    except LabError:
+        return ""
+    if not rep.ok:
+        return ""
+    ev, payload = lab.client.run("plan", {"triple": triple}, timeout=60)
+    if ev != "result":
+        return f"_Memory plan unavailable: {payload}_"
+    if not payload["fits"]:
+        return f"**✗ Does not fit:** {payload['lines'][0]}"
+    head, *rest = payload["lines"]
+    return "**Memory plan** (where the worker keeps what): " + head + "\n\n" + "\n".join(f"- {x}" for x in rest)
+
+
 @dataclass
 class ModelsPanel:
     preset: gr.Dropdown
@@ -68,6 +86,7 @@ class ModelsPanel:
     num_layers: gr.State
     compatible: gr.State
     dims: gr.State  # {"num_layers", "hidden_size", "context"} of the checked VLM, or None
+    plan: gr.Markdown  # the worker's memory plan for the checked triple
 
     @property
     def inputs(self) -> list:
@@ -88,7 +107,10 @@ def build(lab: Lab) -> ModelsPanel:
     report = gr.Markdown("Checking the bundled toy family…")
     with gr.Accordion("Compatibility report (details)", open=False):
         details = gr.Code(language=None, label="report", lines=6, wrap_lines=True)  # no cut lines
-    panel = ModelsPanel(preset, vlm, reasoner, base, report, details, gr.State(None), gr.State(False), gr.State(None))
+    with gr.Accordion("Memory plan", open=False, elem_id="memory-plan"):
+        plan = gr.Markdown("", elem_id="memory-plan-text")
+    panel = ModelsPanel(preset, vlm, reasoner, base, report, details, gr.State(None), gr.State(False), gr.State(None),
+                        plan)
 
     def on_check(preset_v, vlm_v, reasoner_v, base_v):
         show_custom = gr.update(visible=preset_v == presets.CUSTOM)
@@ -110,6 +132,8 @@ def build(lab: Lab) -> ModelsPanel:
     # alone did not reach the button in the browser)
     panel.check_events = [preset.change(on_check, panel.inputs, outs, api_name="check_preset", queue=False),
                           check_btn.click(on_check, panel.inputs, outs, api_name="check")]
+    for ev in panel.check_events:
+        ev.then(lambda *a: plan_markdown(lab, *a), panel.inputs, plan, api_visibility="private")
     panel.load_event = (on_check, panel.inputs, outs)
 
     def edited():  # an edited field has not been checked: Merge waits for the check

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from webapp import presets, url_state
+from webapp import models_panel, presets, url_state
 from webapp.lab import Lab
 from webapp.merge_panel import MergePanel
 from webapp.models_panel import ModelsPanel
@@ -106,7 +106,9 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
     def restore(request: gr.Request):
         return apply_query(dict(request.query_params) if request is not None else {})
 
-    demo.load(restore, None, outputs, api_visibility="private").then(None, url_inputs, None, js=encoder)
+    loaded = demo.load(restore, None, outputs, api_visibility="private")
+    loaded.then(None, url_inputs, None, js=encoder)
+    loaded.then(lambda *a: models_panel.plan_markdown(lab, *a), models.inputs, models.plan, api_visibility="private")
     for button, step in zip(step_buttons, STEPS):
         button.click(lambda q=step.query: apply_query(q), None, outputs, queue=False,
                      api_visibility="private").then(None, url_inputs, None, js=encoder)

@@ -30,12 +30,12 @@ from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.finetune import run_drift
 from merging.hub import resolve
-from merging.inplace import PARTIAL
+from merging.inplace import PARTIAL, plan_triple
 from merging.recipe import from_dict
 from webapp.chat import stream_answer
 from webapp.evaluate_jobs import run_evaluate
 from webapp.jobs import Cancelled, DriftRun, lane_of, recipe_key, triple_of
-from webapp.models import ModelHolder, load_serving, pick_device
+from webapp.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
 from webapp.safety import limit_pil, open_image
 
 
@@ -215,6 +215,19 @@ class Worker:
     # -- jobs --------------------------------------------------------------------------------
     def do_ping(self, job_id, args, flag):
         return {"device": self.device, "pid": os.getpid()}
+
+    def do_plan(self, job_id, args, flag):
+        """The memory plan of a triple on this worker's device, before anything of it is loaded."""
+        triple = triple_of(args["triple"])
+        loaded = self.models.loaded
+        same = loaded is not None and loaded.triple == tuple(triple)
+        freed = (0, 0)
+        if loaded is not None and not same:  # loading this triple replaces that one
+            use = loaded.plan.use
+            freed = (use.get("device", 0), use.get("host", 0)) if self.device != "cpu" else (use["host"], use["host"])
+        plan = plan_triple(*triple, self.device, serving_itemsize(self.device, self.models.cpu_dtype),
+                           loaded=same, max_sets=SNAPSHOTS, freed=freed)
+        return {"fits": plan.fits, "lines": plan.lines(), "plan": plan.to_json()}
 
     def do_merge(self, job_id, args, flag):
         recipe = args["recipe"]
