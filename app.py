@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cpu-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="dtype the worker serves models in on the CPU (bfloat16 halves the memory; "
                          "a GPU always serves the checkpoint's own dtype)")
+    ap.add_argument("--max-memory-gib", type=float, default=None,
+                    help="host RAM the worker may plan to use at most (default: whatever is free)")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="let models run their own Python code (config auto_map) when loaded; off by default")
     args = ap.parse_args(argv)
@@ -88,7 +90,8 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
 
     limit_pil()
     client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,
-                           "trust_remote_code": args.trust_remote_code, "cpu_dtype": args.cpu_dtype})
+                           "trust_remote_code": args.trust_remote_code, "cpu_dtype": args.cpu_dtype,
+                           "max_memory_gib": args.max_memory_gib})
     client.start()
     try:
         lab = Lab(client, cache_dir, args.models_root, args.device, upload_dir)

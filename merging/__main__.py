@@ -1,4 +1,4 @@
-"""`python -m merging check RECIPE`, `merge RECIPE OUT_DIR [--device cpu|cuda]`, `drift RECIPE OUT_DIR`.
+"""`python -m merging check RECIPE`, `plan RECIPE`, `merge RECIPE OUT_DIR [--device cpu|cuda]`, `drift RECIPE OUT_DIR`.
 
 Exit 0 on success; exit 2 with a one-line reason on stderr for bad input; 130 on SIGINT (143 on
 SIGTERM), with the output either complete or as it was (merging/cli.py).
@@ -14,6 +14,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ck = sub.add_parser("check", help="compatibility report of the recipe's triple; writes nothing")
     ck.add_argument("recipe")
+    pl = sub.add_parser("plan", help="where the app's worker would keep the triple's pieces (memory plan); loads nothing")
+    pl.add_argument("recipe")
+    pl.add_argument("--device", default="cpu", help="cpu or cuda: plan for this machine's device (default cpu)")
+    pl.add_argument("--cpu-dtype", default="float32", choices=("float32", "bfloat16"))
+    pl.add_argument("--gpu-gib", type=float, default=None, help="plan for a card of this many GiB instead")
+    pl.add_argument("--host-gib", type=float, default=None, help="with --gpu-gib: free host RAM (default 48)")
     mg = sub.add_parser("merge", help="merge the recipe into a Hugging Face model folder")
     mg.add_argument("recipe")
     mg.add_argument("out_dir")
@@ -38,6 +44,10 @@ def _dispatch(args) -> int:
         from merging.compat import main_check  # lazy: torch, 2.1 s (see above)
 
         return main_check(args)
+    if args.cmd == "plan":
+        from merging.memory_plan import main_plan  # lazy: torch, 2.1 s (see above)
+
+        return main_plan(args)
     if args.cmd == "drift":
         from merging.finetune import main_drift  # lazy: torch, 2.1 s (see above)
 

@@ -110,44 +110,6 @@ def _unit(c: str) -> int:
     return layer if layer is not None else (-2 if c in VOCAB_TENSORS else -1)
 
 
-def free_memory(device: str) -> tuple[int, int]:
-    """(bytes free on the device, bytes of host RAM available) right now."""
-    import psutil
-
-    host = int(psutil.virtual_memory().available)
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free), host
-    return host, host
-
-
-def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, serving_itemsize: int | None,
-                loaded: bool = False, max_sets: int = memory_plan.MAX_SETS,
-                freed: tuple[int, int] = (0, 0)) -> memory_plan.MemoryPlan:
-    """The memory plan of a triple from its checkpoints' headers. loaded: the VLM is already in
-    memory, so its live bytes are counted as free again; freed: (device, host) bytes that another
-    loaded triple gives back before this one loads."""
-    report = check_triple(vlm_ref, reasoner_ref, base_ref)
-    report.raise_if_incompatible()
-    refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, "base": base_ref}
-    cks = {r: Checkpoint.open(ref) for r, ref in refs.items() if ref}
-    try:
-        fp = memory_plan.footprint_of(cks["vlm"], report.layouts, cks["reasoner"], cks.get("base"),
-                                      serving_itemsize, label=os.path.basename(os.path.normpath(str(vlm_ref))))
-    finally:
-        for ck in cks.values():
-            ck.close()
-    dev_free, host_free = free_memory(device)
-    dev_free, host_free = dev_free + freed[0], host_free + freed[1]
-    if loaded:
-        if torch.device(device).type == "cpu":
-            host_free += fp.live
-        dev_free += fp.live
-    return memory_plan.plan(fp, "cpu" if torch.device(device).type == "cpu" else str(device), dev_free, host_free,
-                            max_sets=max_sets)
-
-
 class InPlaceMerger:
     """merger = InPlaceMerger(model, vlm_ref, reasoner_ref, base_ref, device); merger.apply(recipe);
     merger.restore(). `model` is the VLM loaded from vlm_ref (any device, usually its own dtype).
@@ -176,7 +138,7 @@ class InPlaceMerger:
         self.params = {c: named[n] for c, n in names.items()}
         if plan is None:
             itemsize = first.element_size() if first.is_floating_point() else None
-            plan = plan_triple(vlm_ref, reasoner_ref, base_ref, self.device, itemsize, loaded=True,
+            plan = memory_plan.plan_triple(vlm_ref, reasoner_ref, base_ref, self.device, itemsize, loaded=True,
                                max_sets=max(snapshots, 1))
         if not plan.fits:
             raise LabError(plan.problem)

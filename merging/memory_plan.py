@@ -22,8 +22,14 @@ Bytes come from the checkpoints' headers (nothing is loaded), or from a shape fo
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from merging.checkpoint import Checkpoint
+from merging.compat import check_triple
+from merging.errors import LabError
 from merging.layout import VOCAB_TENSORS, split_canonical
 
 GiB = 2**30
@@ -148,9 +154,10 @@ def plan(footprint: Footprint, device: str, device_free: int, host_free: int, he
     if dev < 0:
         where = "host RAM" if cpu else f"{device} memory"
         need = footprint.live + headroom
+        free = max(0, host_free if cpu else device_free)
         return MemoryPlan(device, device_free, host_free, headroom, footprint, fits=False, problem=(
             f"{footprint.label} needs {need / GiB:.1f} GiB of {where} ({footprint.live / GiB:.1f} GiB of weights "
-            f"+ {headroom / GiB:.1f} GiB to generate) and {(host_free if cpu else device_free) / GiB:.1f} GiB is free: "
+            f"+ {headroom / GiB:.1f} GiB to generate) and {free / GiB:.1f} GiB is free: "
             f"free {-dev / GiB:.1f} GiB (close other programs using it) or choose a smaller pair"))
     units = footprint.units
     pointer = {}
@@ -293,3 +300,75 @@ def plan_7b(gpu_gib: float, host_gib: float) -> MemoryPlan:
     """The plan for a 7B pair on a card of gpu_gib (a "24 GB" card has 24 GiB) and host_gib of free RAM."""
     fp = footprint_of_shape(**QWEN2_VL_7B)
     return plan(fp, "cuda", int(gpu_gib * GiB) - CUDA_CONTEXT, int(host_gib * GiB))
+
+
+# ------------------------------------------------------------------------------------- a triple
+def free_memory(device: str) -> tuple[int, int]:
+    """(bytes free on the device, bytes of host RAM available) right now."""
+    import psutil
+
+    host = int(psutil.virtual_memory().available)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), host
+    return host, host
+
+
+def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, serving_itemsize: int | None,
+                loaded: bool = False, max_sets: int = MAX_SETS,
+                freed: tuple[int, int] = (0, 0), limit: int | None = None) -> MemoryPlan:
+    """The memory plan of a triple from its checkpoints' headers. loaded: the VLM is already in
+    memory, so its live bytes are counted as free again; freed: (device, host) bytes that another
+    loaded triple gives back before this one loads; limit: host RAM the worker may use at most."""
+    report = check_triple(vlm_ref, reasoner_ref, base_ref)
+    report.raise_if_incompatible()
+    refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, "base": base_ref}
+    cks = {r: Checkpoint.open(ref) for r, ref in refs.items() if ref}
+    try:
+        fp = footprint_of(cks["vlm"], report.layouts, cks["reasoner"], cks.get("base"),
+                                      serving_itemsize, label=os.path.basename(os.path.normpath(str(vlm_ref))))
+    finally:
+        for ck in cks.values():
+            ck.close()
+    dev_free, host_free = free_memory(device)
+    dev_free, host_free = dev_free + freed[0], host_free + freed[1]
+    if limit is not None:  # the worker may use at most this much (a shared machine)
+        host_free = min(host_free, limit)
+        if torch.device(device).type == "cpu":
+            dev_free = host_free
+    if loaded:
+        if torch.device(device).type == "cpu":
+            host_free += fp.live
+        dev_free += fp.live
+    return plan(fp, "cpu" if torch.device(device).type == "cpu" else str(device), dev_free, host_free,
+                            max_sets=max_sets)
+
+
+def main_plan(args) -> int:
+    """`python -m merging plan RECIPE`: the plan of the recipe's triple on this machine's device,
+    or on a card of --gpu-gib with --host-gib of RAM."""
+    from merging import recipe as recipe_mod
+
+    rec = recipe_mod.load(args.recipe)
+    itemsize = None if args.device != "cpu" or args.gpu_gib else getattr(torch, args.cpu_dtype).itemsize
+    if args.gpu_gib:
+        report = check_triple(rec.vlm, rec.reasoner, rec.base)
+        report.raise_if_incompatible()
+        refs = {"vlm": rec.vlm, "reasoner": rec.reasoner, "base": rec.base}
+        cks = {r: Checkpoint.open(x) for r, x in refs.items() if x}
+        try:
+            fp = footprint_of(cks["vlm"], report.layouts, cks["reasoner"], cks.get("base"), None,
+                              label=os.path.basename(os.path.normpath(str(rec.vlm))))
+        finally:
+            for ck in cks.values():
+                ck.close()
+        host = int((args.host_gib or 48) * GiB)
+        p = plan(fp, "cuda", int(args.gpu_gib * GiB) - CUDA_CONTEXT, host)
+    else:
+        p = plan_triple(rec.vlm, rec.reasoner, rec.base, args.device, itemsize)
+    if not p.fits:
+        raise LabError(p.problem)
+    for line in p.lines():
+        print(line)
+    return 0

@@ -84,3 +84,30 @@ def test_chat_is_answered_between_the_steps_of_an_evaluation(tmp_path):
     assert busy[2]["accuracy"] == quiet[2]["accuracy"]
     assert busy[3]["answers"] == quiet[3]["answers"]
     assert set(busy[3]["answers"]) == {"merged", "original"}
+
+
+def test_a_triple_that_cannot_fit_is_refused_before_loading(tmp_path):
+    """The plan is made from the checkpoints' headers first: over the memory limit the merge fails
+    with one line saying how much to free, and no model is loaded."""
+    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path), "max_memory_gib": 0.01})
+    w.handle({"id": 1, "kind": "plan", "args": {"triple": TRIPLE}})
+    w.handle({"id": 2, "kind": "merge", "args": {"recipe": RECIPE}})
+    events = [w.events.get(timeout=60) for _ in range(w.events.qsize())]
+    plan = next(p for jid, ev, p in events if jid == 1 and ev == "result")
+    assert not plan["fits"] and "free" in plan["lines"][0]
+    error = next(p for jid, ev, p in events if jid == 2 and ev == "error")
+    assert "GiB of host RAM" in error and "free" in error and "\n" not in error
+    assert w.models.loaded is None
+
+
+def test_the_plan_command_prints_the_plan_and_refuses_with_exit_2(tmp_path, capsys):
+    from merging.__main__ import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in {**TRIPLE, "method": "ties"}.items()))
+    assert main(["plan", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "live model:" in out and "inputs: read from the files" in out
+    assert main(["plan", str(recipe), "--gpu-gib", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: vlm needs") and "cuda memory" in err and "\n" not in err

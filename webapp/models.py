@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from merging.errors import LabError
-from merging.inplace import InPlaceMerger, merge_key, plan_triple
+from merging.inplace import InPlaceMerger, merge_key
 from merging.loading import load_model, serving_dtype
+from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
 from webapp.jobs import Cancelled
 
@@ -50,10 +51,10 @@ class Loaded:
     weights (and keeps the snapshots): this class never writes a parameter itself."""
 
     def __init__(self, triple: tuple[str, str, str | None], device: str, trust_remote_code: bool = False,
-                 cpu_dtype: str = "float32"):
+                 cpu_dtype: str = "float32", limit: int | None = None):
         self.triple = triple
         self.device = device
-        plan = plan_triple(*triple, device, serving_itemsize(device, cpu_dtype), max_sets=SNAPSHOTS)
+        plan = plan_triple(*triple, device, serving_itemsize(device, cpu_dtype), max_sets=SNAPSHOTS, limit=limit)
         if not plan.fits:  # before anything is loaded
             raise LabError(plan.problem)
         self.model, self.processor = load_serving(triple[0], device, trust_remote_code, cpu_dtype)
@@ -118,10 +119,12 @@ class Loaded:
 class ModelHolder:
     """At most one loaded triple at a time (the device holds one model); a new triple replaces it."""
 
-    def __init__(self, device: str, trust_remote_code: bool = False, cpu_dtype: str = "float32"):
+    def __init__(self, device: str, trust_remote_code: bool = False, cpu_dtype: str = "float32",
+                 limit: int | None = None):
         self.device = device
         self.trust_remote_code = trust_remote_code
         self.cpu_dtype = cpu_dtype
+        self.limit = limit  # host RAM the worker may use at most (None: whatever is free)
         self.loaded: Loaded | None = None
 
     def get(self, triple: tuple[str, str, str | None], progress=None) -> Loaded:
@@ -132,7 +135,7 @@ class ModelHolder:
             self.loaded = None
         if progress:
             progress(0, 1, f"loading {Path(triple[0]).name} onto {self.device}")
-        self.loaded = Loaded(tuple(triple), self.device, self.trust_remote_code, self.cpu_dtype)
+        self.loaded = Loaded(tuple(triple), self.device, self.trust_remote_code, self.cpu_dtype, self.limit)
         return self.loaded
 
 

@@ -30,7 +30,8 @@ from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.finetune import run_drift
 from merging.hub import resolve
-from merging.inplace import PARTIAL, plan_triple
+from merging.inplace import PARTIAL
+from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
 from webapp.chat import stream_answer
 from webapp.evaluate_jobs import run_evaluate
@@ -96,8 +97,10 @@ class Worker:
         self.events, self.control, self.config = events, control, config
         self.device = pick_device(config.get("device", "auto"))
         self.cache_dir = config.get("cache_dir")
+        limit = config.get("max_memory_gib")
         self.models = ModelHolder(self.device, bool(config.get("trust_remote_code", False)),
-                                  config.get("cpu_dtype") or "float32")
+                                  config.get("cpu_dtype") or "float32",
+                                  int(float(limit) * 2**30) if limit else None)
         self.cancelled: set[int] = set()
         self.lanes = Lanes()
         self._serving = False  # answering the chat lane inside a long job's step
@@ -226,7 +229,7 @@ class Worker:
             use = loaded.plan.use
             freed = (use.get("device", 0), use.get("host", 0)) if self.device != "cpu" else (use["host"], use["host"])
         plan = plan_triple(*triple, self.device, serving_itemsize(self.device, self.models.cpu_dtype),
-                           loaded=same, max_sets=SNAPSHOTS, freed=freed)
+                           loaded=same, max_sets=SNAPSHOTS, freed=freed, limit=self.models.limit)
         return {"fits": plan.fits, "lines": plan.lines(), "plan": plan.to_json()}
 
     def do_merge(self, job_id, args, flag):

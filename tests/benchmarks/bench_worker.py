@@ -1,0 +1,220 @@
+"""The app's worker at a realistic size: memory, merges, chat turns and analyses, against plain
+transformers in the same run.
+
+  python tests/benchmarks/bench_worker.py --shape qwen2-0.5b --work DIR --out R.json [--device cpu|cuda]
+
+Builds (or reuses) a synthetic triple of that shape that transformers loads (a LLaVA VLM with a
+small real vision tower and a processor, a reasoner and a base; tests/benchmarks/make_synthetic.py)
+in DIR, starts the worker process exactly as the app does (webapp.client.WorkerClient) and sends it
+the app's jobs: a chat turn (loads the triple), a merge, a slider move (re-merge in place), two chat
+turns with both panes, spectra and similarity cold then cached. The worker's resident memory is
+sampled every 20 ms. In this process, after the worker is closed: one plain generate() of the same
+prompt and token count, and a merge to disk followed by a reload (what the in-place merge replaces).
+Every generate makes exactly --tokens new tokens (generation_config.min_new_tokens), so the times
+compare the same work. Writes JSON with the figures and their ratios, and plan_7b: the memory plan
+the worker's own planner makes for a 7B pair on 24, 48 and 80 GB cards with 48 GiB of host RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+GiB = 2**30
+QUESTION = "how many circles are there ?"
+
+
+class PeakRSS:
+    """The peak resident memory of a process (and its children), sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.02):
+        self.proc, self.every, self.peak = psutil.Process(pid), every, 0
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+        self._th.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(True))
+            except psutil.Error:
+                rss = 0
+            self.peak = max(self.peak, rss)
+            time.sleep(self.every)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._th.join()
+        return self.peak
+
+
+def job(client, kind: str, args: dict, timeout: float = 3600) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    ev, payload = client.run(kind, args, timeout=timeout)
+    secs = time.perf_counter() - t0
+    if ev != "result":
+        raise SystemExit(f"{kind} job ended with {ev}: {payload}")
+    return payload, secs
+
+
+def force_length(vlm: Path, tokens: int) -> None:
+    """Every generate makes exactly `tokens` new tokens (random weights may emit EOS early)."""
+    path = vlm / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg.update(min_new_tokens=tokens, max_new_tokens=tokens)
+    path.write_text(json.dumps(cfg, indent=1))
+
+
+def sample_image(size: int = 224):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(3):
+        d.ellipse((20 + 60 * i, 80, 70 + 60 * i, 130), fill="blue")
+    return img
+
+
+def plain_generate(vlm: Path, device: str, tokens: int, image_path: Path, cpu_dtype: str) -> float:
+    """Seconds of one generate() with plain transformers, the same prompt and image the chat sends."""
+    from merging.loading import load_model, prompt, user_turn
+    from webapp.models import serving_dtype
+
+    model, proc = load_model(vlm, device, dtype=serving_dtype(device, cpu_dtype))
+    from PIL import Image
+
+    text = prompt(proc, [user_turn(QUESTION, True)])
+    inputs = proc(text=[text], images=[Image.open(image_path).convert("RGB")], return_tensors="pt",
+                  add_special_tokens=False).to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    times = []
+    for _ in range(2):  # the first call warms the kernels; the second is the figure
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        times.append(time.perf_counter() - t0)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+    del model
+    return times[-1]
+
+
+def disk_merge_reload(recipe: dict, device: str, cpu_dtype: str, work: Path) -> float:
+    from merging.engine import merge_to_disk
+    from merging.loading import load_model
+    from merging.recipe import from_dict
+    from webapp.models import serving_dtype
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        t0 = time.perf_counter()
+        merge_to_disk(from_dict(recipe), Path(tmp) / "m", device=device, bar=False)
+        model, _ = load_model(Path(tmp) / "m", device, dtype=serving_dtype(device, cpu_dtype))
+        secs = time.perf_counter() - t0
+        del model
+    return secs
+
+
+def live_lm_bytes(triple: dict, device: str, cpu_dtype: str) -> int:
+    from merging.memory_plan import plan_triple
+    from webapp.models import serving_itemsize
+
+    p = plan_triple(triple["vlm"], triple["reasoner"], triple["base"], device, serving_itemsize(device, cpu_dtype))
+    return sum(u.changed for u in p.footprint.units)
+
+
+def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, threads: int | None) -> dict:
+    from merging.memory_plan import plan_7b
+    from tests.benchmarks.make_synthetic import make_loadable
+    from webapp.client import WorkerClient
+
+    t0 = time.perf_counter()
+    paths = make_loadable(work, shape)
+    build_s = time.perf_counter() - t0
+    triple = {"vlm": str(paths["vlm"]), "reasoner": str(paths["reasoner"]), "base": str(paths["base"])}
+    force_length(Path(triple["vlm"]), tokens)
+    image = work / "sample.png"
+    sample_image().save(image)
+    recipe = {**triple, "method": "task_arithmetic", "parameters": {"alpha": 0.5}}
+    moved = {**recipe, "parameters": {"alpha": 0.6}}
+    chat = {"recipe": moved, "triple": triple, "question": QUESTION, "image": str(image), "max_new_tokens": tokens}
+    out: dict = {"shape": shape, "device": device, "cpu_dtype": cpu_dtype, "tokens": tokens,
+                 "build_or_reuse_s": round(build_s, 1), "load": list(psutil.getloadavg())}
+
+    cache = Path(tempfile.mkdtemp(prefix="bench-worker-cache-"))
+    client = WorkerClient({"device": device, "cache_dir": str(cache), "threads": threads, "cpu_dtype": cpu_dtype})
+    client.start()
+    info = client.wait_ready(300)
+    if info.get("state") != "ready":
+        raise SystemExit(f"the worker did not start: {info}")
+    peak = PeakRSS(client.pid)
+    try:
+        plan, _ = job(client, "plan", {"triple": triple})
+        out["plan"] = plan["plan"]
+        _, out["load_and_original_turn_s"] = job(client, "chat", {**chat, "recipe": None, "original": True})
+        res, out["first_merge_job_s"] = job(client, "merge", {"recipe": recipe})
+        out["first_merge_s"] = res["merge_seconds"]
+        res, _ = job(client, "merge", {"recipe": moved})
+        out["inplace_remerge_s"] = res["merge_seconds"]
+        _, out["chat_turn_s"] = job(client, "chat", chat)  # both panes: the merge live, then the original
+        _, out["next_chat_turn_s"] = job(client, "chat", chat)
+        _, out["third_chat_turn_s"] = job(client, "chat", chat)
+        a = {"triple": triple, "recipe": None}
+        _, s1 = job(client, "analysis", {**a, "name": "spectra"})
+        _, s2 = job(client, "analysis", {**a, "name": "similarity"})
+        out["spectra_cold_s"], out["similarity_cold_s"] = round(s1, 2), round(s2, 2)
+        out["spectra_similarity_cold_s"] = round(s1 + s2, 2)
+        _, c1 = job(client, "analysis", {**a, "name": "spectra"})
+        _, c2 = job(client, "analysis", {**a, "name": "similarity"})
+        out["spectra_similarity_cached_s"] = round(c1 + c2, 2)
+    finally:
+        out["peak_rss_gib"] = round(peak.stop() / GiB, 3)
+        client.close()
+    out["live_lm_gib"] = round(live_lm_bytes(triple, device, cpu_dtype) / GiB, 3)
+    out["plain_generate_s"] = round(plain_generate(Path(triple["vlm"]), device, tokens, image, cpu_dtype), 3)
+    out["disk_merge_reload_s"] = round(disk_merge_reload(moved, device, cpu_dtype, work), 2)
+    for k in ("first_merge_job_s", "load_and_original_turn_s", "chat_turn_s", "next_chat_turn_s",
+              "third_chat_turn_s"):
+        out[k] = round(out[k], 2)
+    out["ratios"] = {
+        "peak_rss_over_live_lm": round(out["peak_rss_gib"] / out["live_lm_gib"], 2),  # target <= 2.2
+        "next_chat_turn_over_plain_generate": round(out["next_chat_turn_s"] / out["plain_generate_s"], 2),  # <= 2.5
+        "disk_merge_reload_over_inplace_remerge": round(out["disk_merge_reload_s"] / out["inplace_remerge_s"], 1),
+    }
+    out["plan_7b"] = []
+    for gpu in (24, 48, 80):
+        p = plan_7b(gpu, 48)
+        out["plan_7b"].append({"gpu_gib": gpu, "host_gib": 48, "fits": p.fits, "lines": p.lines(),
+                               "placement": p.to_json()})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen2-0.5b")
+    ap.add_argument("--work", required=True, help="folder of the synthetic triple (built once, then reused)")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--tokens", type=int, default=16, help="new tokens per generate")
+    ap.add_argument("--cpu-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    res = run(a.shape, Path(a.work), a.device, a.tokens, a.cpu_dtype, a.threads)
+    text = json.dumps(res, indent=1)
+    Path(a.out).write_text(text + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("plan", "plan_7b")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
