@@ -25,8 +25,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 
+from merging import recipe as recipe_mod
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
 from merging.errors import LabError
@@ -305,8 +307,6 @@ def plan_7b(gpu_gib: float, host_gib: float) -> MemoryPlan:
 # ------------------------------------------------------------------------------------- a triple
 def free_memory(device: str) -> tuple[int, int]:
     """(bytes free on the device, bytes of host RAM available) right now."""
-    import psutil
-
     host = int(psutil.virtual_memory().available)
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -348,8 +348,6 @@ def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: s
 def main_plan(args) -> int:
     """`python -m merging plan RECIPE`: the plan of the recipe's triple on this machine's device,
     or on a card of --gpu-gib with --host-gib of RAM."""
-    from merging import recipe as recipe_mod
-
     rec = recipe_mod.load(args.recipe)
     itemsize = None if args.device != "cpu" or args.gpu_gib else getattr(torch, args.cpu_dtype).itemsize
     if args.gpu_gib:
