@@ -11,6 +11,8 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from merging import merge_report
+
 VLM_COLOUR, REASONER_COLOUR = "#1f77b4", "#ff7f0e"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -190,25 +192,13 @@ def changes_figure(ch: dict) -> go.Figure:
 
 
 # ---------------------------------------------------------------------------------- merge report
-def _layer_note(report: dict, layer: str) -> str:
-    """The method's own diagnostic for one layer, for the bar's hover text."""
-    diag = report.get("diagnostics", {})
-    ip = diag.get("ip_merging", {}).get("selected_per_layer", {})
-    if layer in ip:
-        return f"; ip_merging merged {ip[layer]} matrices"
-    fr = diag.get("frank", {}).get(layer)
-    if fr:
-        return f"; frank w_v = {fr['w_v']:.2f}"
-    return ""
-
-
 def merge_report_figure(report: dict) -> go.Figure:
     """One bar per decoder layer: how far the merge moved the VLM's weights (relative norm)."""
     rel = report["relative_change"]
     keys = [k for k in rel if k != "other"]
     labels = [f"layer {k}" for k in keys] + (["outside layers"] if "other" in rel else [])
     values = [rel[k] for k in keys] + ([rel["other"]] if "other" in rel else [])
-    notes = [_layer_note(report, k) for k in keys] + ([""] if "other" in rel else [])
+    notes = [merge_report.layer_note(report, k) for k in keys] + ([""] if "other" in rel else [])
     text = [f"{lab}: ‖W − W_v‖ / ‖W_v‖ = {v:.2%}{n}" for lab, v, n in zip(labels, values, notes)]
     fig = go.Figure(go.Bar(x=labels, y=values, marker_color=REASONER_COLOUR, hovertext=text,
                            hovertemplate="%{hovertext}<extra></extra>"))

@@ -24,7 +24,7 @@ from plotly.colors import qualitative
 
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from merging import methods
-from merging.errors import LabError
+from merging.errors import Cancelled, LabError
 from merging.inplace import InPlaceMerger
 from merging.output_folder import AtomicFolder
 from merging.recipe import from_dict
@@ -35,23 +35,9 @@ PERCEPTION_SLACK = 0.03  # the free-lunch bound: perception within 3 points of t
 
 
 def grid(method: str, num_layers: int) -> list[dict]:
-    """The small knob grid searched on dev for one method (defaults are always added)."""
-    half, quarter = num_layers // 2, max(1, num_layers // 4)
-    alphas = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
-    sparse = [{"alpha": a, "density": d} for a in (0.5, 1.0, 1.5) for d in (0.3, 0.7)]
-    table = {
-        "linear": [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
-        "task_arithmetic": [{"alpha": a} for a in alphas],
-        "ties": sparse,
-        "dare_ties": sparse,
-        "dare_linear": [{"alpha": a, "density": 0.5} for a in (0.5, 1.0, 1.5)],
-        "layer_swap": [{"alpha": a, "base_layer_num": n} for a in (0.5, 1.0)
-                       for n in sorted({quarter - 1, half - 1, num_layers - quarter - 1})],
-        "ip_merging": [{"top_fraction": f, "lam": lam} for f in (0.3, 0.6, 1.0) for lam in (1.0, 2.0)],
-        "frank": [{"w_v": w} for w in (0.3, 0.5, 0.7)]
-        + [{"use_prior": 1, "beta": b} for b in (0.1, 0.3, 1.0)],
-    }
-    return table.get(method, [])
+    """The small knob grid searched on dev for one method (MergeMethod.grid); the defaults are always
+    scored first, so a grid point that is the defaults ({}) is not scored again."""
+    return [knobs for knobs in methods.get(method).grid(num_layers) if knobs]
 
 
 # ------------------------------------------------------------------------------------ dev split
@@ -127,16 +113,7 @@ class Entry:
 
 def selection_details(method: str, extra: dict) -> str:
     """What the merge selected, from the method's diagnostics (ctx.extra)."""
-    if method == "ip_merging" and "ip_merging" in extra:
-        d = extra["ip_merging"].values()
-        sel, tot = sum(len(x["selected"]) for x in d), sum(len(x["scores"]) for x in d)
-        scores = [s for x in d for s in x["scores"].values()]
-        top = max(scores) if scores else float("nan")
-        return f"{sel}/{tot} matrices merged (max similarity {top:.2f})"
-    if method == "frank" and "frank" in extra:
-        w = [v["w_v"] for k, v in sorted(extra["frank"].items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
-        return f"w_v {w[0]:.2f} -> {w[-1]:.2f}" if w else ""
-    return ""
+    return methods.get(method).selection_details(extra)
 
 
 def _rank(d: dict, floor: float) -> tuple:
@@ -159,8 +136,8 @@ def steps(names, num_layers: int, grid_size: int | None = None) -> int:
 class Board:
     """The VLM loaded once, merged in place for every grid point, restored between them.
 
-    progress(done, total, message) after each scoring; cancel() -> True stops the run (a LabError
-    "cancelled") between batches and between merged tensors."""
+    progress(done, total, message) after each scoring; cancel() -> True stops the run (Cancelled)
+    between batches and between merged tensors."""
 
     def __init__(self, family: Path, dev_dir: Path, limit: int | None, progress=None, cancel=None):
         self.family, self.dev_dir, self.limit, self.progress, self.cancel = family, dev_dir, limit, progress, cancel
@@ -171,7 +148,7 @@ class Board:
 
     def check(self, *_) -> None:
         if self.cancel is not None and self.cancel():
-            raise LabError("cancelled")
+            raise Cancelled()
 
     def step(self, message: str) -> None:
         self.done += 1
@@ -230,8 +207,8 @@ def _baselines(board: Board) -> list[Entry]:
 def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 100, only=None,
         progress=None, grid_size: int | None = None, cancel=None) -> dict:
     """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir.
-    progress(done, total, message) after each scoring; cancel() -> True stops it (LabError "cancelled",
-    out_dir left as it was)."""
+    progress(done, total, message) after each scoring; cancel() -> True stops it (Cancelled, out_dir
+    left as it was)."""
     names = methods.names() if not only else list(only)
     for n in names:
         methods.get(n)  # unknown names fail before any work

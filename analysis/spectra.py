@@ -5,13 +5,20 @@ both task vectors (the IP-Merging paper's Fig. 4: the reasoner's are larger) and
 nuclear-norm ratio sum S_v / sum S_r, which is the rescale factor lambda_n ip_merging uses.
 
 Tensors are read lazily one at a time through Checkpoint + layout, so memory stays at a few
-matrices whatever the model size. The decompositions come from merging.decomposition_cache, the
-same entries ip_merging reads and files, so spectra after a merge (or a merge after the spectra)
-decompose nothing again. This module also holds the triple iteration similarity.py shares.
+matrices whatever the model size. The decompositions come from merging.decomposition_cache: the
+exact entries ip_merging files when there are some (spectra after a merge decompose nothing),
+else the "fast" solver of merging.linalg [choice]: the Gram eigen-decomposition in float32, about
+half the CPU time of the exact float64 one. Its nuclear norms (hence the ratio) are within
+linalg.FAST_NUCLEAR_RTOL of the exact ones by a first-order bound checked per matrix, and a matrix
+that fails the bound is decomposed exactly; its top-k values are float32-accurate, not randomized.
+Its entries are filed under their own tag, never served to ip_merging; the similarity analysis
+reads them (one decomposition per task vector for both analyses). method="exact" gives the
+float64 path throughout. This module also holds the triple iteration similarity.py shares.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -24,7 +31,7 @@ from merging import decomposition_cache as dc
 from merging.checkpoint import Checkpoint
 from merging.errors import LabError
 from merging.layout import derive_layout
-from merging.linalg import decompose, decompose_many
+from merging.linalg import decompose, decompose_many, side_by_side
 
 # The 2-D projection matrices of a decoder block, in display order (canonical rest names).
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -95,15 +102,55 @@ def matrices(triple: Triple, modules=MODULES) -> list[tuple[int, str, str]]:
     return out
 
 
-def spectrum(m: torch.Tensor, k: int, method: str = "auto") -> tuple[list[float], float, bool]:
-    """(top-k singular values, the exact nuclear norm, whether the top-k values are exact).
+def spectrum(m: torch.Tensor, k: int, method: str = "fast") -> tuple[list[float], float, bool]:
+    """(top-k singular values, the nuclear norm, whether the top-k values come from a full
+    decomposition rather than the randomized solver).
 
-    The same decomposition ip_merging uses (merging.linalg.decompose, same solver rule): the
-    nuclear norm is always exact; on large matrices with method "auto" or "lowrank" the top-k
-    values shown come from the randomized solver, as in the merge.
+    merging.linalg.decompose: the nuclear norm is exact ("fast": within FAST_NUCLEAR_RTOL); on
+    large matrices with method "auto" or "lowrank" the top-k values shown come from the
+    randomized solver, as in the merge.
     """
     d = decompose(m, k, method)
-    return d.s.tolist(), d.nuclear, d.exact
+    return d.s.tolist(), d.nuclear, full_spectrum(d)
+
+
+def full_spectrum(d) -> bool:
+    """Whether a decomposition's values come from a full (exact or float32) eigen-decomposition."""
+    return d.exact or d.all_s is not None
+
+
+def solver_name(d) -> str:
+    return "exact" if d.exact else "float32" if d.all_s is not None else "randomized"
+
+
+@contextmanager
+def one_thread(device, progress=None):
+    """Run the block with one CPU thread; yields `progress` wrapped to run with the threads it had.
+
+    The block is many mid-sized ops (float32 Grams, eigh, reads, hashing); with two threads on a
+    2-core machine other jobs also use, each op's thread barrier waits on a descheduled thread
+    (measured, Qwen2-0.5B-shaped spectra + similarity at load ~2.6: 54 s on 2 threads, 35 s on 1).
+    The threads it had decompose that many matrices side by side instead (linalg.side_by_side).
+    The progress callback may answer the app's chat lane, which keeps its threads.
+    """
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or before == 1:
+        yield progress
+        return
+
+    def wrapped(*args, **kwargs):
+        torch.set_num_threads(before)
+        try:
+            return progress(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        with side_by_side(before):
+            yield wrapped if progress else None
+    finally:
+        torch.set_num_threads(before)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -142,36 +189,85 @@ def layer_decompositions(triple: Triple, canonicals: list[str], k: int, method: 
     return list(zip(decs[0::2], decs[1::2]))
 
 
-def compute_spectra(triple: Triple, k: int = 64, method: str = "auto", device="cpu", progress=None,
+def dot_stats(tau_v: torch.Tensor, tau_r: torch.Tensor) -> list[float]:
+    """[<tau_v, tau_r>, |tau_v|^2, |tau_r|^2] of two tensors flattened, in float32."""
+    a, b = tau_v.float().flatten(), tau_r.float().flatten()
+    return [float(a @ b), float(a @ a), float(b @ b)]
+
+
+def _decomposition_cache(cache_dir, use_cache: bool):
+    return dc.DecompositionCache(decomposition_dir(cache_dir)) if use_cache and dc.enabled() else None
+
+
+def layer_dots(triple: Triple, layer: int, cache_dir=None, use_cache: bool = True) -> dict | None:
+    """canonical -> dot_stats of every tensor of the block, as the spectra filed them, or None.
+    Shared so the similarity that follows the spectra reads no tensor again."""
+    cache = _decomposition_cache(cache_dir, use_cache)
+    rec = cache.record(dc.pair_key(triple.fingerprints, layer)) if cache else None
+    names = triple.layer_names(layer)
+    if rec is None or set(rec) != set(names):
+        return None
+    ok = all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, float) and math.isfinite(x) for x in v)
+             for v in rec.values())
+    return rec if ok else None
+
+
+def file_layer_dots(triple: Triple, layer: int, pairs: dict, device="cpu", cache_dir=None,
+                    use_cache: bool = True, stats: dict | None = None) -> dict:
+    """dot_stats of every tensor of the block (those in `pairs` or `stats` are not read again),
+    filed in the decomposition cache's folder for layer_dots."""
+    stats = dict(stats or {})
+    for c in triple.layer_names(layer):
+        if c not in stats:
+            stats[c] = dot_stats(*(pairs[c] if c in pairs else triple.task_vectors(c, device)))
+    cache = _decomposition_cache(cache_dir, use_cache)
+    if cache:
+        cache.file_record(dc.pair_key(triple.fingerprints, layer), stats)
+    return stats
+
+
+def compute_spectra(triple: Triple, k: int = 64, method: str = "fast", device="cpu", progress=None,
                     cache_dir=None, use_cache: bool = True) -> dict:
     """Spectra and nuclear-norm ratios for every (layer, module); plain data for caching/JSON.
 
     Returns {"k", "method", "num_layers", "modules", "entries": [{"layer", "module", "s_v", "s_r",
-    "nuclear_v", "nuclear_r", "ratio", "exact"}], "ratio": [[per module] per layer]}.
+    "nuclear_v", "nuclear_r", "ratio", "exact", "solver"}], "ratio": [[per module] per layer]};
+    "exact": the values are not randomized; "solver": [VLM's, reasoner's], each "exact",
+    "float32" (the fast solver) or "randomized".
     Decompositions come from the decomposition cache (the one ip_merging fills), a layer at a time;
-    use_cache=False computes them all.
+    use_cache=False computes them all. A layer whose matrices had to be read also files its
+    blocks' dot products there (file_layer_dots), for the similarity analysis.
     """
-    todo = matrices(triple)
-    if not todo:
-        raise LabError("no projection matrices (q/k/v/o/gate/up/down) are shared by the three models")
-    entries = []
-    for layer in range(triple.num_layers):
-        mine = [(m, c) for lay, m, c in todo if lay == layer]
-        if not mine:
-            continue
+    with one_thread(device, progress) as progress:
+        todo = matrices(triple)
+        if not todo:
+            raise LabError("no projection matrices (q/k/v/o/gate/up/down) are shared by the three models")
+        entries = []
+        for layer in range(triple.num_layers):
+            mine = [(m, c) for lay, m, c in todo if lay == layer]
+            if not mine:
+                continue
+            if progress:
+                progress(len(entries), len(todo), f"spectra: layer {layer}")
+            pairs: dict = {}
+            decs = layer_decompositions(triple, [c for _, c in mine], k, method, device, False, cache_dir,
+                                        pairs, use_cache)
+            if use_cache and dc.enabled() and len(pairs) == len(mine):
+                # Every matrix was read for its decomposition: the similarity's dot products cost
+                # little more now (the norms) and a second read of the checkpoints later.
+                file_layer_dots(triple, layer, pairs, device, cache_dir, use_cache)
+            del pairs
+            for (module, _), (dv, dr) in zip(mine, decs):
+                entries.append({"layer": layer, "module": module, "s_v": dv.s.tolist(), "s_r": dr.s.tolist(),
+                                "nuclear_v": dv.nuclear, "nuclear_r": dr.nuclear,
+                                "ratio": _ratio(dv.nuclear, dr.nuclear),
+                                "exact": full_spectrum(dv) and full_spectrum(dr),
+                                "solver": [solver_name(dv), solver_name(dr)]})
         if progress:
-            progress(len(entries), len(todo), f"spectra: layer {layer}")
-        decs = layer_decompositions(triple, [c for _, c in mine], k, method, device, False, cache_dir,
-                                    use_cache=use_cache)
-        for (module, _), (dv, dr) in zip(mine, decs):
-            entries.append({"layer": layer, "module": module, "s_v": dv.s.tolist(), "s_r": dr.s.tolist(),
-                            "nuclear_v": dv.nuclear, "nuclear_r": dr.nuclear,
-                            "ratio": _ratio(dv.nuclear, dr.nuclear), "exact": dv.exact and dr.exact})
-    if progress:
-        progress(len(todo), len(todo), "spectra: done")
-    modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
-    return {"k": k, "method": method, "num_layers": triple.num_layers, "modules": modules,
-            "entries": entries, "ratio": grid(entries, "ratio", triple.num_layers, modules)}
+            progress(len(todo), len(todo), "spectra: done")
+        modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
+        return {"k": k, "method": method, "num_layers": triple.num_layers, "modules": modules,
+                "entries": entries, "ratio": grid(entries, "ratio", triple.num_layers, modules)}
 
 
 def grid(entries: list[dict], field: str, num_layers: int, modules: list[str]) -> list[list[float | None]]:
@@ -194,7 +290,7 @@ def cached_on_triple(name: str, vlm, reasoner, base, params: dict, compute, cach
         return cached(name, {"fp": t.fingerprints, **params}, lambda: compute(t), cache_dir)
 
 
-def spectra(vlm, reasoner, base, k: int = 64, method: str = "auto", device="cpu", progress=None,
+def spectra(vlm, reasoner, base, k: int = 64, method: str = "fast", device="cpu", progress=None,
             cache_dir=None, use_cache: bool = True) -> dict:
     """Open the triple, compute (or fetch from the cache) its spectra."""
     return cached_on_triple("spectra", vlm, reasoner, base, {"k": k, "method": method},

@@ -11,9 +11,14 @@ without reading the tensors at all.
 
 Storage is JSON-safe only: each entry is one safetensors file (tensors + string metadata; the
 format holds no code), each alias one JSON file; files are written to a temp name and renamed, a
-file that does not read back as expected is deleted and recomputed, never trusted. Exact entries
-keep every singular value and at least STORE_K basis vectors, so the spectra's k and the merge's
-rank share one entry. The folder is bounded by MAX_BYTES (oldest files go first).
+file that does not read back as expected is deleted and recomputed, never trusted. Exact (and
+fast) entries keep every singular value and at least STORE_K basis vectors, so the spectra's k
+and the merge's rank share one entry. The folder is bounded by MAX_BYTES (oldest files go first).
+Small JSON records (file_record) keep per-block facts the analyses share, like dot products.
+
+Entries of the analyses' "fast" solver (float32 Gram, merging.linalg) carry their own tag and are
+never served to a request for the exact or the randomized solver, so ip_merging reads only what
+it would compute; a "fast" request is served an exact entry when there is one.
 
 Location: $MERGE_LAB_CACHE/decompositions, else ~/.cache/merge-lab/decompositions (the analysis
 cache's folder); MERGE_LAB_DECOMPOSITION_CACHE=0 turns it off.
@@ -65,8 +70,19 @@ def alias_key(fp_model: str, fp_base: str, canonical: str, dtype) -> str:
     return json.dumps([SCHEMA, fp_model, fp_base, canonical, str(dtype).removeprefix("torch.")])
 
 
+FAST_TAG = "fast-f32"
+
+
+def pair_key(fingerprints: dict, layer: int) -> str:
+    """The record of one decoder block's task-vector dot products (analysis.similarity's cosines)."""
+    return json.dumps([SCHEMA, "dots", fingerprints["vlm"], fingerprints["reasoner"], fingerprints["base"],
+                       int(layer)])
+
+
 def _tag(solver: str, k: int, seed: int, device) -> str:
-    return "exact" if solver == "exact" else f"lowrank-k{k}-s{seed}-{torch.device(device).type}"
+    if solver in ("exact", "fast"):
+        return "exact" if solver == "exact" else FAST_TAG
+    return f"lowrank-k{k}-s{seed}-{torch.device(device).type}"
 
 
 @dataclass
@@ -112,7 +128,7 @@ class DecompositionCache:
 
     def store(self, key: str, tag: str, d: Decomposition) -> None:
         path = self._entry(key, tag)
-        tensors = {"s": (d.all_s if d.exact else d.s).detach().cpu().double().contiguous(),
+        tensors = {"s": (d.s if d.all_s is None else d.all_s).detach().cpu().double().contiguous(),
                    "vt": d.v.detach().cpu().float().T.contiguous()}
         meta = {"schema": SCHEMA, "nuclear": repr(float(d.nuclear)), "exact": str(int(d.exact))}
         try:
@@ -146,6 +162,29 @@ class DecompositionCache:
         except OSError:
             pass
 
+    def _record_path(self, key: str) -> Path:
+        return self.directory / "records" / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
+
+    def record(self, key: str) -> dict | None:
+        """The JSON object filed under `key` (file_record), or None."""
+        try:
+            rec = json.loads(self._record_path(key).read_text())
+            return rec["data"] if rec["key"] == key and isinstance(rec["data"], dict) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def file_record(self, key: str, data: dict) -> None:
+        """File a small JSON object (plain data) under `key`: facts about task vectors that are
+        cheap to keep and costly to recompute (their reading), like the blocks' dot products."""
+        path = self._record_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "data": data}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
     def evict(self) -> None:
         """Delete the least recently used entries until the folder is under max_bytes."""
         files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.directory.glob("*/*.safetensors")]
@@ -173,10 +212,11 @@ def _read(path: Path, shape, k: int, tag: str, need_v: bool) -> Decomposition | 
             return None
         v = vt[:k if need_v else 0].T.contiguous()  # the layout a fresh one has: equal bits downstream
     nuclear, exact = float(meta["nuclear"]), meta["exact"] == "1"
+    full = tag in ("exact", FAST_TAG)  # these keep every singular value
     if (s.dtype != torch.float64 or s.dim() != 1 or not math.isfinite(nuclear) or exact != (tag == "exact")
-            or (exact and s.shape[0] != min(shape)) or s.shape[0] < k):
+            or (full and s.shape[0] != min(shape)) or s.shape[0] < k):
         raise ValueError("malformed decomposition entry")
-    return Decomposition(s[:k].clone(), v, nuclear, exact, s if exact else None)
+    return Decomposition(s[:k].clone(), v, nuclear, exact, s if full else None)
 
 
 def _top(d: Decomposition, k: int) -> Decomposition:
@@ -184,11 +224,12 @@ def _top(d: Decomposition, k: int) -> Decomposition:
 
 
 def _compute(mats: list[torch.Tensor], k: int | None, method: str, seed: int) -> list[Decomposition]:
-    """Decompose the misses: exact ones with at least STORE_K basis vectors (what is stored),
-    batched by shape; randomized ones with exactly k (their values depend on k)."""
+    """Decompose the misses: exact and fast ones with at least STORE_K basis vectors (what is
+    stored), batched by shape; randomized ones with exactly k (their values depend on k)."""
     out: list[Decomposition | None] = [None] * len(mats)
     sol = [linalg.solver(m.shape, k, method) for m in mats]
-    for name, kk in (("exact", None if k is None else max(int(k), STORE_K)), ("lowrank", k)):
+    stored_k = None if k is None else max(int(k), STORE_K)
+    for name, kk in (("exact", stored_k), ("fast", stored_k), ("lowrank", k)):
         idx = [i for i, s in enumerate(sol) if s == name]
         if idx:
             for i, d in zip(idx, linalg.decompose_many([mats[i] for i in idx], kk, name, seed)):
@@ -228,7 +269,8 @@ def decompose_cached(requests: list[Request], k: int | None, method: str = "auto
     for i, d in zip(todo, _compute([requests[i].get() for i in todo], k, method, seed)):
         t = requests[i].tensor
         kk = _clamp(k, t.shape)
-        cache.store(keys[i], _tag(linalg.solver(t.shape, kk, method), kk, seed, t.device), d)
+        # A fast request the float32 bound refused was solved exactly: filed as the exact entry.
+        cache.store(keys[i], "exact" if d.exact else _tag(linalg.solver(t.shape, kk, method), kk, seed, t.device), d)
         if requests[i].alias:
             cache.file_alias(requests[i].alias, keys[i], t.shape)
         out[i] = _top(d, kk)
@@ -242,4 +284,10 @@ def _clamp(k: int | None, shape) -> int:
 
 def _lookup(cache: DecompositionCache, key: str, shape, k, method, seed, need_v, device) -> Decomposition | None:
     kk = _clamp(k, shape)
-    return cache.lookup(key, shape, kk, _tag(linalg.solver(shape, kk, method), kk, seed, device), need_v, device)
+    how = linalg.solver(shape, kk, method)
+    # A fast request takes an exact entry first (what ip_merging filed): exact beats float32.
+    for tag in (("exact", FAST_TAG) if how == "fast" else (_tag(how, kk, seed, device),)):
+        d = cache.lookup(key, shape, kk, tag, need_v, device)
+        if d is not None:
+            return d
+    return None

@@ -32,7 +32,7 @@ from merging import merge_report, methods, params
 from merging import recipe as recipe_mod
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
-from merging.errors import LabError, WriteError
+from merging.errors import Cancelled, LabError, WriteError
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.methods import MergeContext, TensorSet
 from merging.output_folder import AtomicFolder
@@ -201,7 +201,7 @@ class Progress:
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel():
-            raise LabError("cancelled")
+            raise Cancelled("cancelled")
 
     def step(self, n: int, message: str) -> None:
         self.done += n
@@ -294,18 +294,39 @@ def _write_weights(run: _Run, tmp: Path, max_shard_bytes: int, bar: Progress, bl
             bar.check()
             writer.write(a, read_checked(vck, a, "vlm", "cpu").to(run.dtypes[a]))
             bar.step(1, f"copy {a}")
-        for g in run.groups:
-            bar.check()
-            if run.method.elementwise and len(vck.shape(vlay.lm[g.names[0]])) > 0:
-                _stream_group(run, g, writer, block)
-                bar.step(1, f"layer {g.layer}" if g.layer is not None else g.names[0])
-            else:
-                _merge_whole_group(run, g, writer)
-                bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
+        with one_thread(run.method.elementwise and torch.device(run.device).type == "cpu"):
+            for g in run.groups:
+                bar.check()
+                if run.method.elementwise and len(vck.shape(vlay.lm[g.names[0]])) > 0:
+                    _stream_group(run, g, writer, block)
+                    bar.step(1, f"layer {g.layer}" if g.layer is not None else g.names[0])
+                else:
+                    _merge_whole_group(run, g, writer)
+                    bar.step(len(g.names), f"layer {g.layer}" if g.layer is not None else g.names[0])
         writer.finish()  # closes the files, reporting any late write error
     except BaseException:
         writer.close_files()  # before AtomicFolder removes the folder
         raise
+
+
+@contextlib.contextmanager
+def one_thread(on: bool = True):
+    """torch's CPU ops on one thread for the block (restored after).
+
+    For streamed blocks: each op on a ~1 MB block takes ~0.1 ms, so a second thread gains nothing
+    (measured), but every op's fork-join waits for both threads, and on a shared CPU the second is
+    often descheduled for a whole time slice: on 2 cores shared with other work (load 2-4), a streamed
+    task_arithmetic merge took 43 s on 2 threads and 5.6 s on one. Elementwise results do not
+    depend on the thread count."""
+    before = torch.get_num_threads()
+    if not on or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _stream_group(run: _Run, g: Group, writer, block: int) -> None:

@@ -9,6 +9,13 @@ class LabError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Cancelled(LabError):
+    """The user (or the app's Cancel) stopped the job: not a fault, so callers report it apart."""
+
+    def __init__(self, message: str = "cancelled"):
+        super().__init__(message)
+
+
 class WriteError(LabError):
     """The output could not be written (disk full, file too large, permissions)."""
 

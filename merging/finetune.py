@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from merging.drift import DriftResult, attach_hooks, compute_prior, drift_settings
 from merging.engine import check_device
-from merging.errors import LabError
+from merging.errors import Cancelled, LabError
 from merging.loading import load_model, prompt, tokenizer_of, user_turn
 from merging.output_folder import AtomicFolder, guard_output
 from merging.recipe import read_yaml, resolve_ref
@@ -72,7 +72,7 @@ def finetune(model, processor, examples: list, steps: int, lr: float, batch_size
     try:
         for step in range(steps):
             if cancel is not None and cancel():
-                raise LabError("cancelled")
+                raise Cancelled()
             if len(order) < batch_size:
                 order += rng.sample(range(len(examples)), len(examples))
             idx, order = order[:batch_size], order[batch_size:]

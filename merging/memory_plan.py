@@ -36,6 +36,10 @@ from merging.layout import VOCAB_TENSORS, split_canonical
 
 GiB = 2**30
 MAX_SETS = 4  # merged states kept at most (the live one included)
+# A merged state beyond the one the two chat panes need (earlier slider positions) is kept only
+# while it costs at most this much: a set is all the merged layers, so above that size a slider
+# move's re-merge is cheaper than the memory (the worker then holds about 1.7x its model, not 3x).
+EXTRA_SET_MAX_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,34 @@ def default_headroom(device: str, live: int) -> int:
     return max(GiB // 2 if device == "cpu" else int(1.5 * GiB), live // 10)
 
 
+class _Pools:
+    """Bytes left on the device and in host RAM; on the CPU both names draw on one pool."""
+
+    def __init__(self, cpu: bool, dev: int, host: int):
+        self.cpu, self.left = cpu, {"device": dev, "host": dev if cpu else host}
+
+    def room(self, where: str) -> int:
+        return self.left["device" if self.cpu else where]
+
+    def take(self, where: str, n: int) -> bool:
+        key = "device" if self.cpu else where
+        if n > self.left[key]:
+            return False
+        self.left[key] -= n
+        return True
+
+
+def _refusal(footprint: Footprint, device: str, device_free: int, host_free: int, headroom: int) -> MemoryPlan:
+    cpu = device == "cpu"
+    where = "host RAM" if cpu else f"{device} memory"
+    need = footprint.live + headroom
+    free = max(0, host_free if cpu else device_free)
+    return MemoryPlan(device, device_free, host_free, headroom, footprint, fits=False, problem=(
+        f"{footprint.label} needs {need / GiB:.1f} GiB of {where} ({footprint.live / GiB:.1f} GiB of weights "
+        f"+ {headroom / GiB:.1f} GiB to generate) and {free / GiB:.1f} GiB is free: "
+        f"free {(need - free) / GiB:.1f} GiB (close other programs using it) or choose a smaller pair"))
+
+
 def plan(footprint: Footprint, device: str, device_free: int, host_free: int, headroom: int | None = None,
          max_sets: int = MAX_SETS) -> MemoryPlan:
     """Place each unit's pieces (see the module's docstring). device_free / host_free: bytes free
@@ -152,80 +184,40 @@ def plan(footprint: Footprint, device: str, device_free: int, host_free: int, he
     cpu = device == "cpu"
     headroom = default_headroom(device, footprint.live) if headroom is None else headroom
     dev = (host_free if cpu else device_free) - footprint.live - headroom
-    host = host_free - (0 if cpu else GiB)  # on a GPU machine the process itself needs some host RAM
     if dev < 0:
-        where = "host RAM" if cpu else f"{device} memory"
-        need = footprint.live + headroom
-        free = max(0, host_free if cpu else device_free)
-        return MemoryPlan(device, device_free, host_free, headroom, footprint, fits=False, problem=(
-            f"{footprint.label} needs {need / GiB:.1f} GiB of {where} ({footprint.live / GiB:.1f} GiB of weights "
-            f"+ {headroom / GiB:.1f} GiB to generate) and {free / GiB:.1f} GiB is free: "
-            f"free {-dev / GiB:.1f} GiB (close other programs using it) or choose a smaller pair"))
+        return _refusal(footprint, device, device_free, host_free, headroom)
+    pools = _Pools(cpu, dev, host_free - GiB)  # on a GPU machine the process itself needs some host RAM
     units = footprint.units
     pointer = {}
     for u in units:  # decoder layers first, then the rest: pointer units where the device has room
-        pointer[u.layer] = u.changed <= dev
-        if pointer[u.layer]:
-            dev -= u.changed
-        elif cpu:
+        pointer[u.layer] = pools.take("device", u.changed)
+        if not pointer[u.layer] and cpu:
             break  # one pool: whatever does not fit here fits nowhere
-    original, stash = {}, {}
-    for u in units:
-        if pointer.get(u.layer):
-            original[u.layer], stash[u.layer] = "loaded", "device"
-            continue
-        if u.original <= (dev if cpu else host):
-            original[u.layer] = "host"
-            if cpu:
-                dev -= u.original
-            else:
-                host -= u.original
-        else:
-            original[u.layer] = "file"
-    copy_units = [u for u in units if not pointer.get(u.layer)]
-    stash_bytes = sum(u.original for u in copy_units)  # merged values are exact in the checkpoint dtype
-    stash_room = dev if cpu else host
-    stash_ok = stash_bytes <= stash_room
-    for u in copy_units:
-        stash[u.layer] = "host" if stash_ok else "none"
-    if stash_ok:
-        if cpu:
-            dev -= stash_bytes
-        else:
-            host -= stash_bytes
+    copies = [u for u in units if not pointer.get(u.layer)]
+    original = {u.layer: "loaded" for u in units if pointer.get(u.layer)}
+    original.update({u.layer: "host" if pools.take("host", u.original) else "file" for u in copies})
+    stash_bytes = sum(u.original for u in copies)  # merged values are exact in the checkpoint dtype
+    stash_ok = pools.take("host", stash_bytes)
+    stash = {u.layer: "device" if pointer.get(u.layer) else ("host" if stash_ok else "none") for u in units}
     inputs = {}
     for u in units:
         if cpu:
             inputs[u.layer] = "file"
-        elif u.inputs <= dev:
-            inputs[u.layer], dev = "device", dev - u.inputs
-        elif u.inputs <= host:
-            inputs[u.layer], host = "host", host - u.inputs
         else:
-            inputs[u.layer] = "file"
+            inputs[u.layer] = next((w for w in ("device", "host") if pools.take(w, u.inputs)), "file")
     # More merged states while there is room: each costs the pointer units' bytes on the device
     # and the copy units' stash in host RAM.
     per_dev = sum(u.changed for u in units if pointer.get(u.layer))
-    sets = 0
-    if stash_ok:
-        sets = 1
-        spare_dev, spare_host = dev, (dev if cpu else host)
-        while sets < max_sets:
-            need_dev, need_host = per_dev, stash_bytes
-            if cpu:
-                if need_dev + need_host > spare_dev:
-                    break
-                spare_dev -= need_dev + need_host
-            else:
-                if need_dev > spare_dev or need_host > spare_host:
-                    break
-                spare_dev, spare_host = spare_dev - need_dev, spare_host - need_host
-            sets += 1
+    sets = 1 if stash_ok else 0
+    while 0 < sets < max_sets and per_dev + stash_bytes <= EXTRA_SET_MAX_BYTES \
+            and pools.room("device") >= per_dev + (stash_bytes if cpu else 0) and pools.room("host") >= stash_bytes:
+        pools.take("device", per_dev)
+        pools.take("host", stash_bytes)
+        sets += 1
     placements = tuple(Placement(u.layer, "device" if pointer.get(u.layer) else "in-place", original[u.layer],
                                  stash[u.layer], inputs[u.layer]) for u in units)
     use = _use(footprint, placements, device, headroom, sets)
-    return MemoryPlan(device, device_free, host_free, headroom, footprint, placements, min(sets, max_sets),
-                      True, "", use)
+    return MemoryPlan(device, device_free, host_free, headroom, footprint, placements, sets, True, "", use)
 
 
 def _use(footprint: Footprint, placements, device: str, headroom: int, sets: int) -> dict:

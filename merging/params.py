@@ -51,15 +51,16 @@ def interpolate(anchors: list, layer: int, num_layers: int) -> float:
     return float(anchors[i0]) * (1 - frac) + float(anchors[i0 + 1]) * frac
 
 
-def resolve(method, knobs: dict, layer: int | None, num_layers: int) -> dict[str, float]:
-    """The method's knob values at one layer (None: a tensor outside the decoder layers).
+def resolve(method, knobs: dict, layer: int | None, num_layers: int) -> dict[str, float | int | bool]:
+    """The method's knob values at one layer (None: a tensor outside the decoder layers), each as its
+    Param's kind: float, int (rounded after interpolation, so a gradient of ranks stays whole) or
+    bool (on at >= 0.5). A knob the method does not declare stays a float.
 
     `knobs` is usually recipe.knobs() (defaults overlaid with the recipe's parameters).
-    Integer knobs are rounded after interpolation so a gradient of ranks stays whole.
     """
     m = _method(method)
     at = num_layers - 1 if layer is None else layer
-    out: dict[str, float] = {}
+    out: dict[str, float | int | bool] = {}
     specs = {p.name: p for p in m.params}
     for name, value in {**m.defaults(), **knobs}.items():
         if isinstance(value, list):
@@ -68,7 +69,7 @@ def resolve(method, knobs: dict, layer: int | None, num_layers: int) -> dict[str
         else:
             v = float(value)
         spec = specs.get(name)
-        out[name] = float(round(v)) if spec is not None and spec.integer else v
+        out[name] = spec.typed(v) if spec is not None else v
     return out
 
 

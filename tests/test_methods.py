@@ -11,7 +11,7 @@ from merging import linalg, methods, params
 from merging.errors import LabError
 from merging.methods import MergeContext, TensorSet
 from merging.methods import frank as frank_mod
-from merging.methods import ties as ties_mod
+from merging.methods import gta as gta_mod
 
 L = 4
 
@@ -82,7 +82,7 @@ def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, cons
     g = torch.Generator().manual_seed(7)
     masks = (torch.rand((2, *v.shape), generator=g) < 0.4).float()
     it = iter(masks)
-    monkeypatch.setattr(ties_mod, "bernoulli", lambda tau, density, gen: tau * next(it) / density)
+    monkeypatch.setattr(gta_mod, "bernoulli", lambda tau, density, gen: tau * next(it) / density)
     got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, lam=0.9)
     want = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=masks)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -133,7 +133,7 @@ def test_dare_br2v_semantics(monkeypatch, name, consensus):
     def fake_rand(shape, generator=None, device=None):  # the masks DARE draws, in order (VLM, reasoner)
         return torch.where(next(draws), 0.0, 1.0) if generator is not None else real(shape)
 
-    monkeypatch.setattr(ties_mod.torch, "rand", fake_rand)
+    monkeypatch.setattr(gta_mod.torch, "rand", fake_rand)
     got = run(name, v, r, b, weight_vlm=1.6, alpha=0.2, density=0.2, br2v=1)
     monkeypatch.undo()
     torch.testing.assert_close(got, ref_br2v(v, r, b, 1.6, 0.2, consensus, keep.float()), rtol=0, atol=1e-6)
@@ -141,7 +141,7 @@ def test_dare_br2v_semantics(monkeypatch, name, consensus):
 
 def test_dare_statistics_and_seeding():
     tau = torch.ones(400, 400)
-    out = ties_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"))
+    out = gta_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01  # drop rate 1 - density
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))  # survivors rescaled

@@ -38,7 +38,7 @@ def test_every_method_round_trips_through_the_url(method):
     back, notes = parse(dict(parse_qsl(query)))
     assert notes == []
     assert (back.method, back.layers, back.tab) == (method, (1, 2), "spectra")
-    hides = recipes.PRIOR_HIDES.get(method, {}).get(state.prior, ())
+    hides = recipes.toggle_hides(method, state.prior)
     for name, v in knobs.items():
         if name not in hides:
             assert back.knob(name) == v, name

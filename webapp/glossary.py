@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-PAPERS = {
-    "task arithmetic": ("Ilharco et al. 2023, Editing Models with Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
-    "TIES": ("Yadav et al. 2023, TIES-Merging", "https://arxiv.org/abs/2306.01708"),
-    "DARE": ("Yu et al. 2024, Language Models are Super Mario (DARE)", "https://arxiv.org/abs/2311.03099"),
-    "BR2V": ("Chen et al. 2025, Bring Reason to Vision (ICML)", "https://arxiv.org/abs/2505.05464"),
-    "IP-Merging": ("IP-Merging, 2025", "https://arxiv.org/abs/2510.14387"),
-    "FRANK": ("FRANK, 2025", "https://arxiv.org/abs/2505.16151"),
-    "DRIFT": ("DRIFT, 2025", "https://arxiv.org/abs/2510.15050"),
-}
+import re
 
-# method name -> the PAPERS key it follows
-METHOD_PAPER = {"linear": "BR2V", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare_ties": "DARE",
-                "dare_linear": "DARE", "layer_swap": "BR2V", "ip_merging": "IP-Merging", "frank": "FRANK"}
+from merging import methods
+
+# Papers that no merge method declares (DRIFT is a fine-tune, not a merge).
+OTHER_PAPERS = {"DRIFT": ("DRIFT, 2025", "https://arxiv.org/abs/2510.15050")}
+
+
+def _year(title: str) -> int:
+    found = re.search(r"\b(19|20)\d\d\b", title)
+    return int(found[0]) if found else 9999
+
+
+def _papers() -> dict[str, tuple[str, str]]:
+    """short name -> (citation, link): each method's paper (MergeMethod.paper), then the others; oldest
+    first (a stable sort, so papers of one year keep the methods' order)."""
+    found = {m.paper.short: (m.paper.title, m.paper.url) for m in methods.all_methods() if m.paper}
+    found.update(OTHER_PAPERS)
+    return dict(sorted(found.items(), key=lambda kv: _year(kv[1][0])))
+
+
+PAPERS = _papers()
 
 # analysis name -> the papers whose figures it reproduces
 ANALYSIS_PAPERS = {"spectra": ("IP-Merging",), "similarity": ("FRANK", "IP-Merging"), "attention": ("FRANK",),
@@ -51,11 +60,8 @@ TERMS = (
 
 def paper_link(method: str) -> str:
     """Markdown link to the paper a method follows, or ''."""
-    key = METHOD_PAPER.get(method)
-    if not key:
-        return ""
-    title, url = PAPERS[key]
-    return f"[{title}]({url})"
+    paper = methods.get(method).paper if method in methods.names() else None
+    return f"[{paper.title}]({paper.url})" if paper else ""
 
 
 def analysis_links(name: str) -> str:

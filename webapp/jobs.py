@@ -20,6 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# The one cancel error, re-exported: the worker raises it when a job's cancel flag is seen, and
+# merging's own cancel checks raise the same class.
+from merging.errors import Cancelled as Cancelled
+
 if TYPE_CHECKING:  # the annotation only: jobs stays free of torch for the UI process's client
     from merging.drift import DriftResult
 
@@ -29,10 +33,6 @@ CHAT_LANE = ("ping", "plan", "merge", "chat")  # what a person waits on while ty
 
 def lane_of(kind: str) -> str:
     return "chat" if kind in CHAT_LANE else "long"
-
-
-class Cancelled(Exception):
-    """Raised inside the worker when the job's cancel flag is seen."""
 
 
 def recipe_key(recipe: dict | None) -> str | None:

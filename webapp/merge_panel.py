@@ -58,7 +58,7 @@ class MergePanel:
         n = (dims or {}).get("num_layers")
         first, last = state.layers or (0, (n or 32) - 1)
         ups = {self.method: state.method, self.about: _describe(state.method),
-               self.prior: gr.update(visible=state.method == "frank", value=state.prior),
+               self.prior: _toggle_update(state.method, value=state.prior),
                self.advanced: "", self.typed: "",
                self.first: gr.update(maximum=(n or 32) - 1, value=first),
                self.last: gr.update(maximum=(n or 32) - 1, value=last), self.layers_n: str(n or "")}
@@ -93,7 +93,7 @@ def _knob_updates(method: str, dims: dict | None = None, values: dict | None = N
     """The pools' updates (sliders, then radios) that show `method`'s knobs at `values` (default: the
     method's defaults), sliders capped for this model (dims: num_layers, hidden_size)."""
     dims, values = dims or {}, values or {}
-    hides = recipes.PRIOR_HIDES.get(method, {}).get(bool(prior), ())
+    hides = recipes.toggle_hides(method, prior)
     nums, chs = recipes.numeric_params(method), recipes.choice_params(method)
     ups = []
     for i in range(recipes.SLIDERS):
@@ -116,13 +116,21 @@ def _knob_updates(method: str, dims: dict | None = None, values: dict | None = N
 
 
 def _prior_updates(method: str, prior: bool) -> list:
-    """frank: show the slider its prior checkbox uses (beta with the prior, w_v without)."""
-    hides = recipes.PRIOR_HIDES.get(method)
-    if not hides:
+    """Show the sliders the method's toggle leaves in this state (frank: beta with the prior, w_v without)."""
+    if methods.get(method).toggle is None:
         return [gr.skip()] * recipes.SLIDERS
+    hides = recipes.toggle_hides(method, prior)
     names = [p.name for p in recipes.numeric_params(method)]
-    return [gr.update(visible=names[i] not in hides[bool(prior)]) if i < len(names) else gr.skip()
+    return [gr.update(visible=names[i] not in hides) if i < len(names) else gr.skip()
             for i in range(recipes.SLIDERS)]
+
+
+def _toggle_update(method: str, **value) -> dict:
+    """The toggle checkbox for this method: shown, with the method's own label, only when it has one."""
+    toggle = methods.get(method).toggle
+    if toggle is None:
+        return gr.update(visible=False, **value)
+    return gr.update(visible=True, label=toggle.label, info=toggle.info, **value)
 
 
 def _clamp_notes(method: str, typed: str, slider_values, dims: dict | None) -> list[str]:
@@ -170,8 +178,11 @@ def _controls() -> SimpleNamespace:
         spec = {k: v for k, v in ups[recipes.SLIDERS + i].items() if k != "__type__"}
         spec.setdefault("label", f"choice {i + 1}")
         c.radios.append(gr.Radio(interactive=True, elem_id=f"choice-{i + 1}", **spec))
-    c.prior = gr.Checkbox(False, label="Use the attention-decay prior (beta)", visible=False, elem_id="frank-prior",
-                          info="FRANK: weight the VLM more in early layers, where images get most attention")
+    # One checkbox serves every method's toggle; hidden until a method with one is chosen. The element
+    # id is kept as it was: the browser tests find the checkbox by it.
+    first = next((m.toggle for m in methods.all_methods() if m.toggle), None)
+    c.prior = gr.Checkbox(False, label=first.label if first else "", info=first.info if first else None,
+                          visible=False, elem_id="frank-prior")
     c.typed = gr.Textbox("", visible="hidden", elem_id="knob-typed")
     with gr.Accordion("Layer range and per-layer values", open=False):
         with gr.Row():
@@ -218,7 +229,7 @@ def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
     The method and prior listen to the user (input) or to any change where the result is the same
     whoever set them, so MergePanel.apply (a link, the walkthrough) is not undone by its own updates."""
     def on_method(name, dims, prior):
-        return [_describe(name), gr.update(visible=name == "frank"), ""] + _knob_updates(name, dims, None, prior)
+        return [_describe(name), _toggle_update(name), ""] + _knob_updates(name, dims, None, prior)
 
     knobs = [*c.sliders, *c.radios]
     c.method.input(on_method, [c.method, models.dims, c.prior], [c.about, c.prior, c.typed, *knobs], queue=False,

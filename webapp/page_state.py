@@ -115,8 +115,8 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
 
     if use_beta is not None:  # the attention fit's beta into frank's knobs, prior on, the fit still in view
         beta, button = use_beta
-        button.click(lambda b, p, v, r, bs: apply_query({"method": "frank", "use_prior": "1", "beta": f"{b:.4f}",
-                                                          **_triple_query(p, v, r, bs)}, keep_view=True),
+        button.click(lambda b, p, v, r, bs: apply_query({**url_state.beta_query(b), **_triple_query(p, v, r, bs)},
+                                                        keep_view=True),
                      [beta, models.preset, models.vlm, models.reasoner, models.base], outputs, queue=False,
                      api_visibility="private").then(None, url_inputs, None, js=encoder)
     gr.on([c.change for c in url_inputs], None, url_inputs, None, js=encoder)

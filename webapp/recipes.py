@@ -10,10 +10,7 @@ from merging import methods
 from merging.errors import LabError
 from merging.recipe import from_dict, parse_yaml
 
-DEFAULT_METHOD = "task_arithmetic"
-HIDDEN = {"frank": ("use_prior",)}  # knobs driven by other controls (frank: the prior checkbox)
-# frank: the prior checkbox decides which of its sliders mean anything (recipes.build drops the other)
-PRIOR_HIDES = {"frank": {True: ("w_v",), False: ("beta",)}}
+DEFAULT_METHOD = methods.default_method().name
 # Labels of the choice knobs' values, by knob name (a choice: an integer knob spanning at most 4 values).
 CHOICE_LABELS = {
     "normalize": ("0 · off: a plain weighted sum", "1 · divide by the summed weights"),
@@ -26,8 +23,15 @@ CAP = 256  # largest slider for an integer knob with a huge range when the model
 
 
 def shown_params(method: str) -> list:
-    hidden = HIDDEN.get(method, ())
-    return [p for p in methods.get(method).params if p.name not in hidden]
+    """The knobs shown in the pools: all but the method's toggle (a checkbox of its own)."""
+    m = methods.get(method)
+    return [p for p in m.params if m.toggle is None or p.name != m.toggle.knob]
+
+
+def toggle_hides(method: str, on: bool) -> tuple[str, ...]:
+    """The knobs the method's toggle hides in this state (none for a method without a toggle)."""
+    toggle = methods.get(method).toggle
+    return toggle.hides(bool(on)) if toggle else ()
 
 
 def is_choice(p) -> bool:
@@ -95,12 +99,11 @@ def build(triple: dict, method: str, knob_values, first=None, last=None, num_lay
         if v is None:
             continue
         params[p.name] = int(round(float(v))) if p.integer else round(float(v), 6)
-    if method == "frank":
+    if m.toggle is not None:  # the checkbox sets its knob; the knobs it hides mean nothing
         if prior:
-            params["use_prior"] = 1
-            params.pop("w_v", None)
-        else:
-            params.pop("beta", None)
+            params[m.toggle.knob] = 1
+        for name in m.toggle.hides(bool(prior)):
+            params.pop(name, None)
     if advanced and advanced.strip():
         # The hardened reader: no anchors/aliases, bounded size and nesting (an alias bomb here
         # would stall the shared worker for every user).

@@ -49,7 +49,9 @@ class LabState:
 
     @property
     def prior(self) -> bool:
-        return self.method == "frank" and bool(self.knob("use_prior"))
+        """The method's toggle (frank's prior checkbox) is on."""
+        toggle = methods.get(self.method).toggle
+        return toggle is not None and bool(self.knob(toggle.knob))
 
 
 def slug(label: str) -> str:
@@ -216,12 +218,24 @@ def fit(state: LabState, dims: dict | None) -> tuple[LabState, list[str]]:
 
 
 def encoded_knobs(state: LabState) -> list[tuple[str, str]]:
-    """The knobs a URL carries for this state: every shown knob (frank: the one its prior uses)."""
-    hides = recipes.PRIOR_HIDES.get(state.method, {}).get(state.prior, ())
+    """The knobs a URL carries for this state: every shown knob its toggle leaves shown, then the
+    toggle (frank: use_prior, and w_v or beta)."""
+    hides = recipes.toggle_hides(state.method, state.prior)
     out = [(p.name, _fmt(state.knob(p.name))) for p in recipes.shown_params(state.method) if p.name not in hides]
-    if state.method == "frank":
-        out.append(("use_prior", str(int(state.prior))))
+    toggle = methods.get(state.method).toggle
+    if toggle is not None:
+        out.append((toggle.knob, str(int(state.prior))))
     return out
+
+
+def beta_query(beta: float) -> dict[str, str]:
+    """The query that puts an attention fit's decay rate to use: the first method taking one
+    (MergeMethod.attention_knobs; frank: its prior on, with this beta); {} when none does."""
+    for m in methods.all_methods():
+        knobs = m.attention_knobs(beta)
+        if knobs:
+            return {"method": m.name, **{k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in knobs.items()}}
+    return {}
 
 
 def encode(state: LabState, num_layers: int | None = None) -> str:
@@ -245,10 +259,12 @@ def js_layout() -> dict:
     return {
         "slugs": {label: slug(label) for label in presets.labels()},
         "default": presets.DEFAULT, "custom": presets.CUSTOM, "sliders": recipes.SLIDERS,
-        "methods": {m: {"sliders": [p.name for p in recipes.numeric_params(m)],
-                        "radios": [p.name for p in recipes.choice_params(m)],
-                        "hides": {str(k).lower(): list(v) for k, v in recipes.PRIOR_HIDES.get(m, {}).items()}}
-                    for m in methods.names()},
+        "methods": {m.name: {"sliders": [p.name for p in recipes.numeric_params(m.name)],
+                             "radios": [p.name for p in recipes.choice_params(m.name)],
+                             "toggle": m.toggle.knob if m.toggle else None,
+                             "hides": ({str(on).lower(): list(m.toggle.hides(on)) for on in (True, False)}
+                                       if m.toggle else {})}
+                    for m in methods.all_methods()},
     }
 
 
@@ -261,11 +277,11 @@ ENCODER = """
   if (preset === L.custom) { q.set("vlm", vlm || ""); q.set("reasoner", reasoner || ""); q.set("base", base || ""); }
   else if (preset !== L.default) q.set("preset", L.slugs[preset] || preset);
   q.set("method", method);
-  const m = L.methods[method] || {sliders: [], radios: [], hides: {}};
+  const m = L.methods[method] || {sliders: [], radios: [], toggle: null, hides: {}};
   const hides = m.hides[String(!!prior)] || [];
   m.sliders.forEach((name, i) => { if (!hides.includes(name) && pool[i] != null) q.set(name, num(pool[i])); });
   m.radios.forEach((name, i) => { const v = pool[L.sliders + i]; if (v != null) q.set(name, num(v)); });
-  if (method === "frank") q.set("use_prior", prior ? "1" : "0");
+  if (m.toggle) q.set(m.toggle, prior ? "1" : "0");
   const n = parseInt(nLayers);
   if (n > 0 && (Number(first) > 0 || Number(last) < n - 1)) q.set("layers", `${Number(first)}-${Number(last)}`);
   if (tab && tab !== "chat") q.set("tab", tab);

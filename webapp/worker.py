@@ -205,7 +205,7 @@ class Worker:
         except Cancelled:
             self.send(job_id, "cancelled", f"cancelled after {time.monotonic() - t0:.1f} s")
         except LabError as e:
-            if flag():  # the engine reports its own cancel as LabError("cancelled")
+            if flag():  # an error the cancel itself caused (a half-read input, say) reads as the cancel
                 self.send(job_id, "cancelled", f"cancelled after {time.monotonic() - t0:.1f} s")
             else:
                 self.send(job_id, "error", str(e))

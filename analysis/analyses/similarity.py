@@ -18,7 +18,7 @@ class Similarity(Analysis):
 
     def run(self, job, p):
         # Cached inside similarity.similarity, keyed on the three checkpoints' fingerprints.
-        return similarity.similarity(*job.triple, rank=p["rank"], method="auto", device=job.device,
+        return similarity.similarity(*job.triple, rank=p["rank"], method="fast", device=job.device,
                                      progress=job.progress, cache_dir=job.cache_dir)
 
     def summary(self, data, p):

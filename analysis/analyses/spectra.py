@@ -20,7 +20,7 @@ class Spectra(Analysis):
 
     def run(self, job, p):
         # Cached inside spectra.spectra, keyed on the three checkpoints' fingerprints.
-        return spectra.spectra(*job.triple, k=p["k"], method="auto", device=job.device, progress=job.progress,
+        return spectra.spectra(*job.triple, k=p["k"], method="fast", device=job.device, progress=job.progress,
                                cache_dir=job.cache_dir)
 
     def summary(self, data, p):

@@ -1,4 +1,5 @@
-"""What a merge method is: its knobs, its scope, and the tensors it is handed."""
+"""What a merge method is: its knobs, its scope, the tensors it is handed, and what the other layers
+read from it (the leaderboard's grid, its paper, the app's knob toggles, its diagnostics' summaries)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,74 @@ from dataclasses import dataclass, field
 
 import torch
 
+KINDS = (float, int, bool)
+
 
 @dataclass(frozen=True)
 class Param:
-    """One knob: default, allowed range (inclusive), a one-line hint for the UI."""
+    """One knob: default, allowed range (inclusive), a one-line hint for the UI.
+
+    `kind` is the Python type merging.params.resolve hands the method: float, int (rounded) or
+    bool (on at >= 0.5). Recipes, URLs and the UI keep writing int and bool knobs as whole numbers
+    (0/1 for a bool), so `default`, `lo` and `hi` stay numbers.
+    """
 
     name: str
     default: float
     lo: float
     hi: float
     hint: str
-    integer: bool = False
+    kind: type = float
     per_layer: bool = True  # may be given as a per-layer list / gradient
     aliases: tuple[str, ...] = ()  # old names still accepted in recipes (mapped to `name`)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"knob {self.name!r}: kind must be one of float, int, bool")
+        if self.kind is bool and (self.lo, self.hi) != (0, 1):
+            raise ValueError(f"knob {self.name!r}: a bool knob ranges over 0..1")
+
+    @property
+    def integer(self) -> bool:
+        """Whole numbers only (int and bool knobs): what recipes, URLs and sliders check."""
+        return self.kind is not float
+
+    def typed(self, value: float):
+        """A resolved value as this knob's kind."""
+        if self.kind is bool:
+            return value >= 0.5
+        if self.kind is int:
+            return int(round(value))
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The paper a method follows: a short name (the glossary's key), the citation and its arXiv link."""
+
+    short: str
+    title: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Toggle:
+    """A bool knob the app shows as a checkbox of its own, outside the knob pools; each of its two
+    states hides the knobs that mean nothing in it (the recipe drops them)."""
+
+    knob: str
+    label: str
+    info: str = ""
+    hides_when_on: tuple[str, ...] = ()
+    hides_when_off: tuple[str, ...] = ()
+
+    def hides(self, on: bool) -> tuple[str, ...]:
+        return self.hides_when_on if on else self.hides_when_off
+
+
+def layer_key(layer: int | None) -> str:
+    """A decoder layer as the merge report's JSON keys it; "other" for tensors outside the layers."""
+    return "other" if layer is None else str(layer)
 
 
 @dataclass
@@ -53,7 +109,8 @@ class MergeContext:
 
 
 class MergeMethod:
-    """Base class. Subclasses set name/params and implement merge_tensor or merge_layer."""
+    """Base class. Subclasses set name/params and implement merge_tensor or merge_layer; the rest
+    has a default that does nothing method-specific."""
 
     name: str = ""
     needs_base: bool = True
@@ -64,6 +121,9 @@ class MergeMethod:
     elementwise: bool = False
     params: tuple[Param, ...] = ()
     description: str = ""
+    default: bool = False  # the method the app opens with: exactly one registered method sets it
+    paper: Paper | None = None
+    toggle: Toggle | None = None
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params}
@@ -77,6 +137,33 @@ class MergeMethod:
     def validate(self, params: dict) -> None:
         """Checks across knobs, on the recipe's parameters as given (each is already in range);
         raise LabError to refuse the recipe. Default: none."""
+
+    def grid(self, num_layers: int) -> list[dict]:
+        """Knob settings the leaderboard tries on its dev split, besides the defaults it always
+        scores. Default: [{}], the defaults only (the method is ranked untuned, never skipped)."""
+        return [{}]
+
+    def attention_knobs(self, beta: float) -> dict:
+        """The knobs that put the attention analysis' fitted decay rate `beta` to use (the app's
+        "use this beta" button); {} when the method takes none."""
+        return {}
+
+    def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
+        """The merge report's `diagnostics` entries from what this method left in ctx.extra, and its
+        warnings. Default: none."""
+        return {}, []
+
+    def selection_details(self, extra: dict) -> str:
+        """One line for the leaderboard on what the merge selected, from ctx.extra. Default: ''."""
+        return ""
+
+    def report_lines(self, diagnostics: dict) -> list[str]:
+        """Short lines on the report's diagnostics (CLI stdout, the app's status). Default: none."""
+        return []
+
+    def layer_note(self, diagnostics: dict, layer: str) -> str:
+        """The report's per-layer figure: this method's note on one layer's bar. Default: ''."""
+        return ""
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError

@@ -1,34 +1,31 @@
-"""`dare_ties` and `dare_linear`: DARE sparsification (random drop, rescale) in mergekit's
-generalized task arithmetic (see ties.py for the full recipe). Seeded per tensor from the recipe
-seed and the canonical name (MergeContext.generator)."""
+"""`dare_ties` and `dare_linear`: DARE sparsification (random drop, rescale) in generalized task
+arithmetic (the recipe: gta.py). Seeded per tensor from the recipe seed and the canonical name
+(MergeContext.generator)."""
 
 from __future__ import annotations
 
-import torch
+from merging.methods import Paper, register
+from merging.methods.gta import GeneralizedTaskArithmetic, gta_params
 
-from merging.methods import MergeMethod, TensorSet, register
-from merging.methods.ties import gta_merge, gta_params
+DARE = Paper("DARE", "Yu et al. 2024, Language Models are Super Mario (DARE)", "https://arxiv.org/abs/2311.03099")
 
 
 @register
-class DareTies(MergeMethod):
+class DareTies(GeneralizedTaskArithmetic):
     name = "dare_ties"
-    needs_base = True
-    scope = "tensor"
     description = "DARE drop-and-rescale of each task vector, then TIES sign consensus."
-    params = gta_params(alpha=1.0, normalize=0)  # mergekit's default for dare_ties
-
-    def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
-        return gta_merge(t, p, ctx, "bernoulli", consensus=True)
+    params = gta_params(alpha=1.0, normalize=False)  # mergekit's default for dare_ties
+    paper = DARE
+    sparsify, consensus = "bernoulli", True
 
 
 @register
-class DareLinear(MergeMethod):
+class DareLinear(GeneralizedTaskArithmetic):
     name = "dare_linear"
-    needs_base = True
-    scope = "tensor"
     description = "DARE drop-and-rescale of each task vector, then a weighted sum."
-    params = gta_params(alpha=0.5, normalize=0)
+    params = gta_params(alpha=0.5, normalize=False)
+    paper = DARE
+    sparsify, consensus = "bernoulli", False
 
-    def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
-        return gta_merge(t, p, ctx, "bernoulli", consensus=False)
+    def grid(self, num_layers: int) -> list[dict]:
+        return [{"alpha": a, "density": 0.5} for a in (0.5, 1.0, 1.5)]

@@ -23,7 +23,7 @@ import math
 import torch
 
 from merging.errors import LabError
-from merging.methods import MergeMethod, Param, TensorSet, register
+from merging.methods import MergeMethod, Paper, Param, TensorSet, Toggle, layer_key, register
 
 
 def prior_w_v(beta: float, layer: int) -> float:
@@ -44,10 +44,21 @@ class Frank(MergeMethod):
     description = "Per-block weights from the task vectors' squared norms, optionally with an attention prior."
     params = (
         Param("w_v", 0.5, 0.0, 1.0, "prior weight of the VLM per layer (w_r = 1 - w_v); 0.5 = no prior"),
-        Param("use_prior", 0, 0, 1, "1: w_v from the exponential prior with beta", integer=True, per_layer=False),
+        Param("use_prior", 0, 0, 1, "1: w_v from the exponential prior with beta", kind=bool, per_layer=False),
         Param("beta", 0.1, -10.0, 10.0, "decay rate of the visual attention per layer (fit it in the attention "
               "analysis); w_v(l) = exp(-beta l)", per_layer=False),
     )
+    paper = Paper("FRANK", "FRANK, 2025", "https://arxiv.org/abs/2505.16151")
+    # The app's prior checkbox is use_prior; with it on w_v means nothing, with it off beta does not.
+    toggle = Toggle("use_prior", "Use the attention-decay prior (beta)",
+                    "FRANK: weight the VLM more in early layers, where images get most attention",
+                    hides_when_on=("w_v",), hides_when_off=("beta",))
+
+    def grid(self, num_layers: int) -> list[dict]:
+        return [{"w_v": w} for w in (0.3, 0.5, 0.7)] + [{"use_prior": 1, "beta": b} for b in (0.1, 0.3, 1.0)]
+
+    def attention_knobs(self, beta: float) -> dict:
+        return {"use_prior": 1, "beta": beta}
 
     def validate(self, params: dict) -> None:
         if "w_v" in params and params.get("use_prior", 0):
@@ -55,7 +66,7 @@ class Frank(MergeMethod):
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         at = ctx.num_layers - 1 if layer is None else layer
-        w_v = prior_w_v(p["beta"], at) if p["use_prior"] >= 0.5 else float(p["w_v"])
+        w_v = prior_w_v(p["beta"], at) if p["use_prior"] else float(p["w_v"])
         w_r = 1.0 - w_v
         tau_v = {n: t.vlm - t.base for n, t in sets.items()}
         tau_r = {n: t.reasoner - t.base for n, t in sets.items()}
@@ -65,5 +76,29 @@ class Frank(MergeMethod):
         if den <= 0:
             return {}
         lam_v, lam_r = w_v * n_v / den, w_r * n_r / den
-        ctx.extra.setdefault("frank", {})[layer] = {"w_v": w_v, "lam_v": lam_v, "lam_r": lam_r}
+        ctx.extra.setdefault(self.name, {})[layer] = {"w_v": w_v, "lam_v": lam_v, "lam_r": lam_r}
         return {n: t.base + lam_v * tau_v[n] + lam_r * tau_r[n] for n, t in sets.items()}
+
+    # ---- diagnostics: ctx.extra[name] is {layer or None: {"w_v", "lam_v", "lam_r"}}
+    def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
+        if self.name not in extra:
+            return {}, []
+        return {self.name: {layer_key(k): v for k, v in extra[self.name].items()}}, []
+
+    def selection_details(self, extra: dict) -> str:
+        if self.name not in extra:
+            return ""
+        by_layer = sorted(extra[self.name].items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        w = [v["w_v"] for _, v in by_layer]
+        return f"w_v {w[0]:.2f} -> {w[-1]:.2f}" if w else ""
+
+    def report_lines(self, diagnostics: dict) -> list[str]:
+        fr = diagnostics.get(self.name)
+        if not fr:
+            return []
+        w = [v["w_v"] for v in fr.values()]
+        return [f"{self.name} w_v from {w[0]:.2f} (first layer) to {w[-1]:.2f} (last)"]
+
+    def layer_note(self, diagnostics: dict, layer: str) -> str:
+        fr = diagnostics.get(self.name, {}).get(layer)
+        return f"; {self.name} w_v = {fr['w_v']:.2f}" if fr else ""

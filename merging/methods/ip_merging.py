@@ -21,11 +21,12 @@ kept in merging.decomposition_cache (the spectra and similarity analyses read th
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
 from merging import decomposition_cache, linalg
-from merging.methods import MergeMethod, Param, TensorSet, register
+from merging.methods import MergeMethod, Paper, Param, TensorSet, register
 
 SVD_MODES = ("auto", "exact", "lowrank")
 
@@ -65,20 +66,24 @@ class IPMerging(MergeMethod):
         Param("top_fraction", 0.5, 0.0, 1.0, "merge this fraction of each layer's matrices, the most similar "
               "first (default 0.5 [choice]: calibration-free, selects on any triple; 0 = the paper's threshold)",
               per_layer=False),
-        Param("rank", 32, 1, 8192, "top singular directions of the VLM's task vector kept", integer=True),
+        Param("rank", 32, 1, 8192, "top singular directions of the VLM's task vector kept", kind=int),
         Param("lam", 1.0, 0.0, 3.0, "scale of the projected update"),
         Param("temperature", 1.0, 0.01, 100.0, "softmax temperature of the per-matrix importance gamma"),
-        Param("svd", 0, 0, 2, "SVD solver of the top-k basis: 0 auto, 1 exact, 2 randomized", integer=True,
+        Param("svd", 0, 0, 2, "SVD solver of the top-k basis: 0 auto, 1 exact, 2 randomized", kind=int,
               per_layer=False),
         Param("similarity", 0, 0, 1, "0: paper's paired singular vectors; 1: principal angles "
-              "(rotation-invariant)", integer=True, per_layer=False),
+              "(rotation-invariant)", kind=int, per_layer=False),
     )
+    paper = Paper("IP-Merging", "IP-Merging, 2025", "https://arxiv.org/abs/2510.14387")
+
+    def grid(self, num_layers: int) -> list[dict]:
+        return [{"top_fraction": f, "lam": lam} for f in (0.3, 0.6, 1.0) for lam in (1.0, 2.0)]
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         if layer is None:
             return {}
-        rank, mode = int(p["rank"]), SVD_MODES[int(p["svd"])]
-        kind = linalg.SIMILARITIES[int(p["similarity"])]
+        rank, mode = p["rank"], SVD_MODES[p["svd"]]
+        kind = linalg.SIMILARITIES[p["similarity"]]
         names = [name for name, t in sets.items() if t.vlm.dim() == 2]
         decs = decompositions([sets[n] for n in names], rank, mode, ctx.extra.get("fingerprints"))
         scores: dict[str, float] = {}
@@ -87,8 +92,8 @@ class IPMerging(MergeMethod):
             scores[name] = linalg.similarity(dv, dr, kind)
             parts[name] = (dv, dr.nuclear)
         chosen = select(scores, p["threshold"], p["top_fraction"])
-        ctx.extra.setdefault("ip_merging", {})[layer] = {"scores": scores, "selected": chosen,
-                                                          "threshold": p["threshold"]}
+        ctx.extra.setdefault(self.name, {})[layer] = {"scores": scores, "selected": chosen,
+                                                      "threshold": p["threshold"]}
         if not chosen:
             return {}
         s_sel = torch.tensor([scores[n] for n in chosen], dtype=torch.float64)
@@ -104,3 +109,43 @@ class IPMerging(MergeMethod):
             dw *= p["lam"] * g * lambda_n
             out[name] = t.vlm + dw.to(t.vlm.dtype)
         return out
+
+    # ---- diagnostics: ctx.extra[name] is {layer: {"scores", "selected", "threshold"}}
+    def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
+        if self.name not in extra:
+            return {}, []
+        d = extra[self.name]
+        scores = [s for x in d.values() for s in x["scores"].values()]
+        selected = {str(k): x["selected"] for k, x in d.items()}
+        thr = next(iter(d.values()))["threshold"] if d else None
+        out = {"threshold": thr, "selected_per_layer": {k: len(v) for k, v in selected.items()},
+               "selected": sum(len(v) for v in selected.values()), "matrices": len(scores)}
+        if scores:
+            q = statistics.quantiles(scores, n=4) if len(scores) > 1 else [scores[0]] * 3
+            out["scores"] = {"min": min(scores), "q1": q[0], "median": q[1], "q3": q[2], "max": max(scores)}
+        warn = []
+        if scores and out["selected"] == 0:
+            warn.append(f"{self.name} selected no matrix: highest similarity {max(scores):.2f} < threshold "
+                        f"{thr:.2f}; lower 'threshold' or set 'top_fraction'")
+        return {self.name: out}, warn
+
+    def selection_details(self, extra: dict) -> str:
+        if self.name not in extra:
+            return ""
+        d = extra[self.name].values()
+        sel, tot = sum(len(x["selected"]) for x in d), sum(len(x["scores"]) for x in d)
+        scores = [s for x in d for s in x["scores"].values()]
+        top = max(scores) if scores else float("nan")
+        return f"{sel}/{tot} matrices merged (max similarity {top:.2f})"
+
+    def report_lines(self, diagnostics: dict) -> list[str]:
+        ip = diagnostics.get(self.name)
+        if not ip or "scores" not in ip:
+            return []
+        s = ip["scores"]
+        return [f"{self.name} merged {ip['selected']} of {ip['matrices']} matrices; similarity min {s['min']:.2f}"
+                f" / median {s['median']:.2f} / max {s['max']:.2f} vs threshold {ip['threshold']:.2f}"]
+
+    def layer_note(self, diagnostics: dict, layer: str) -> str:
+        per_layer = diagnostics.get(self.name, {}).get("selected_per_layer", {})
+        return f"; {self.name} merged {per_layer[layer]} matrices" if layer in per_layer else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from merging.methods import MergeMethod, Param, TensorSet, register
+from merging.methods.linear import BR2V
 
 
 @register
@@ -23,12 +24,19 @@ class LayerSwap(MergeMethod):
     params = (
         Param("alpha", 1.0, 0.0, 1.0, "weight on the reasoner in the later layers (default 1: they are "
                                             "swapped for the reasoner's)"),
-        Param("base_layer_num", -1, -1, 10_000, "last layer kept from the VLM; -1 = first half", integer=True,
+        Param("base_layer_num", -1, -1, 10_000, "last layer kept from the VLM; -1 = first half", kind=int,
               per_layer=False),
     )
+    paper = BR2V
+
+    def grid(self, num_layers: int) -> list[dict]:
+        # the VLM kept up to a quarter, half and three quarters of the depth
+        half, quarter = num_layers // 2, max(1, num_layers // 4)
+        return [{"alpha": a, "base_layer_num": n} for a in (0.5, 1.0)
+                for n in sorted({quarter - 1, half - 1, num_layers - quarter - 1})]
 
     def kept(self, layer: int | None, p: dict, num_layers: int) -> bool:
-        last = int(p["base_layer_num"])
+        last = p["base_layer_num"]
         if last < 0:
             last = num_layers // 2 - 1
         return layer is not None and layer <= last

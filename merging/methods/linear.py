@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Param, TensorSet, register
+from merging.methods import MergeMethod, Paper, Param, TensorSet, register
+
+BR2V = Paper("BR2V", "Chen et al. 2025, Bring Reason to Vision (ICML)", "https://arxiv.org/abs/2505.05464")
 
 
 @register
@@ -15,6 +17,10 @@ class Linear(MergeMethod):
     elementwise = True
     description = "Weighted average of the VLM's LM and the reasoner (BR2V); the paper uses alpha 0.1."
     params = (Param("alpha", 0.1, 0.0, 1.0, "weight on the reasoner; the paper uses 0.1 (tuned over 0.1-0.2)"),)
+    paper = BR2V
+
+    def grid(self, num_layers: int) -> list[dict]:
+        return [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)]
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx) -> torch.Tensor:
         a = p["alpha"]

@@ -139,7 +139,7 @@ def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, thread
     from webapp.client import WorkerClient
 
     t0 = time.perf_counter()
-    paths = make_loadable(work, shape)
+    paths = make_loadable(work, shape)["paths"]
     build_s = time.perf_counter() - t0
     triple = {"vlm": str(paths["vlm"]), "reasoner": str(paths["reasoner"]), "base": str(paths["base"])}
     force_length(Path(triple["vlm"]), tokens)
