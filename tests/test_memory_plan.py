@@ -133,3 +133,12 @@ def test_the_merger_refuses_a_plan_that_does_not_fit(tri):
     with pytest.raises(LabError, match="free"):
         InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]),
                       plan=mp.plan(fp, "cpu", 0, fp.live // 2, headroom=0))
+
+
+def test_extra_merged_states_only_for_small_models(tri):
+    """A set is every merged layer: above EXTRA_SET_MAX_BYTES a slider position is not kept (one
+    set for the two panes), below it up to MAX_SETS are."""
+    assert mp.plan_7b(80, 48).sets == 1
+    fp = footprint(tri, itemsize=4)
+    assert sum(u.changed for u in fp.units) < mp.EXTRA_SET_MAX_BYTES
+    assert mp.plan(fp, "cpu", 0, fp.live + GiB, headroom=0).sets == mp.MAX_SETS
