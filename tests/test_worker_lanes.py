@@ -111,3 +111,17 @@ def test_the_plan_command_prints_the_plan_and_refuses_with_exit_2(tmp_path, caps
     assert main(["plan", str(recipe), "--gpu-gib", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: vlm needs") and "cuda memory" in err and "\n" not in err
+
+
+def test_cpu_bfloat16_serving_is_opt_in(tmp_path):
+    """--cpu-dtype bfloat16 serves the model in bf16 (half the memory), and merges and restores
+    in it; float32 stays the default."""
+    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path), "cpu_dtype": "bfloat16"})
+    w.handle({"id": 1, "kind": "merge", "args": {"recipe": RECIPE}})
+    w.handle({"id": 2, "kind": "chat", "args": CHAT})
+    ends = [(jid, ev) for jid, ev, _ in (w.events.get(timeout=60) for _ in range(w.events.qsize()))
+            if ev in ("result", "error", "cancelled")]
+    assert ends == [(1, "result"), (2, "result")]
+    loaded = w.models.loaded
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert Worker(queue.Queue(), queue.Queue(), {"device": "cpu"}).models.cpu_dtype == "float32"
