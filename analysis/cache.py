@@ -23,7 +23,7 @@ from diskcache.core import MODE_RAW, UNKNOWN
 
 # Bump when the shape or the meaning of a cached result changes, so old entries are never misread.
 # 2: live-model analyses are keyed on the weights they ran on; schema-1 entries of the attention
-# and knockout baselines may hold results of a merge filed under the original VLM (issue 18).
+# and knockout baselines may hold results of a merge filed under the original VLM, so they are never read.
 SCHEMA = 2
 
 

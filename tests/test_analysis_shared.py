@@ -1,5 +1,5 @@
 """The CLI report and the app's worker run one pipeline (analysis.runner): an analysis computed by
-one is served from the cache to the other, both ways (issue 15, item 2).
+one is served from the cache to the other, both ways, so the two never disagree on the same weights.
 
 "Served from the cache" is read off the cache database itself: every row keeps the time it was
 stored, and a recomputed result would be stored again. The worker must not even load a model for

@@ -1,4 +1,4 @@
-"""Analyses of the live model run on, and are cached under, the weights they name (issue 18, item 1).
+"""Analyses of the live model run on, and are cached under, the weights they name.
 
 The reported sequence: a merge, another merge, the first one again (from its snapshot), then
 the attention-decay analysis, which must measure the original VLM (FRANK's prior) and be stored

@@ -1,4 +1,4 @@
-"""What the real app reads and serves (issue 18 items 3 and 4), against `python app.py` in a subprocess.
+"""What the real app reads and serves, against `python app.py` in a subprocess.
 
 The attacks go over plain HTTP, as a hostile client would: gradio_client uploads a local file
 before it calls, so it could never name a path on the server. A request may only read files

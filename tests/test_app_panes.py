@@ -1,4 +1,4 @@
-"""Each chat pane answers with the right weights, with several clients at once (issue 18, item 1).
+"""Each chat pane answers with the right weights, with several clients at once.
 
 Clients merge (full and layer-limited merges), ask the same question twice (the second ask used to
 come from a snapshot, after which the "Original VLM" pane answered with the merge for everyone),

@@ -98,7 +98,7 @@ def test_wrong_type_or_garbled_entry_is_recomputed(cdir, bad):
 
 
 def test_a_pickle_row_is_never_unpickled(cdir, tmp_path):
-    """A real diskcache row in pickle mode whose unpickling would create a file (issue 18, item 7)."""
+    """A real diskcache row in pickle mode whose unpickling would create a file."""
     import shutil
 
     key = C.make_key("a", ["k"])

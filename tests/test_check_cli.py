@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.factories import make_tiny_triple
 
 ROOT = Path(__file__).resolve().parent.parent
-# ~600 bytes that expand to 9**9 strings if anything expands the aliases (issue 18 item 6)
+# ~600 bytes that expand to 9**9 strings if anything expands the aliases
 ALIAS_BOMB = "vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\nx0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
     for i in range(1, 9))
@@ -95,7 +95,7 @@ def test_different_hidden_size_and_missing_tensor(triples, tmp_path):
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 7}\n", "out of range"),
     ("vlm: a\nreasoner: b\nmethod: linear\nlayers: [3, 1]\n", "'layers'"),
     ("vlm: [unclosed\n", "not valid YAML"),
-    # hostile or broken YAML (issue 18 items 6 and 8): refused while parsing, nothing expanded
+    # hostile or broken YAML: refused while parsing, nothing expanded
     (ALIAS_BOMB, "anchors and aliases"),
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1, alpha: 0.9}\n", "duplicate key 'alpha'"),
     ("vlm: a\nreasoner: b\nmethod: linear\nmethod: ties\n", "duplicate key 'method' (line 4)"),

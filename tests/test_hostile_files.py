@@ -1,4 +1,4 @@
-"""Special and hostile files in a model folder (issue 18 item 5), on real files.
+"""Special and hostile files in a model folder, on real files.
 
 A FIFO, links to /dev/zero and to files outside the folder, an index leading out of it, a config
 claiming 10**9 layers, crafted safetensors headers: each is a one-line LabError naming the file at

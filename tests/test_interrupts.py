@@ -18,7 +18,7 @@ def plain_signals():
     """These tests send SIGINT/SIGTERM to this process and to children, which inherit the signal
     mask and ignored signals. pytest started as a background job of a non-interactive shell (as CI
     may start it) has SIGINT ignored from the first test on; none of the first 299 tests of a full run
-    (this file and every app and browser test among them) changes either (session 6, a plugin that
+    (this file and every app and browser test among them) changes either (a plugin that
     printed both after each test). Start each test from Python's
     defaults and put back what was there."""
     sigs = {signal.SIGINT, signal.SIGTERM}

@@ -1,6 +1,6 @@
 """The in-place merger owns the model's weights: after any sequence of merges, snapshot loads,
 cancels, failures and restores, the live weights are exactly what `merger.current` says, and
-restore() gives the checkpoint bit for bit (issue 18, item 1).
+restore() gives the checkpoint bit for bit.
 
 References are independent of the merger: the VLM's tensors read from its safetensors file, and
 each recipe's merge streamed to disk by merging.engine (tests/test_inplace.py shows the two agree).

@@ -45,7 +45,7 @@ STAMP = "toy_stage.json"
 
 @dataclass(frozen=True)
 class Plan:
-    layers: int = 8  # the shipped family (session 5); sessions 1-4 shipped 4 layers (--set layers=4 ...)
+    layers: int = 8  # the shipped family; an earlier family had 4 layers (--set layers=4 ...)
     batch: int = 48
     base_steps: int = 1500
     base_lr: float = 2e-3

@@ -1,4 +1,4 @@
-"""Speed of the SVD paths (issue 17): ip_merging vs task_arithmetic, cold spectra + similarity,
+"""Speed of the SVD paths: ip_merging vs task_arithmetic, cold spectra + similarity,
 spectra served from the decomposition cache after a merge, per-matrix costs and a 7B projection.
 
 Every row is measured in this one run, one after the other (the machine may be shared: compare
