@@ -29,6 +29,8 @@ class CompatReport:
     warnings: list[str] = field(default_factory=list)
     reason: str | None = None  # why the triple cannot be merged (the first problem); None when it can
     problems: list[str] = field(default_factory=list)  # every reason it cannot, so all are fixed at once
+    # "reasoner vs vlm", "vlm vs base", ...: max relative distance ||W_a - W_b|| / ||W_b|| over the probes
+    distances: dict[str, float] = field(default_factory=dict)
 
     def fail(self, problem: str) -> None:
         self.problems.append(problem)
@@ -51,6 +53,9 @@ class CompatReport:
                        f"(vision/projector), fingerprint {self.fingerprints[role]}")
         out += [f"shape differs: {m}" for m in self.shape_mismatches]
         out += [f"missing: {m}" for m in self.missing]
+        if self.distances:
+            out.append("distance  " + ", ".join(f"{k} {v:.3f}" for k, v in self.distances.items())
+                       + "  (||W_a - W_b|| / ||W_b||, two probe matrices)")
         out += [f"warning: {w}" for w in self.warnings]
         out.append("compatible: yes" if self.ok else f"compatible: NO - {self.reason}")
         return out
@@ -104,8 +109,8 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
             rep.warnings.append(f"{role} has {len(extra)} LM tensors the vlm lacks (ignored), e.g. {extra[0]}")
     if rep.missing:
         rep.fail(f"tensor {rep.missing[0]}" + (f" (and {len(rep.missing) - 1} more)" if len(rep.missing) > 1 else ""))
-    if rep.ok and "base" in refs:
-        rep.warnings += _parent_probe(refs, layouts, allow_bin)
+    if rep.ok:
+        rep.warnings += _distance_probe(rep, allow_bin)
     if v.vocab_size and any(layouts[r].vocab_size != v.vocab_size for r in refs):
         sizes = ", ".join(f"{r} {layouts[r].vocab_size}" for r in refs)
         rep.warnings.append(f"vocab sizes differ ({sizes}): embeddings and lm_head keep the VLM's unless "
@@ -113,23 +118,36 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
     return rep
 
 
-def _parent_probe(refs: dict, layouts: dict, allow_bin: bool) -> list[str]:
-    """||W - W_base|| / ||W_base|| on two projections (first and middle layer): cheap, a few tensors."""
+def _distance_probe(rep: CompatReport, allow_bin: bool) -> list[str]:
+    """Relative distances ||W_a - W_b|| / ||W_b|| on two projections (first and middle layer), a few
+    tensors read: the reasoner against the VLM always (a reasoner from another base is far from the
+    VLM whether or not a base is given), and each model against the base when there is one."""
+    refs, layouts = rep.refs, rep.layouts
     n = layouts["vlm"].num_layers
     probes = [c for c in ("layers.0.mlp.up_proj.weight", f"layers.{n // 2}.self_attn.q_proj.weight")
               if all(c in layouts[r].lm for r in refs)]
     if not probes:
         return []
+    w = {}
+    for role in refs:
+        with Checkpoint.open(refs[role], allow_bin=allow_bin) as ck:
+            w[role] = {c: ck.get(layouts[role].lm[c]).float() for c in probes}
+
+    def dist(a: str, b: str) -> float:
+        return max(float((w[a][c] - w[b][c]).norm() / (w[b][c].norm() + 1e-12)) for c in probes)
+
     out = []
-    with Checkpoint.open(refs["base"], allow_bin=allow_bin) as cb:
-        base = {c: cb.get(layouts["base"].lm[c]).float() for c in probes}
+    rep.distances["reasoner vs vlm"] = d = dist("reasoner", "vlm")
+    if d > PARENT_RATIO:
+        out.append(f"the reasoner is far from the VLM's language model (||W_r - W_vlm|| / ||W_vlm|| = {d:.2f}, "
+                   f"a fine-tune of a shared base is a few hundredths): they probably do not share a base, "
+                   "and a merge of the two gives a broken model")
+    if "base" in refs:
         for role in ("vlm", "reasoner"):
-            with Checkpoint.open(refs[role], allow_bin=allow_bin) as ck:
-                ratio = max(float((ck.get(layouts[role].lm[c]).float() - base[c]).norm() / (base[c].norm() + 1e-12))
-                            for c in probes)
+            rep.distances[f"{role} vs base"] = ratio = dist(role, "base")
             if ratio > PARENT_RATIO:
-                out.append(f"the {role}'s task vector is implausibly large (||W - W_base|| / ||W_base|| = {ratio:.2f}); "
-                           f"is {refs['base']} really the {role}'s parent?")
+                out.append(f"the {role}'s task vector is implausibly large (||W - W_base|| / ||W_base|| = "
+                           f"{ratio:.2f}); is {refs['base']} really the {role}'s parent?")
     return out
 
 

@@ -1,6 +1,7 @@
 """`python -m merging check RECIPE`: the report, exit codes, one-line reasons, and no writes."""
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -151,3 +152,50 @@ def test_a_base_that_is_not_the_parent_is_warned_about(triples, tmp_path):
     assert "warning: the vlm's task vector is implausibly large" in r.stdout
     r = run_check(write_recipe(tmp_path / "fine.yaml", good["vlm"], good["reasoner"], good["base"]))
     assert "implausibly large" not in r.stdout
+
+
+def _probe_distance(a: Path, b: Path, names: list[str]) -> float:
+    """Independent of merging.compat: the tensors straight from the safetensors files."""
+    ta = {**load_file(a / "model.safetensors")}
+    tb = {**load_file(b / "model.safetensors")}
+    return max(float((ta[na].float() - tb[nb].float()).norm() / tb[nb].float().norm()) for na, nb in names)
+
+
+def test_a_reasoner_from_another_base_is_warned_with_its_distance(triples, tmp_path, capsys):
+    from merging.__main__ import main
+
+    root, good, _ = triples
+    stranger = make_tiny_triple(tmp_path / "stranger", seed=7)
+    # No base in a linear recipe: only the reasoner-vs-VLM probe can tell.
+    recipe = tmp_path / "far.yaml"
+    recipe.write_text(f"vlm: {good['vlm']}\nreasoner: {stranger['reasoner']}\nmethod: linear\nparameters: {{alpha: 0.5}}\n")
+    assert main(["check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    names = [("language_model.model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+             ("language_model.model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight")]
+    far = _probe_distance(stranger["reasoner"], good["vlm"], [(b, a) for a, b in names])
+    assert far > 0.9  # two random inits of the same scale are about sqrt(2) apart
+    assert float(re.search(r"reasoner vs vlm ([0-9.]+)", out)[1]) == pytest.approx(far, abs=2e-3)
+    warned = re.search(r"warning: the reasoner is far from the VLM's language model \(\|\|W_r - W_vlm\|\| / \|\|W_vlm\|\| = ([0-9.]+)", out)
+    assert warned and float(warned[1]) == pytest.approx(far, abs=2e-2)
+    recipe.write_text(f"vlm: {good['vlm']}\nreasoner: {good['reasoner']}\nmethod: linear\nparameters: {{alpha: 0.5}}\n")
+    assert main(["check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    near = _probe_distance(good["reasoner"], good["vlm"], [(b, a) for a, b in names])
+    assert near < 0.5 and "far from the VLM" not in out
+    assert float(re.search(r"reasoner vs vlm ([0-9.]+)", out)[1]) == pytest.approx(near, abs=2e-3)
+
+
+def test_the_apps_report_shows_the_distance_and_the_warning_before_a_merge(triples, tmp_path):
+    from merging.compat import check_triple
+    from webapp.models_panel import report_markdown
+
+    root, good, _ = triples
+    stranger = make_tiny_triple(tmp_path / "stranger", seed=7)
+    md = report_markdown(check_triple(str(good["vlm"]), str(stranger["reasoner"]), str(good["base"])), "")
+    assert "Compatible: ready to merge" in md
+    assert re.search(r"reasoner vs vlm [0-9.]+ · vlm vs base [0-9.]+ · reasoner vs base [0-9.]+", md)
+    assert "- **Warning:** the reasoner is far from the VLM's language model" in md
+    assert "- **Warning:** the reasoner's task vector is implausibly large" in md
+    md = report_markdown(check_triple(str(good["vlm"]), str(good["reasoner"]), str(good["base"])), "")
+    assert "Warning" not in md

@@ -55,7 +55,12 @@ def report_markdown(rep, preset: str) -> str:
     v = rep.layouts["vlm"]
     summary = (f"\n\n{v.num_layers} decoder layers · hidden size {v.hidden_size} · "
                f"{len(v.lm)} language-model tensors merged · {len(v.other)} vision/projector tensors untouched")
-    return head + note + summary
+    dist = ""
+    if rep.distances:
+        dist = ("\n\nDistance of the weights (relative, two probe matrices): "
+                + " · ".join(f"{k} {v:.3f}" for k, v in rep.distances.items()))
+    warns = "".join(f"\n- **Warning:** {w}" for w in rep.warnings)
+    return head + note + summary + dist + ("\n" + warns if warns else "")
 
 
 def plan_markdown(lab: Lab, preset: str, vlm: str, reasoner: str, base: str) -> str:
