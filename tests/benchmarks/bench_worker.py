@@ -37,10 +37,12 @@ QUESTION = "how many circles are there ?"
 
 
 class PeakRSS:
-    """The peak resident memory of a process (and its children), sampled in a thread."""
+    """The peak resident memory of a process (and its children), sampled in a thread; also the peak
+    of its anonymous part (RSS less the file-backed and shared pages: the safetensors files mapped
+    while a merge reads them count in RSS, yet the kernel can drop them at any time)."""
 
     def __init__(self, pid: int, every: float = 0.02):
-        self.proc, self.every, self.peak = psutil.Process(pid), every, 0
+        self.proc, self.every, self.peak, self.peak_anon = psutil.Process(pid), every, 0, 0
         self._stop = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
         self._th.start()
@@ -48,10 +50,11 @@ class PeakRSS:
     def _run(self):
         while not self._stop.is_set():
             try:
-                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(True))
+                infos = [self.proc.memory_info()] + [c.memory_info() for c in self.proc.children(True)]
             except psutil.Error:
-                rss = 0
-            self.peak = max(self.peak, rss)
+                infos = []
+            self.peak = max(self.peak, sum(i.rss for i in infos))
+            self.peak_anon = max(self.peak_anon, sum(i.rss - i.shared for i in infos))
             time.sleep(self.every)
 
     def stop(self) -> int:
@@ -125,6 +128,31 @@ def disk_merge_reload(recipe: dict, device: str, cpu_dtype: str, work: Path) -> 
     return secs
 
 
+def elementwise_floor(triple: dict, device: str, cpu_dtype: str) -> float:
+    """Seconds of the least any task-arithmetic re-merge can cost: v + a * (r - b) over tensors of the
+    live LM's shapes, all already in memory in the serving dtype, written into a preallocated output.
+    The in-place re-merge is compared with this (the worker re-reads r and b from the files)."""
+    from merging.memory_plan import plan_triple
+    from webapp.models import serving_dtype, serving_itemsize
+
+    p = plan_triple(triple["vlm"], triple["reasoner"], triple["base"], device, serving_itemsize(device, cpu_dtype))
+    sd = serving_dtype(device, cpu_dtype)
+    dtype = torch.bfloat16 if sd == "auto" else getattr(torch, sd)
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0.0
+    for u in p.footprint.units:  # one layer at a time: the same working set as the worker's streamed merge
+        if not u.changed:
+            continue
+        v, r, b, out = (torch.randn(u.changed // item, device=device).to(dtype) for _ in range(4))
+        t0 = time.perf_counter()
+        torch.sub(r, b, out=out)
+        out.mul_(0.6).add_(v)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        total += time.perf_counter() - t0
+    return total
+
+
 def live_lm_bytes(triple: dict, device: str, cpu_dtype: str) -> int:
     from merging.memory_plan import plan_triple
     from webapp.models import serving_itemsize
@@ -179,17 +207,22 @@ def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, thread
         out["spectra_similarity_cached_s"] = round(c1 + c2, 2)
     finally:
         out["peak_rss_gib"] = round(peak.stop() / GiB, 3)
+        out["peak_anon_rss_gib"] = round(peak.peak_anon / GiB, 3)
         client.close()
     out["live_lm_gib"] = round(live_lm_bytes(triple, device, cpu_dtype) / GiB, 3)
     out["plain_generate_s"] = round(plain_generate(Path(triple["vlm"]), device, tokens, image, cpu_dtype), 3)
     out["disk_merge_reload_s"] = round(disk_merge_reload(moved, device, cpu_dtype, work), 2)
+    out["elementwise_floor_s"] = round(min(elementwise_floor(triple, device, cpu_dtype) for _ in range(2)), 3)
     for k in ("first_merge_job_s", "load_and_original_turn_s", "chat_turn_s", "next_chat_turn_s",
               "third_chat_turn_s"):
         out[k] = round(out[k], 2)
     out["ratios"] = {
         "peak_rss_over_live_lm": round(out["peak_rss_gib"] / out["live_lm_gib"], 2),  # target <= 2.2
+        "peak_anon_rss_over_live_lm": round(out["peak_anon_rss_gib"] / out["live_lm_gib"], 2),
         "next_chat_turn_over_plain_generate": round(out["next_chat_turn_s"] / out["plain_generate_s"], 2),  # <= 2.5
         "disk_merge_reload_over_inplace_remerge": round(out["disk_merge_reload_s"] / out["inplace_remerge_s"], 1),
+        "inplace_remerge_over_elementwise_floor": round(out["inplace_remerge_s"] / out["elementwise_floor_s"], 1),
+        "disk_merge_reload_over_elementwise_floor": round(out["disk_merge_reload_s"] / out["elementwise_floor_s"], 1),
     }
     out["plan_7b"] = []
     for gpu in (24, 48, 80):
