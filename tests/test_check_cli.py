@@ -1,11 +1,8 @@
 """`python -m merging check RECIPE`: the report, exit codes, one-line reasons, and no writes."""
 
-import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.factories import make_tiny_triple
+from tests.output_checks import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # ~600 bytes that expand to 9**9 strings if anything expands the aliases
@@ -21,9 +19,9 @@ ALIAS_BOMB = "vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\nx0:
     for i in range(1, 9))
 
 
-def run_check(recipe_path):
-    return subprocess.run([sys.executable, "-m", "merging", "check", str(recipe_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run_check(recipe_path, real=False):
+    """In this process; `real` for the one test of a real process's exit code and stderr."""
+    return cli("check", recipe_path, real=real)
 
 
 def write_recipe(path, vlm, reasoner, base, method="task_arithmetic", extra=""):
@@ -59,7 +57,7 @@ def test_compatible_triple_reports_and_writes_nothing(triples):
 
 def test_different_layer_count_exits_2_with_one_line(triples):
     root, good, deeper = triples
-    r = run_check(write_recipe(root / "layers.yaml", good["vlm"], deeper["reasoner"], good["base"]))
+    r = run_check(write_recipe(root / "layers.yaml", good["vlm"], deeper["reasoner"], good["base"]), real=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "layer counts differ: vlm has 2, reasoner has 3" in lines[0]
