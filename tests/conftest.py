@@ -1,9 +1,12 @@
 """Test-wide settings: nothing reaches out to a hub, and runs are reproducible."""
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -14,3 +17,14 @@ os.environ.setdefault("MERGE_LAB_CACHE", tempfile.mkdtemp(prefix="merge-lab-test
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def smoke_family(tmp_path_factory):
+    """The toy family's smoke build (tools/make_toy_family.py --smoke, its default two processes),
+    made once per test session: (folder, what the tool printed)."""
+    out = tmp_path_factory.mktemp("smoke") / "family"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r.stdout

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from PIL import Image
 
 from analysis import leaderboard
 from merging import methods
+from tests.output_checks import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "toy"
@@ -52,20 +51,12 @@ def test_selection_rule_prefers_visual_math_within_the_perception_bound():
     assert leaderboard.better({"perception": 0.5, "visual_math": 0.4}, {"perception": 0.6, "visual_math": 0.1}, floor)
 
 
-@pytest.fixture(scope="module")
-def smoke_family(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "family"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(out)],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_path):
+    smoke_family, _ = smoke_family
     out = tmp_path / "lb"
-    cmd = [sys.executable, "-m", "analysis", "leaderboard", "--family", str(smoke_family), "--limit", "2",
-           "--dev-items", "2", "--grid-size", "1", "--out-dir", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    cmd = ["leaderboard", "--family", smoke_family, "--limit", "2", "--dev-items", "2", "--grid-size", "1",
+           "--out-dir", out]
+    r = cli(*cmd, module="analysis")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((out / "leaderboard.json").read_text())
     got = [(e["method"], e["label"]) for e in data["entries"]]
@@ -78,11 +69,10 @@ def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_pa
     # the table printed is the one written
     assert table.strip().splitlines()[2] in r.stdout
     # a second run replaces its own earlier output; a model folder is never overwritten
-    r = subprocess.run(cmd + ["--methods", "linear"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    r = cli(*cmd, "--methods", "linear", module="analysis")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [e["method"] for e in json.loads((out / "leaderboard.json").read_text())["entries"]][2:] == ["linear"] * 2
-    r = subprocess.run(cmd[:-1] + [str(smoke_family / "vlm")], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    r = cli(*cmd[:-1], smoke_family / "vlm", module="analysis")
     assert r.returncode == 2 and (smoke_family / "vlm" / "config.json").is_file()
 
 

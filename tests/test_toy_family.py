@@ -23,6 +23,7 @@ from transformers import (  # noqa: E402
 
 from analysis.evaluate import evaluate  # noqa: E402
 from tasks.toydata import parse_answer  # noqa: E402
+from tests.output_checks import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "toy"
@@ -93,14 +94,7 @@ def test_evaluate_accepts_loaded_model(vlm):
 
 
 def test_eval_cli_prints_three_suites():
-    r = subprocess.run(
-        [sys.executable, "-m", "analysis", "eval", str(TOY / "vlm"), "--limit", "20"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("eval", TOY / "vlm", "--limit", "20", module="analysis")
     assert r.returncode == 0, r.stderr
     acc = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(acc) == {"perception", "visual_math", "text_math"}
@@ -108,28 +102,13 @@ def test_eval_cli_prints_three_suites():
 
 
 def test_eval_cli_bad_folder_exits_2(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "analysis", "eval", str(tmp_path / "nope")],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = cli("eval", tmp_path / "nope", module="analysis")
     assert r.returncode == 2
     assert str(tmp_path / "nope") in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_smoke_regeneration_writes_loadable_folders(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_smoke_regeneration_writes_loadable_folders(smoke_family):
+    tmp_path, _ = smoke_family
     for name in ("base", "math"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
         assert (
@@ -150,22 +129,19 @@ def test_smoke_regeneration_writes_loadable_folders(tmp_path):
         assert (tmp_path / "eval" / f"{suite}.jsonl").is_file()
 
 
-def test_math_in_a_second_process_writes_the_same_bytes_as_one_process(tmp_path):
-    def regenerate(out, *extra):
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out", str(out),
-                            *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r.stdout
-
-    two = regenerate(tmp_path / "two")  # the default: --jobs 2
-    regenerate(tmp_path / "one", "--jobs", "1")
+def test_math_in_a_second_process_writes_the_same_bytes_as_one_process(smoke_family, tmp_path):
+    built, two = smoke_family  # the default: --jobs 2
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_family.py"), "--smoke", "--out",
+                        str(tmp_path / "one"), "--jobs", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert "[math] training in a second process" in two
     # the base on both cores, then math and vlm on one each: the VLM's bytes depend on its thread count
     assert "[base] 3 steps on 2 thread(s)" in two and "[vlm-vision] 2 steps on 1 thread(s)" in two, two
     assert "[vlm-joint] 2 steps on 1 thread(s)" in two, two
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert any(f.parts[0] == "math" and f.suffix == ".safetensors" for f in files)
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
     for f in files:
-        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+        assert (tmp_path / "one" / f).read_bytes() == (built / f).read_bytes(), f
 
