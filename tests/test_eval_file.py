@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from analysis import eval_file
 from analysis.eval_file import read_items
 from analysis.evaluate import evaluate, load_model
 from merging.errors import LabError
+from tests.output_checks import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "toy"
@@ -118,8 +117,7 @@ def test_limit_opens_only_the_first_images_but_checks_every_line(tmp_path):
 
 def test_cli_refuses_a_bad_file_before_loading_the_model(tmp_path):
     path = write_set(tmp_path, [GOOD, '{"question": "q", "answer": "1", "image": "/etc/passwd"}'])
-    r = subprocess.run([sys.executable, "-m", "analysis", "eval", str(tmp_path / "no-model"), "--suite-file", str(path)],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    r = cli("eval", tmp_path / "no-model", "--suite-file", path, module="analysis")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [f"error: {path} line 2: \"image\" '/etc/passwd' is an absolute path; "
                                              "give it relative to the JSONL's folder"]
@@ -143,8 +141,7 @@ def test_a_file_of_bundled_items_scores_as_the_bundled_suites(tmp_path, vlm):
 def test_cli_scores_a_file_as_suite_custom(tmp_path, vlm):
     rows = bundled("visual_math", 6)
     path = write_set(tmp_path / "my set", rows)
-    r = subprocess.run([sys.executable, "-m", "analysis", "eval", str(TOY / "vlm"), "--suite-file", str(path),
-                        "--limit", "5"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = cli("eval", TOY / "vlm", "--suite-file", path, "--limit", "5", module="analysis")
     assert r.returncode == 0, r.stderr[-2000:]
     want = evaluate(vlm, suites=["visual_math"], limit=5)["visual_math"]
     assert json.loads(r.stdout) == {"custom": round(want, 4)}

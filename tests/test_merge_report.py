@@ -83,21 +83,16 @@ def test_frank_reports_its_prior(setup):
 
 def test_merge_command_writes_the_report_and_warns_on_a_no_op(setup, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from tests.output_checks import cli
 
     tri, _ = setup
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     runs = {}
     for name, knobs in (("noop", "{threshold: 1.0, top_fraction: 0}"), ("some", "{top_fraction: 0.5}")):
         rec = tmp_path / f"{name}.yaml"
         rec.write_text(f"vlm: {tri['vlm']}\nreasoner: {tri['reasoner']}\nbase: {tri['base']}\n"
                        f"method: ip_merging\nparameters: {knobs}\n")
-        r = subprocess.run([sys.executable, "-m", "merging", "merge", str(rec), str(tmp_path / name), "--no-progress"],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        r = cli("merge", rec, tmp_path / name, "--no-progress")
         assert r.returncode == 0, r.stderr
         runs[name] = (r.stdout, json.loads((tmp_path / name / "merge_report.json").read_text()))
     out, rep = runs["noop"]

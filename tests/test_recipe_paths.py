@@ -3,11 +3,9 @@ header says (a real CLI merge of the bundled family, from the lab's folder)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import yaml
 
+from tests.output_checks import cli
 from webapp.presets import TOY_ROOT
 from webapp.recipe_paths import LAB_ROOT, portable_ref, portable_yaml
 
@@ -40,7 +38,6 @@ def test_the_downloaded_recipe_has_no_server_path_and_merges_from_the_lab_folder
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     out = tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-m", "merging", "merge", str(recipe), str(out), "--no-progress"],
-                       cwd=LAB_ROOT, capture_output=True, text=True, timeout=300)
+    r = cli("merge", recipe, out, "--no-progress", cwd=LAB_ROOT)
     assert r.returncode == 0, r.stderr
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
