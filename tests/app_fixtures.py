@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
+from tests.paths import ROOT, TOY
+
 STARTUP_S = 120
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent / "_output"  # the browser tests' screenshots
@@ -140,14 +140,16 @@ class RunningApp:
     log: Path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def app_handle(toy_dir, tmp_path_factory):
+    """One app for the whole session (a start costs 5-10 s): a test that needs an app of its own
+    (other flags, a killed server) starts it with start_app."""
     tmp = tmp_path_factory.mktemp("app")
     proc, url = start_app(toy_dir, tmp / "cache", tmp / "app.log")
     yield RunningApp(proc, url, tmp / "cache", tmp / "app.log")
     stop_app(proc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def app_url(app_handle):
     return app_handle.url

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The app's fixtures (one app per session, Chromium pages), for every test module that asks for them.
+pytest_plugins = ("tests.app_fixtures",)
+
 
 @pytest.fixture(scope="session")
 def smoke_family(tmp_path_factory):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from analysis import attention, changes, figures, knockout, similarity, spectra
 from tests.factories import IMAGE_TOKEN, make_tiny_triple
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 UP = "language_model.model.layers.0.mlp.up_proj.weight"  # old LLaVA layout in the tiny VLM
 S_TRUE = [5.0, 3.0, 1.0, 0.5]
 

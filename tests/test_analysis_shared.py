@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import ROOT
 from webapp.presets import TOY_ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+
 RECIPE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base"),
           "method": "linear", "parameters": {"alpha": 0.9}}
 TRIPLE = {k: RECIPE[k] for k in ("vlm", "reasoner", "base")}

@@ -9,8 +9,6 @@ ip_merging must still get exact decompositions from a cache the analyses filled.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,8 +17,8 @@ from merging import decomposition_cache as dc
 from merging import linalg
 from merging.methods import TensorSet
 from merging.methods import ip_merging as ipm
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TOY_REFS = tuple(ROOT / "assets" / "toy" / r for r in ("vlm", "math", "base"))
 
 

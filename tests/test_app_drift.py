@@ -9,7 +9,6 @@ import pytest
 
 from webapp.presets import DEFAULT as TOY_PRESET
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 
 

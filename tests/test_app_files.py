@@ -25,7 +25,6 @@ import pytest
 from tests.app_fixtures import ROOT, start_app, stop_app
 from webapp.presets import CUSTOM, DEFAULT
 
-pytest_plugins = ("tests.app_fixtures",)
 HUB_ID = "toy-org/tiny-vlm"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -20,7 +20,6 @@ from tests.app_fixtures import wait_worker
 from tests.chat_reference import TOKENS, Reference, answer_text
 from webapp.presets import DEFAULT as TOY_PRESET
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 240

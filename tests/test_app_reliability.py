@@ -19,7 +19,6 @@ import pytest
 from tests.app_fixtures import wait_worker
 from webapp.presets import DEFAULT as TOY_PRESET
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 
 

@@ -19,7 +19,6 @@ import pytest
 
 from tests.app_fixtures import SHOTS, chromium
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 OUT = SHOTS

@@ -18,7 +18,6 @@ import pytest
 from tests.app_fixtures import ROOT, start_app, stop_app
 from webapp.presets import CUSTOM
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 USER, PASSWORD = "lab", "s3cret-pass"
 EVIL = """import pathlib

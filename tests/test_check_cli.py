@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from tests.factories import make_tiny_triple
 from tests.output_checks import cli
 
-ROOT = Path(__file__).resolve().parent.parent
 # ~600 bytes that expand to 9**9 strings if anything expands the aliases
 ALIAS_BOMB = "vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\nx0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"

@@ -13,9 +13,8 @@ from analysis import similarity, spectra
 from merging import decomposition_cache as dc
 from merging import linalg, methods, params
 from merging.methods import MergeContext, TensorSet
+from tests.paths import TOY
 
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
 TOY_REFS = (TOY / "vlm", TOY / "math", TOY / "base")
 
 

@@ -5,7 +5,6 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ from merging.checkpoint import Checkpoint
 from merging.drift import DriftResult, adjust_gradient, attach_hooks, compute_prior, drift_settings
 from merging.errors import LabError
 from tests.factories import make_tiny_triple
-
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
+from tests.paths import ROOT, TOY
 
 
 def test_each_mode_matches_its_formula():

@@ -1,6 +1,5 @@
 """Faults during a streaming merge: NaN inputs, a full disk, an interrupt. Nothing is left behind."""
 
-import os
 import resource
 import signal
 import subprocess
@@ -12,9 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.factories import make_tiny_triple
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+from tests.paths import ENV, ROOT
 
 
 def merge_cmd(recipe, out):

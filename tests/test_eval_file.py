@@ -15,9 +15,8 @@ from analysis.eval_file import read_items
 from analysis.evaluate import evaluate, load_model
 from merging.errors import LabError
 from tests.output_checks import cli
+from tests.paths import ROOT, TOY
 
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

@@ -14,10 +14,9 @@ import pytest
 
 from analysis.eval_file import check_items, read_items
 from merging.errors import LabError
+from tests.paths import TOY
 from webapp import eval_upload
 from webapp.eval_upload import stage
-
-TOY = Path(__file__).resolve().parent.parent / "assets" / "toy"
 
 
 def rows(n: int = 3) -> list[dict]:

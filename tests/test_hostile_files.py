@@ -24,12 +24,10 @@ from merging.checkpoint import Checkpoint
 from merging.errors import LabError
 from merging.writer import SIDE_FILE_MAX
 from tests.factories import make_tiny_triple, reshard
+from tests.paths import ENV, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 SECRET = b"S3CR3T!!"  # the first 8 bytes of an outside file: read as a header length they are this number
 SECRET_N = struct.unpack("<Q", SECRET)[0]
-pytest_plugins = ("tests.app_fixtures",)
 
 
 @pytest.fixture(scope="module")

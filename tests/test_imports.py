@@ -9,7 +9,8 @@ import io
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 CHECKED = ("merging", "analysis", "webapp", "tasks")
 REASONS = ("# lazy:", "# cycle:")
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,10 +11,7 @@ from PIL import Image
 from analysis import leaderboard
 from merging import methods
 from tests.output_checks import cli
-
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+from tests.paths import TOY
 
 
 def test_dev_split_is_disjoint_from_the_eval_suites():

@@ -24,7 +24,6 @@ from tests.app_fixtures import wait_worker
 from tests.chat_reference import TOKENS, Reference, answer_text
 from webapp.presets import DEFAULT as TOY_PRESET
 
-pytest_plugins = ("tests.app_fixtures",)
 pytestmark = pytest.mark.slow
 
 CLIENTS, ROUNDS, TIMEOUT = 8, 2, 240

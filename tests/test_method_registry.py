@@ -16,9 +16,9 @@ from merging import methods, params
 from merging.errors import Cancelled, LabError
 from merging.methods import MergeMethod, Paper, Param, TensorSet
 from merging.recipe import from_dict
+from tests.paths import ROOT
 from webapp import glossary, jobs, recipes, url_state
 
-ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("merging", "analysis", "webapp", "app.py")
 # Content, not code: these files name methods on purpose.
 EXEMPT = {

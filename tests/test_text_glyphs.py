@@ -4,9 +4,9 @@ they render as empty boxes. Status marks are text symbols every common UI font h
 from __future__ import annotations
 
 import unicodedata
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 # Emoji blocks, and the variation selector that turns a text symbol (⚠) into its emoji form (⚠️)
 EMOJI = [(0x1F000, 0x1FAFF), (0x2300, 0x23FF), (0xFE0F, 0xFE0F), (0x2B50, 0x2B55)]
 EMOJI_PRESENTATION = set("✅❌⛔⭐⚡✨❓❗")  # default-emoji symbols outside those blocks

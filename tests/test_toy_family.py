@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +23,7 @@ from transformers import (  # noqa: E402
 from analysis.evaluate import evaluate  # noqa: E402
 from tasks.toydata import parse_answer  # noqa: E402
 from tests.output_checks import cli  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-TOY = ROOT / "assets" / "toy"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+from tests.paths import ENV, ROOT, TOY
 
 
 def _chat(proc, question: str, image: bool) -> str:
