@@ -16,6 +16,7 @@ from pathlib import Path
 
 from merging.errors import LabError
 from merging.interrupts import discard_unfinished
+from merging.output_folder import output_path
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,6 +24,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Parsed arguments with OUT_DIR already as the lab writes it (`~` expanded, absolute), so
+        every later use of it (the report, the interrupt message) names the same folder."""
+        ns = super().parse_args(args, namespace)
+        out = getattr(ns, "out_dir", None)
+        if isinstance(out, str) and out.strip():
+            ns.out_dir = str(output_path(out))
+        return ns
 
 
 def count(text: str) -> int:

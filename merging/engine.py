@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from merging import merge_report, methods, params
+from merging import handoff, merge_report, methods, params
 from merging import recipe as recipe_mod
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
@@ -260,7 +260,7 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
             raise LabError(f"{e}; nothing was written") from None
         finally:
             bar.close()
-    return Path(out_dir)
+    return folder.out
 
 
 def _plan(recipe, method, device: str) -> _Run:
@@ -359,8 +359,11 @@ def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
 
 
 def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
+    """README.md of the merged folder: Hugging Face front matter (the VLM and the reasoner as base
+    models of a merge), sources, knobs and settings, the recipe in mergekit's format where mergekit
+    has the method, and how to benchmark the folder with lmms-eval."""
     knobs = recipe.knobs()
-    lines = ["---", "tags: [merge, merge-lab]", "---", f"# Merged with `{method.name}`", "",
+    lines = [handoff.front_matter(report.refs, method.name), f"# Merged with `{method.name}`", "",
              f"{method.description}", "", "## Sources", "",
              "| role | model | fingerprint |", "|---|---|---|"]
     lines += [f"| {r} | `{report.refs[r]}` | `{report.fingerprints[r]}` |" for r in report.refs]
@@ -372,6 +375,7 @@ def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:
               f"- merge time: {seconds:.1f} s", "",
               "Only language-model weights changed; the vision tower and projector are the VLM's, bit for bit.",
               "The full recipe is in `recipe.yaml`."]
+    lines += ["", *handoff.mergekit_section(recipe, knobs), "", *handoff.lmms_eval_section(report.layouts["vlm"].family)]
     warn = notes + report.warnings
     if warn:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in warn]

@@ -24,9 +24,31 @@ _NAME_MAX = 255
 _committed: set[str] = set()  # outputs this process has put in place (for the interrupt message)
 
 
+# Never an output, empty or not, --overwrite or not: the system's folders, the home folder and the
+# caches the lab and Hugging Face keep (replacing one loses what nobody asked to lose).
+_SYSTEM = ("/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt",
+           "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib",
+           "/usr/local", "/var", "/var/tmp")
+
+
+def output_path(out_dir: str | Path) -> Path:
+    """OUT_DIR as the lab writes it: `~` expanded and made absolute, here and nowhere else."""
+    return Path(str(out_dir)).expanduser().absolute()
+
+
 def committed(out_dir: str | Path) -> bool:
     """Whether this process has already put OUT_DIR in place (complete)."""
-    return str(Path(str(out_dir)).expanduser().absolute()) in _committed
+    return str(output_path(out_dir)) in _committed
+
+
+def _protected() -> set[Path]:
+    home = Path.home()
+    env = os.environ.get("MERGE_LAB_CACHE")
+    caches = [home / ".cache", home / ".cache" / "merge-lab", home / ".cache" / "huggingface",
+              Path(os.environ.get("HF_HOME", home / ".cache" / "huggingface")).expanduser()]
+    if env:
+        caches.append(Path(env).expanduser())
+    return {_real(Path(p)) for p in (*_SYSTEM, home, *caches)}
 
 
 def _real(path: Path) -> Path:
@@ -47,12 +69,13 @@ def _input_folder(ref) -> Path | None:
 def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None = None) -> Path:
     """The one check before any command writes OUT_DIR; returns its absolute path.
     Refused, with one line naming the path: "", /, the working directory or a folder above it,
-    an input or a folder holding one, a folder inside a model input, a symbolic link, a file, a
-    name too long for the temp sibling, and a non-empty folder, unless --overwrite or it is a
-    lab-written folder of the same `kind` (a report replaces its own previous report)."""
+    a system, home or cache folder, an input or a folder holding one, a folder inside a model
+    input, a symbolic link, a file, a name too long for the temp sibling, a non-empty folder the
+    lab did not write (no marker file: never replaced, even with --overwrite), and one it did
+    write unless --overwrite or it is of the same `kind` (a report replaces its own previous one)."""
     if not str(out_dir).strip():
         raise LabError("the output folder name is empty; name a new folder")
-    out = Path(str(out_dir)).expanduser().absolute()
+    out = output_path(out_dir)
     if len(out.name.encode()) + 14 > _NAME_MAX:  # 14: ".", ".tmp-" and 8 hex digits of the temp sibling
         raise LabError(f"output folder name is too long ({len(out.name.encode())} bytes; at most "
                        f"{_NAME_MAX - 14}): {str(out)[:80]}...")
@@ -68,6 +91,8 @@ def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None =
     real, cwd = _real(out), _real(Path.cwd())
     if real == Path(real.anchor) or real == cwd or real in cwd.parents:
         raise LabError(f"output {out} is the working directory, one of its parents or /; name a new folder")
+    if real in _protected():
+        raise LabError(f"output {out} is a system, home or cache folder; name a new folder inside one")
     for ref in inputs:
         src = _input_folder(ref) if ref else None
         if src is None:
@@ -85,8 +110,12 @@ def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None =
         empty = not any(out.iterdir())
     except OSError as e:
         raise LabError(f"output {out}: {e.strerror}") from None
-    if empty or overwrite or (kind is not None and _kind_of(out) == kind):
+    own = _kind_of(out)
+    if empty or (overwrite and own is not None) or (kind is not None and own == kind):
         return out
+    if own is None:
+        raise LabError(f"output folder {out} exists, is not empty and was not written by the lab (no {MARKER} "
+                       "file in it); the lab replaces only its own earlier outputs: choose another folder")
     raise LabError(f"output folder {out} exists and is not empty; choose another or pass --overwrite to replace it")
 
 
@@ -119,7 +148,7 @@ class AtomicFolder:
                  replace_own: bool = False):
         self.given = out_dir
         self.overwrite, self.inputs, self.kind, self.replace_own = overwrite, tuple(inputs), kind, replace_own
-        self.out = Path(str(out_dir)).expanduser().absolute()
+        self.out = output_path(out_dir)
         self.tmp: Path | None = None
 
     def check(self) -> Path:

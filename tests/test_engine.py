@@ -194,8 +194,14 @@ def test_cancel_and_existing_output(tri, tmp_path):
     with pytest.raises(LabError, match="not empty"):
         merge_to_disk(recipe(tri, "linear"), tmp_path / "o")
     assert (tmp_path / "o" / "x").read_text() == "keep me"
-    merge_to_disk(recipe(tri, "linear"), tmp_path / "o", overwrite=True)
-    assert not (tmp_path / "o" / "x").exists() and leftovers(tmp_path) == []
+    with pytest.raises(LabError, match="was not written by the lab"):  # --overwrite replaces only the lab's own
+        merge_to_disk(recipe(tri, "linear"), tmp_path / "o", overwrite=True)
+    assert (tmp_path / "o" / "x").read_text() == "keep me"
+    (tmp_path / "o" / "x").unlink()
+    merge_to_disk(recipe(tri, "linear"), tmp_path / "o")
+    merge_to_disk(recipe(tri, "ties"), tmp_path / "o", overwrite=True)
+    assert json.loads((tmp_path / "o" / "merge_report.json").read_text())["method"] == "ties"
+    assert leftovers(tmp_path) == []
 
 
 def _write_recipe(path: Path, tri, method="linear", params=None) -> Path:

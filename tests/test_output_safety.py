@@ -1,5 +1,6 @@
 """No command destroys data: outputs never replace an input, a folder holding one, the working
-directory or a foreign folder; bad arguments are one line. Real files, real CLI subprocesses.
+directory, the home, system or cache folders or a foreign folder; bad arguments are one line.
+Real files; the CLI through its main() in this process.
 (Interrupts, SIGINT and SIGTERM at every instant of a write: tests/test_interrupts.py.)"""
 
 import shutil
@@ -68,7 +69,8 @@ def test_refused_output_paths(tri, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
-    one_line(cli("merge", recipe, foreign, "--no-progress"), 2, "is not empty", "--overwrite")
+    one_line(cli("merge", recipe, foreign, "--no-progress"), 2, "was not written by the lab")
+    one_line(cli("merge", recipe, foreign, "--overwrite", "--no-progress"), 2, "was not written by the lab")
     assert (foreign / "thesis.tex").read_text() == "years of work"
     one_line(cli("merge", recipe, tmp_path / ("n" * 300), "--no-progress"), 2, "too long")
     one_line(cli("merge", tmp_path / ("r" * 300 + ".yaml"), tmp_path / "o", "--no-progress"), 2, "File name too long")
@@ -151,3 +153,43 @@ def test_app_refuses_an_empty_login():
         r = subprocess.run([sys.executable, "app.py", "--auth", auth], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "non-empty user and password" in r.stderr.strip().splitlines()[-1]
+
+
+def test_the_home_folder_is_never_replaced_and_tilde_is_expanded_once(tri, tmp_path, monkeypatch):
+    _, _, recipe = tri
+    home = tmp_path / "home"  # a stand-in: HOME points here for this test
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    before = snapshot(home)
+    one_line(cli("merge", recipe, "~", "--overwrite", "--no-progress"), 2, "system, home or cache folder", str(home))
+    one_line(cli("merge", recipe, home, "--overwrite", "--no-progress"), 2, "system, home or cache folder")
+    assert snapshot(home) == before
+    r = cli("merge", recipe, "~/newout", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (home / "newout" / "merge_report.json").is_file() and (home / "newout" / ".merge-lab").is_file()
+    assert not (tmp_path / "~").exists() and not (ROOT / "~").exists()
+    # the lab's own earlier output is replaced with --overwrite, and only then
+    one_line(cli("merge", recipe, "~/newout", "--no-progress"), 2, "is not empty", "--overwrite")
+    assert cli("merge", recipe, "~/newout", "--overwrite", "--no-progress").returncode == 0
+
+
+@pytest.mark.parametrize("folder", ["/usr", "/etc", "/dev/shm", "/var", "/tmp", "/home", "/root"])
+def test_system_folders_are_refused_before_anything_is_written(folder):
+    # guard_output only checks (it writes nothing), so a wrong answer here fails without harm
+    from merging.errors import LabError
+    from merging.output_folder import guard_output
+
+    for overwrite in (False, True):
+        with pytest.raises(LabError, match="system, home or cache folder"):
+            guard_output(folder, overwrite=overwrite)
+
+
+def test_the_labs_cache_folder_is_refused(tri, tmp_path, monkeypatch):
+    _, _, recipe = tri
+    cache = tmp_path / "lab-cache"
+    cache.mkdir()
+    (cache / "cache.db").write_text("results")
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(cache))
+    one_line(cli("merge", recipe, cache, "--overwrite", "--no-progress"), 2, "system, home or cache folder")
+    assert (cache / "cache.db").read_text() == "results"
