@@ -47,7 +47,7 @@ def choices() -> list[tuple[str, str]]:
 def report_markdown(rep, preset: str) -> str:
     if not rep.ok:
         return problems_markdown("Cannot merge this triple", rep.problems)
-    head = "#### Compatible: ready to merge"
+    head = "#### Compatible: ready to merge" + (" (read the warnings below first)" if rep.warnings else "")
     note = ""
     if preset and preset != presets.CUSTOM:
         p = presets.by_label(preset)
