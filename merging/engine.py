@@ -356,6 +356,7 @@ def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
     write_text(tmp / MERGE_REPORT, json.dumps(report, indent=1) + "\n")
     write_text(tmp / "README.md", model_card(run.recipe, run.method, run.report,
                                              run.notes + merge_report.summary_lines(report), seconds))
+    handoff.write_lmms_eval_task(tmp)  # what lmms-eval needs to score the folder (the card says how)
 
 
 def model_card(recipe, method, report, notes: list[str], seconds: float) -> str:

@@ -89,10 +89,10 @@ def guard_output(out_dir, inputs=(), overwrite: bool = False, kind: str | None =
         what = "a symbolic link to a missing target" if not out.exists() else "a symbolic link"
         raise LabError(f"output {out} is {what}; name a real folder")
     real, cwd = _real(out), _real(Path.cwd())
-    if real == Path(real.anchor) or real == cwd or real in cwd.parents:
-        raise LabError(f"output {out} is the working directory, one of its parents or /; name a new folder")
     if real in _protected():
         raise LabError(f"output {out} is a system, home or cache folder; name a new folder inside one")
+    if real == Path(real.anchor) or real == cwd or real in cwd.parents:
+        raise LabError(f"output {out} is the working directory, one of its parents or /; name a new folder")
     for ref in inputs:
         src = _input_folder(ref) if ref else None
         if src is None:

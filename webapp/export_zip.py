@@ -4,6 +4,8 @@ Written into a fresh temp folder (Gradio copies a returned file into its own cac
 copy, so no folder of the lab's needs to be servable), complete or not at all. Stored, not
 compressed: safetensors hardly compress and storing is as fast as copying. Folders over
 MAX_BYTES stay a server path: a multi-GB model goes by disk or scp, not through a browser.
+A VLM folder's zip always carries the lmms-eval task (merging.handoff), added to the zip when
+the folder has none; the folder itself stays untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+
+from merging import handoff
 
 MAX_BYTES = 1 << 30
 
@@ -27,5 +31,14 @@ def zip_for_download(folder: Path, max_bytes: int = MAX_BYTES) -> tuple[Path | N
     with zipfile.ZipFile(part, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for p in files:
             z.write(p, f"{folder.name}/{p.relative_to(folder).as_posix()}")
+        for name, text in missing_handoff(folder).items():
+            z.writestr(f"{folder.name}/{name}", text)
     os.replace(part, out)
     return out, ""
+
+
+def missing_handoff(folder: Path) -> dict[str, str]:
+    """The lmms-eval task files a VLM folder lacks (relative path -> text); none for other folders."""
+    if handoff.vlm_model_type(folder) is None:
+        return {}
+    return {name: text for name, text in handoff.lmms_eval_files().items() if not (folder / name).exists()}
