@@ -15,6 +15,7 @@ from string import Template
 
 import yaml
 
+from merging import methods
 from merging.errors import write_error
 from merging.writer import write_text
 from tasks.toydata import ANSWER_RE
@@ -36,11 +37,6 @@ LMMS_EVAL_MODELS = {
 # lmms-eval has no model of its own for the others (idefics3, smolvlm, paligemma, inferred
 # families); its generic chat model loads any AutoModelForImageTextToText folder.
 FALLBACK_MODEL = "huggingface"
-
-# lab method -> mergekit merge_method of the same semantics (docs/METHODS.md)
-MERGEKIT_METHODS = {"linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties",
-                    "dare_ties": "dare_ties", "dare_linear": "dare_linear"}
-
 
 def lmms_eval_model(model_type: str) -> str:
     return LMMS_EVAL_MODELS.get(model_type, FALLBACK_MODEL)
@@ -197,41 +193,17 @@ def front_matter(refs: dict, method: str) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
-def _knob(value):
-    """A knob as mergekit takes it: a number, or a list (per layer, or a gradient: the lab's
-    gradients are mergekit's)."""
-    return [float(v) for v in value] if isinstance(value, list) else float(value)
-
-
 def mergekit_config(recipe, knobs: dict) -> dict | None:
-    """The recipe as a mergekit config of the same semantics, or None where mergekit has none."""
-    name = MERGEKIT_METHODS.get(recipe.method)
-    if name is None or int(knobs.get("br2v", 0)):
-        return None
-    alpha = _knob(knobs["alpha"])
-    if name == "linear":
-        other = [1.0 - a for a in alpha] if isinstance(alpha, list) else 1.0 - alpha
-        models = [{"model": recipe.vlm, "parameters": {"weight": other}},
-                  {"model": recipe.reasoner, "parameters": {"weight": alpha}}]
-        return {"merge_method": name, "models": models, "dtype": recipe.dtype}
-    weights = [1.0 if name == "task_arithmetic" else _knob(knobs["weight_vlm"]), alpha]
-    models = [{"model": m, "parameters": {"weight": w}} for m, w in zip((recipe.vlm, recipe.reasoner), weights)]
-    params: dict = {"normalize": False}
-    if name != "task_arithmetic":
-        for m in models:
-            m["parameters"]["density"] = _knob(knobs["density"])
-        params = {"normalize": bool(int(knobs["normalize"])), "lambda": _knob(knobs.get("lam", knobs.get("lambda", 1.0)))}
-        if name.startswith("dare"):
-            params["rescale"] = True  # the lab divides DARE's survivors by density
-    return {"merge_method": name, "base_model": recipe.base, "models": models, "parameters": params,
-            "dtype": recipe.dtype}
+    """The recipe as a mergekit config of the same semantics (the method's own translation), or None."""
+    config = methods.get(recipe.method).to_mergekit(recipe, knobs)
+    return None if config is None else {**config, "dtype": recipe.dtype}
 
 
 def mergekit_section(recipe, knobs: dict) -> list[str]:
     """The model card's mergekit section: the config block, or why there is none."""
     config = mergekit_config(recipe, knobs)
     if config is None:
-        why = ("the BR2V reference semantics (br2v: 1) are not mergekit's" if recipe.method in MERGEKIT_METHODS
+        why = ("the BR2V reference semantics (br2v: 1) are not mergekit's" if int(knobs.get("br2v", 0))
                else f"`{recipe.method}` has no mergekit merge method")
         return ["## mergekit", "", f"No mergekit equivalent: {why}. The lab's recipe is in `recipe.yaml`."]
     kept = "vision tower, projector and embeddings" if recipe.embeddings == "keep_vlm" else "vision tower and projector"
@@ -240,6 +212,10 @@ def mergekit_section(recipe, knobs: dict) -> list[str]:
              f"the VLM's {kept}, and mergekit cannot read a VLM and a text LLM as one architecture."]
     if recipe.layers is not None:
         lines[-1] += f" Only decoder layers {recipe.layers[0]}-{recipe.layers[1]} were merged here; the others are the VLM's."
+    if config.get("parameters", {}).get("rescale"):
+        lines[-1] += (" One difference in scale: mergekit's `rescale` scales DARE's surviving entries so each "
+                      "task vector keeps its L1 norm; the lab divides them by `density` (the DARE paper's rule). "
+                      "Both keep the expected value; the masks are random in both.")
     return lines + ["", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```"]
 
 

@@ -180,3 +180,21 @@ def test_diagnostics_hooks_with_nothing_recorded_say_nothing(method):
 def test_one_cancelled_error():
     assert jobs.Cancelled is Cancelled and issubclass(Cancelled, LabError)
     assert str(Cancelled()) == "cancelled"
+
+
+def test_every_default_is_the_one_the_docs_state():
+    """docs/METHODS.md's "Defaults" table, read as text, against the registry both ways: a default,
+    range or knob changed, added or removed in code without the docs fails here."""
+    import re
+
+    from merging import methods
+
+    text = (ROOT / "docs" / "METHODS.md").read_text()
+    section = text.split("## Defaults", 1)[1].split("\n## ", 1)[0]
+    doc = {(m, k): (float(d), float(lo), float(hi)) for m, k, d, lo, hi in
+           re.findall(r"^\| (\w+) \| `(\w+)` \| (-?[\d.]+) \| (-?[\d.]+) \.\. (-?[\d.]+) \|$", section, re.M)}
+    code = {(n, p.name): (float(p.default), float(p.lo), float(p.hi))
+            for n in methods.names() for p in methods.get(n).params}
+    assert doc.keys() == code.keys(), sorted(doc.keys() ^ code.keys())
+    for key, want in code.items():
+        assert doc[key] == pytest.approx(want), key

@@ -9,10 +9,19 @@ knob toggle, its diagnostics' summaries, whether the app opens with it) is read 
 
 from __future__ import annotations
 
-from merging.methods.base import MergeContext, MergeMethod, Paper, Param, TensorSet, Toggle, layer_key
+from merging.methods.base import (
+    MergeContext,
+    MergeMethod,
+    Paper,
+    Param,
+    TensorSet,
+    Toggle,
+    layer_key,
+    mergekit_value,
+)
 from merging.registry import Registry
 
-__all__ = ["MergeContext", "MergeMethod", "Paper", "Param", "TensorSet", "Toggle", "layer_key", "register", "get",
+__all__ = ["MergeContext", "MergeMethod", "Paper", "Param", "TensorSet", "Toggle", "layer_key", "mergekit_value", "register", "get",
            "names", "all_methods", "default_method"]
 
 _MODULES = ("linear", "task_arithmetic", "ties", "dare", "layer_swap", "ip_merging", "frank")

@@ -73,6 +73,12 @@ class Toggle:
         return self.hides_when_on if on else self.hides_when_off
 
 
+def mergekit_value(value):
+    """A knob as mergekit takes it: a number, or a list (per layer, or a gradient: the lab's
+    gradients are mergekit's)."""
+    return [float(v) for v in value] if isinstance(value, list) else float(value)
+
+
 def layer_key(layer: int | None) -> str:
     """A decoder layer as the merge report's JSON keys it; "other" for tensors outside the layers."""
     return "other" if layer is None else str(layer)
@@ -164,6 +170,11 @@ class MergeMethod:
     def layer_note(self, diagnostics: dict, layer: str) -> str:
         """The report's per-layer figure: this method's note on one layer's bar. Default: ''."""
         return ""
+
+    def to_mergekit(self, recipe, knobs: dict) -> dict | None:
+        """The recipe as a mergekit config of the same semantics (merge_method, models with their
+        parameters, parameters), for the model card; None where mergekit has no such method."""
+        return None
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError

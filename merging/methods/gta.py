@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Param, TensorSet, layer_key
+from merging.methods import MergeMethod, Param, TensorSet, layer_key, mergekit_value
 
 DIAGNOSTICS = "gta"  # the ctx.extra / merge report key all three methods share
 
@@ -173,6 +173,18 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     def grid(self, num_layers: int) -> list[dict]:
         return [{"alpha": a, "density": d} for a in (0.5, 1.0, 1.5) for d in (0.3, 0.7)]
+
+    def to_mergekit(self, recipe, knobs: dict) -> dict | None:
+        # mergekit has the same three names; BR2V's reference semantics are not mergekit's
+        if int(knobs.get("br2v", 0)):
+            return None
+        weights = (mergekit_value(knobs["weight_vlm"]), mergekit_value(knobs["alpha"]))
+        models = [{"model": m, "parameters": {"weight": w, "density": mergekit_value(knobs["density"])}}
+                  for m, w in zip((recipe.vlm, recipe.reasoner), weights)]
+        params = {"normalize": bool(int(knobs["normalize"])), "lambda": mergekit_value(knobs["lam"])}
+        if self.sparsify == "bernoulli":
+            params["rescale"] = True
+        return {"merge_method": self.name, "base_model": recipe.base, "models": models, "parameters": params}
 
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if DIAGNOSTICS not in extra:

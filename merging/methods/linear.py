@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Paper, Param, TensorSet, register
+from merging.methods import MergeMethod, Paper, Param, TensorSet, mergekit_value, register
 
 BR2V = Paper("BR2V", "Chen et al. 2025, Bring Reason to Vision (ICML)", "https://arxiv.org/abs/2505.05464")
 
@@ -26,3 +26,10 @@ class Linear(MergeMethod):
         a = p["alpha"]
         out = t.vlm * (1 - a)  # a fresh tensor: the inputs are never modified
         return out.add_(t.reasoner * a)
+
+    def to_mergekit(self, recipe, knobs: dict) -> dict | None:
+        alpha = mergekit_value(knobs["alpha"])
+        other = [1.0 - a for a in alpha] if isinstance(alpha, list) else 1.0 - alpha
+        return {"merge_method": "linear",
+                "models": [{"model": recipe.vlm, "parameters": {"weight": other}},
+                           {"model": recipe.reasoner, "parameters": {"weight": alpha}}]}

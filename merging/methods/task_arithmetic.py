@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Paper, Param, TensorSet, register
+from merging.methods import MergeMethod, Paper, Param, TensorSet, mergekit_value, register
 
 
 @register
@@ -33,3 +33,9 @@ class TaskArithmetic(MergeMethod):
         out = t.reasoner - t.base
         out.mul_(p["alpha"])
         return out.add_(t.vlm)
+
+    def to_mergekit(self, recipe, knobs: dict) -> dict | None:
+        return {"merge_method": "task_arithmetic", "base_model": recipe.base,
+                "models": [{"model": recipe.vlm, "parameters": {"weight": 1.0}},
+                           {"model": recipe.reasoner, "parameters": {"weight": mergekit_value(knobs["alpha"])}}],
+                "parameters": {"normalize": False}}
