@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from analysis.eval_file import read_items
-from merging.engine import check_device
+from merging.device import check_device
 from merging.errors import LabError
 
 # load_model is re-exported: analysis.leaderboard and the tests load through this module.

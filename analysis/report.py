@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from analysis import analyses, runner
-from merging.engine import check_device
+from merging.device import check_device
 from merging.errors import WriteError
 from merging.output_folder import AtomicFolder
 from merging.recipe import load

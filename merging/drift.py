@@ -30,9 +30,11 @@ from merging.inplace import map_parameters
 MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
 DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "batch_size": (1, 1024),
-              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None, "normalize_delta": None}
+              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None, "normalize_delta": None, "data": None}
+# data: a JSONL of image + question + answer (merging.finetune); None is the toy scenes, for the bundled
+# family only. examples caps how many items are used.
 DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
-                  "mode": "adaptive_cosine", "normalize_delta": True}
+                  "mode": "adaptive_cosine", "normalize_delta": True, "data": None}
 _EPS = 1e-12
 
 
@@ -46,7 +48,7 @@ class DriftResult:
     folder: str
     vlm: str
     reasoner: str
-    settings: dict = field(hash=False)  # drift_settings(): steps, lr, alpha, mode, batch_size, ...
+    settings: dict = field(hash=False)  # drift_settings(): steps, lr, alpha, mode, batch_size, data, ...
     losses: tuple[float, ...] = ()  # one per training step
     seconds: float = 0.0  # training and saving
     reused: bool = False
@@ -138,6 +140,8 @@ def drift_settings(section: dict | None) -> dict:
         raise LabError(f"drift mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
     if not isinstance(out["normalize_delta"], bool):
         raise LabError(f"drift normalize_delta must be true or false, got {out['normalize_delta']!r}")
+    if out["data"] is not None and not (isinstance(out["data"], str) and out["data"].strip()):
+        raise LabError(f"drift data must be the path of a .jsonl file, got {out['data']!r}")
     for k, rng in DRIFT_KEYS.items():
         if rng is None:
             continue

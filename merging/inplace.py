@@ -30,22 +30,13 @@ import torch
 from merging import memory_plan, merge_report, methods, params
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
-from merging.engine import (
-    BLOCK_ELEMS,
-    ROLES,
-    Progress,
-    check_device,
-    merge_group,
-    merge_rows,
-    one_thread,
-    plan_groups,
-    read_checked,
-    torch_dtype,
-)
+from merging.device import BLOCK_ELEMS, check_device, one_thread
 from merging.errors import LabError
 from merging.hub import resolve
-from merging.layout import VOCAB_TENSORS, split_canonical
+from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
+from merging.merge_plan import plan_groups, torch_dtype
 from merging.methods import MergeContext, TensorSet
+from merging.tensor_merge import Progress, merge_group, merge_rows, read_checked
 
 
 def _qualified_name(model, module) -> str | None:

@@ -1,12 +1,18 @@
-"""The DRIFT panel of the real app, through its API: a tiny fine-tune in the worker, then chat with it."""
+"""The DRIFT panel of the real app, through its API: a tiny fine-tune in the worker, then chat with it; a run
+on an uploaded training set."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.factories import make_tiny_triple
+from webapp.presets import CUSTOM
 from webapp.presets import DEFAULT as TOY_PRESET
 
 pytestmark = pytest.mark.slow
@@ -72,3 +78,68 @@ def test_drift_out_of_range_names_the_field(client):
         status = client.predict(**args, api_name="/drift")
         status = status if isinstance(status, str) else status[0]
         assert status.startswith("✗ **Cannot run DRIFT:**") and expected in status, status
+
+
+def _upload_set(folder: Path, rows: list, toy_dir: Path) -> list[Path]:
+    """A training JSONL and its images side by side (uploaded one by one, matched by file name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            lines.append(row)
+            continue
+        shutil.copy(toy_dir / "samples" / sorted(p.name for p in (toy_dir / "samples").glob("*.png"))[i], folder / f"{i}.png")
+        lines.append(json.dumps({"question": row[0], "answer": row[1], "image": f"images/{i}.png"}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return [folder / "train.jsonl", *sorted(folder.glob("*.png"))]
+
+
+def test_drift_on_an_uploaded_set(client, app_handle, toy_dir, tmp_path):
+    """The panel's upload drives a real run: its count, the run trained on it, the same content uploaded
+    again reused (the run key is the content's hash), a changed image retrained, a bad line refused."""
+    from gradio_client import handle_file
+
+    rows = [("how many circles ?", "lily has 3 cats ."), ("describe the image .", "ben has 7 cars ."),
+            ("how many squares ?", "mia gets 2 books .")]
+    files = _upload_set(tmp_path / "set", rows, toy_dir)
+    shown = client.predict(files=[handle_file(str(p)) for p in files], api_name="/drift_data")
+    assert shown.startswith("✓ **3 items** read from `train.jsonl`"), shown
+    before = {p.name for p in (app_handle.cache / "drift").iterdir()} if (app_handle.cache / "drift").is_dir() else set()
+    args = {"preset": TOY_PRESET, "mode": "adaptive_cosine", "alpha": 1.0, "steps": 4, "lr": 3e-3, "batch_size": 3,
+            "examples": 3, "api_name": "/drift"}
+    status = client.predict(files=[handle_file(str(p)) for p in files], **args)
+    status = status if isinstance(status, str) else status[0]
+    assert "done" in status and "4 steps" in status and "trained on the 3 items of `train.jsonl`" in status, status
+    first, last = map(float, re.search(r"loss ([\d.]+) → ([\d.]+)", status).groups())
+    assert last < first, status  # answers the toy never gives: it learns them
+    new = {p.name for p in (app_handle.cache / "drift").iterdir()} - before
+    assert len(new) == 1 and "3 of the 3 items of train.jsonl" in (app_handle.cache / "drift" / new.pop() / "README.md").read_text()
+    again = client.predict(files=[handle_file(str(p)) for p in files], **args)
+    assert "reused" in str(again), again
+    raw = bytearray(files[1].read_bytes())
+    files[1].write_bytes(bytes(raw) + b"\0")  # one more byte: another image file, another run
+    changed = client.predict(files=[handle_file(str(p)) for p in files], **args)
+    assert "reused" not in str(changed) and "4 steps" in str(changed), changed
+
+    archive = tmp_path / "set.zip"  # the zip form keeps the JSONL's folders
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(files[0], "train.jsonl")
+        for p in files[1:]:
+            zf.write(p, f"images/{p.name}")
+    shown = client.predict(files=[handle_file(str(archive))], api_name="/drift_data")
+    assert shown.startswith("✓ **3 items** read from `train.jsonl`"), shown
+
+    bad = _upload_set(tmp_path / "bad", [rows[0], '{"question": "how many ?"}'], toy_dir)
+    refused = client.predict(files=[handle_file(str(p)) for p in bad], **args)
+    assert 'Cannot run DRIFT:** train.jsonl line 2: "answer" is missing' in str(refused), refused
+    assert client.predict(files=[handle_file(str(p)) for p in bad], api_name="/drift_data") == \
+        '✗ train.jsonl line 2: "answer" is missing'
+
+
+def test_drift_on_another_vlm_without_data_is_refused(client, tmp_path):
+    tri = make_tiny_triple(tmp_path)
+    status = client.predict(preset=CUSTOM, vlm=str(tri["vlm"]), reasoner=str(tri["reasoner"]), base=str(tri["base"]),
+                            steps=2, examples=2, api_name="/drift")
+    status = status if isinstance(status, str) else status[0]
+    assert status == (f"✗ **Cannot run DRIFT:** {Path(tri['vlm']).name} is not the bundled toy family: upload your "
+                      "training data (a .jsonl with its images, or one .zip) above"), status

@@ -1,13 +1,17 @@
-"""DRIFT: the three gradient rewrites, the prior, alpha 0 == plain fine-tuning, and no silent skips."""
+"""DRIFT: the three gradient rewrites, the prior, alpha 0 == plain fine-tuning, and no silent skips; its
+training data (a JSONL, or the toy scenes for the bundled family only), its run key, its loss mask."""
 
 import dataclasses
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from merging.checkpoint import Checkpoint
 from merging.drift import DriftResult, adjust_gradient, attach_hooks, compute_prior, drift_settings
@@ -171,3 +175,207 @@ def test_run_drift_returns_its_result(tmp_path):
     assert pickle.loads(pickle.dumps(result)) == result  # it crosses the worker's pipe
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.folder = "elsewhere"
+
+
+# ------------------------------------------------------------------ training data (drift: data:)
+needs_toy = pytest.mark.skipif(not (TOY / "vlm" / "config.json").exists(), reason="toy family not built")
+# Four items the toy VLM has never answered this way (its answers are about shapes and sums): a
+# falling loss and the answers coming back word for word can only come from training on this file.
+MEMO = [("how many circles ?", "lily has 3 cats ."), ("what color is the shape ?", "tom has 5 pens ."),
+        ("how many squares ?", "mia gets 2 books ."), ("describe the image .", "ben has 7 cars .")]
+
+
+@pytest.fixture
+def one_thread():
+    """A 1.8 M-parameter model trains faster on one thread than on two that share busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_set(folder, rows, name="train.jsonl", image_ext="png"):
+    """A JSONL in the eval upload's format with its images under folder/images; returns its path.
+    rows: a line as it is, (question, answer) with a toy image, or (question, answer, _) without one."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            lines.append(row)
+            continue
+        q, a, *text_only = row
+        if text_only:
+            lines.append(json.dumps({"question": q, "answer": a}))
+            continue
+        src = TOY / "eval" / "images" / f"perception_{i % 10:04d}.png"
+        Image.open(src).convert("RGB").save(folder / "images" / f"{i}.{image_ext}")
+        lines.append(json.dumps({"question": q, "answer": a, "image": f"images/{i}.{image_ext}"}))
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_recipe(folder, data: str | None, vlm=None, **drift):
+    settings = {"steps": 2, "batch_size": 4, "examples": 4, "lr": 1e-3, **drift}
+    if data is not None:
+        settings["data"] = data
+    body = {"vlm": str(vlm or TOY / "vlm"), "reasoner": str(TOY / "math"), "drift": settings}
+    path = folder / "drift.yaml"
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+@needs_toy
+def test_a_recipe_with_data_trains_on_it(tmp_path, monkeypatch, one_thread):
+    """data: relative to the recipe's folder (not the working one); loss falls on a set small enough
+    to memorise (measured: 5.63 -> 0.08 in 30 steps), and the model then answers it word for word."""
+    from analysis.evaluate import generate, load_model
+    from merging.finetune import load_drift_recipe, run_drift, training_data
+
+    recipes = tmp_path / "recipes"
+    write_set(recipes / "data", MEMO + [("how many ?", "sam has 1 box .")] * 2)
+    recipe = write_recipe(recipes, "data/train.jsonl", steps=30, lr=3e-3, alpha=1.0)
+    monkeypatch.chdir(tmp_path)  # data/train.jsonl is not here: only the recipe's folder has it
+    spec = load_drift_recipe(recipe)
+    assert spec["drift"]["data"] == str(recipes / "data" / "train.jsonl")
+    data = training_data(spec)
+    assert len(data.examples) == 4 and data.source.startswith("4 of the 6 items")  # examples caps
+    result = run_drift(spec, tmp_path / "out", data=data)
+    first, last = result.losses[0], result.final_loss
+    print(f"memorise 4 items: loss {first:.3f} -> {last:.3f} in {result.steps} steps")
+    assert first > 3.0 and last < 0.25 and last < first / 15
+    assert "4 of the 6 items" in (tmp_path / "out" / "README.md").read_text()
+    model, proc = load_model(tmp_path / "out")
+    images = [Image.open(recipes / "data" / "images" / f"{i}.png").convert("RGB") for i in range(4)]
+    assert generate(model, proc, [q for q, _ in MEMO], images) == [a for _, a in MEMO]
+
+
+@needs_toy
+def test_refusals_name_the_file_and_line_before_anything_loads(tmp_path):
+    from merging.finetune import load_drift_recipe, run_drift
+
+    def refusal(data, vlm=None):
+        with pytest.raises(LabError) as e:
+            run_drift(load_drift_recipe(write_recipe(tmp_path, data, vlm)), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return str(e.value)
+
+    assert refusal("nothing.jsonl") == f"{tmp_path / 'nothing.jsonl'}: no such file"
+    write_set(tmp_path, [MEMO[0], '{"question": "how many ?"}'], "bad.jsonl")
+    assert refusal("bad.jsonl") == f'{tmp_path / "bad.jsonl"} line 2: "answer" is missing'
+    (tmp_path / "sub").mkdir()
+    write_set(tmp_path / "sub", [MEMO[0]], "up.jsonl")
+    (tmp_path / "sub" / "up.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "image": "../images/0.png"}))
+    assert refusal("sub/up.jsonl").endswith('line 1: "image" \'../images/0.png\' goes up out of the JSONL\'s folder (..)')
+    (tmp_path / "sub" / "link.png").symlink_to(tmp_path / "images" / "0.png")
+    (tmp_path / "sub" / "up.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "image": "link.png"}))
+    assert "is a link that leads out of the JSONL's folder" in refusal("sub/up.jsonl")
+    with pytest.raises(LabError, match="drift data must be the path of a .jsonl file"):
+        drift_settings({"data": 3})
+
+
+def test_a_vlm_other_than_the_bundled_family_needs_data(tmp_path):
+    from merging.finetune import is_toy_family, run_drift
+
+    tri = make_tiny_triple(tmp_path)
+    spec = {"vlm": str(tri["vlm"]), "reasoner": str(tri["reasoner"]), "drift": drift_settings({"steps": 1})}
+    with pytest.raises(LabError) as e:
+        run_drift(spec, tmp_path / "out")
+    assert str(e.value).startswith(f"DRIFT on {tri['vlm']} needs training data: give a JSONL of image + question")
+    assert not (tmp_path / "out").exists() and not is_toy_family(tri["vlm"])
+    if (TOY / "vlm" / "config.json").exists():
+        assert is_toy_family(TOY / "vlm") and not is_toy_family(TOY / "math")
+
+
+@needs_toy
+def test_the_run_key_follows_the_content_not_the_path(tmp_path):
+    """One byte of one image changed: another run (the app retrains); the same files elsewhere (a re-upload):
+    the same run (the app reuses the folder)."""
+    from merging.finetune import run_identity, training_data
+    from webapp.jobs import recipe_key
+
+    def key(path):
+        spec = {"vlm": str(TOY / "vlm"), "reasoner": str(TOY / "math"),
+                "drift": drift_settings({"data": str(path), "examples": 2})}
+        return recipe_key(run_identity(spec, training_data(spec)))
+
+    # BMP, uncompressed: any pixel byte may change; the first item has no image
+    path = write_set(tmp_path / "a", [("what is 2 + 3 ?", "5", "text only"), *MEMO], image_ext="bmp")
+    before = key(path)
+    image = tmp_path / "a" / "images" / "3.bmp"  # past the examples cap: still part of the data's hash
+    raw = bytearray(image.read_bytes())
+    raw[-5] ^= 1
+    image.write_bytes(bytes(raw))
+    changed = key(path)
+    assert changed != before
+    raw[-5] ^= 1
+    image.write_bytes(bytes(raw))
+    assert key(path) == before
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert key(tmp_path / "b" / "train.jsonl") == before
+    path.write_text(path.read_text().replace("lily", "mia"))
+    assert key(path) != before
+
+
+# ------------------------------------------------------------------ the loss mask
+@needs_toy
+def test_the_loss_mask_is_exactly_the_answer_tokens():
+    """Against the toy vocabulary looked up word by word (its tokenizer splits on spaces): every prompt
+    token is masked, the trained ones are the answer's words and the template's end of turn."""
+    from transformers import AutoProcessor
+
+    from merging.finetune import build_batch
+
+    proc = AutoProcessor.from_pretrained(TOY / "vlm")
+    vocab = proc.tokenizer.get_vocab()
+    image = Image.open(TOY / "eval" / "images" / "perception_0000.png").convert("RGB")
+    examples = [(image, "how many circles ?", "there are 3 circles . the answer is 3 ."), (None, "what is 2 + 3 ?", "5")]
+    batch = build_batch(proc, examples)
+    for i, (img, q, a) in enumerate(examples):
+        words = ["<s>", "user", ":"] + ["<image>"] * 9 * (img is not None) + q.split() + ["assistant", ":"]
+        want_prompt = [vocab[w] for w in words]
+        want_answer = [vocab[w] for w in a.split()] + [vocab["</s>"]]
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :n].tolist() == want_prompt + want_answer
+        labels = batch["labels"][i]
+        assert labels[:len(want_prompt)].eq(-100).all() and labels[n:].eq(-100).all()
+        assert labels[len(want_prompt):n].tolist() == want_answer
+
+
+def test_the_loss_mask_with_a_template_that_adds_tokens_after_the_generation_prompt():
+    """A Qwen3-like template (byte-level BPE, an empty think block after the generation prompt that its
+    written turns lack, <|im_end|>\\n closing a turn): the trained tokens decode to exactly the answer and
+    the turn's end, the masked ones to exactly the generation prompt (the think block included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from merging.finetune import build_batch
+    from merging.loading import prompt, user_turn
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<image>", "<think>", "</think>"]
+    bpe.train_from_iterator(["how many circles are there ?\nthe answer is 3 .", "user\nassistant\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                  extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+    image_proc = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    proc = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=16, chat_template=template,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image = Image.new("RGB", (48, 48), "red")
+    examples = [(image, "how many circles are there ?", "there are 3 circles . the answer is 3 ."),
+                (None, "how many ?", "3")]
+    batch = build_batch(proc, examples)
+    for i, (img, q, a) in enumerate(examples):
+        labels, real = batch["labels"][i], batch["attention_mask"][i].bool()
+        shown = prompt(proc, [user_turn(q, img is not None)])
+        assert shown.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        masked = batch["input_ids"][i][real & labels.eq(-100)]
+        assert tok.decode(masked) == shown.replace("<image>", "<image>" * 9)
+        assert tok.decode(labels[labels.ne(-100)]) == a + "<|im_end|>\n"
+        assert labels.ne(-100).nonzero().flatten().tolist() == list(range(len(masked), int(real.sum())))

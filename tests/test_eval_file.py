@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis import eval_file
 from analysis.eval_file import read_items
 from analysis.evaluate import evaluate, load_model
+from merging import item_file
 from merging.errors import LabError
 from tests.output_checks import cli
 from tests.paths import ROOT, TOY
@@ -92,10 +92,10 @@ def test_image_paths_stay_inside_the_files_folder(tmp_path):
 
 def test_caps_on_items_size_and_emptiness(tmp_path, monkeypatch):
     path = write_set(tmp_path, [GOOD] * 4)
-    monkeypatch.setattr(eval_file, "MAX_ITEMS", 3)
+    monkeypatch.setattr(item_file, "MAX_ITEMS", 3)  # the reader lives in merging
     assert refusal(path) == f"{path} line 4: more than 3 items; split the file"
-    monkeypatch.setattr(eval_file, "MAX_FILE_BYTES", 100)
-    assert refusal(path) == f"{path}: {path.stat().st_size} bytes; the limit is 100 bytes for an eval file"
+    monkeypatch.setattr(item_file, "MAX_FILE_BYTES", 100)
+    assert refusal(path) == f"{path}: {path.stat().st_size} bytes; the limit is 100 bytes"
     monkeypatch.undo()
     empty = write_set(tmp_path, ["", "  "], "empty.jsonl")
     assert "no items" in refusal(empty)

@@ -28,7 +28,7 @@ import torch
 from merging.drift import DriftResult, drift_settings
 from merging.engine import merge_to_disk
 from merging.errors import LabError
-from merging.finetune import run_drift
+from merging.finetune import run_drift, run_identity, training_data
 from merging.hub import resolve
 from merging.inplace import PARTIAL
 from merging.memory_plan import plan_triple
@@ -300,15 +300,17 @@ class Worker:
         return self.drift_model[1], self.drift_model[2]
 
     def do_drift(self, job_id, args, flag):
-        spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift"))}
-        out_dir = Path(self.cache_dir or ".", "drift", recipe_key(spec)).resolve()
+        spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift")),
+                "data_by_name": bool(args.get("data_by_name")), "data_name": args.get("data_name")}
+        data = training_data(spec)  # read and checked before anything loads; its hash names the run
+        out_dir = Path(self.cache_dir or ".", "drift", recipe_key(run_identity(spec, data))).resolve()
         progress = self.progress_fn(job_id, flag, yields=True)
         if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
             result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
                                  settings=spec["drift"], reused=True)
         else:
             self.drift_model = None  # free the previous result's memory before training
-            result = run_drift(spec, out_dir, self.device, progress, flag)
+            result = run_drift(spec, out_dir, self.device, progress, flag, data)
         self.drift_loaded(result.folder, progress)
         return {"result": result, "device": self.device}
 
