@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from merging.output_folder import MARKER
 from tests.output_checks import ENV, ROOT, leftovers, snapshot
 
 
@@ -59,6 +60,7 @@ def syn(tmp_path_factory):
 def test_overwrite_interrupted_mid_merge_keeps_the_old_output(syn, tmp_path, sig):
     out = tmp_path / "out"
     out.mkdir()
+    (out / MARKER).write_text('{"kind": "model"}\n')  # an earlier output of the lab: --overwrite may replace it
     for i in range(5):
         (out / f"old-{i}.txt").write_text(f"old output {i}")
     before = snapshot(out)
