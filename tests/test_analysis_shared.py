@@ -59,7 +59,7 @@ def worker_runs(cache_dir: Path):
     import torch
 
     from analysis import cache
-    from webapp.worker import CancelFlag, Worker
+    from webapp.worker import Worker
 
     torch.set_num_threads(1)
     cache._shared.clear()
@@ -67,7 +67,7 @@ def worker_runs(cache_dir: Path):
     outs = {}
     for name in NAMES:
         args = {"name": name, "triple": TRIPLE, "recipe": RECIPE, **({"limit": 1} if name == "knockout" else {})}
-        outs[name] = w.do_analysis(1, args, CancelFlag(w.control, 1, w.cancelled))
+        outs[name] = w.call("analysis", args, 1)
     cache._shared.clear()
     return w, outs
 

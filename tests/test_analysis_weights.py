@@ -43,9 +43,7 @@ def worker(tmp_path_factory):
 
 
 def run(worker, kind: str, args: dict) -> dict:
-    from webapp.worker import CancelFlag
-
-    return getattr(worker, f"do_{kind}")(1, args, CancelFlag(worker.control, 1, worker.cancelled))
+    return worker.call(kind, args, 1)
 
 
 def fresh_vlm(attn: str | None = None):

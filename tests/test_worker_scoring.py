@@ -162,3 +162,13 @@ def test_leaderboard_settings_are_checked():
                      ({"methods": ["nope"]}, "unknown method(s): nope")]:
         with pytest.raises(LabError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             settings(bad)
+
+
+def test_an_unknown_job_kind_is_one_clear_error_and_every_lane_kind_is_registered(worker):
+    from webapp.jobs import CHAT_LANE
+    from webapp.worker import JOBS
+
+    ev, msg, _ = run(worker, "nonsense", {})
+    assert ev == "error" and msg.startswith("unknown job kind 'nonsense'; known: ") and "merge" in msg
+    assert set(CHAT_LANE) <= set(JOBS)
+    assert set(JOBS) == {"ping", "plan", "merge", "chat", "analysis", "evaluate", "leaderboard", "drift", "export"}

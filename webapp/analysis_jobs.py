@@ -22,12 +22,12 @@ from webapp.safety import check_images
 class LoadedSource:
     """The worker's loaded model, put into the state an analysis asks for."""
 
-    def __init__(self, worker, recipe: dict | None):
-        self.worker, self.recipe = worker, recipe
+    def __init__(self, ctx, recipe: dict | None):
+        self.ctx, self.recipe = ctx, recipe
 
     def _held(self, job, merged: bool):
         recipe = self.recipe if merged else None
-        loaded = self.worker.models.get(job.triple, job.progress)
+        loaded = self.ctx.models.get(job.triple, job.progress)
         if loaded.hold(recipe, progress=job.progress) != job.weights_id(merged):
             raise LabError("internal: the loaded weights differ from the ones this analysis is cached under")
         return loaded
@@ -46,24 +46,24 @@ class LoadedSource:
             yield loaded.model, loaded.processor
 
 
-def _job(worker, args: dict, progress) -> runner.Job:
+def _job(ctx, args: dict, progress) -> runner.Job:
     a = analyses.get(args["name"])
     recipe = args.get("recipe") if a.on_merge else None
     t = args["triple"]
     # An analysis of the merge runs on the merge's own triple.
     triple = triple_of(recipe) if recipe else (t["vlm"], t["reasoner"], t["base"])
-    return runner.Job(tuple(triple), from_dict(recipe) if recipe else None, LoadedSource(worker, recipe),
-                      device=worker.device, cache_dir=worker.cache_dir, progress=progress,
+    return runner.Job(tuple(triple), from_dict(recipe) if recipe else None, LoadedSource(ctx, recipe),
+                      device=ctx.device, cache_dir=ctx.cache_dir, progress=progress,
                       samples_dir=TOY_ROOT / "samples", eval_dir=TOY_ROOT / "eval")
 
 
-def run_analysis(worker, job_id: int, args: dict, flag) -> dict:
+def run_analysis(ctx, args: dict) -> dict:
     name = args["name"]
     a = analyses.get(name)
     if args.get("images"):
         check_images(args["images"])
-    progress = worker.progress_fn(job_id, flag, yields=not a.changes_weights)
-    data, p = runner.run(name, _job(worker, args, progress), args)
+    progress = ctx.progress(yields=not a.changes_weights)
+    data, p = runner.run(name, _job(ctx, args, progress), args)
     out = {"figures": [f.to_json() for f in runner.figures_of(name, data).values()],
            "summary": a.summary(data, p)}
     if name == "attention":

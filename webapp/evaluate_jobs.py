@@ -25,12 +25,12 @@ MAX_SHOWN = 200  # disagreements sent back
 BATCH = 16  # items per generate call: a cancel waits for at most one batch
 
 
-def _models(worker, args: dict, progress, flag):
+def _models(ctx, args: dict, progress, flag):
     """(name, label, (model, processor) getter, weights id getter) of the models to score, original first."""
     variant = args.get("recipe")
     given = args["triple"]
     triple = triple_of(variant) if variant else (given["vlm"], given["reasoner"], given["base"])
-    loaded = worker.models.get(tuple(triple), progress)
+    loaded = ctx.models.get(tuple(triple), progress)
 
     def held(recipe):
         def get():
@@ -42,7 +42,7 @@ def _models(worker, args: dict, progress, flag):
     if isinstance(variant, DriftRun):
         folder = variant.folder
         out.append(("merged", variant.label,
-                    lambda: (worker.drift_loaded(folder, progress), f"drift:{Path(folder).name}")))
+                    lambda: (ctx.drift_loaded(folder, progress), f"drift:{Path(folder).name}")))
     elif variant:
         out.append(("merged", variant["method"], held(variant)))
     return out
@@ -58,7 +58,7 @@ def _suite_args(args: dict) -> tuple[list[str], int]:
     return suites, limit
 
 
-def _scorer(worker, args: dict, items: list[dict] | None):
+def _scorer(ctx, args: dict, items: list[dict] | None):
     """score(model, wid, progress) -> (accuracy by suite, records of the custom set or None)."""
     if items is not None:
         def score_file(model, wid, progress):
@@ -67,13 +67,13 @@ def _scorer(worker, args: dict, items: list[dict] | None):
             return out["accuracy"], out["items"]["custom"]
         return score_file
     suites, limit = _suite_args(args)
-    dtype = serving_dtype(worker.device, worker.models.cpu_dtype)
+    dtype = serving_dtype(ctx.device, ctx.models.cpu_dtype)
 
     def score_suites(model, wid, progress):
         key = {"weights": wid, "dtype": dtype, "suites": suites, "limit": limit}
         acc = cached("evaluate", key, lambda: evaluate(model, suites=suites, limit=limit, progress=progress,
                                                        batch_size=BATCH, eval_dir=TOY_ROOT / "eval"),
-                     worker.cache_dir)
+                     ctx.cache_dir)
         return acc, None
     return score_suites
 
@@ -91,14 +91,14 @@ def disagreements(items: list[dict], original: list[dict], merged: list[dict]) -
     return out
 
 
-def run_evaluate(worker, job_id: int, args: dict, flag) -> dict:
+def run_evaluate(ctx, args: dict) -> dict:
     """{"labels", "accuracy": {"original": {...}, "merged": {...}}, "items", "disagree" (an uploaded set)}."""
-    progress = worker.progress_fn(job_id, flag, yields=True)
+    progress = ctx.progress(yields=True)
     items = None
     if args.get("suite_file"):  # checked by the UI (inside its upload folder); read again here, whole
         items = read_items(args["suite_file"], by_name=bool(args.get("by_name")), name=args.get("name"))
-    score = _scorer(worker, args, items)
-    models = _models(worker, args, progress, flag)
+    score = _scorer(ctx, args, items)
+    models = _models(ctx, args, progress, ctx.flag)
     labels, accuracy, records = {}, {}, {}
     for i, (name, label, get) in enumerate(models):
         model, wid = get()

@@ -50,21 +50,21 @@ def key_parts(family: Path, s: dict) -> dict:
     return {"fingerprints": fps, "eval": digest.hexdigest(), "dev_seed": leaderboard.DEV_SEED, **s}
 
 
-def run_leaderboard(worker, job_id: int, args: dict, flag, family: Path = TOY_ROOT) -> dict:
+def run_leaderboard(ctx, args: dict, family: Path = TOY_ROOT) -> dict:
     """{"result": leaderboard.run's dict, "cached": bool, "folder": where its files are}."""
     s = settings(args)
     if not (family / "vlm").is_dir():
         raise LabError("the bundled toy family is not on this machine")
     key = key_parts(family, s)
-    out_dir = Path(worker.cache_dir or ".", "leaderboard", make_key("leaderboard", key).split(":")[1][:16])
-    progress = worker.progress_fn(job_id, flag, yields=True)
+    out_dir = Path(ctx.cache_dir or ".", "leaderboard", make_key("leaderboard", key).split(":")[1][:16])
+    progress = ctx.progress(yields=True)
     computed = []
 
     def compute() -> dict:
         computed.append(True)
         progress(0, 1, "building the dev split")
         return leaderboard.run(family, out_dir, s["limit"], s["dev_items"], s["methods"], progress=progress,
-                               grid_size=s["grid_size"], cancel=flag)
+                               grid_size=s["grid_size"], cancel=ctx.flag)
 
-    result = cached("leaderboard", key, compute, worker.cache_dir)
+    result = cached("leaderboard", key, compute, ctx.cache_dir)
     return {"result": result, "cached": not computed, "folder": str(out_dir.resolve())}

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,6 +92,44 @@ class Lanes:
             for r in taken:
                 self._q["chat"].remove(r)
             return taken
+
+
+@dataclass
+class JobContext:
+    """What one job may use of the worker: its id and cancel flag, the device, the cache folder,
+    the loaded models, its events, its progress callback, and the DRIFT result kept loaded."""
+
+    job_id: int
+    flag: CancelFlag
+    device: str
+    cache_dir: str | None
+    models: ModelHolder
+    worker: Worker  # for the two DRIFT-result helpers below only
+
+    def send(self, kind: str, payload=None) -> None:
+        self.worker.send(self.job_id, kind, payload)
+
+    def progress(self, yields: bool = False):
+        """progress(done, total, message); `yields`: the job changes no weights itself, so the chat
+        lane is answered at each step."""
+        return self.worker.progress_fn(self.job_id, self.flag, yields)
+
+    def drift_loaded(self, folder: str, progress=None):
+        return self.worker.drift_loaded(folder, progress)
+
+    def forget_drift(self) -> None:
+        self.worker.drift_model = None
+
+
+JOBS: dict[str, Callable[[JobContext, dict], dict]] = {}
+
+
+def job(kind: str):
+    """Register a function (ctx, args) -> result dict as the job `kind`."""
+    def register(fn):
+        JOBS[kind] = fn
+        return fn
+    return register
 
 
 class Worker:
@@ -198,8 +238,7 @@ class Worker:
         self.send(job_id, "started")
         t0 = time.monotonic()
         try:
-            result = getattr(self, f"do_{kind}")(job_id, args, flag)
-            result = dict(result or {})
+            result = dict(self.call(kind, args, job_id, flag) or {})
             result.setdefault("seconds", round(time.monotonic() - t0, 2))
             self.send(job_id, "result", result)
         except Cancelled:
@@ -215,76 +254,13 @@ class Worker:
         finally:
             self.cancelled.discard(job_id)
 
-    # -- jobs --------------------------------------------------------------------------------
-    def do_ping(self, job_id, args, flag):
-        return {"device": self.device, "pid": os.getpid()}
-
-    def do_plan(self, job_id, args, flag):
-        """The memory plan of a triple on this worker's device, before anything of it is loaded."""
-        triple = triple_of(args["triple"])
-        loaded = self.models.loaded
-        same = loaded is not None and loaded.triple == tuple(triple)
-        freed = (0, 0)
-        if loaded is not None and not same:  # loading this triple replaces that one
-            use = loaded.plan.use
-            freed = (use.get("device", 0), use.get("host", 0)) if self.device != "cpu" else (use["host"], use["host"])
-        plan = plan_triple(*triple, self.device, serving_itemsize(self.device, self.models.cpu_dtype),
-                           loaded=same, max_sets=SNAPSHOTS, freed=freed, limit=self.models.limit)
-        return {"fits": plan.fits, "lines": plan.lines(), "plan": plan.to_json()}
-
-    def do_merge(self, job_id, args, flag):
-        recipe = args["recipe"]
-        progress = self.progress_fn(job_id, flag)
-        loaded = self.models.get(triple_of(recipe), progress)
-        t0 = time.monotonic()
-        worked = loaded.ensure(recipe, progress=progress, cancel=flag)
-        return {"key": recipe_key(recipe), "merge_seconds": round(time.monotonic() - t0, 2),
-                "reused": not worked, "device": self.device, "report": loaded.merger.extra.get("report")}
-
-    def do_chat(self, job_id, args, flag):
-        recipe = args.get("recipe")
-        given = args["triple"]  # a dict from the UI ({"vlm", "reasoner", "base"}) or a sequence
-        triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
-        progress = self.progress_fn(job_id, flag)
-        loaded = self.models.get(triple, progress)
-        image = open_image(args["image"]) if args.get("image") else None
-        answers, notices = {}, []
-
-        def notice(text):
-            if text not in notices:
-                notices.append(text)
-                self.send(job_id, "notice", text)
-
-        drift = recipe.folder if isinstance(recipe, DriftRun) else None  # a DRIFT result instead of a merge
-        streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
-        for stream in streams:
-            if stream == "merged" and drift:
-                model, processor = self.drift_loaded(drift, progress)
-            else:
-                loaded.hold(recipe if stream == "merged" else None, progress=progress, cancel=flag)
-                model, processor = loaded.model, loaded.processor
-            answers[stream] = stream_answer(
-                model, processor, args["question"], image, args.get("history", {}).get(stream),
-                args.get("max_new_tokens", 48), args.get("temperature", 0.0),
-                on_text=lambda piece, s=stream: self.send(job_id, "token", {"stream": s, "text": piece}),
-                cancelled=flag, on_notice=notice)
-        return {"answers": answers, "notices": notices}
-
-    def do_analysis(self, job_id, args, flag):
-        # The UI process imports this module too (webapp.client), and a worker may only merge and chat.
-        # lazy: analysis.runner imports plotly's figures, 0.22 s after torch (python -X importtime).
-        from webapp.analysis_jobs import run_analysis
-
-        return run_analysis(self, job_id, args, flag)
-
-    def do_evaluate(self, job_id, args, flag):
-        return run_evaluate(self, job_id, args, flag)
-
-    def do_leaderboard(self, job_id, args, flag):
-        # lazy: analysis.leaderboard draws with plotly, 0.22 s after torch (python -X importtime).
-        from webapp.leaderboard_jobs import run_leaderboard
-
-        return run_leaderboard(self, job_id, args, flag)
+    def call(self, kind: str, args: dict, job_id: int = 0, flag: CancelFlag | None = None):
+        """Run the registered job `kind` here and now; LabError for a kind nobody registered."""
+        fn = JOBS.get(kind)
+        if fn is None:
+            raise LabError(f"unknown job kind {kind!r}; known: {', '.join(sorted(JOBS))}")
+        flag = flag or CancelFlag(self.control, job_id, self.cancelled)
+        return fn(JobContext(job_id, flag, self.device, self.cache_dir, self.models, self), args)
 
     def drift_loaded(self, folder: str, progress=None):
         """(model, processor) of a DRIFT result folder; one is kept loaded beside the triple's VLM."""
@@ -299,26 +275,115 @@ class Worker:
             self.drift_model = (folder, *load_serving(folder, self.device, self.models.trust_remote_code))
         return self.drift_model[1], self.drift_model[2]
 
-    def do_drift(self, job_id, args, flag):
-        spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift")),
-                "data_by_name": bool(args.get("data_by_name")), "data_name": args.get("data_name")}
-        data = training_data(spec)  # read and checked before anything loads; its hash names the run
-        out_dir = Path(self.cache_dir or ".", "drift", recipe_key(run_identity(spec, data))).resolve()
-        progress = self.progress_fn(job_id, flag, yields=True)
-        if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
-            result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
-                                 settings=spec["drift"], reused=True)
-        else:
-            self.drift_model = None  # free the previous result's memory before training
-            result = run_drift(spec, out_dir, self.device, progress, flag, data)
-        self.drift_loaded(result.folder, progress)
-        return {"result": result, "device": self.device}
 
-    def do_export(self, job_id, args, flag):
-        out_dir = Path(args["out_dir"])
-        progress = self.progress_fn(job_id, flag, yields=True)
-        merge_to_disk(from_dict(args["recipe"]), out_dir, device=self.device, progress=progress, cancel=flag)
-        return {"path": str(out_dir.resolve())}
+# -- jobs: each a function (ctx, args) -> result dict, registered by kind -----------------------
+@job("ping")
+def ping(ctx: JobContext, args: dict) -> dict:
+    return {"device": ctx.device, "pid": os.getpid()}
+
+
+@job("plan")
+def plan(ctx: JobContext, args: dict) -> dict:
+    """The memory plan of a triple on this worker's device, before anything of it is loaded."""
+    triple = triple_of(args["triple"])
+    loaded = ctx.models.loaded
+    same = loaded is not None and loaded.triple == tuple(triple)
+    freed = (0, 0)
+    if loaded is not None and not same:  # loading this triple replaces that one
+        use = loaded.plan.use
+        freed = (use.get("device", 0), use.get("host", 0)) if ctx.device != "cpu" else (use["host"], use["host"])
+    p = plan_triple(*triple, ctx.device, serving_itemsize(ctx.device, ctx.models.cpu_dtype),
+                    loaded=same, max_sets=SNAPSHOTS, freed=freed, limit=ctx.models.limit)
+    return {"fits": p.fits, "lines": p.lines(), "plan": p.to_json()}
+
+
+@job("merge")
+def merge(ctx: JobContext, args: dict) -> dict:
+    recipe = args["recipe"]
+    progress = ctx.progress()
+    loaded = ctx.models.get(triple_of(recipe), progress)
+    t0 = time.monotonic()
+    worked = loaded.ensure(recipe, progress=progress, cancel=ctx.flag)
+    return {"key": recipe_key(recipe), "merge_seconds": round(time.monotonic() - t0, 2),
+            "reused": not worked, "device": ctx.device, "report": loaded.merger.extra.get("report")}
+
+
+@job("chat")
+def chat(ctx: JobContext, args: dict) -> dict:
+    recipe = args.get("recipe")
+    given = args["triple"]  # a dict from the UI ({"vlm", "reasoner", "base"}) or a sequence
+    triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
+    progress = ctx.progress()
+    loaded = ctx.models.get(triple, progress)
+    image = open_image(args["image"]) if args.get("image") else None
+    answers, notices = {}, []
+
+    def notice(text):
+        if text not in notices:
+            notices.append(text)
+            ctx.send("notice", text)
+
+    drift = recipe.folder if isinstance(recipe, DriftRun) else None  # a DRIFT result instead of a merge
+    streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
+    for stream in streams:
+        if stream == "merged" and drift:
+            model, processor = ctx.drift_loaded(drift, progress)
+        else:
+            loaded.hold(recipe if stream == "merged" else None, progress=progress, cancel=ctx.flag)
+            model, processor = loaded.model, loaded.processor
+        answers[stream] = stream_answer(
+            model, processor, args["question"], image, args.get("history", {}).get(stream),
+            args.get("max_new_tokens", 48), args.get("temperature", 0.0),
+            on_text=lambda piece, s=stream: ctx.send("token", {"stream": s, "text": piece}),
+            cancelled=ctx.flag, on_notice=notice)
+    return {"answers": answers, "notices": notices}
+
+
+@job("analysis")
+def analysis(ctx: JobContext, args: dict) -> dict:
+    # The UI process imports this module too (webapp.client), and a worker may only merge and chat.
+    # lazy: analysis.runner imports plotly's figures, 0.22 s after torch (python -X importtime).
+    from webapp.analysis_jobs import run_analysis
+
+    return run_analysis(ctx, args)
+
+
+@job("evaluate")
+def evaluate(ctx: JobContext, args: dict) -> dict:
+    return run_evaluate(ctx, args)
+
+
+@job("leaderboard")
+def leaderboard(ctx: JobContext, args: dict) -> dict:
+    # lazy: analysis.leaderboard draws with plotly, 0.22 s after torch (python -X importtime).
+    from webapp.leaderboard_jobs import run_leaderboard
+
+    return run_leaderboard(ctx, args)
+
+
+@job("drift")
+def drift(ctx: JobContext, args: dict) -> dict:
+    spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift")),
+            "data_by_name": bool(args.get("data_by_name")), "data_name": args.get("data_name")}
+    data = training_data(spec)  # read and checked before anything loads; its hash names the run
+    out_dir = Path(ctx.cache_dir or ".", "drift", recipe_key(run_identity(spec, data))).resolve()
+    progress = ctx.progress(yields=True)
+    if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
+        result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
+                             settings=spec["drift"], reused=True)
+    else:
+        ctx.forget_drift()  # free the previous result's memory before training
+        result = run_drift(spec, out_dir, ctx.device, progress, ctx.flag, data)
+    ctx.drift_loaded(result.folder, progress)
+    return {"result": result, "device": ctx.device}
+
+
+@job("export")
+def export(ctx: JobContext, args: dict) -> dict:
+    out_dir = Path(args["out_dir"])
+    progress = ctx.progress(yields=True)
+    merge_to_disk(from_dict(args["recipe"]), out_dir, device=ctx.device, progress=progress, cancel=ctx.flag)
+    return {"path": str(out_dir.resolve())}
 
 
 def _exit_with_parent(parent_pid: int) -> None:
