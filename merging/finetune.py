@@ -151,7 +151,9 @@ def build_batch(processor, examples: list) -> dict:
     tok = tokenizer_of(processor)
     images = [_rgb(img) for img, _, _ in examples]
     prompts = [prompt(processor, [user_turn(q, img is not None)]) for img, q, _ in examples]
-    kw = {"images": [im for im in images if im is not None]} if any(im is not None for im in images) else {}
+    # Images per sample ([] for a text-only one): Gemma3's and Idefics' processors count them per
+    # prompt, and the others flatten the nesting.
+    kw = {"images": [[im] if im is not None else [] for im in images]} if any(im is not None for im in images) else {}
     # add_special_tokens=False: the template writes them, as for generation (analysis.evaluate, webapp.chat)
     enc = processor(text=prompts, return_tensors="pt", padding=True, add_special_tokens=False, **kw)
     ids, real = enc["input_ids"], enc["attention_mask"].bool()

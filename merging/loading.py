@@ -15,6 +15,7 @@ import torch
 
 from merging.errors import LabError
 from merging.hub import resolve
+from merging.processors import first_line, load_processor
 
 
 def serving_dtype(device: str, cpu_dtype: str = "float32") -> str:
@@ -40,7 +41,6 @@ def load_model(ref: str | Path, device: str = "cpu", *, attentions: bool = False
         AutoConfig,
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
-        AutoProcessor,
         AutoTokenizer,
     )
 
@@ -65,12 +65,13 @@ def load_model(ref: str | Path, device: str = "cpu", *, attentions: bool = False
     model = cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust, **kw).eval()
     if torch.device(device).type == "cpu":
         model = model.to(device)
+    if vision:  # its own, or the lab's image-only one where the family's needs a missing torchvision
+        return model, load_processor(path, getattr(config, "model_type", ""), trust)
     try:
-        proc = (AutoProcessor if vision else AutoTokenizer).from_pretrained(path, trust_remote_code=trust)
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except Exception as e:
-        raise LabError(f"could not load the model in {ref}: no usable tokenizer/processor ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
-    return model, proc
+        raise LabError(f"could not load the model in {ref}: no usable tokenizer ({type(e).__name__}: "
+                       f"{first_line(e)})") from None
 
 
 @contextmanager
