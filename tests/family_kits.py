@@ -215,8 +215,10 @@ def _text_lm(vlm):
     import transformers as T
 
     text = vlm.config.get_text_config()
+    tied = bool(getattr(vlm.config, "tie_word_embeddings", False))  # a VLM that ties has no lm_head of its own
     if text.model_type.startswith("qwen2"):
-        return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT))
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT, tie_word_embeddings=tied))
+    text.tie_word_embeddings = tied
     return T.AutoModelForCausalLM.from_config(text)
 
 

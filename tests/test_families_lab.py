@@ -159,3 +159,46 @@ def test_a_processor_that_needs_a_missing_torchvision_is_named(tmp_path):
     assert "\n" not in msg and not msg.endswith(": )")
     assert first_line(ImportError("\nPixtralProcessor requires the Torchvision library\nmore")) == \
         "PixtralProcessor requires the Torchvision library"
+
+
+def test_each_kit_is_a_clean_triple(kit):
+    """The kits are what a user brings: compatible, and no warning (same tensors, a shared parent)."""
+    from merging.compat import check_triple
+
+    family, paths, _, _ = kit
+    rep = check_triple(str(paths["vlm"]), str(paths["reasoner"]), str(paths["base"]))
+    assert rep.ok and rep.warnings == [], (family, rep.warnings)
+    assert rep.layouts["vlm"].family == family and rep.distances["reasoner vs vlm"] < 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_app_in_chromium_chats_with_an_image_on_qwen2_vl_and_mistral3(toy_dir, tmp_path):
+    """The two families whose processors the lab builds itself, in the real app and a real browser:
+    a custom triple from the models root, Merge, an example with its image, both panes answer."""
+    from playwright.sync_api import expect
+
+    from tests.app_fixtures import SHOTS, chromium, start_app, stop_app
+
+    root = tmp_path / "models"
+    for family in ("qwen2_vl", "mistral3"):
+        build(family, root / family)
+    proc, url = start_app(toy_dir, tmp_path / "cache", tmp_path / "app.log", ["--models-root", str(root)])
+    try:
+        with chromium() as browser:
+            for family in ("qwen2_vl", "mistral3"):
+                page = browser.new_page(viewport={"width": 1300, "height": 1100})
+                page.goto(f"{url}?vlm={family}/vlm&reasoner={family}/reasoner&base={family}/base")
+                expect(page.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=60_000)
+                page.locator("#merge-btn").click()
+                expect(page.locator("#merge-status")).to_contain_text("Merged with", timeout=120_000)
+                page.locator(".gallery-item, [data-testid='examples'] button, .examples button, table.examples td").first.click()
+                for pane, who in (("#chat-merged", "task_arithmetic"), ("#chat-original", "the original VLM")):
+                    bot = page.locator(f"{pane} .message.bot, {pane} [data-testid='bot']").last
+                    expect(bot).to_contain_text(f"answered by: {who}", timeout=120_000)
+                expect(page.locator("#chat-merged img").first).to_be_visible()  # the question went with its image
+                page.evaluate("window.scrollTo(0, 0)")
+                page.screenshot(path=str(SHOTS / f"family_{family}_chat.png"))
+                page.close()
+    finally:
+        stop_app(proc)
