@@ -14,11 +14,12 @@ import math
 import os
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from merging import hub
+from merging import file_digest, hub
 from merging.errors import LabError
 
 # safetensors header code -> torch dtype (the dtype names a recipe may give: merging.recipe.DTYPES).
@@ -29,7 +30,6 @@ SAFETENSORS_DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_JSON = 64 * 1024 * 1024  # config.json, the index: a few MB at most on the hub
-_FULL_HASH_BYTES = 64 * 1024 * 1024
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
@@ -290,29 +290,27 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        """Cheap identity for caches: config, every tensor's name/dtype/shape, and the bytes of
-        the files: all of them for a small checkpoint, else 64 evenly spaced 64 KB samples per
-        file (fine-tuning changes every tensor, so samples see it; hashing 16 GB would not be cheap)."""
+        """Identity for caches: config, every tensor's name/dtype/shape, and the full content hash
+        of every file (merging.file_digest: hashed once per version of a file, then remembered by
+        its stat identity), so it changes whenever any byte of any tensor does."""
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=12)
             h.update(json.dumps(self.config, sort_keys=True).encode())
             for name in self.names():
                 m = self._meta[name]
                 h.update(f"{name}|{m['dtype']}|{m['shape']}\n".encode())
-            sizes = {f: confine(self.path, f).stat().st_size for f in self.files()}
-            whole = sum(sizes.values()) <= _FULL_HASH_BYTES
-            for f, size in sizes.items():
-                h.update(f"{f.name}:{size}".encode())
-                with self._open_file(f) as fh:
-                    if whole:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(block)
-                        continue
-                    for i in range(64):
-                        fh.seek(size * i // 64)
-                        h.update(fh.read(1 << 16))
+            files = self.files()
+            # hashlib lets go of the GIL on large blocks: the shards of a big checkpoint hash in parallel
+            with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
+                digests = list(pool.map(self._digest, files))
+            for f, d in zip(files, digests):
+                h.update(f"{f.name}:{d}".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def _digest(self, f: Path) -> str:
+        with self._open_file(f) as fh:
+            return file_digest.digest(confine(self.path, f), fh)
 
     def close(self) -> None:
         for h in self._handles.values():

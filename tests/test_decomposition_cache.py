@@ -199,3 +199,69 @@ def test_ip_merging_on_cuda_equals_full_svd(cache_root):
     scores, out = ip_merge(gpu, 32)
     assert all(o.device.type == "cuda" for o in out.values())
     assert_equal_to_reference(sets, 32, scores, {n: o.cpu() for n, o in out.items()})
+
+
+def _one_tensor_changed(src: Path, dst: Path, name: str) -> None:
+    """A copy of the checkpoint `src` whose tensor `name` differs (same shapes, same file size)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (f,) = dst.glob("*.safetensors")
+    tensors = load_file(f)
+    tensors[name] = tensors[name] * 1.5 + 0.01
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_two_reasoners_differing_in_one_tensor_never_share_a_decomposition(tmp_path, cache_root):
+    """Two fine-tunes of the same size that differ in one tensor: different fingerprints, and an
+    ip_merging merge of the second, after the first filled the shared cache, equals its merge from
+    an empty cache (a sampled fingerprint once let it reuse the first one's decompositions)."""
+    from safetensors.torch import load_file
+
+    from merging import recipe as recipe_mod
+    from merging.checkpoint import Checkpoint
+    from merging.engine import merge_to_disk
+
+    other = tmp_path / "math-b"
+    _one_tensor_changed(TOY_REFS[1], other, "model.layers.0.mlp.up_proj.weight")
+    assert (other / "model.safetensors").stat().st_size == (TOY_REFS[1] / "model.safetensors").stat().st_size
+    with Checkpoint.open(TOY_REFS[1]) as a, Checkpoint.open(other) as b:
+        assert a.fingerprint != b.fingerprint
+
+    def merge(reasoner, out):
+        rec = recipe_mod.from_dict({"vlm": str(TOY_REFS[0]), "reasoner": str(reasoner), "base": str(TOY_REFS[2]),
+                                    "method": "ip_merging", "parameters": {"threshold": 0.0, "top_fraction": 0.0}})
+        merge_to_disk(rec, out, bar=False)
+        return load_file(next(out.glob("*.safetensors")))
+
+    merge(TOY_REFS[1], tmp_path / "a")
+    shared = merge(other, tmp_path / "b")
+    cache_root.rename(tmp_path / "used-cache")  # now an empty cache
+    alone = merge(other, tmp_path / "b-alone")
+    assert shared.keys() == alone.keys()
+    assert all(torch.equal(shared[k], alone[k]) for k in shared)
+
+
+def test_a_file_rewritten_in_place_is_hashed_again(tmp_path, cache_root):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from merging.checkpoint import Checkpoint
+
+    folder = tmp_path / "m"
+    shutil.copytree(TOY_REFS[2], folder)
+    with Checkpoint.open(folder) as ck:
+        before = ck.fingerprint
+    assert list((cache_root / "file-digests").glob("*.json"))  # remembered
+    with Checkpoint.open(folder) as ck:
+        assert ck.fingerprint == before
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name] = -tensors[name]
+    save_file(tensors, f, metadata={"format": "pt"})  # same size, new bytes
+    with Checkpoint.open(folder) as ck:
+        assert ck.fingerprint != before
