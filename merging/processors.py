@@ -81,10 +81,8 @@ def _parts(path: Path):
 
 
 def _qwen_vl(path: Path, base_name: str):
-    # lazy: transformers' processor classes, imported only when a model is loaded.
-    import transformers
-    # lazy: as above.
-    from transformers.processing_utils import ProcessorMixin
+    import transformers  # lazy: transformers' processor classes, imported only when a model is loaded
+    from transformers.processing_utils import ProcessorMixin  # lazy: as above
 
     base = getattr(transformers, base_name)
 

@@ -72,7 +72,9 @@ def toy_dir(tmp_path_factory) -> Path:
 def start_app(toy: Path, cache_dir: Path, log_path: Path, extra_args=()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "MERGE_LAB_TOY_DIR": str(toy), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "MERGE_LAB_TOY_DIR": str(toy), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           # the app's private upload folder is made in here, where a test can look into it
+           "GRADIO_TEMP_DIR": str(cache_dir.parent / "gradio-tmp")}
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                              "--cache-dir", str(cache_dir), "--threads", "1", *extra_args],

@@ -68,7 +68,7 @@ def eval_set(folder: Path, toy: Path, bad_line: int | None = None) -> list[str]:
     return files
 
 
-def test_evaluate_panel_in_browser(page, toy_dir, tmp_path):
+def test_evaluate_panel_in_browser(page, toy_dir, tmp_path, app_handle):
     from playwright.sync_api import expect
 
     page.locator("#merge-btn").click()
@@ -116,6 +116,8 @@ def test_evaluate_panel_in_browser(page, toy_dir, tmp_path):
         expect(page.locator("#eval-disagree")).to_contain_text("line")
     pictured = page.locator("#eval-gallery img")
     assert pictured.count() <= differ
+    # the two unpacked sets (the refused one and the scored one) are gone from the server's upload folder
+    assert list((app_handle.cache.parent / "gradio-tmp").glob("merge-lab-uploads-*/eval-set-*")) == []
     page.locator("#eval-own").screenshot(path=str(OUT / "scoring_own_set.png"))
 
 

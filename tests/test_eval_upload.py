@@ -118,3 +118,19 @@ def test_caps_and_refusals(uploads, tmp_path, monkeypatch):
     with pytest.raises(LabError, match="upload a .jsonl file and its images"):
         stage([], [uploads], uploads)
     shutil.rmtree(uploads / "u0")
+
+
+def test_a_staged_set_goes_when_unstaged_and_all_staged_sets_are_capped(uploads, monkeypatch):
+    files = {"set.jsonl": jsonl(rows())}
+    files.update({Path(r["image"]).name: (TOY / "eval" / r["image"]).read_bytes() for r in rows()})
+    es = stage(as_uploads(uploads, files), [uploads], uploads)
+    size = eval_upload.staged_bytes(uploads)
+    assert size > 0 and es.jsonl.is_file()
+    monkeypatch.setattr(eval_upload, "MAX_STAGED", size + 10)  # room for this one set, not two
+    with pytest.raises(LabError, match=r"exceed their cap of 0 MB with this one"):
+        stage(as_uploads(uploads / "u0", files), [uploads], uploads)
+    assert eval_upload.staged_bytes(uploads) == size  # the refused one left nothing
+    eval_upload.unstage(uploads, es.jsonl)
+    assert eval_upload.staged_bytes(uploads) == 0 and not es.jsonl.exists()
+    again = stage(as_uploads(uploads / "u1", files), [uploads], uploads)  # room again
+    assert again.jsonl.is_file()

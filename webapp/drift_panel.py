@@ -10,7 +10,6 @@ The worker trains into <cache-dir>/drift/<hash of the models, the settings and t
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -49,14 +48,8 @@ def _stage(lab: Lab, files) -> tuple[EvalSet, int]:
     try:
         return es, len(check_items(es.jsonl, es.by_name, es.name))
     except BaseException:
-        _unstage(upload_dir, es)
+        eval_upload.unstage(upload_dir, es.jsonl)
         raise
-
-
-def _unstage(upload_dir: Path, es: EvalSet) -> None:
-    """Remove the folder stage() made (the JSONL may sit deeper in it, as in its zip)."""
-    top = es.jsonl.relative_to(upload_dir).parts[0]
-    shutil.rmtree(upload_dir / top, ignore_errors=True)
 
 
 def _count_handler(lab: Lab):
@@ -68,7 +61,7 @@ def _count_handler(lab: Lab):
             es, n = _stage(lab, files)
         except LabError as e:
             return f"✗ {e}"
-        _unstage(Path(lab.read_roots[0]), es)  # only counted: a run stages its own copy
+        eval_upload.unstage(Path(lab.read_roots[0]), es.jsonl)  # only counted: a run stages its own copy
         return f"✓ **{n} items** read from `{es.name}` (every line checked)."
 
     return drift_data
@@ -116,18 +109,22 @@ def _drift_handler(lab: Lab):
                 **data}
         job = lab.client.submit("drift", args, session_of(request))
         what = "Plain fine-tune" if settings["alpha"] == 0 else f"DRIFT ({settings['mode']}, alpha {alpha:g})"
-        for text, end in follow_status(lab.client, job, what):
-            if end is None:
-                yield text, gr.skip()
-                continue
-            ev, payload, el = end
-            if ev == "result":
-                variant = DriftRun(payload["result"], (triple["vlm"], triple["reasoner"], triple["base"]))
-                yield _done(what, payload["result"], el, payload["device"], shown), variant
-            elif ev == "cancelled":
-                yield f"■ **{what} cancelled** ({payload}); nothing was saved.", gr.skip()
-            else:
-                yield f"✗ **{what} failed:** {payload}", gr.skip()
+        try:
+            for text, end in follow_status(lab.client, job, what):
+                if end is None:
+                    yield text, gr.skip()
+                    continue
+                ev, payload, el = end
+                if ev == "result":
+                    variant = DriftRun(payload["result"], (triple["vlm"], triple["reasoner"], triple["base"]))
+                    yield _done(what, payload["result"], el, payload["device"], shown), variant
+                elif ev == "cancelled":
+                    yield f"■ **{what} cancelled** ({payload}); nothing was saved.", gr.skip()
+                else:
+                    yield f"✗ **{what} failed:** {payload}", gr.skip()
+        finally:  # the staged upload served this run only (a rerun of the same files stages them again)
+            if args["drift"].get("data"):
+                eval_upload.unstage(Path(lab.read_roots[0]), args["drift"]["data"])
 
     return drift
 

@@ -5,7 +5,8 @@ Every uploaded path is checked with safety.uploaded before it is opened. Gradio 
 in its own folder, so files given one by one are copied side by side and the JSONL's image paths
 are matched by file name (`by_name`); a zip keeps its folders. A zip member is written only when it
 is a plain file whose name stays inside the folder (no absolute names, no `..`, no links), within
-caps on the member count and the unpacked bytes.
+caps on the member count and the unpacked bytes. A staged folder lives only while its job runs
+(unstage), and all staged folders together stay under MAX_STAGED, so uploads never fill the disk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from merging.errors import LabError
 from webapp.safety import uploaded
 
 MAX_MEMBERS = MAX_ITEMS + 100
-MAX_UNPACKED = 512 * 2**20
+MAX_UNPACKED = 256 * 2**20  # one upload, unpacked
+MAX_STAGED = 1024 * 2**20  # every set staged on this server at once (all sessions)
+PREFIX = "eval-set-"
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def _unzip(zpath: str, folder: Path, shown: str) -> EvalSet:
             raise LabError(f"zip refused: {len(infos):,} files; the limit is {MAX_MEMBERS:,}")
         members = [(i, p) for i in infos if (p := _member_path(i)) is not None]
         if sum(i.file_size for i, _ in members) > MAX_UNPACKED:
-            raise LabError(f"zip refused: it unpacks to more than {MAX_UNPACKED // 2**20} MB")
+            raise LabError(f"zip refused: it unpacks to more than {MAX_UNPACKED // 2**20} MB, the cap for one upload")
         jsonls = [p for _, p in members if _is_jsonl(p.name)]
         if len(jsonls) != 1:
             raise LabError(f"{shown}: the zip holds {len(jsonls)} .jsonl files; put exactly one in it")
@@ -101,11 +104,37 @@ def stage(paths: list[str], roots: list[Path], upload_dir: Path) -> EvalSet:
     zips = [p for p in checked if p.lower().endswith(".zip")]
     if zips and len(checked) > 1:
         raise LabError("upload either one .zip or a .jsonl with its images, not both")
-    folder = Path(tempfile.mkdtemp(prefix="eval-set-", dir=upload_dir))
+    staged = staged_bytes(upload_dir)
+    if staged >= MAX_STAGED:
+        raise LabError(f"the server already holds {staged / 2**20:.0f} MB of uploaded sets being used; the cap is "
+                       f"{MAX_STAGED // 2**20} MB for all of them: try again when those jobs end")
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=upload_dir))
     try:
         if zips:
-            return _unzip(zips[0], folder, Path(zips[0]).name)
-        return _side_by_side(checked, folder)
+            es = _unzip(zips[0], folder, Path(zips[0]).name)
+        else:
+            es = _side_by_side(checked, folder)
+        if staged + _size(folder) > MAX_STAGED:
+            raise LabError(f"the server's uploaded sets would exceed their cap of {MAX_STAGED // 2**20} MB with "
+                           "this one: try again when the jobs using the others end")
+        return es
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def staged_bytes(upload_dir: Path) -> int:
+    """Bytes of every set staged in upload_dir now."""
+    return sum(_size(d) for d in Path(upload_dir).glob(f"{PREFIX}*") if d.is_dir())
+
+
+def unstage(upload_dir: Path, jsonl: Path | str) -> None:
+    """Remove the folder stage() made for the set whose JSONL is `jsonl` (it may sit deeper in it,
+    as in its zip)."""
+    top = Path(jsonl).relative_to(upload_dir).parts[0]
+    if top.startswith(PREFIX):
+        shutil.rmtree(Path(upload_dir) / top, ignore_errors=True)

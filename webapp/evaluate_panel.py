@@ -117,7 +117,11 @@ def _own_args(lab: Lab, files, variant, preset, vlm, reasoner, base) -> tuple[di
     upload_dir = Path(lab.read_roots[0])
     upload_dir.mkdir(parents=True, exist_ok=True)
     es = eval_upload.stage([p for p in paths if p], lab.read_roots, upload_dir)
-    items = check_items(es.jsonl, es.by_name, es.name)
+    try:
+        items = check_items(es.jsonl, es.by_name, es.name)
+    except BaseException:  # a refused set leaves nothing staged
+        eval_upload.unstage(upload_dir, es.jsonl)
+        raise
     args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
             "suite_file": str(es.jsonl), "by_name": es.by_name, "name": es.name}
     return args, len(items)
@@ -132,19 +136,22 @@ def _own_handler(lab: Lab):
         except LabError as e:  # no results of an earlier set under this set's refusal
             yield f"✗ {e}", _empty(SCORE_COLUMNS), _empty(DISAGREE_COLUMNS), None
             return
-        for text, payload in _run(lab, args, request, f"Evaluating your {n} items"):
-            if payload is None:
-                yield (text, *keep)
-                continue
-            acc = score_table(payload["accuracy"], variant_label(variant))
-            if "disagree" not in payload:
-                yield (f"{text} {n} items.\n\n{NO_MERGE}", acc, _empty(DISAGREE_COLUMNS), None)
-                continue
-            table, gallery = disagreement_views(payload["disagree"])
-            total = payload["disagree_total"]
-            shown = f" (the first {len(payload['disagree'])} listed)" if total > len(payload["disagree"]) else ""
-            yield (f"{text} {n} items; the two models' final answers differ on **{total}**{shown}.", acc, table,
-                   gallery)
+        try:
+            for text, payload in _run(lab, args, request, f"Evaluating your {n} items"):
+                if payload is None:
+                    yield (text, *keep)
+                    continue
+                acc = score_table(payload["accuracy"], variant_label(variant))
+                if "disagree" not in payload:
+                    yield (f"{text} {n} items.\n\n{NO_MERGE}", acc, _empty(DISAGREE_COLUMNS), None)
+                    continue
+                table, gallery = disagreement_views(payload["disagree"])
+                total = payload["disagree_total"]
+                shown = f" (the first {len(payload['disagree'])} listed)" if total > len(payload["disagree"]) else ""
+                yield (f"{text} {n} items; the two models' final answers differ on **{total}**{shown}.", acc, table,
+                       gallery)
+        finally:  # scored (or refused, or cancelled): the unpacked set goes
+            eval_upload.unstage(Path(lab.read_roots[0]), args["suite_file"])
 
     return evaluate_own
 
