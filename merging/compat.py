@@ -70,6 +70,10 @@ def check_triple(vlm: str, reasoner: str, base: str | None = None, allow_bin: bo
         try:
             with Checkpoint.open(ref, allow_bin=allow_bin) as ck:
                 layouts[role] = derive_layout(ck)
+                whole = [a for a in layouts[role].lm.values() if not ck.dtype(a).is_floating_point]
+                if whole:  # a merge would average integers or booleans into garbage
+                    raise LabError(f"language-model tensor {whole[0]} is {str(ck.dtype(whole[0]))[6:]}, "
+                                   "not floating point; the lab merges only float weights")
                 prints[role] = ck.fingerprint
                 shapes[role] = {c: ck.shape(a) for c, a in layouts[role].lm.items()}
         except LabError as e:

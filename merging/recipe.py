@@ -82,7 +82,12 @@ def parse_yaml(text: str | bytes, what: str = "recipe"):
             raise LabError(f"{what} is not UTF-8 text (byte {e.start} is 0x{text[e.start]:02x})") from None
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise LabError(f"{what} is longer than {MAX_BYTES // 1024} KB")
-    loader = _Loader(text, what)
+    try:
+        loader = _Loader(text, what)  # its reader refuses control characters (a NUL byte) at once
+    except yaml.reader.ReaderError as e:
+        char = e.character if isinstance(e.character, int) else ord(e.character)
+        raise LabError(f"{what} is not valid YAML: character #x{char:04x} at position {e.position} is not "
+                       "allowed") from None
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as e:

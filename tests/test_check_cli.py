@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from tests.factories import make_tiny_triple
@@ -101,6 +102,7 @@ def test_different_hidden_size_and_missing_tensor(triples, tmp_path):
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: " + "[" * 40000 + "]" * 40000 + "}\n",
      "the limit is 64 KB"),
     (b"vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 0.1}\n# caf\xe9\n", "not UTF-8 text"),
+    (b"vlm: a\x00\nreasoner: b\nmethod: linear\n", "character #x0000 at position 6 is not allowed"),
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 1" + "0" * 400 + "}\n", "must be a finite number"),
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 1.0e+400}\n", "must be a finite number, got inf"),
     ("vlm: a\nreasoner: b\nmethod: linear\nparameters: {alpha: 10**400}\n", "must be a finite number"),
@@ -196,3 +198,20 @@ def test_the_apps_report_shows_the_distance_and_the_warning_before_a_merge(tripl
     assert "- **Warning:** the reasoner's task vector is implausibly large" in md
     md = report_markdown(check_triple(str(good["vlm"]), str(good["reasoner"]), str(good["base"])), "")
     assert "Warning" not in md
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_a_non_float_weight_in_a_merged_place_is_refused(triples, tmp_path, dtype):
+    import shutil
+
+    root, good, _ = triples
+    bad = tmp_path / "reasoner"
+    shutil.copytree(good["reasoner"], bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = (tensors[name] > 0).to(dtype)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    r = run_check(write_recipe(tmp_path / "r.yaml", good["vlm"], bad, good["base"]))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: reasoner: language-model tensor {name} is {str(dtype)[6:]}, not floating point; "
+                                "the lab merges only float weights")
