@@ -21,6 +21,13 @@ from merging.errors import LabError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*$")
 
 
+def shown(ref: str, limit: int = 120) -> str:
+    """A model reference as messages show it: a very long one cut, with its length (a 5000-character
+    name echoed whole buries the message)."""
+    ref = str(ref)
+    return ref if len(ref) <= limit else f"{ref[:limit - 40]}…{ref[-20:]} ({len(ref):,} characters)"
+
+
 def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and ".." not in ref and "--" not in ref
 
@@ -29,12 +36,16 @@ def resolve(ref: str | Path) -> Path:
     """Local folder for ref. Raises LabError naming ref when it cannot be found."""
     ref_s = str(ref)
     p = Path(ref_s).expanduser()
-    if p.exists():
+    try:
+        here = p.exists()
+    except OSError as e:  # a name too long for the file system
+        raise LabError(f"model folder not found: {shown(ref_s)} ({e.strerror})") from None
+    if here:
         if not p.is_dir():
-            raise LabError(f"{ref_s} is a file; a model is a folder with config.json and *.safetensors")
+            raise LabError(f"{shown(ref_s)} is a file; a model is a folder with config.json and *.safetensors")
         return p.resolve()
     if not looks_like_hub_id(ref_s):
-        raise LabError(f"model folder not found: {ref_s}")
+        raise LabError(f"model folder not found: {shown(ref_s)}")
     return resolve_hub_id(ref_s)
 
 
@@ -45,7 +56,7 @@ def hub_cache() -> Path:
 def resolve_hub_id(repo_id: str) -> Path:
     """The snapshot folder of repo_id in the local Hugging Face cache, and nowhere else."""
     if not looks_like_hub_id(repo_id):
-        raise LabError(f"{repo_id!r} is not a hub id (owner/name)")
+        raise LabError(f"{shown(repo_id)!r} is not a hub id (owner/name)")
     try:
         # Every checkpoint, local folders too, is resolved here; only a hub id gets this far.
         # lazy: huggingface_hub's download code costs 0.3 s after torch (python -X importtime).

@@ -81,3 +81,14 @@ def test_models_root_refuses_escapes(tmp_path):
     for bad in ("../models/vlm", str(tmp_path), "out", "missing"):
         with pytest.raises(LabError):
             resolve_custom(bad, str(root))
+
+
+def test_a_very_long_model_name_is_not_echoed_whole(tmp_path):
+    from merging.errors import LabError
+    from merging.hub import resolve
+
+    name = "x" * 5000
+    with pytest.raises(LabError) as e:
+        resolve(str(tmp_path / name))
+    msg = str(e.value)
+    assert len(msg) < 200 and "(5,0" in msg and msg.startswith("model folder not found: ")

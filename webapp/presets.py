@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.errors import LabError
-from merging.hub import looks_like_hub_id, resolve_hub_id
+from merging.hub import looks_like_hub_id, resolve_hub_id, shown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # MERGE_LAB_TOY_DIR: another toy family folder (e.g. one made by tools/make_toy_family.py --smoke).
@@ -76,12 +76,12 @@ def locate(ref: str) -> str:
     p = Path(ref)
     if p.is_absolute() or not looks_like_hub_id(ref):
         if not (p / "config.json").is_file():
-            raise LabError(f"missing: {ref} is not a model folder")
+            raise LabError(f"missing: {shown(ref)} is not a model folder")
         return ref
     try:
         return str(resolve_hub_id(ref))
     except LabError:
-        raise LabError(f"not downloaded: {ref} is not in the local Hugging Face cache") from None
+        raise LabError(f"not downloaded: {shown(ref)} is not in the local Hugging Face cache") from None
 
 
 def availability(ref: str) -> str | None:
@@ -114,12 +114,12 @@ def resolve_custom(ref: str, models_root: str | None) -> str:
     root = Path(models_root).expanduser().resolve()
     rel = Path(ref)
     if ".." in rel.parts:
-        raise LabError(f"{ref!r}: '..' is not allowed; give a folder inside the models root {root}")
+        raise LabError(f"{shown(ref)!r}: '..' is not allowed; give a folder inside the models root {root}")
     if rel.is_absolute():
         try:
             rel = rel.relative_to(root)
         except ValueError:
-            raise LabError(f"{ref!r} is outside the models root {root}; give a folder name inside it") from None
+            raise LabError(f"{shown(ref)!r} is outside the models root {root}; give a folder name inside it") from None
     candidate = root / rel
     if os.path.lexists(candidate):
         real = candidate.resolve()
