@@ -2,8 +2,8 @@
 
 Exit 0 on success, 2 with `error: <one line>` on stderr for bad input (LabError, or an OSError
 such as a path too long or unreadable), 128 + the signal number (130 for SIGINT, 143 for SIGTERM)
-when interrupted, with a line that says whether the output was already complete. SIGTERM is
-handled like SIGINT, so a killed command cleans up its temp folder too.
+when interrupted, with a line that says whether the output was already complete. SIGTERM, SIGHUP
+and SIGQUIT are handled like SIGINT, so a killed command cleans up its temp folder too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from merging.errors import LabError
-from merging.interrupts import discard_unfinished
-from merging.output_folder import output_path
+from merging.interrupts import CAUGHT, discard_unfinished
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,6 +30,9 @@ class Parser(argparse.ArgumentParser):
         ns = super().parse_args(args, namespace)
         out = getattr(ns, "out_dir", None)
         if isinstance(out, str) and out.strip():
+            # lazy: merging.output_folder brings huggingface_hub (0.12 s, -X importtime); `--help` needs neither.
+            from merging.output_folder import output_path
+
             ns.out_dir = str(output_path(out))
         return ns
 
@@ -56,7 +58,7 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
         interrupted.append(signum)
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in CAUGHT}
     try:
         return command()
     except KeyboardInterrupt:

@@ -14,6 +14,10 @@ import signal
 import threading
 from pathlib import Path
 
+# The signals a command cleans up after: ^C, kill, a closed terminal (SIGHUP) and SIGQUIT, which
+# by default would end the process with its temp folder (model-sized) left behind.
+CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
 # No lock: set.add and set.discard are atomic, and a lock held when a signal lands may never be released.
 _unfinished: set[Path] = set()
 
@@ -47,7 +51,7 @@ class deferred_signals:  # noqa: N801 (used like a function: `with deferred_sign
     with every handler put back; one that lands while they are being put back still lets all of
     them be put back before it acts."""
 
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _SIGNALS = CAUGHT
 
     def __enter__(self) -> None:
         self.got: list[int] = []

@@ -56,7 +56,7 @@ def syn(tmp_path_factory):
     return root / "recipe_ties.yaml"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_overwrite_interrupted_mid_merge_keeps_the_old_output(syn, tmp_path, sig):
     out = tmp_path / "out"
     out.mkdir()
