@@ -290,7 +290,8 @@ def _merge_handler(lab: Lab):
                 done = _merged(method, recipe, payload, el, lab.models_root)
                 yield (done[0] + note, *done[1:])
             elif ev == "cancelled":
-                yield (f"■ **Merge cancelled** ({payload}); the model is back to the original VLM.", *keep)
+                yield (f"■ **Merge cancelled** ({payload}); nothing of it was kept: the chat answers with what it "
+                       "answered with before (the pane titles name it).", *keep)
             else:
                 yield (f"✗ **Merge failed:** {payload}", *keep)
 
