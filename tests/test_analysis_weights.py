@@ -83,7 +83,7 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     from functools import partial
 
     from analysis import knockout
-    from analysis.analyses.knockout import eval_key
+    from analysis.analyses.knockout_spec import eval_key
     from analysis.evaluate import evaluate
     from merging.inplace import merge_key, triple_fingerprints, weights_id
     from merging.recipe import from_dict

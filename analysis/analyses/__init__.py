@@ -5,9 +5,10 @@ result is keyed in the cache, how it is computed and which figures (analysis.fig
 name) show it. analysis.runner drives them for the CLI report and for the app's worker, and the
 app's panel is generated from this list, so both share one cached result per question asked.
 
-Adding an analysis: write analysis/analyses/<name>.py with an Analysis subclass decorated by
-@register, and add its module name to _MODULES below (merging.registry: a missing file is an
-ImportError).
+Each file here, <name>_spec.py, is the analysis as the runner and the app see it (knobs, cache key,
+figures); its computation lives in analysis/<name>.py. Adding an analysis: write
+analysis/analyses/<name>_spec.py with an Analysis subclass decorated by @register, and add its
+module name to _MODULES below (merging.registry: a missing file is an ImportError).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from merging.errors import LabError
 from merging.registry import Registry
 
 # Display order in the app's panel and in the report.
-_MODULES = ("similarity", "spectra", "attention", "knockout", "changes")
+_MODULES = ("similarity_spec", "spectra_spec", "attention_spec", "knockout_spec", "changes_spec")
 
 
 @dataclass(frozen=True)
