@@ -56,6 +56,33 @@ def test_lanes_take_chat_first_and_keep_each_lane_in_order():
     assert lanes.next() is None
 
 
+def test_long_jobs_take_turns_across_tabs():
+    """Tab a queues three leaderboards, then tab b one evaluation: b's runs second, not fourth."""
+    lanes = Lanes()
+    for i, session in enumerate(["a", "a", "a", "b"]):
+        lanes.put({"id": i, "kind": "leaderboard" if session == "a" else "evaluate", "session": session})
+    assert [lanes.next()["id"] for _ in range(4)] == [0, 3, 1, 2]
+
+
+def test_one_tab_cannot_fill_the_queue():
+    from webapp.client import MAX_LONG, MAX_LONG_PER_SESSION, Job, WorkerClient
+
+    client = WorkerClient({"device": "cpu"})  # never started: refusal() reads only the client's own jobs
+    for i in range(MAX_LONG_PER_SESSION):
+        client._jobs[i] = Job(i, "leaderboard", "tab-a")
+    assert client.refusal("chat", "tab-a") is None and client.refusal("merge", "tab-a") is None
+    why = client.refusal("evaluate", "tab-a")
+    assert why.startswith(f"this tab already has {MAX_LONG_PER_SESSION} long job(s) running or waiting (leaderboard)")
+    job = client.submit("evaluate", {}, "tab-a")  # refused at once, as a finished job saying why
+    assert job.done and list(client.follow(job)) == [("error", why)]
+    assert client.refusal("evaluate", "tab-b") is None
+    for i in range(MAX_LONG_PER_SESSION, MAX_LONG):
+        client._jobs[i] = Job(i, "analysis", f"tab-{i}")
+    assert client.refusal("evaluate", "tab-b").startswith(f"the worker already has {MAX_LONG} long jobs")
+    client._jobs[0].done = True  # one ends: room again
+    assert client.refusal("evaluate", "tab-b") is None
+
+
 @pytest.mark.slow
 def test_chat_is_answered_between_the_steps_of_an_evaluation(tmp_path):
     w, requests, th = start(tmp_path / "busy")

@@ -19,6 +19,10 @@ from multiprocessing.connection import wait
 from webapp import worker
 from webapp.jobs import TERMINAL, lane_of
 
+# Long jobs (analyses, evaluations, leaderboards, DRIFT, exports) one tab, and all tabs, may have
+# running or waiting at once: one user cannot fill the worker's queue for everybody.
+MAX_LONG_PER_SESSION = 2
+MAX_LONG = 8
 CRASHED = ("the worker stopped unexpectedly (exit code {code}: killed, or out of memory); it was "
            "restarted — please run this again")
 
@@ -154,8 +158,30 @@ class WorkerClient:
             j.events.put(("error", message))
 
     # -- jobs ---------------------------------------------------------------------------------
+    def refusal(self, kind: str, session: str | None) -> str | None:
+        """Why a long job may not be queued now (one tab may hold MAX_LONG_PER_SESSION, all tabs
+        MAX_LONG), or None. Chat-lane jobs are never refused: they never wait behind long ones."""
+        if lane_of(kind) != "long":
+            return None
+        waiting = [j for j in self._jobs.values() if not j.done and lane_of(j.kind) == "long"]
+        mine = [j for j in waiting if session is not None and j.session == session]
+        if len(mine) >= MAX_LONG_PER_SESSION:
+            kinds = ", ".join(sorted({j.kind for j in mine}))
+            return (f"this tab already has {len(mine)} long job(s) running or waiting ({kinds}); the limit is "
+                    f"{MAX_LONG_PER_SESSION} a tab: wait for one to end or cancel it")
+        if len(waiting) >= MAX_LONG:
+            return f"the worker already has {len(waiting)} long jobs running or waiting (all tabs); try again later"
+        return None
+
     def submit(self, kind: str, args: dict, session: str | None = None) -> Job:
+        """Queue a job; a refused one (refusal()) comes back at once as a finished job whose only
+        event is the error saying why, so every caller shows it as it shows a failure."""
         with self._lock:
+            why = self.refusal(kind, session)
+            if why:
+                job = Job(next(self._ids), kind, session, started=True, done=True)
+                job.events.put(("error", why))
+                return job
             if not self.alive():
                 if self._proc is not None:
                     self._on_death(self._generation, self._proc)  # fails its jobs; restarts if it ran
@@ -164,7 +190,7 @@ class WorkerClient:
             job = Job(next(self._ids), kind, session, generation=self._generation)
             self._jobs[job.id] = job
             self._order.append(job.id)
-            self._requests.put({"id": job.id, "kind": kind, "args": args})
+            self._requests.put({"id": job.id, "kind": kind, "args": args, "session": session})
         return job
 
     def ahead_of(self, job: Job) -> int:

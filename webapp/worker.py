@@ -68,6 +68,8 @@ class Lanes:
         self._cond = threading.Condition()
         self._q = {"chat": collections.deque(), "long": collections.deque()}
         self._closed = False
+        self._served: dict = {}  # tab (session) -> the turn its last long job was taken at
+        self._turn = 0
 
     def put(self, req: dict | None) -> None:
         with self._cond:
@@ -78,12 +80,21 @@ class Lanes:
             self._cond.notify()
 
     def next(self) -> dict | None:
+        """The oldest chat-lane request; else the oldest long one of the tab served longest ago
+        (round robin over tabs: one tab's queued jobs never run all before another tab's first)."""
         with self._cond:
             while not (self._closed or self._q["chat"] or self._q["long"]):
                 self._cond.wait()
             if self._closed:
                 return None
-            return (self._q["chat"] or self._q["long"]).popleft()
+            if self._q["chat"]:
+                return self._q["chat"].popleft()
+            long = self._q["long"]
+            pick = min(long, key=lambda r: (self._served.get(r.get("session"), -1), long.index(r)))
+            long.remove(pick)
+            self._turn += 1
+            self._served[pick.get("session")] = self._turn
+            return pick
 
     def take_chat(self, accept) -> list[dict]:
         """The chat lane's requests that accept(req) takes, in order; the others stay."""
