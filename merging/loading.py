@@ -15,7 +15,7 @@ import torch
 
 from merging.errors import LabError
 from merging.hub import resolve
-from merging.processors import first_line, load_processor
+from merging.processors import check_torchvision, first_line, load_processor
 
 
 def serving_dtype(device: str, cpu_dtype: str = "float32") -> str:
@@ -35,6 +35,7 @@ def load_model(ref: str | Path, device: str = "cpu", *, attentions: bool = False
     ref: a folder or a cached hub id. attentions: eager attention, the only implementation that
     returns attention weights. dtype: "float32", "bfloat16", ... or "auto" (the checkpoint's).
     """
+    check_torchvision()  # a broken one breaks every transformers import below, with an unhelpful message
     # Every CLI and the app's worker import this module; only loading a model needs transformers.
     # lazy: transformers' model classes cost 1.4 s after torch (4.6 s cold), python -X importtime.
     from transformers import (

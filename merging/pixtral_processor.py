@@ -50,7 +50,10 @@ class ImageOnlyPixtralProcessor:
             pix = self.image_processor(images, patch_size={"height": side, "width": side}, return_tensors="pt")
             data.update(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
             sizes = iter(pix["image_sizes"].tolist())
-            placeholder = "\0image\0"
+            wanted = sum(t.count(self.image_token) for t in texts)
+            if wanted != len(images):  # the model would fail later, on a count it does not explain
+                raise ValueError(f"the text holds {wanted} {self.image_token} token(s) for {len(images)} image(s)")
+            placeholder = "\0image\0"  # the expanded rows hold [IMG] too: mark the places first, expand each once
             texts = [t.replace(self.image_token, placeholder) for t in texts]
             for i, t in enumerate(texts):
                 while placeholder in t:

@@ -7,30 +7,44 @@ torchvision, and Mistral3's (Pixtral's) processor module requires torchvision ou
 image processors fall back to PIL versions that do not. For these families the lab builds an
 image-only processor from the folder's own files (image processor config, tokenizer, chat
 template): the same image tokens and pixel values for images and text, no video. Any other
-family whose processor needs a missing package gets a one-line error naming the package.
+family whose processor needs a missing package gets a one-line error naming the package, and an
+installed torchvision that does not import is named before transformers trips over it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 from merging.errors import LabError
 from merging.pixtral_processor import ImageOnlyPixtralProcessor
 
 PIXTRAL_FILES = ("processor_config.json", "preprocessor_config.json")
+# transformers' backend names -> pip's package names, where they differ
+PIP_NAMES = {"pil": "Pillow", "vision": "Pillow", "pytorch": "torch", "sklearn": "scikit-learn"}
 
 
 def torchvision_problem() -> str | None:
-    """None when torchvision imports; else why not ("not installed" or its import error)."""
+    """None when torchvision is not installed or imports; else its import error, in one line."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
     try:
         importlib.import_module("torchvision")
-    except ModuleNotFoundError:
-        return "not installed"
     except Exception as e:  # a build made for another torch fails inside its own import
-        return f"installed but does not import ({type(e).__name__}: {first_line(e)})"
+        return f"{type(e).__name__}: {first_line(e)}"
     return None
+
+
+def check_torchvision() -> None:
+    """LabError when torchvision is installed but does not import: transformers then imports it
+    for every model, text-only ones too, and fails naming only the class it was loading."""
+    problem = torchvision_problem()
+    if problem:
+        raise LabError(f"torchvision is installed but does not import ({problem}), and transformers imports it for "
+                       "every model: pip uninstall torchvision, or install the build made for your torch")
 
 
 def first_line(e: BaseException) -> str:
@@ -38,24 +52,48 @@ def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
 
 
+def missing_package(e: BaseException) -> tuple[str, str | None] | None:
+    """(pip name, the class that needs it or None) of the package an error (or its cause) says is
+    missing: a ModuleNotFoundError's module, or the library of transformers' "X requires the Y library"."""
+    while e is not None:
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            name = e.name.split(".")[0]
+            return PIP_NAMES.get(name.lower(), name), None
+        found = re.search(r"(\w+) requires the (\S+) library", str(e))
+        if isinstance(e, ImportError) and found:
+            return PIP_NAMES.get(found[2].lower(), found[2].lower()), found[1]
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def load_processor(path: Path, model_type: str, trust_remote_code: bool = False):
-    """The folder's processor (AutoProcessor), or the lab's image-only one where AutoProcessor
-    fails for want of torchvision; LabError naming what is missing otherwise."""
+    """The folder's processor (AutoProcessor), or the lab's image-only one where the family's own
+    cannot load for want of torchvision; a one-line LabError naming what is missing otherwise."""
     # lazy: transformers' processor classes, imported only when a model is loaded.
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        first = first_line(e)
-        tv = torchvision_problem()
-        if tv is None:
-            raise LabError(f"could not load the model in {path}: no usable processor ({type(e).__name__}: {first})") from None
-        build = IMAGE_ONLY.get(model_type)
-        if build is not None:
-            return build(path)
-        raise LabError(f"{model_type}'s processor needs torchvision, which is {tv}: pip install torchvision "
-                       f"(the build made for your torch) ({type(e).__name__}: {first})") from None
+        error = e
+    check_torchvision()
+    if model_type in IMAGE_ONLY and importlib.util.find_spec("torchvision") is None:
+        # Without torchvision these families' own processors never load (a video processor, or
+        # Pixtral's whole module, needs it), whichever error came first; the image-only one does.
+        try:
+            return IMAGE_ONLY[model_type](path)
+        except Exception as e:
+            raise LabError(f"could not load the model in {path}: no usable processor (the lab's image-only one: "
+                           f"{type(e).__name__}: {first_line(e)})") from None
+    missing = missing_package(error)
+    if missing is None:  # not a missing package: a bad file, say; the error itself says which
+        raise LabError(f"could not load the model in {path}: no usable processor "
+                       f"({type(error).__name__}: {first_line(error)})") from None
+    package, needer = missing
+    who = f" ({needer} requires it)" if needer else ""
+    hint = " (the build made for your torch)" if package == "torchvision" else ""
+    raise LabError(f"{model_type or 'this model'}'s processor needs {package}{who}, which is not installed: "
+                   f"pip install {package}{hint}")
 
 
 def _chat_template(path: Path, tok) -> str | None:
@@ -97,13 +135,27 @@ def _qwen_vl(path: Path, base_name: str):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-        def to_dict(self):
-            d = super().to_dict()
-            d["processor_class"] = base_name  # what a folder saved from it names, for transformers to load
-            return d
+        def save_pretrained(self, folder, **kwargs):
+            """The files as the family's checkpoints ship them: tokenizer, chat template, and the image
+            processor's own preprocessor_config.json naming the family's processor class, which the
+            family's video processor also reads (ProcessorMixin would write the image processor into
+            processor_config.json instead, where the video processor finds nothing and fails)."""
+            _save_as_shipped(self, Path(folder), {"processor_class": base_name})
 
     ip, tok, template = _parts(path)
     return ImageOnly(image_processor=ip, tokenizer=tok, chat_template=template)
+
+
+def _save_as_shipped(proc, folder: Path, settings: dict) -> None:
+    """A processor's files as a family's checkpoint ships them: the tokenizer's, the image processor's
+    preprocessor_config.json with `settings` added, and chat_template.jinja."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc.tokenizer.save_pretrained(folder)
+    proc.image_processor.save_pretrained(folder)
+    config = folder / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **settings}, indent=2) + "\n")
+    if proc.chat_template:
+        (folder / "chat_template.jinja").write_text(proc.chat_template)
 
 
 def _pixtral(path: Path):

@@ -2,7 +2,9 @@
 transformers' own classes, a word-level tokenizer (the tokenizers library) holding the family's
 real special tokens, the family's image processor and processor settings, and a chat template in
 the family's style; beside it a text reasoner and base of the same language model (a triple the
-lab merges). Written once per test session; a family takes a second or two.
+lab merges). Written once per test session; a family takes a second or two. Below the builders, the
+oracles of where an image goes: the positions a model itself fills with image features, and each
+family's layout rule for the tokens of one image.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["user", "assistant", "system", "how", "many", "circles", "squares", "are", "there", "?", "what", "is", "the", "answer", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "+", "-", "=", ".", ",", ":", "red", "blue", "shapes", "count"]
+WORDS = ["user", "assistant", "system", "how", "many", "circles", "squares", "are", "there", "?", "what", "is", "the",
+         "answer", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "+", "-", "=", ".", ",", ":", "red", "blue",
+         "shapes", "count", "describe", "image"]  # the last two: analysis.attention's default question
 SPECIALS = {
     "llava": ["<image>"],
     "llava_next": ["<image>"],
@@ -31,6 +35,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
 MROPE = {"type": "mrope", "mrope_section": [1, 1, 2]}
+WIDE, TALL = (64, 32), (32, 64)  # width x height: a 1 x 2 and a 2 x 1 grid where a family splits or tiles
 
 TEMPLATES = {  # the families' turn layouts, shortened; {IMG} is where each family puts its image placeholder
     "llava": ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
@@ -167,7 +172,8 @@ def _mistral3(tok):
         text_config=dict(model_type="mistral", **TEXT), image_token_index=img, spatial_merge_size=2,
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=32, patch_size=8, head_dim=8))
-    ip = T.PixtralImageProcessor(patch_size=16, size={"longest_edge": 32})
+    # the vision patch, as the real checkpoints ship it; the processor asks for patch * spatial_merge_size
+    ip = T.PixtralImageProcessor(patch_size=8, size={"longest_edge": 32})
     return T.Mistral3ForConditionalGeneration(cfg), (ip, {
         "processor_class": "PixtralProcessor", "patch_size": 8, "spatial_merge_size": 2, "image_token": "[IMG]",
         "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "chat_template": TEMPLATES["mistral"]})
@@ -249,3 +255,41 @@ def build(family: str, root: Path, seed: int = 0) -> dict[str, Path]:
     vlm.save_pretrained(paths["vlm"])
     _save_processor(paths["vlm"], tok, proc)
     return paths
+
+
+# ------------------------------------------------------------ where each family puts an image
+def scattered(model, enc) -> torch.Tensor:
+    """[B, T] where the model itself puts image features: its decoder's input embeddings that are not
+    the token embeddings of the ids."""
+    seen = {}
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**enc)
+    finally:
+        hook.remove()
+    return (seen["inputs_embeds"] != model.get_input_embeddings()(enc["input_ids"])).any(-1)
+
+
+def image_layout(family: str, config, enc, size) -> list[str]:
+    """An image's tokens by the family's own rule, from the processor's image outputs."""
+    if family in ("qwen2_vl", "qwen2_5_vl"):  # the patch grid, spatial_merge_size^2 patches a token
+        n = int(enc["image_grid_thw"].prod()) // config.vision_config.spatial_merge_size ** 2
+        return ["<|vision_start|>"] + ["<|image_pad|>"] * n + ["<|vision_end|>"]
+    if family == "gemma3":
+        return ["<start_of_image>"] + ["<image_soft_token>"] * config.mm_tokens_per_image + ["<end_of_image>"]
+    if family == "mistral3":  # rows of [IMG] from the pixels' own size, a break after each row, the end last
+        side = config.vision_config.patch_size * config.spatial_merge_size
+        rows, cols = (s // side for s in enc["pixel_values"].shape[-2:])
+        tokens = (["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows
+        return tokens[:-1] + ["[IMG_END]"]
+    if family == "idefics3":  # 32 x 32 tiles of the image (longest edge 64), then the global image; 4 tokens each
+        rows, cols = size[1] // 32, size[0] // 32
+        tiles = [t for r in range(1, rows + 1) for c in range(1, cols + 1)
+                 for t in ["<fake_token_around_image>", f"<row_{r}_col_{c}>"] + ["<image>"] * 4]
+        return tiles + ["<fake_token_around_image>", "<global-img>"] + ["<image>"] * 4 + ["<fake_token_around_image>"]
+    if family == "idefics2":
+        return ["<fake_token_around_image>"] + ["<image>"] * 4 + ["<fake_token_around_image>"]  # the resampler's 4
+    # LLaVA: (32 / 8)^2 CLIP patches; LLaVA-NeXT adds its one 32 x 32 tile unpadded to the image's 2:1 shape,
+    # 4 x 2 patches with a newline feature per row: 16 + 8 + 2 (wide), 16 + 8 + 4 (tall)
+    return ["<image>"] * {"llava": 16, "llava_next": 26 if size == WIDE else 28}[family]

@@ -1,164 +1,367 @@
 """The whole lab on each of the eight VLM families, each built as its checkpoint ships (family_kits):
-the processor loads (without torchvision), the app's worker merges in place and answers both chat
-panes with an image, the merge to disk loads, evaluation with images, attention decay on the
-family's own image-token positions, knockout, spectra, similarity and DRIFT on a JSONL.
+the processor loads (without torchvision), a generate with an image through the lab's prompt
+builder, the merge to disk (its folder loads and answers), the merge in place and its restore, the
+app's worker answering both chat panes, `analysis eval` with images, knockout, attention decay on
+the family's own image positions, spectra, similarity and DRIFT; then the processors the lab builds
+itself (image-only Qwen2-VL / Qwen2.5-VL, Pixtral) and the one-line errors for what is missing.
 
-Oracles: the worker's panes against a plain generate() of the merged folder and of the original
-VLM; the in-place weights against the disk merge's tensors; the restored VLM against its checkpoint;
-the image positions against the count each family's vision tower produces for a 32 x 32 image.
+Oracles: a plain generate() through the prompt builder; the merged folder's and the VLM's own
+safetensors (tensor digests, so no name mapping is trusted); where the model itself puts the image
+features (its decoder's input embeddings that are not the token embeddings) and each family's
+layout rule; singular values and cosines from torch.linalg on the weights transformers loads.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib.util
 import json
+import os
 import queue
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.family_kits import FAMILIES, build
-from tests.output_checks import cli
+from tests.family_kits import FAMILIES, TALL, WIDE, build, image_layout, scattered
+from tests.output_checks import cli, one_line
+from tests.paths import ENV, ROOT
 
 QUESTION = "how many circles are there ?"
 TOKENS = 4
-# image-token positions per 32 x 32 image, from each family's vision layout: LLaVA (32/8)^2 patches;
-# LLaVA-NeXT the base image plus one 32 x 32 tile with a newline per row, (16 + 16 + 4); Idefics2 its
-# 4 resampler latents; Idefics3 a 2 x 2 split plus the global image, 4 tokens each; Qwen2-VL and
-# Qwen2.5-VL the (32/4)^2 patches merged 2 x 2; Mistral3 (32/16)^2 merged patches; Gemma3 4 soft tokens.
-IMAGE_POSITIONS = {"llava": 16, "llava_next": 36, "idefics2": 4, "idefics3": 20, "qwen2_vl": 16, "qwen2_5_vl": 16,
-                   "mistral3": 4, "gemma3": 4}
+NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+# the processor each family loads here: transformers' own class (the lab's image-only one derives from
+# Qwen's), except Pixtral's, which transformers cannot import without torchvision
+PROCESSORS = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "idefics2": "Idefics2Processor",
+              "idefics3": "Idefics3Processor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+              "gemma3": "Gemma3Processor"}
+
+
+@pytest.fixture(scope="session")
+def kits(tmp_path_factory):
+    """family -> its {vlm, reasoner, base} folders, each family built once per test session."""
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str) -> dict:
+        if family not in built:
+            built[family] = build(family, root / family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def kit(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    paths = build(request.param, root / "models")
-    image = root / "circles.png"
+def kit(request, kits, tmp_path_factory):
+    data = tmp_path_factory.mktemp(f"{request.param}-data")
+    image = data / "circles.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    items = root / "set" / "items.jsonl"
+    items = data / "set" / "items.jsonl"
     items.parent.mkdir()
     Image.new("RGB", (32, 32), (20, 30, 200)).save(items.parent / "a.png")
     items.write_text("\n".join(json.dumps(r) for r in (
         {"question": QUESTION, "answer": "3", "image": "a.png"},
         {"question": "what is 2 + 3 ?", "answer": "5"})) + "\n")
-    return request.param, paths, image, items
+    return request.param, kits(request.param), image, items
 
 
-def _plain(folder, image) -> str:
-    from merging.loading import load_model, prompt, user_turn
+def _answer(model, proc, question: str, image, max_new_tokens: int) -> tuple[str, torch.Tensor]:
+    """(greedy answer, its new token ids): merging.loading's prompt, the image through the processor."""
+    from merging.loading import prompt, tokenizer_of, user_turn
 
-    model, proc = load_model(folder)
-    enc = proc(text=[prompt(proc, [user_turn(QUESTION, True)])], images=[Image.open(image).convert("RGB")],
-               return_tensors="pt", add_special_tokens=False)
-    enc = {k: v for k, v in enc.items() if k != "mm_token_type_ids"}
-    tok = getattr(proc, "tokenizer", proc)
-    out = model.generate(**enc, max_new_tokens=TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    tok = tokenizer_of(proc)
+    text = prompt(proc, [user_turn(question, image is not None)])
+    enc = (tok([text], return_tensors="pt", add_special_tokens=False) if image is None else
+           proc(text=[text], images=[image], return_tensors="pt", add_special_tokens=False))
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, enc["input_ids"].shape[1]:]
+    return tok.decode(new, skip_special_tokens=True).strip(), new
 
 
-def test_worker_merges_in_place_and_answers_both_panes(kit, tmp_path):
+def _digest(t: torch.Tensor) -> tuple:
+    t = t.detach().contiguous()
+    return tuple(t.shape), str(t.dtype), hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _file_digests(folder) -> set:
+    return {_digest(t) for f in folder.glob("*.safetensors") for t in load_file(f).values()}
+
+
+def _state(model) -> dict:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def test_merges_to_disk_and_in_place_and_the_worker_answers_both_panes(kit, tmp_path):
+    import transformers
+
+    from merging.inplace import InPlaceMerger
+    from merging.loading import load_model
+    from merging.recipe import from_dict
     from webapp.worker import Worker
 
     family, paths, image, _ = kit
     triple = {k: str(v) for k, v in paths.items()}
     recipe = {**triple, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
-    out = tmp_path / "merged"
     (tmp_path / "r.yaml").write_text("".join(f"{k}: {v}\n" for k, v in triple.items())
                                      + "method: task_arithmetic\nparameters: {alpha: 0.8}\n")
+    out = tmp_path / "merged"
     r = cli("merge", tmp_path / "r.yaml", out, "--no-progress")
     assert r.returncode == 0, r.stderr
+    pil = Image.open(image).convert("RGB")
+    answers = {}
+    for pane, folder in (("merged", out), ("original", paths["vlm"])):
+        model, proc = load_model(folder)
+        answers[pane], new = _answer(model, proc, QUESTION, pil, TOKENS)
+        eos = proc.tokenizer.eos_token_id
+        assert len(new) == TOKENS or (len(new) > 0 and new[-1] == eos), (family, pane, new)
+    # the processor loads here, without torchvision: the family's own, or the lab's image-only one
+    if family == "mistral3":  # model and proc: the original VLM's, loaded last
+        assert type(proc).__name__ == ("ImageOnlyPixtralProcessor" if NO_TORCHVISION else "PixtralProcessor")
+    else:
+        assert isinstance(proc, getattr(transformers, PROCESSORS[family]))
+    if NO_TORCHVISION:
+        assert type(proc.image_processor).__name__.endswith("Pil")
     w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path / "cache")})
     res = w.call("chat", {"recipe": recipe, "triple": triple, "question": QUESTION, "image": str(image),
                           "max_new_tokens": TOKENS})
-    assert res["answers"]["merged"] == _plain(out, image), family
-    assert res["answers"]["original"] == _plain(paths["vlm"], image), family
-    loaded = w.models.loaded
-    live = dict(loaded.model.state_dict())
-    loaded.hold(recipe)  # the merge, live again: its LM tensors equal the disk merge's (float32 both)
-    disk = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-    live = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    changed = [n for n, t in live.items() if n in disk and not torch.equal(t, disk[n].float())]
-    assert not changed, changed[:3]
-    loaded.hold(None)
-    ckpt = {k: v for f in paths["vlm"].glob("*.safetensors") for k, v in load_file(f).items()}
-    restored = loaded.model.state_dict()
-    assert all(torch.equal(restored[n], t) for n, t in ckpt.items() if n in restored)
+    assert res["answers"] == answers, family
+    # in place on the VLM just loaded: its tensors become the merged folder's, then the checkpoint's again
+    checkpoint, loaded = _file_digests(paths["vlm"]), _state(model)
+    assert {_digest(t) for t in loaded.values()} == checkpoint
+    merger = InPlaceMerger.from_recipe(model, from_dict(recipe))
+    merger.apply(from_dict(recipe))
+    assert {_digest(t) for t in model.state_dict().values()} == _file_digests(out) != checkpoint
+    merger.restore()
+    restored = model.state_dict()
+    assert all(torch.equal(restored[n], t) for n, t in loaded.items()) and restored.keys() == loaded.keys()
+    assert {_digest(t) for t in restored.values()} == checkpoint
 
 
-def test_eval_with_images_knockout_and_attention(kit):
+def _attention_on_the_family_positions(family, model, proc):
     from analysis.attention import build_inputs, image_token_id, measure_shares, text_query_mask
-    from analysis.evaluate import evaluate
-    from analysis.knockout import knockout
+
+    sizes = (WIDE, TALL)
+    inputs = build_inputs(proc, [Image.new("RGB", s, (200, 30, 30)) for s in sizes])
+    image_id = image_token_id(model.config)
+    for enc, size in zip(inputs, sizes):
+        keys, queries = text_query_mask(enc["input_ids"], image_id)
+        assert torch.equal(keys, scattered(model, enc)), (family, size)  # the model's own image positions
+        tokens = proc.tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+        want, image = image_layout(family, model.config, enc, size), proc.tokenizer.convert_ids_to_tokens(image_id)
+        start = next((i for i in range(len(tokens)) if tokens[i:i + len(want)] == want), None)
+        assert start is not None, (family, size, tokens)
+        assert keys[0].nonzero()[:, 0].tolist() == [start + i for i, t in enumerate(want) if t == image]
+        assert int(queries.sum()) > 0
+    shares = measure_shares(model, inputs, image_id)
+    assert len(shares) == model.config.get_text_config().num_hidden_layers and all(0 < s < 1 for s in shares)
+    return inputs
+
+
+def test_eval_with_images_knockout_and_attention_on_the_family_positions(kit):
+    from analysis.evaluate import MAX_NEW_TOKENS, evaluate
+    from analysis.knockout import knocked_out, knockout
     from merging.item_file import read_items
     from merging.loading import load_model
 
-    family, paths, image, items_file = kit
+    family, paths, _, items_file = kit
     r = cli("eval", paths["vlm"], "--suite-file", items_file, module="analysis")
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) == {"custom"}
     model, proc = load_model(paths["vlm"], attentions=True)
     items = read_items(items_file)
     scored = evaluate((model, proc), suites=[], extra={"custom": items}, return_items=True)
-    assert len(scored["items"]["custom"]) == 2 and 0 <= scored["accuracy"]["custom"] <= 1
+    assert json.loads(r.stdout) == {"custom": round(scored["accuracy"]["custom"], 4)}
+    recs = scored["items"]["custom"]
+    assert [x["question"] for x in recs] == [it["question"] for it in items]
+    for it, rec in zip(items, recs):  # each item answered as a plain generate with its image (or none)
+        assert rec["output"].strip() == _answer(model, proc, it["question"], it.get("pil"), MAX_NEW_TOKENS)[0]
 
     def on_file(target, suites, limit, device):
         return evaluate(target, suites=[], extra={"custom": items[:limit]})
 
     ko = knockout(model, proc, evaluate_fn=on_file, suites=["custom"], limit=2, layers=[0])
-    assert set(ko["drop"]) == {"attention", "mlp"} and len(ko["drop"]["attention"]["custom"]) == 1
-    inputs = build_inputs(proc, [Image.open(image).convert("RGB")])
-    image_id = image_token_id(model.config)
-    ids = inputs[0]["input_ids"]
-    assert int((ids == image_id).sum()) == IMAGE_POSITIONS[family]
-    keys, queries = text_query_mask(ids, image_id)
-    assert int(keys.sum()) == IMAGE_POSITIONS[family] and int(queries.sum()) > 0
-    shares = measure_shares(model, inputs, image_id)
-    assert len(shares) == model.config.get_text_config().num_hidden_layers
-    assert all(0 < s < 1 for s in shares)
+    assert ko["baseline"] == scored["accuracy"] and len(ko["accuracy"]["mlp"]["custom"]) == 1
+    enc = _attention_on_the_family_positions(family, model, proc)[0]
+    with torch.no_grad():
+        before = model(**enc).logits
+        for group in ("attention", "mlp"):  # the family's decoder layer 0 is what knockout takes out
+            with knocked_out(model, 0, group):
+                assert not torch.allclose(model(**enc).logits, before), group
+        assert torch.equal(model(**enc).logits, before)
 
 
 def test_spectra_similarity_and_drift(kit, tmp_path):
-    from analysis.similarity import similarity
-    from analysis.spectra import compute_spectra, open_triple
-    from merging.loading import load_model
+    from analysis.similarity import cosine, similarity
+    from analysis.spectra import MODULES, compute_spectra, open_triple
+    from merging.loading import load_model, prompt, user_turn
 
     family, paths, image, items = kit
     with open_triple(paths["vlm"], paths["reasoner"], paths["base"]) as t:
         spectra = compute_spectra(t, k=4, use_cache=False)
-    assert spectra["num_layers"] == 2 and all(e["ratio"] > 0 for e in spectra["entries"])
     sim = similarity(paths["vlm"], paths["reasoner"], paths["base"], rank=4, use_cache=False)
-    assert sim["num_layers"] == 2
+    assert len(spectra["entries"]) == len(sim["entries"]) == 2 * len(MODULES)
+    # layer 0's down_proj as transformers loads each model, decomposed here
+    w = {role: load_model(paths[role])[0].get_decoder().layers[0].mlp.down_proj.weight.detach().double()
+         for role in ("vlm", "reasoner", "base")}
+    tau_v, tau_r = w["vlm"] - w["base"], w["reasoner"] - w["base"]
+    sv, sr = torch.linalg.svdvals(tau_v), torch.linalg.svdvals(tau_r)
+    e = next(e for e in spectra["entries"] if e["layer"] == 0 and e["module"] == "mlp.down_proj")
+    assert e["s_v"] == pytest.approx(sv[:4].tolist(), rel=1e-3) and e["s_r"] == pytest.approx(sr[:4].tolist(), rel=1e-3)
+    assert e["ratio"] == pytest.approx(float(sv.sum() / sr.sum()), rel=1e-3)
+    c = next(e for e in sim["entries"] if e["layer"] == 0 and e["module"] == "mlp.down_proj")
+    assert c["cos"] == pytest.approx(cosine(tau_v.flatten(), tau_r.flatten()), abs=1e-5)
     recipe = tmp_path / "drift.yaml"
     recipe.write_text(f"vlm: {paths['vlm']}\nreasoner: {paths['reasoner']}\n"
                       f"drift: {{steps: 2, lr: 0.001, batch_size: 2, data: {items}}}\n")
     r = cli("drift", recipe, tmp_path / "drifted", "--no-progress")
     assert r.returncode == 0, r.stderr
-    model, proc = load_model(tmp_path / "drifted")
-    assert type(model).__name__.lower().startswith(family.split("_")[0].replace("qwen2", "qwen2"))
+    assert _file_digests(tmp_path / "drifted") != _file_digests(paths["vlm"])
+    # the processor DRIFT saved reads the image and the prompt as the VLM's own does
+    pil = Image.open(image).convert("RGB")
+    encs = []
+    for folder in (paths["vlm"], tmp_path / "drifted"):
+        proc = load_model(folder)[1]
+        encs.append(proc(text=[prompt(proc, [user_turn(QUESTION, True)])], images=[pil], return_tensors="pt",
+                         add_special_tokens=False))
+    assert encs[0].keys() == encs[1].keys() and all(torch.equal(encs[0][k], encs[1][k]) for k in encs[0])
 
 
-def test_a_processor_that_needs_a_missing_torchvision_is_named(tmp_path):
-    """Qwen2-VL's own processor needs torchvision (its video part): the lab builds the image-only one;
-    a family the lab has no image-only processor for gets one line naming torchvision."""
-    import importlib.util
+@pytest.mark.skipif(not NO_TORCHVISION, reason="torchvision is installed here: the family's own processor loads")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_image_only_qwen_processor_equals_its_parts(kits, family, tmp_path):
+    """The family's processor without its video part: pixel values from the family's image processor
+    alone, and one <|image_pad|> per spatial_merge_size^2 patches of the grid, for a wide and a tall image."""
+    import transformers
 
+    from merging.processors import load_processor
+
+    folder = kits(family)["vlm"]
+    proc = load_processor(folder, family)
+    assert not hasattr(proc, "video_processor")
+    alone = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>how many circles ?<|im_end|>"
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for size in (WIDE, TALL):
+        im = Image.new("RGB", size, (200, 30, 30))
+        enc = proc(images=[im], text=[text], return_tensors="pt")
+        pix = alone([im], return_tensors="pt")
+        assert torch.equal(enc["pixel_values"], pix["pixel_values"])
+        assert torch.equal(enc["image_grid_thw"], pix["image_grid_thw"])
+        n = int(pix["image_grid_thw"].prod()) // 4
+        ids = proc.tokenizer([text.replace("<|image_pad|>", "<|image_pad|>" * n)], return_tensors="pt")["input_ids"]
+        assert torch.equal(enc["input_ids"], ids)
+        assert torch.equal(enc["mm_token_type_ids"], (ids == pad).to(enc["mm_token_type_ids"].dtype))
+    proc.save_pretrained(tmp_path)  # what DRIFT writes: the processor's files as the checkpoint ships them
+    shipped = {"preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in tmp_path.iterdir()} == shipped <= {p.name for p in folder.iterdir()}
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["processor_class"] == PROCESSORS[family]
+    errors = []  # transformers reads both alike: as far as the video processor, which wants torchvision
+    for f in (folder, tmp_path):
+        with pytest.raises(ImportError) as e:
+            transformers.AutoProcessor.from_pretrained(f)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "VideoProcessor requires the Torchvision library" in errors[0]
+    again = load_processor(tmp_path, family)(images=[im], text=[text], return_tensors="pt")
+    assert all(torch.equal(again[k], enc[k]) for k in enc)
+
+
+def _init_parameters(module: str, cls: str) -> set[str]:
+    """The parameters of a transformers class's __init__, read from its source (the module itself
+    imports torchvision)."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    return {a.arg for a in init.args.args + init.args.kwonlyargs}
+
+
+def test_the_pixtral_processor_lays_out_rows_and_saves_what_transformers_reads(kits, tmp_path):
+    """Mistral3 (Pixtral): a batch of a wide, a tall and a square image, checked token by token against
+    the layout written out here and by the model's own forward (it refuses a count that does not match
+    its features); saved, the files hold what PixtralProcessor's __init__ takes."""
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    from merging.loading import load_model
+    from merging.processors import load_processor
+
+    folder = kits("mistral3")["vlm"]
+    model, proc = load_model(folder)
+    tok = proc.tokenizer
+    layouts = {WIDE: "[IMG] [IMG] [IMG_END]", TALL: "[IMG] [IMG_BREAK] [IMG] [IMG_END]",
+               (32, 32): "[IMG] [IMG] [IMG_BREAK] [IMG] [IMG] [IMG_END]"}  # 16 x 16 pixels a token
+    texts = ["[INST][IMG]how many circles ?[/INST]"] * len(layouts)
+    images = [[Image.new("RGB", s, (200, 30, 30))] for s in layouts]
+    enc = proc(images=images, text=texts, return_tensors="pt", add_special_tokens=False, padding=True)
+    for ids, mask, want in zip(enc["input_ids"], enc["attention_mask"], layouts.values()):
+        got = tok.convert_ids_to_tokens(ids[mask.bool()].tolist())
+        assert got == ["[INST]", *want.split(), "how", "many", "circles", "?", "[/INST]"]
+    alone = transformers.PixtralImageProcessorPil.from_pretrained(folder)
+    pix = alone([im for x in images for im in x], patch_size={"height": 16, "width": 16}, return_tensors="pt")
+    assert torch.equal(enc["pixel_values"], pix["pixel_values"])
+    with torch.no_grad():
+        assert model(**enc).logits.shape[:2] == enc["input_ids"].shape
+        short = enc["input_ids"].clone()
+        short[0, (short[0] == model.config.image_token_index).nonzero()[0, 0]] = tok.convert_tokens_to_ids("the")
+        with pytest.raises(ValueError):
+            model(**{**enc, "input_ids": short})
+    with pytest.raises(ValueError, match="2 \\[IMG\\] token"):
+        proc(images=images[:1], text=["[INST][IMG][IMG]how[/INST]"], return_tensors="pt")
+    proc.save_pretrained(tmp_path)
+    settings, _ = ProcessorMixin.get_processor_dict(str(tmp_path))
+    assert set(settings) - {"processor_class"} <= _init_parameters(
+        "transformers.models.pixtral.processing_pixtral", "PixtralProcessor")
+    assert settings["processor_class"] == "PixtralProcessor" and settings["chat_template"] == proc.chat_template
+    assert (settings["patch_size"], settings["spatial_merge_size"]) == (8, 2)
+    assert type(transformers.AutoImageProcessor.from_pretrained(tmp_path)).__name__.startswith("PixtralImageProcessor")
+    again = load_processor(tmp_path, "mistral3")(images=images, text=texts, return_tensors="pt", padding=True,
+                                                 add_special_tokens=False)
+    assert all(torch.equal(again[k], enc[k]) for k in enc)
+
+
+def test_a_missing_package_or_a_bad_file_is_named_in_one_line(kits, tmp_path):
+    """A family the lab has no image-only processor for names the package and who needs it; a bad
+    tokenizer file is named as such, never blamed on a missing torchvision."""
     from merging.errors import LabError
+    from merging.loading import load_model
     from merging.processors import first_line, load_processor
 
-    if importlib.util.find_spec("torchvision") is not None:
-        pytest.skip("torchvision is installed here")
-    paths = build("qwen2_vl", tmp_path / "m")
-    proc = load_processor(paths["vlm"], "qwen2_vl")
-    assert proc.image_processor.__class__.__name__.endswith("Pil") and not hasattr(proc, "video_processor")
-    with pytest.raises(LabError) as e:
-        load_processor(paths["vlm"], "some_family")
-    msg = str(e.value)
-    assert msg.startswith("some_family's processor needs torchvision, which is not installed: pip install torchvision")
-    assert "\n" not in msg and not msg.endswith(": )")
+    if NO_TORCHVISION:
+        with pytest.raises(LabError) as e:
+            load_processor(kits("qwen2_vl")["vlm"], "some_family")
+        assert str(e.value) == ("some_family's processor needs torchvision (Qwen2VLVideoProcessor requires it), "
+                                "which is not installed: pip install torchvision (the build made for your torch)")
+    for family in ("llava", "qwen2_vl"):
+        bad = tmp_path / family
+        shutil.copytree(kits(family)["vlm"], bad)
+        (bad / "tokenizer.json").write_text("{not json")
+        with pytest.raises(LabError) as e:
+            load_model(bad)
+        msg = str(e.value)
+        assert "no usable processor (" in msg and "JSONDecodeError" in msg, msg
+        assert "torchvision" not in msg and "\n" not in msg
     assert first_line(ImportError("\nPixtralProcessor requires the Torchvision library\nmore")) == \
         "PixtralProcessor requires the Torchvision library"
+
+
+def test_a_torchvision_that_does_not_import_is_named_in_one_line(kits, tmp_path):
+    """PyPI's torchvision beside the CPU build of torch fails at import ("operator torchvision::nms does
+    not exist"), and transformers, which then imports it for every model, says only "Could not import
+    module 'LlamaConfig'". Reproduced by an installed package of that name whose import raises the same."""
+    site = tmp_path / "site"
+    (site / "torchvision").mkdir(parents=True)
+    (site / "torchvision" / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (site / "torchvision-0.28.0.dist-info").mkdir()
+    (site / "torchvision-0.28.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\n"
+                                                                      "Version: 0.28.0\n")
+    env = {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    r = subprocess.run([sys.executable, "-m", "analysis", "eval", str(kits("llava")["vlm"]), "--suite", "text_math",
+                        "--limit", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one_line(r, 2, "torchvision is installed but does not import (RuntimeError: operator torchvision::nms does not "
+             "exist)", "pip uninstall torchvision, or install the build made for your torch")
 
 
 def test_each_kit_is_a_clean_triple(kit):
@@ -173,7 +376,7 @@ def test_each_kit_is_a_clean_triple(kit):
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_the_app_in_chromium_chats_with_an_image_on_qwen2_vl_and_mistral3(toy_dir, tmp_path):
+def test_the_app_in_chromium_chats_with_an_image_on_qwen2_vl_and_mistral3(toy_dir, kits, tmp_path):
     """The two families whose processors the lab builds itself, in the real app and a real browser:
     a custom triple from the models root, Merge, an example with its image, both panes answer."""
     from playwright.sync_api import expect
@@ -182,7 +385,7 @@ def test_the_app_in_chromium_chats_with_an_image_on_qwen2_vl_and_mistral3(toy_di
 
     root = tmp_path / "models"
     for family in ("qwen2_vl", "mistral3"):
-        build(family, root / family)
+        shutil.copytree(kits(family)["vlm"].parent, root / family)
     proc, url = start_app(toy_dir, tmp_path / "cache", tmp_path / "app.log", ["--models-root", str(root)])
     try:
         with chromium() as browser:
