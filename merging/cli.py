@@ -76,7 +76,13 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
         raise
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            while True:  # signal.signal first runs a pending handler: a repeat of the interrupt being handled
+                try:
+                    signal.signal(s, h)
+                    break
+                except KeyboardInterrupt:
+                    if not interrupted:
+                        raise
 
 
 def _interrupted(out_dir: str | None, signals: list[int]) -> int:
