@@ -75,10 +75,12 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
             return 2
         raise
     finally:
+        # After an interrupt the command only exits: a repeat of the signal (seen pending after the
+        # clean-up) is ignored, or Python would turn the exit code 130 into a KeyboardInterrupt's -2.
         for s, h in previous.items():
-            while True:  # signal.signal first runs a pending handler: a repeat of the interrupt being handled
+            while True:  # signal.signal first runs a pending handler
                 try:
-                    signal.signal(s, h)
+                    signal.signal(s, signal.SIG_IGN if interrupted else h)
                     break
                 except KeyboardInterrupt:
                     if not interrupted:
