@@ -75,12 +75,18 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
             return 2
         raise
     finally:
-        # After an interrupt the command only exits: a repeat of the signal (seen pending after the
-        # clean-up) is ignored, or Python would turn the exit code 130 into a KeyboardInterrupt's -2.
+        if interrupted:  # a repeat still pending runs, and is dropped, under SIG_IGN: it would turn 130 into -2
+            for s in previous:
+                while True:
+                    try:
+                        signal.signal(s, signal.SIG_IGN)
+                        break
+                    except KeyboardInterrupt:
+                        pass
         for s, h in previous.items():
-            while True:  # signal.signal first runs a pending handler
+            while True:  # signal.signal first runs a pending handler: a repeat of the interrupt being handled
                 try:
-                    signal.signal(s, signal.SIG_IGN if interrupted else h)
+                    signal.signal(s, h)
                     break
                 except KeyboardInterrupt:
                     if not interrupted:
