@@ -82,11 +82,11 @@ def file_access(cache_dir: Path) -> dict[str, list[str]]:
 def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
     # Not at the top: gradio must load after main() sets GRADIO_TEMP_DIR, `python app.py --help` answers
     # in 0.07 s, and the spawned worker runs this file's top level again (as __mp_main__).
-    # lazy, the four below (python -X importtime): gradio 4.6 s; torch 2.1 s; PIL 0.04 s.
-    from webapp.client import WorkerClient  # lazy: torch (webapp.worker), 2.1 s
-    from webapp.lab import Lab  # lazy: gradio (gradio.utils), 4.6 s
+    # lazy, the four below (python -X importtime): gradio 4.6 s (torch 2.1 s through the method registry); PIL 0.04 s.
     from webapp.safety import UPLOAD_LIMIT, limit_pil  # lazy: PIL, 0.04 s
-    from webapp.ui import CSS, build, theme  # lazy: gradio, 4.6 s
+    from webapp.ui.client import WorkerClient  # lazy: multiprocessing, 0.05 s
+    from webapp.ui.lab import Lab  # lazy: gradio (gradio.utils), 4.6 s
+    from webapp.ui.page import CSS, build, theme  # lazy: gradio, 4.6 s
 
     limit_pil()
     client = WorkerClient({"device": args.device, "cache_dir": str(cache_dir), "threads": args.threads,

@@ -154,7 +154,7 @@ def build_batch(processor, examples: list) -> dict:
     # Images per sample ([] for a text-only one): Gemma3's and Idefics' processors count them per
     # prompt, and the others flatten the nesting.
     kw = {"images": [[im] if im is not None else [] for im in images]} if any(im is not None for im in images) else {}
-    # add_special_tokens=False: the template writes them, as for generation (analysis.evaluate, webapp.chat)
+    # add_special_tokens=False: the template writes them, as for generation (analysis.evaluate, webapp.worker.chat)
     enc = processor(text=prompts, return_tensors="pt", padding=True, add_special_tokens=False, **kw)
     ids, real = enc["input_ids"], enc["attention_mask"].bool()
     heads = [ids[i][real[i]].tolist() for i in range(len(examples))]  # either padding side

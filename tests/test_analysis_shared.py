@@ -59,7 +59,7 @@ def worker_runs(cache_dir: Path):
     import torch
 
     from analysis import cache
-    from webapp.worker import Worker
+    from webapp.worker.process import Worker
 
     torch.set_num_threads(1)
     cache._shared.clear()

@@ -32,7 +32,7 @@ def worker(tmp_path_factory):
     import torch
 
     from analysis import cache
-    from webapp.worker import Worker
+    from webapp.worker.process import Worker
 
     if not (TOY_ROOT / "vlm" / "config.json").is_file():
         pytest.skip("the bundled toy family is not here")

@@ -58,7 +58,7 @@ def _client_run(url: str, plan) -> list[dict]:
 
 
 def test_each_pane_answers_with_the_right_weights(app_handle, toy_dir, tmp_path):
-    from webapp.chat_panel import NO_MERGE
+    from webapp.ui.chat_panel import NO_MERGE
 
     pid = wait_worker(app_handle.proc.pid)
     with ThreadPoolExecutor(len(PLANS)) as pool:

@@ -15,8 +15,9 @@ import pytest
 
 from analysis import analyses
 from tests.app_fixtures import SHOTS, chromium, start_app, stop_app
-from webapp import presets, recipes, url_state
-from webapp.walkthrough import STEPS
+from webapp import presets
+from webapp.ui import recipes, url_state
+from webapp.ui.walkthrough import STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

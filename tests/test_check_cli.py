@@ -187,7 +187,7 @@ def test_a_reasoner_from_another_base_is_warned_with_its_distance(triples, tmp_p
 
 def test_the_apps_report_shows_the_distance_and_the_warning_before_a_merge(triples, tmp_path):
     from merging.compat import check_triple
-    from webapp.models_panel import report_markdown
+    from webapp.ui.models_panel import report_markdown
 
     root, good, _ = triples
     stranger = make_tiny_triple(tmp_path / "stranger", seed=7)

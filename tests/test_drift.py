@@ -292,7 +292,7 @@ def test_the_run_key_follows_the_content_not_the_path(tmp_path):
     """One byte of one image changed: another run (the app retrains); the same files elsewhere (a re-upload):
     the same run (the app reuses the folder)."""
     from merging.finetune import run_identity, training_data
-    from webapp.jobs import recipe_key
+    from webapp.protocol import recipe_key
 
     def key(path):
         spec = {"vlm": str(TOY / "vlm"), "reasoner": str(TOY / "math"),

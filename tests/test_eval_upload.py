@@ -15,8 +15,8 @@ import pytest
 from analysis.eval_file import check_items, read_items
 from merging.errors import LabError
 from tests.paths import TOY
-from webapp import eval_upload
-from webapp.eval_upload import stage
+from webapp.ui import eval_upload
+from webapp.ui.eval_upload import stage
 
 
 def rows(n: int = 3) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from webapp.export_zip import zip_for_download
+from webapp.ui.export_zip import zip_for_download
 
 
 def test_zip_holds_every_file_and_the_folder_is_untouched(tmp_path):
@@ -31,7 +31,7 @@ def test_over_the_limit_no_zip_and_a_reason(tmp_path):
 
 
 def test_exports_do_not_pile_up(tmp_path):
-    from webapp.export_zip import exports_folder
+    from webapp.ui.export_zip import exports_folder
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -51,7 +51,7 @@ def test_the_exports_folder_goes_with_the_process(tmp_path):
 
     from tests.paths import ENV, ROOT
 
-    code = ("from pathlib import Path; from webapp.export_zip import zip_for_download\n"
+    code = ("from pathlib import Path; from webapp.ui.export_zip import zip_for_download\n"
             f"f = Path({str(tmp_path)!r}) / 'm'; f.mkdir(); (f / 'config.json').write_text('{{}}')\n"
             "print(zip_for_download(f)[0])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

@@ -102,7 +102,7 @@ def test_merges_to_disk_and_in_place_and_the_worker_answers_both_panes(kit, tmp_
     from merging.inplace import InPlaceMerger
     from merging.loading import load_model
     from merging.recipe import from_dict
-    from webapp.worker import Worker
+    from webapp.worker.process import Worker
 
     family, paths, image, _ = kit
     triple = {k: str(v) for k, v in paths.items()}

@@ -6,7 +6,7 @@ import re
 
 from analysis import analyses
 from merging import methods
-from webapp import glossary
+from webapp.ui import glossary
 
 
 def test_every_method_and_analysis_links_a_paper():

@@ -27,7 +27,7 @@ from merging.checkpoint import Checkpoint
 from merging.engine import merge_to_disk
 from tasks.toydata import parse_answer
 from tests.paths import TOY
-from webapp.export_zip import zip_for_download
+from webapp.ui.export_zip import zip_for_download
 
 # The Python that has lmms-eval: LMMS_EVAL_PYTHON (its own venv: it pins packages the lab does
 # not), else this one. LAB_REQUIRE_LMMS_EVAL=1 (CI) turns its absence into a failure.

@@ -17,12 +17,13 @@ from merging.errors import Cancelled, LabError
 from merging.methods import MergeMethod, Paper, Param, TensorSet
 from merging.recipe import from_dict
 from tests.paths import ROOT
-from webapp import glossary, jobs, recipes, url_state
+from webapp import protocol
+from webapp.ui import glossary, recipes, url_state
 
 SCANNED = ("merging", "analysis", "webapp", "app.py")
 # Content, not code: these files name methods on purpose.
 EXEMPT = {
-    "webapp/walkthrough.py": "the guided steps' texts and links name the method each step teaches",
+    "webapp/ui/walkthrough.py": "the guided steps' texts and links name the method each step teaches",
 }
 
 
@@ -60,7 +61,7 @@ def test_the_scan_finds_a_spelled_name_and_leaves_prose_alone():
 def test_no_method_name_is_spelled_outside_merging_methods():
     names = methods.names()
     scanned = sources()
-    assert ROOT / "webapp" / "recipes.py" in scanned and ROOT / "app.py" in scanned
+    assert ROOT / "webapp" / "ui" / "recipes.py" in scanned and ROOT / "app.py" in scanned
     assert not any(p.is_relative_to(ROOT / "merging" / "methods") for p in scanned)
     found = []
     for path in scanned:
@@ -178,7 +179,7 @@ def test_diagnostics_hooks_with_nothing_recorded_say_nothing(method):
 
 
 def test_one_cancelled_error():
-    assert jobs.Cancelled is Cancelled and issubclass(Cancelled, LabError)
+    assert protocol.Cancelled is Cancelled and issubclass(Cancelled, LabError)
     assert str(Cancelled()) == "cancelled"
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from merging.errors import LabError
-from webapp import recipes
+from webapp.ui import recipes
 
 TRIPLE = {"vlm": "assets/toy/vlm", "reasoner": "assets/toy/math", "base": "assets/toy/base"}
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -7,7 +7,7 @@ import yaml
 
 from tests.output_checks import cli
 from webapp.presets import TOY_ROOT
-from webapp.recipe_paths import LAB_ROOT, portable_ref, portable_yaml
+from webapp.ui.recipe_paths import LAB_ROOT, portable_ref, portable_yaml
 
 RECIPE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base"),
           "method": "linear", "parameters": {"alpha": 0.3}}

@@ -1,4 +1,4 @@
-"""The lab's state in a URL (webapp.url_state), the merge panel's knob pools (webapp.recipes) and the
+"""The lab's state in a URL (webapp.ui.url_state), the merge panel's knob pools (webapp.ui.recipes) and the
 walkthrough's steps: pure, no app, no browser."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from urllib.parse import parse_qsl
 import pytest
 
 from merging import methods
-from webapp import presets, recipes, url_state
-from webapp.url_state import LabState, encode, fit, parse
-from webapp.walkthrough import STEPS
+from webapp import presets
+from webapp.ui import recipes, url_state
+from webapp.ui.url_state import LabState, encode, fit, parse
+from webapp.ui.walkthrough import STEPS
 
 TOY_DIMS = {"num_layers": 4, "hidden_size": 128}
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from webapp.jobs import lane_of
 from webapp.presets import TOY_ROOT
-from webapp.worker import Lanes, Worker
+from webapp.protocol import lane_of
+from webapp.worker.process import Lanes, Worker
 
 TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
 RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
@@ -65,7 +65,7 @@ def test_long_jobs_take_turns_across_tabs():
 
 
 def test_one_tab_cannot_fill_the_queue():
-    from webapp.client import MAX_LONG, MAX_LONG_PER_SESSION, Job, WorkerClient
+    from webapp.ui.client import MAX_LONG, MAX_LONG_PER_SESSION, Job, WorkerClient
 
     client = WorkerClient({"device": "cpu"})  # never started: refusal() reads only the client's own jobs
     for i in range(MAX_LONG_PER_SESSION):

@@ -20,11 +20,11 @@ from analysis.eval_file import read_items
 from analysis.evaluate import evaluate
 from merging.drift import DriftResult, drift_settings
 from merging.errors import LabError
-from webapp.jobs import DriftRun
-from webapp.leaderboard_jobs import settings
-from webapp.models import load_serving
 from webapp.presets import TOY_ROOT
-from webapp.worker import Worker
+from webapp.protocol import DriftRun
+from webapp.worker.leaderboard_jobs import settings
+from webapp.worker.models import load_serving
+from webapp.worker.process import Worker
 
 TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
 RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
@@ -165,8 +165,8 @@ def test_leaderboard_settings_are_checked():
 
 
 def test_an_unknown_job_kind_is_one_clear_error_and_every_lane_kind_is_registered(worker):
-    from webapp.jobs import CHAT_LANE
-    from webapp.worker import JOBS
+    from webapp.protocol import CHAT_LANE
+    from webapp.worker.process import JOBS
 
     ev, msg, _ = run(worker, "nonsense", {})
     assert ev == "error" and msg.startswith("unknown job kind 'nonsense'; known: ") and "merge" in msg

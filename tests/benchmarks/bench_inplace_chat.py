@@ -9,7 +9,7 @@ ratios are meaningful even on a shared machine (absolute figures are not):
    0.5 (median of --repeats) vs merge_to_disk of the same recipe into a temp folder followed by
    AutoModelForImageTextToText.from_pretrained of it (median of 3), on assets/toy; with
    --synthetic also on a larger synthetic LLaVA triple (8 layers, hidden 512, tests/factories.py).
-2. Chat: webapp.chat.stream_answer (the worker's streamed generation, called in-process) vs a
+2. Chat: webapp.worker.chat.stream_answer (the worker's streamed generation, called in-process) vs a
    plain processor + model.generate() on the same toy VLM, sample image + question, greedy,
    max_new_tokens 32 forced to full length with generation_config.min_new_tokens (median of
    --chat-repeats each, interleaved). Time to first token: the first on_text piece for the app
@@ -81,7 +81,7 @@ def bench_chat(repeats, max_new_tokens=32):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from webapp.chat import build_messages, stream_answer
+    from webapp.worker.chat import build_messages, stream_answer
 
     model = AutoModelForImageTextToText.from_pretrained(TOY / "vlm", dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(TOY / "vlm")
@@ -155,7 +155,7 @@ def main(argv=None):
     print("| path | tokens/s (median) | time to first token s (median) |")
     print("|---|---|---|")
     print(f"| plain processor + generate() | {c['plain_tps']:.1f} | {c['plain_ttft']:.4f} |")
-    print(f"| webapp.chat.stream_answer | {c['app_tps']:.1f} | {c['app_ttft']:.4f} |")
+    print(f"| webapp.worker.chat.stream_answer | {c['app_tps']:.1f} | {c['app_ttft']:.4f} |")
     print(f"overhead of the app path in total time: {c['overhead_pct']:+.1f}% "
           f"({c['tokens']} tokens generated; app answer re-tokenizes to {c['app_text_tokens']})")
     print(f"app answer: {c['answer'][:120]!r}")

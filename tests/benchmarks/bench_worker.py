@@ -5,7 +5,7 @@ transformers in the same run.
 
 Builds (or reuses) a synthetic triple of that shape that transformers loads (a LLaVA VLM with a
 small real vision tower and a processor, a reasoner and a base; tests/benchmarks/make_synthetic.py)
-in DIR, starts the worker process exactly as the app does (webapp.client.WorkerClient) and sends it
+in DIR, starts the worker process exactly as the app does (webapp.ui.client.WorkerClient) and sends it
 the app's jobs: a chat turn (loads the triple), a merge, a slider move (re-merge in place), two chat
 turns with both panes, spectra and similarity cold then cached. The worker's resident memory is
 sampled every 20 ms. In this process, after the worker is closed: one plain generate() of the same
@@ -93,7 +93,7 @@ def sample_image(size: int = 224):
 def plain_generate(vlm: Path, device: str, tokens: int, image_path: Path, cpu_dtype: str) -> float:
     """Seconds of one generate() with plain transformers, the same prompt and image the chat sends."""
     from merging.loading import load_model, prompt, user_turn
-    from webapp.models import serving_dtype
+    from webapp.worker.models import serving_dtype
 
     model, proc = load_model(vlm, device, dtype=serving_dtype(device, cpu_dtype))
     from PIL import Image
@@ -117,7 +117,7 @@ def disk_merge_reload(recipe: dict, device: str, cpu_dtype: str, work: Path) -> 
     from merging.engine import merge_to_disk
     from merging.loading import load_model
     from merging.recipe import from_dict
-    from webapp.models import serving_dtype
+    from webapp.worker.models import serving_dtype
 
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def elementwise_floor(triple: dict, device: str, cpu_dtype: str) -> float:
     live LM's shapes, all already in memory in the serving dtype, written into a preallocated output.
     The in-place re-merge is compared with this (the worker re-reads r and b from the files)."""
     from merging.memory_plan import plan_triple
-    from webapp.models import serving_dtype, serving_itemsize
+    from webapp.worker.models import serving_dtype, serving_itemsize
 
     p = plan_triple(triple["vlm"], triple["reasoner"], triple["base"], device, serving_itemsize(device, cpu_dtype))
     sd = serving_dtype(device, cpu_dtype)
@@ -155,7 +155,7 @@ def elementwise_floor(triple: dict, device: str, cpu_dtype: str) -> float:
 
 def live_lm_bytes(triple: dict, device: str, cpu_dtype: str) -> int:
     from merging.memory_plan import plan_triple
-    from webapp.models import serving_itemsize
+    from webapp.worker.models import serving_itemsize
 
     p = plan_triple(triple["vlm"], triple["reasoner"], triple["base"], device, serving_itemsize(device, cpu_dtype))
     return sum(u.changed for u in p.footprint.units)
@@ -164,7 +164,7 @@ def live_lm_bytes(triple: dict, device: str, cpu_dtype: str) -> int:
 def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, threads: int | None) -> dict:
     from merging.memory_plan import plan_7b
     from tests.benchmarks.make_synthetic import make_loadable
-    from webapp.client import WorkerClient
+    from webapp.ui.client import WorkerClient
 
     t0 = time.perf_counter()
     paths = make_loadable(work, shape)["paths"]

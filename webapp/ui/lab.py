@@ -10,8 +10,8 @@ from gradio.utils import get_upload_folder
 
 from merging.errors import LabError
 from webapp import presets
-from webapp.client import Job, WorkerClient
-from webapp.jobs import lane_of
+from webapp.protocol import lane_of
+from webapp.ui.client import Job, WorkerClient
 
 # A long job's kind as the waiting status names it.
 HELD = {"analysis": "an analysis", "evaluate": "an evaluation", "leaderboard": "a leaderboard",

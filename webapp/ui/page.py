@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webapp import (
+from webapp.ui import (
     analysis_panel,
     chat_panel,
     drift_panel,
@@ -15,7 +15,7 @@ from webapp import (
     page_state,
     walkthrough,
 )
-from webapp.lab import Lab
+from webapp.ui.lab import Lab
 
 TITLE = "Merge lab"
 INTRO = ("Give a vision-language model the math skills of a reasoning LLM by **merging their weights**, "

@@ -13,11 +13,11 @@ import gradio as gr
 
 from merging.errors import LabError
 from merging.layout import ROLES
-from webapp.jobs import DriftRun, triple_of
-from webapp.lab import Lab, session_of
-from webapp.models_panel import ModelsPanel
 from webapp.presets import TOY_ROOT
+from webapp.protocol import DriftRun, triple_of
 from webapp.safety import cap_question, check_image, uploaded
+from webapp.ui.lab import Lab, session_of
+from webapp.ui.models_panel import ModelsPanel
 
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"

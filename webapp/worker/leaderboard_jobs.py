@@ -20,9 +20,10 @@ from merging import methods
 from merging.errors import LabError
 from merging.inplace import triple_fingerprints
 from webapp.presets import TOY_ROOT
+from webapp.protocol import LEADERBOARD_LIMITS
 
 # (lowest, highest, default) of the panel's three numbers
-LIMITS = {"limit": (1, 300, 30), "dev_items": (1, 200, 20), "grid_size": (0, 12, 2)}
+LIMITS = LEADERBOARD_LIMITS
 
 
 def settings(args: dict) -> dict:

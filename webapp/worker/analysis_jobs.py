@@ -14,8 +14,8 @@ from analysis import analyses, runner
 from merging.errors import LabError
 from merging.loading import eager_attention
 from merging.recipe import from_dict
-from webapp.jobs import triple_of
 from webapp.presets import TOY_ROOT
+from webapp.protocol import triple_of
 from webapp.safety import check_images
 
 

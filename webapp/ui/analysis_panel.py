@@ -11,10 +11,10 @@ import plotly.io as pio
 from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
-from webapp import cancel_button, glossary
-from webapp.lab import Lab, follow_status, session_of
-from webapp.models_panel import ModelsPanel
 from webapp.safety import check_images
+from webapp.ui import cancel_button, glossary
+from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.models_panel import ModelsPanel
 
 BASE_PARAMS = ("preset", "vlm", "reasoner", "base", "recipe")
 

@@ -8,7 +8,7 @@ import torch
 
 from merging.errors import LabError
 from merging.loading import is_vision, prompt, tokenizer_of, user_turn
-from webapp.jobs import Cancelled
+from webapp.protocol import Cancelled
 
 
 def build_messages(history: list[dict], question: str, has_image: bool) -> list[dict]:
@@ -90,7 +90,7 @@ def stream_answer(model, proc, question: str, image=None, history: list[dict] | 
                   on_notice: Callable[[str], None] | None = None) -> str:
     """Generate an answer; on_text(piece) is called for each decoded piece, on_notice(text) for each
     way the prompt had to be cut to fit the context. Returns the full text."""
-    # The UI process imports this module (webapp.client -> webapp.worker) and never generates.
+    # The UI process imports this module (webapp.ui.client -> webapp.worker.process) and never generates.
     # lazy: transformers' generation classes cost 1.0 s after torch (python -X importtime).
     from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 

@@ -1,7 +1,7 @@
 """The "DRIFT" panel: a short fine-tune of the VLM steered toward the reasoner, then chat with it (UI side).
 
 The training data is an upload in the Evaluate tab's format (a JSONL with its images, or one zip;
-gathered by webapp.eval_upload and checked whole here, so a bad line is named before the worker queue
+gathered by webapp.ui.eval_upload and checked whole here, so a bad line is named before the worker queue
 is joined); without one the bundled toy family trains on its toy scenes and any other VLM is refused.
 The worker trains into <cache-dir>/drift/<hash of the models, the settings and the data's content>
 (reused when it exists) and keeps the result loaded; this tab's chat then answers with it on the
@@ -18,11 +18,11 @@ from analysis.eval_file import check_items
 from merging.drift import DRIFT_DEFAULTS, DRIFT_KEYS, MODES, drift_settings
 from merging.errors import LabError
 from merging.finetune import is_toy_family
-from webapp import cancel_button, eval_upload
-from webapp.eval_upload import EvalSet
-from webapp.jobs import DriftRun
-from webapp.lab import Lab, follow_status, session_of
-from webapp.models_panel import ModelsPanel, check
+from webapp.protocol import DriftRun
+from webapp.ui import cancel_button, eval_upload
+from webapp.ui.eval_upload import EvalSet
+from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.models_panel import ModelsPanel, check
 
 ABOUT = ("_DRIFT fine-tunes the VLM's language model for a few steps, steering each gradient toward the "
          "reasoner (D = W_reasoner - W_vlm); alpha 0 is a plain fine-tune._")
@@ -39,7 +39,7 @@ def _range(name: str) -> str:
 
 
 def _stage(lab: Lab, files) -> tuple[EvalSet, int]:
-    """The uploads gathered into one folder of this server's uploads (webapp.eval_upload) and checked
+    """The uploads gathered into one folder of this server's uploads (webapp.ui.eval_upload) and checked
     whole (headers only); (the set, its item count). LabError for what cannot be used."""
     paths = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in files]
     upload_dir = Path(lab.read_roots[0])

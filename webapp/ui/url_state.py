@@ -22,7 +22,8 @@ from urllib.parse import urlencode
 
 from analysis import analyses
 from merging import methods
-from webapp import presets, recipes
+from webapp import presets
+from webapp.ui import recipes
 
 ROLES = ("vlm", "reasoner", "base")
 RESERVED = ("preset", *ROLES, "method", "layers", "tab")

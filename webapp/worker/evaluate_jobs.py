@@ -17,10 +17,10 @@ from analysis.evaluate import SUITES, evaluate
 from merging.errors import LabError
 from merging.loading import serving_dtype
 from tasks.toydata import parse_answer
-from webapp.jobs import DriftRun, triple_of
 from webapp.presets import TOY_ROOT
+from webapp.protocol import EVAL_MAX_LIMIT, DriftRun, triple_of
 
-MAX_LIMIT = 300  # items per bundled suite (each has 300)
+MAX_LIMIT = EVAL_MAX_LIMIT
 MAX_SHOWN = 200  # disagreements sent back
 BATCH = 16  # items per generate call: a cancel waits for at most one batch
 

@@ -1,6 +1,6 @@
 """UI-side proxy to the worker process: submit jobs, follow their events, cancel them.
 
-One worker shared by every browser tab, with two FIFO lanes (webapp.jobs.lane_of): chat turns and
+One worker shared by every browser tab, with two FIFO lanes (webapp.protocol.lane_of): chat turns and
 merges go before, and between the steps of, long jobs. Each job remembers the Gradio session that
 made it, so "Cancel" in one tab only stops that tab's jobs.
 """
@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from webapp import worker
-from webapp.jobs import TERMINAL, lane_of
+from webapp.protocol import TERMINAL, lane_of, spawned_main
 
 # Long jobs (analyses, evaluations, leaderboards, DRIFT, exports) one tab, and all tabs, may have
 # running or waiting at once: one user cannot fill the worker's queue for everybody.
@@ -65,7 +64,7 @@ class WorkerClient:
             self._control = self._ctx.Queue()
             self._ready.clear()
             self.info = {"state": "starting", "message": "starting…"}
-            self._proc = self._ctx.Process(target=worker.main, name="merge-lab-worker", daemon=True,
+            self._proc = self._ctx.Process(target=spawned_main, name="merge-lab-worker", daemon=True,
                                            args=(self._requests, self._events, self._control, self.config))
             self._proc.start()
             gen, proc, events = self._generation, self._proc, self._events

@@ -15,7 +15,7 @@ import gradio as gr
 from merging.compat import check_triple
 from merging.errors import LabError
 from webapp import presets
-from webapp.lab import Lab
+from webapp.ui.lab import Lab
 
 _reports: dict[tuple, object] = {}
 ROLE_SPLIT = re.compile(r"; (?=(?:vlm|reasoner|base): )")  # one problem per model in a joined LabError

@@ -1,5 +1,5 @@
 """The lab's state on the page: a link's query string (or a walkthrough step) applied to the
-controls, and the address bar kept in step with them (UI side; the format: webapp.url_state)."""
+controls, and the address bar kept in step with them (UI side; the format: webapp.ui.url_state)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from webapp import models_panel, presets, url_state
-from webapp.lab import Lab
-from webapp.merge_panel import MergePanel
-from webapp.models_panel import ModelsPanel
-from webapp.walkthrough import STEPS
+from webapp import presets
+from webapp.ui import models_panel, url_state
+from webapp.ui.lab import Lab
+from webapp.ui.merge_panel import MergePanel
+from webapp.ui.models_panel import ModelsPanel
+from webapp.ui.walkthrough import STEPS
 
 
 @dataclass

@@ -22,7 +22,7 @@ from merging.inplace import InPlaceMerger, merge_key
 from merging.loading import load_model, serving_dtype
 from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
-from webapp.jobs import Cancelled
+from webapp.protocol import Cancelled
 
 SNAPSHOTS = 4  # merged states kept at most (the plan may allow fewer)
 

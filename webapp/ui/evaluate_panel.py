@@ -1,6 +1,6 @@
 """The "Evaluate" panel: the original VLM and this tab's merge (or DRIFT result) scored side by side on
 the bundled suites, or on the user's own eval set (a JSONL with its images, or a zip), in the worker
-(UI side). An uploaded set is gathered and checked here (webapp.eval_upload, analysis.eval_file), so
+(UI side). An uploaded set is gathered and checked here (webapp.ui.eval_upload, analysis.eval_file), so
 a bad line is named before the worker queue is joined; the worker reads it again before scoring.
 """
 
@@ -15,12 +15,12 @@ from analysis.eval_file import check_items
 from analysis.evaluate import SUITES
 from merging.errors import LabError
 from merging.layout import ROLES
-from webapp import cancel_button, eval_upload
-from webapp.chat_panel import variant_label
-from webapp.evaluate_jobs import MAX_LIMIT
-from webapp.jobs import triple_of
-from webapp.lab import Lab, follow_status, session_of
-from webapp.models_panel import ModelsPanel
+from webapp.protocol import EVAL_MAX_LIMIT as MAX_LIMIT
+from webapp.protocol import triple_of
+from webapp.ui import cancel_button, eval_upload
+from webapp.ui.chat_panel import variant_label
+from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.models_panel import ModelsPanel
 
 DEFAULT_LIMIT = 20
 ABOUT = ("Score **the original VLM** and **this tab's merge** on the same items: the bundled toy suites, or "

@@ -16,12 +16,12 @@ import gradio as gr
 from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
-from webapp import cancel_button, recipes
-from webapp.export_zip import zip_for_download
-from webapp.jobs import recipe_key
-from webapp.lab import Lab, follow_status, session_of
-from webapp.models_panel import ModelsPanel, check
-from webapp.recipe_paths import portable_yaml
+from webapp.protocol import recipe_key
+from webapp.ui import cancel_button, recipes
+from webapp.ui.export_zip import zip_for_download
+from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.models_panel import ModelsPanel, check
+from webapp.ui.recipe_paths import portable_yaml
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The worker process: owns the device, keeps the model loaded, runs jobs one at a time in two lanes.
 
-Started by webapp.client with the multiprocessing "spawn" context. A thread reads requests from
-`requests` into the lanes (webapp.jobs.lane_of); it answers with events on `events` (see
-webapp.jobs), and reads job ids to cancel from `control`; the cancel flag is checked between
+Started by webapp.ui.client with the multiprocessing "spawn" context. A thread reads requests from
+`requests` into the lanes (webapp.protocol.lane_of); it answers with events on `events` (see
+webapp.protocol), and reads job ids to cancel from `control`; the cancel flag is checked between
 tensors (merges), tokens (chat), steps (analyses) and batches (evaluations, the leaderboard).
 
 Chat never waits for a long job to end: at each progress step of a long job that does not change
@@ -35,11 +35,11 @@ from merging.hub import resolve
 from merging.inplace import PARTIAL
 from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
-from webapp.chat import stream_answer
-from webapp.evaluate_jobs import run_evaluate
-from webapp.jobs import Cancelled, DriftRun, lane_of, recipe_key, triple_of
-from webapp.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
+from webapp.protocol import Cancelled, DriftRun, lane_of, recipe_key, triple_of
 from webapp.safety import limit_pil, open_image
+from webapp.worker.chat import stream_answer
+from webapp.worker.evaluate_jobs import run_evaluate
+from webapp.worker.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
 
 
 class CancelFlag:
@@ -352,9 +352,9 @@ def chat(ctx: JobContext, args: dict) -> dict:
 
 @job("analysis")
 def analysis(ctx: JobContext, args: dict) -> dict:
-    # The UI process imports this module too (webapp.client), and a worker may only merge and chat.
+    # The UI process imports this module too (webapp.ui.client), and a worker may only merge and chat.
     # lazy: analysis.runner imports plotly's figures, 0.22 s after torch (python -X importtime).
-    from webapp.analysis_jobs import run_analysis
+    from webapp.worker.analysis_jobs import run_analysis
 
     return run_analysis(ctx, args)
 
@@ -367,7 +367,7 @@ def evaluate(ctx: JobContext, args: dict) -> dict:
 @job("leaderboard")
 def leaderboard(ctx: JobContext, args: dict) -> dict:
     # lazy: analysis.leaderboard draws with plotly, 0.22 s after torch (python -X importtime).
-    from webapp.leaderboard_jobs import run_leaderboard
+    from webapp.worker.leaderboard_jobs import run_leaderboard
 
     return run_leaderboard(ctx, args)
 

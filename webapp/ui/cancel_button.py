@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webapp.lab import Lab, session_of
+from webapp.ui.lab import Lab, session_of
 
 CANCELLING = "■ Cancelling…"
 NOTHING = "Nothing is running."

@@ -16,11 +16,12 @@ from analysis import leaderboard
 from analysis.evaluate import SUITES
 from merging import methods
 from merging.errors import LabError
-from webapp import cancel_button, presets, url_state
-from webapp.lab import Lab, follow_status, session_of
-from webapp.leaderboard_jobs import LIMITS
-from webapp.merge_panel import MergePanel
-from webapp.models_panel import ModelsPanel
+from webapp import presets
+from webapp.protocol import LEADERBOARD_LIMITS as LIMITS
+from webapp.ui import cancel_button, url_state
+from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.merge_panel import MergePanel
+from webapp.ui.models_panel import ModelsPanel
 
 ABOUT = ("Every merge method on the bundled toy family: its defaults, and its best knobs from a small grid "
          "chosen on a **dev split** (disjoint from the eval suites), both scored on the held-out suites. "

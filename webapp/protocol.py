@@ -16,6 +16,7 @@ Event:   (job_id, type, payload) with type one of
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +29,19 @@ if TYPE_CHECKING:  # the annotation only: jobs stays free of torch for the UI pr
     from merging.drift import DriftResult
 
 TERMINAL = ("result", "error", "cancelled")
+# The module the spawned worker process runs. Named, not imported: the UI process never loads the
+# worker's code (nor torch through it); the child imports it after the spawn.
+WORKER_MAIN = "webapp.worker.process"
+
+# Bounds of the long jobs' arguments, checked by the panel before sending and by the worker on receipt.
+EVAL_MAX_LIMIT = 300  # items per bundled suite (each has 300)
+LEADERBOARD_LIMITS = {"limit": (1, 300, 30), "dev_items": (1, 200, 20), "grid_size": (0, 12, 2)}
+
+
+def spawned_main(*args) -> None:
+    """The worker process's entry point as the UI's spawn context sees it (picklable, top level)."""
+    importlib.import_module(WORKER_MAIN).main(*args)
+
 CHAT_LANE = ("ping", "plan", "merge", "chat")  # what a person waits on while typing: never behind a long job
 
 

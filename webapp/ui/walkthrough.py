@@ -11,7 +11,7 @@ import gradio as gr
 @dataclass(frozen=True)
 class Step:
     title: str
-    query: dict  # the state, as a link's query parameters (webapp.url_state); the toy family throughout
+    query: dict  # the state, as a link's query parameters (webapp.ui.url_state); the toy family throughout
     text: str
 
 

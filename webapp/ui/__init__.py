@@ -1,0 +1,1 @@
+"""The UI process: the Gradio page, its panels, and the client of the worker."""

@@ -1,0 +1,1 @@
+"""The worker process: owns the device and the loaded models, runs every job."""
