@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from merging.errors import LabError
-from merging.interrupts import CAUGHT, discard_unfinished
+from merging.errors import LabError, printable
+from merging.interrupts import CAUGHT, NOTED, discard_unfinished
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,17 +50,20 @@ def count(text: str) -> int:
 
 def run(command: Callable[[], int], out_dir: str | None = None) -> int:
     """Run one command with the lab's exit-code contract (see the module docstring)."""
-    interrupted: list[int] = []
+    interrupted = NOTED
+    interrupted.clear()
 
     def on_signal(signum, frame):
         # Remember it: a signal that lands inside native code (torch, the safetensors reader)
-        # can come back as another exception type; it is still an interrupt, not a bug.
+        # can come back as another exception type, or be swallowed where Python ignores exceptions
+        # (a finalizer); it is still an interrupt, and the commit of an output checks NOTED.
         interrupted.append(signum)
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in CAUGHT}
     try:
-        return command()
+        code = command()
+        return _interrupted(out_dir, interrupted) if interrupted else code
     except KeyboardInterrupt:
         return _interrupted(out_dir, interrupted)
     except Exception as e:
@@ -71,7 +74,7 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
             return 2
         if isinstance(e, OSError):  # a path the system refuses (too long, unreadable...): bad input
             where = f" ({e.filename})" if e.filename else ""
-            print(f"error: {e.strerror or e}{where}"[:500], file=sys.stderr)
+            print(f"error: {printable(f'{e.strerror or e}{where}')}"[:500], file=sys.stderr)
             return 2
         raise
     finally:

@@ -18,6 +18,11 @@ from pathlib import Path
 # by default would end the process with its temp folder (model-sized) left behind.
 CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
+# The signals the running command has received (merging.cli.run appends to it). Its KeyboardInterrupt
+# can be lost where Python ignores exceptions (a finalizer running when the signal lands), so an
+# output is put in place only while this is empty.
+NOTED: list[int] = []
+
 # No lock: set.add and set.discard are atomic, and a lock held when a signal lands may never be released.
 _unfinished: set[Path] = set()
 

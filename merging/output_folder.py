@@ -181,6 +181,9 @@ class AtomicFolder:
             if exc_type is not None:
                 self._discard()
                 return False
+            if interrupts.NOTED:  # an interrupt whose exception was swallowed on the way: never commit after it
+                self._discard()
+                raise KeyboardInterrupt
             self._commit()
         return False
 

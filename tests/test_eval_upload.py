@@ -32,8 +32,8 @@ def uploads(tmp_path) -> Path:
 
 def as_uploads(uploads: Path, files: dict[str, bytes]) -> list[str]:
     """Each file in its own random folder, as Gradio keeps uploads."""
-    out = []
-    for i, (name, data) in enumerate(files.items()):
+    out, start = [], len(list(uploads.glob("u*")))
+    for i, (name, data) in enumerate(files.items(), start):
         (uploads / f"u{i}").mkdir()
         (uploads / f"u{i}" / name).write_bytes(data)
         out.append(str(uploads / f"u{i}" / name))
@@ -72,7 +72,7 @@ def test_a_zip_keeps_its_folders(uploads, tmp_path):
     assert len(read_items(es.jsonl, name=es.name)) == 3
 
 
-def zip_with(tmp_path, name: str, data: bytes = b"x", link: bool = False) -> bytes:
+def zip_with(tmp_path, name: str, data: bytes = b"x", link: bool = False, encrypted: bool = False) -> bytes:
     z = tmp_path / "bad.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("items.jsonl", jsonl(rows(1)))
@@ -80,7 +80,20 @@ def zip_with(tmp_path, name: str, data: bytes = b"x", link: bool = False) -> byt
         if link:
             info.external_attr = (stat.S_IFLNK | 0o777) << 16
         zf.writestr(info, data)
-    return z.read_bytes()
+    return flag_encrypted(z.read_bytes(), name) if encrypted else z.read_bytes()
+
+
+def flag_encrypted(raw: bytes, name: str) -> bytes:
+    """The archive with `name` flagged as password-protected, as an encrypting zip tool writes it (bit 0 of
+    the flags in its central-directory entry and its local header; zipfile itself cannot write that)."""
+    out, at = bytearray(raw), raw.find(b"PK\x01\x02")
+    while at >= 0:
+        n = int.from_bytes(raw[at + 28:at + 30], "little")
+        if raw[at + 46:at + 46 + n] == name.encode():
+            out[at + 8] |= 1
+            out[int.from_bytes(raw[at + 42:at + 46], "little") + 6] |= 1
+        at = raw.find(b"PK\x01\x02", at + 4)
+    return bytes(out)
 
 
 @pytest.mark.parametrize("member, link, why", [
@@ -95,6 +108,26 @@ def test_bad_zip_members_are_refused_and_nothing_is_left(uploads, tmp_path, memb
         stage(paths, [uploads], uploads)
     assert str(e.value) == why
     assert not list(uploads.glob("eval-set-*")) and not (tmp_path / "escape.png").exists()
+
+
+def test_an_encrypted_or_absurdly_deep_member_is_refused_in_one_line(uploads, tmp_path):
+    """zipfile raises RuntimeError for a password-protected member, and a 2000-deep path fails in mkdir with a
+    4000-character name: both become one short line, and nothing is left."""
+    secret = as_uploads(uploads, {"set.zip": zip_with(tmp_path, "images/a.png", encrypted=True)})
+    with pytest.raises(LabError, match=r"^zip refused: images/a.png is encrypted; zip the set without a password$"):
+        stage(secret, [uploads], uploads)
+    deep = "/".join(["d"] * 2000) + "/a.png"
+    paths = as_uploads(uploads, {"deep.zip": zip_with(tmp_path, deep)})
+    with pytest.raises(LabError) as e:
+        stage(paths, [uploads], uploads)
+    msg = str(e.value)
+    assert msg.startswith("zip refused: d/d/") and msg.endswith("is 2000 folders deep; at most 16"), msg
+    assert len(msg) < 200 and "\n" not in msg
+    wide = "x" * 300 + ".png"
+    paths = as_uploads(uploads, {"wide.zip": zip_with(tmp_path, wide)})
+    with pytest.raises(LabError, match=r"is a path of 304 characters; at most 255$"):
+        stage(paths, [uploads], uploads)
+    assert not list(uploads.glob("eval-set-*"))
 
 
 def test_caps_and_refusals(uploads, tmp_path, monkeypatch):

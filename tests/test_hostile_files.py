@@ -24,6 +24,7 @@ from merging.checkpoint import Checkpoint
 from merging.errors import LabError
 from merging.writer import SIDE_FILE_MAX
 from tests.factories import make_tiny_triple, reshard
+from tests.output_checks import cli, one_line
 from tests.paths import ENV, ROOT
 
 SECRET = b"S3CR3T!!"  # the first 8 bytes of an outside file: read as a header length they are this number
@@ -40,10 +41,15 @@ def _copy(triple, role, dst: Path) -> Path:
     return dst
 
 
-def _cli(cmd: str, triple, tmp_path, reasoner=None, vlm=None, out=None, timeout=90):
+def _recipe(triple, tmp_path, reasoner=None, vlm=None) -> Path:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"vlm: {vlm or triple['vlm']}\nreasoner: {reasoner or triple['reasoner']}\n"
                       f"base: {triple['base']}\nmethod: task_arithmetic\nparameters: {{alpha: 0.5}}\n")
+    return recipe
+
+
+def _cli(cmd: str, triple, tmp_path, reasoner=None, vlm=None, out=None, timeout=90):
+    recipe = _recipe(triple, tmp_path, reasoner, vlm)
     args = [sys.executable, "-m", "merging", cmd, str(recipe)] + ([str(out), "--no-progress"] if out else [])
     r = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     return r, r.stderr.strip().splitlines()
@@ -248,3 +254,19 @@ def test_the_apps_check_refuses_a_fifo_and_keeps_serving(toy_dir, tmp_path):
     finally:
         stop_app(proc)
 
+
+
+def test_a_nul_in_an_index_shard_name_is_never_printed_raw(triple, tmp_path):
+    """A shard name holding a NUL (and an escape sequence) in the index: the one-line error writes them as
+    escapes; no raw control byte reaches the terminal."""
+    bad = _copy(triple, "reasoner", tmp_path / "bad")
+    reshard(bad, 2)
+    index = bad / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "model-0000\u00001-of\u001b[31m.safetensors"
+    index.write_text(json.dumps(data))
+    r = cli("check", _recipe(triple, tmp_path, bad))
+    line = one_line(r, 2, "reasoner: ", "names a missing shard: model-0000\\x001-of\\x1b[31m.safetensors")
+    assert not any(ord(c) < 32 for c in r.stderr.replace("\n", "")), repr(r.stderr)
+    assert "\\x00" in line

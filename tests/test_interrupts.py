@@ -258,3 +258,57 @@ def test_deferred_signals_wait_for_the_block_then_act():
         time.sleep(0.05)
         reached.append("the block finished")
     assert reached == ["the block finished"]
+
+
+def test_an_interrupt_whose_exception_was_swallowed_still_stops_the_commit(tmp_path):
+    """A signal's KeyboardInterrupt can be lost on its way (Python ignores exceptions raised in a
+    finalizer; a library may catch BaseException): the command then runs on. The output must still not
+    appear, and the exit says interrupted, as when the exception arrives."""
+    from merging.cli import run
+    from merging.output_folder import AtomicFolder
+
+    out = tmp_path / "out"
+
+    def command() -> int:
+        try:  # stands for the finalizer that was running when the signal landed
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:
+            pass
+        with AtomicFolder(out) as tmp:
+            (tmp / "weights").write_text("complete, but after an interrupt")
+        return 0
+
+    assert run(command, str(out)) == 128 + signal.SIGTERM
+    assert not out.exists() and not leftovers(out)
+
+    def check_only() -> int:  # no output: the swallowed interrupt still decides the exit code
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:
+            pass
+        return 0
+
+    assert run(check_only) == 128 + signal.SIGINT
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_sigterm_during_start_up_is_never_lost(syn, tmp_path, delay):
+    """SIGTERM while the command is still importing, opening the models or merging: it ends the process
+    (by the default action before the handlers are in, as 143 after), never a silent exit 0; an output
+    exists only when it was complete before the signal, and no temp folder is left."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "merging", "merge", str(syn), str(out), "--no-progress"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    finished_first = p.poll() is not None  # a machine fast enough to finish first: nothing to interrupt
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    if finished_first:
+        assert p.returncode == 0 and (out / MARKER).is_file(), err[-3000:]
+        return
+    assert p.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), (p.returncode, err[-3000:])
+    assert "Traceback" not in err and leftovers(out) == []
+    if out.exists():
+        assert err.strip().endswith(f"the output {out} was already complete"), err[-3000:]

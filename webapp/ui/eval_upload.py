@@ -20,11 +20,14 @@ from pathlib import Path, PurePosixPath
 
 from analysis.eval_file import MAX_FILE_BYTES, MAX_IMAGE_BYTES, MAX_ITEMS
 from merging.errors import LabError
+from merging.hub import shown as shown_name
 from webapp.safety import uploaded
 
 MAX_MEMBERS = MAX_ITEMS + 100
 MAX_UNPACKED = 256 * 2**20  # one upload, unpacked
 MAX_STAGED = 1024 * 2**20  # every set staged on this server at once (all sessions)
+MAX_DEPTH = 16  # folders in a member's path: an eval set needs one or two; the file system's limit is far off
+MAX_NAME = 255  # characters in a member's path, as messages would echo it
 PREFIX = "eval-set-"
 
 
@@ -41,8 +44,14 @@ def _is_jsonl(name: str) -> bool:
 
 def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
     """The member's name inside the folder; None for a folder entry; LabError when it may not be written."""
-    name = info.filename.replace("\\", "/")
-    p = PurePosixPath(name)
+    name = shown_name(info.filename.replace("\\", "/"), 80)
+    p = PurePosixPath(info.filename.replace("\\", "/"))
+    if len(p.parts) > MAX_DEPTH + 1:
+        raise LabError(f"zip refused: {name} is {len(p.parts) - 1} folders deep; at most {MAX_DEPTH}")
+    if len(info.filename) > MAX_NAME:
+        raise LabError(f"zip refused: {name} is a path of {len(info.filename):,} characters; at most {MAX_NAME}")
+    if info.flag_bits & 0x1:  # zipfile would raise RuntimeError asking for a password
+        raise LabError(f"zip refused: {name} is encrypted; zip the set without a password")
     if stat.S_ISLNK(info.external_attr >> 16):
         raise LabError(f"zip refused: {name} is a link")
     if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
@@ -75,7 +84,8 @@ def _unzip(zpath: str, folder: Path, shown: str) -> EvalSet:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, 2**20)
-            except (OSError, zipfile.BadZipFile, NotImplementedError) as e:  # a name clash, a bad CRC, a method
+            except (OSError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:  # a name clash, a bad CRC,
+                # a compression method or an encryption zipfile cannot read
                 raise LabError(f"zip refused: {p} could not be unpacked ({type(e).__name__})") from None
     return EvalSet(folder.joinpath(*jsonls[0].parts), False, str(jsonls[0]))
 
