@@ -99,8 +99,10 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
         demo.queue(default_concurrency_limit=16)
         auth = tuple(args.auth.split(":", 1)) if args.auth else None
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below: stop the worker
+        # show_error off: every message of the lab reaches the page through a status line, so an
+        # exception that reaches Gradio is Gradio's own refusal, which would name the server's folders.
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                    theme=theme(), css=CSS, show_error=True, footer_links=[], max_file_size=UPLOAD_LIMIT,
+                    theme=theme(), css=CSS, show_error=False, footer_links=[], max_file_size=UPLOAD_LIMIT,
                     **file_access(cache_dir))
     finally:
         client.close()

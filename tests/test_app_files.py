@@ -156,10 +156,11 @@ def _chat_args(message: dict) -> list:
 
 
 def _refused(event, payload, secret_path: Path) -> None:
-    """The call failed, or answered with a refusal; the file is neither echoed nor served."""
+    """The call failed without a word of Gradio's own (its refusals name the server's folders), or answered
+    with the lab's refusal; the file is neither echoed nor served."""
     text = json.dumps(payload)
     if event == "error":
-        assert "not uploaded by a user" in text or "was not uploaded to this app" in text, text
+        assert payload is None or not (payload.get("error") if isinstance(payload, dict) else payload), text
     else:
         assert "✗ file refused" in text, text
     assert f"file={secret_path}" not in text and '"path": "' + str(secret_path) not in text, text
@@ -190,6 +191,19 @@ def test_chat_reads_only_this_servers_uploads(lab, upload_dir, tmp_path):
     _each_planted_file_is_refused(lab, upload_dir, tmp_path, "chat",
                                   lambda path: _chat_args({"text": "how many ?", "files": [file_data(path)]}))
     assert upload_dir.name.startswith("merge-lab-uploads-"), upload_dir  # private, not the shared /tmp/gradio
+
+
+def test_refusals_never_name_the_servers_folders(lab, upload_dir):
+    """Gradio's own refusals would name the working directory, the temp folder (a relative path is resolved
+    against the working directory) and the blocked cache folders; the app shows none of them."""
+    blocked = lab["cache"] / "exports" / "x.zip"
+    for path in ("secret.png", "../secret.png", str(blocked)):
+        event, payload = raw_call(lab["url"], "chat", _chat_args({"text": "how many ?",
+                                                                  "files": [file_data(Path(path))]}))
+        text = json.dumps(payload)
+        for folder in (str(ROOT), str(lab["cache"]), tempfile.gettempdir() + "/", str(upload_dir)):
+            assert folder not in text, (path, folder, text)
+        _refused(event, payload, Path(path))
 
 
 def test_attention_reads_only_this_servers_uploads(lab, client, upload_dir, toy_dir, tmp_path):
