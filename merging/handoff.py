@@ -203,8 +203,7 @@ def mergekit_section(recipe, knobs: dict) -> list[str]:
     """The model card's mergekit section: the config block, or why there is none."""
     config = mergekit_config(recipe, knobs)
     if config is None:
-        why = ("the BR2V reference semantics (br2v: 1) are not mergekit's" if int(knobs.get("br2v", 0))
-               else f"`{recipe.method}` has no mergekit merge method")
+        why = methods.get(recipe.method).mergekit_gap(knobs)
         return ["## mergekit", "", f"No mergekit equivalent: {why}. The lab's recipe is in `recipe.yaml`."]
     kept = "vision tower, projector and embeddings" if recipe.embeddings == "keep_vlm" else "vision tower and projector"
     lines = ["## mergekit", "",

@@ -161,6 +161,14 @@ def _check_value(method_name: str, spec, value, where: str) -> None:
             raise LabError(f"{where} = {v} is out of range; allowed {spec.lo} to {spec.hi}")
 
 
+def _choice_index(spec, name: str, where: str) -> int:
+    """A rule knob written by name (`rescale: l1`) as the number the knob holds."""
+    if name not in spec.choices:
+        raise LabError(f"{where} must be one of {', '.join(spec.choices)} (or 0 to {len(spec.choices) - 1}), "
+                       f"got {_show(name)}")
+    return spec.choices.index(name)
+
+
 def _seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise LabError(f"'seed' must be a whole number from 0 to 2**63-1, got {_show(seed)}")
@@ -200,6 +208,8 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     for k, v in params.items():
         if k in allowed and isinstance(v, bool) and allowed[k].integer and (allowed[k].lo, allowed[k].hi) == (0, 1):
             params[k] = v = int(v)  # on/off knobs (normalize, use_prior) may be written true/false
+        if k in allowed and isinstance(v, str) and allowed[k].choices:
+            params[k] = v = _choice_index(allowed[k], v, f"parameter {k!r}")
         if k not in allowed:
             raise LabError(f"unknown parameter {k!r} for method {method.name!r}; allowed: {', '.join(allowed) or 'none'}")
         _check_value(method.name, allowed[k], v, f"parameter {k!r}")

@@ -101,6 +101,15 @@ def test_dare_and_linear_blocks():
     rec = recipe_mod.from_dict({"vlm": "v", "reasoner": "r", "base": "b", "method": "dare_linear"})
     block = handoff.mergekit_config(rec, rec.knobs())
     assert block["parameters"] == {"normalize": False, "lambda": 1.0, "rescale": True}
+    # mergekit's `rescale` is the L1 one: off is `rescale: false`; the paper's 1/density has no block
+    for name, want in (("none", False), (2, False)):
+        rec = recipe_mod.from_dict({"vlm": "v", "reasoner": "r", "base": "b", "method": "dare_ties",
+                                    "parameters": {"rescale": name}})
+        assert handoff.mergekit_config(rec, rec.knobs())["parameters"]["rescale"] is want
+    rec = recipe_mod.from_dict({"vlm": "v", "reasoner": "r", "base": "b", "method": "dare_ties",
+                                "parameters": {"rescale": "inverse_density"}})
+    assert rec.parameters == {"rescale": 1} and handoff.mergekit_config(rec, rec.knobs()) is None
+    assert "rescale: inverse_density" in "\n".join(handoff.mergekit_section(rec, rec.knobs()))
     rec = recipe_mod.from_dict({"vlm": "v", "reasoner": "r", "method": "linear", "parameters": {"alpha": 0.25}})
     block = handoff.mergekit_config(rec, rec.knobs())
     assert block == {"merge_method": "linear", "models": [{"model": "v", "parameters": {"weight": 0.75}},

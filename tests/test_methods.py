@@ -30,8 +30,19 @@ def run(name, v, r, b, layer=1, ctx=None, **knobs):
 
 
 # --- mergekit's generalized task arithmetic, written loop-free on stacked tensors -----------------
-def ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus, masks=None):
-    """Reference: mergekit generalized_task_arithmetic (sparsify -> weight -> consensus -> normalize)."""
+def ref_l1_rescale(tensor, mask, eps=1e-7):
+    """mergekit's sparsify.rescaled_masked_tensor with norm l1 (what `rescale: true` does today),
+    transcribed: mask, then scale so the L1 norm is the unmasked tensor's (unless either is ~0)."""
+    masked = tensor * mask
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus, masks=None, rescale="l1"):
+    """Reference: mergekit generalized_task_arithmetic (sparsify -> weight -> consensus -> normalize);
+    DARE (masks given) rescaled as mergekit does (l1) or as the DARE paper does (inverse_density)."""
     deltas = torch.stack([v - b, r - b])
     if masks is None:  # magnitude: top int(density*numel) by |value|, per model, no rescale
         k = int(density * v.numel())
@@ -39,7 +50,9 @@ def ref_gta(v, r, b, w_v, w_r, density, lam, normalize, consensus, masks=None):
         order = torch.argsort(flat, dim=1, descending=True)
         keep = torch.zeros_like(flat).scatter_(1, order[:, :k], 1.0)
         deltas = deltas * keep.view_as(deltas)
-    else:  # DARE with given keep-masks, rescaled
+    elif rescale == "l1":  # DARE with given keep-masks, each task vector keeping its L1 norm
+        deltas = torch.stack([ref_l1_rescale(d, m) for d, m in zip(deltas, masks)])
+    else:  # DARE with given keep-masks, survivors divided by density
         deltas = deltas * masks / density
     weights = torch.tensor([w_v, w_r]).view(2, *([1] * v.dim()))
     wd = deltas * weights
@@ -75,17 +88,49 @@ def test_ties_equals_mergekit_semantics(w_v, w_r, density, lam, normalize):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,consensus,normalize", [("dare_ties", True, 1), ("dare_linear", False, 0),
-                                                      ("dare_linear", False, 1)])
-def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, consensus, normalize):
+def fixed_dare_masks(monkeypatch, keep):
+    """Make DARE draw these keep-masks, in order (the VLM's, then the reasoner's)."""
+    draws, real = iter(keep), torch.rand
+
+    def fake_rand(shape, generator=None, device=None):
+        return torch.where(next(draws), 0.0, 1.0) if generator is not None else real(shape)
+
+    monkeypatch.setattr(gta_mod.torch, "rand", fake_rand)
+
+
+@pytest.mark.parametrize("name,consensus,normalize", [("dare_ties", True, 1), ("dare_ties", True, 0),
+                                                      ("dare_linear", False, 0), ("dare_linear", False, 1)])
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density"])
+def test_dare_with_fixed_masks_equals_mergekit_semantics(monkeypatch, name, consensus, normalize, rescale):
+    """Our DARE against the transcription of mergekit's sparsify + GTA above, both on the same masks:
+    the default rescale is mergekit's L1; `rescale: inverse_density` is the paper's 1/density."""
     v, r, b = triple()
-    g = torch.Generator().manual_seed(7)
-    masks = (torch.rand((2, *v.shape), generator=g) < 0.4).float()
-    it = iter(masks)
-    monkeypatch.setattr(gta_mod, "bernoulli", lambda tau, density, gen: tau * next(it) / density)
-    got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, lam=0.9)
-    want = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=masks)
+    keep = torch.rand((2, *v.shape), generator=torch.Generator().manual_seed(7)) < 0.4
+    fixed_dare_masks(monkeypatch, keep)
+    knobs = {} if rescale == "l1" else {"rescale": 1}
+    got = run(name, v, r, b, weight_vlm=0.8, alpha=1.2, density=0.4, normalize=normalize, lam=0.9, **knobs)
+    monkeypatch.undo()
+    want = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=keep.float(), rescale=rescale)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    other = ref_gta(v, r, b, 0.8, 1.2, 0.4, 0.9, normalize, consensus, masks=keep.float(),
+                    rescale="inverse_density" if rescale == "l1" else "l1")
+    assert (got - other).abs().max() > 1e-4  # the two rescales differ on these masks
+
+
+def test_dare_l1_rescale_keeps_each_task_vectors_l1_norm():
+    """Mask-independent: with the reasoner at weight 0, dare_linear's update is the VLM's sparsified
+    task vector, whose L1 norm is the whole task vector's (mergekit); 1/density only on average."""
+    v, r, b = triple((96, 64), seed=4)
+    for seed in (0, 1, 2):
+        ctx = MergeContext(seed=seed, num_layers=L)
+        out = run("dare_linear", v, r, b, ctx=ctx, weight_vlm=1.0, alpha=0.0, density=0.3).double() - b.double()
+        assert float((out != 0).double().mean()) == pytest.approx(0.3, abs=0.02)
+        assert float(out.abs().sum()) == pytest.approx(float((v - b).double().abs().sum()), rel=1e-5)
+    paper = run("dare_linear", v, r, b, weight_vlm=1.0, alpha=0.0, density=0.3, rescale=1).double() - b.double()
+    assert float(paper.abs().sum()) != pytest.approx(float((v - b).double().abs().sum()), rel=1e-4)
+    none = run("dare_linear", v, r, b, weight_vlm=1.0, alpha=0.0, density=0.3, rescale=2).double() - b.double()
+    kept = none != 0
+    torch.testing.assert_close(none[kept], (v - b).double()[kept], rtol=0, atol=1e-6)  # survivors as they were
 
 
 def test_defaults_follow_mergekit_for_shared_names():
@@ -127,13 +172,7 @@ def test_ties_br2v_semantics():
 def test_dare_br2v_semantics(monkeypatch, name, consensus):
     v, r, b = triple()
     keep = (torch.rand((2, *v.shape), generator=torch.Generator().manual_seed(3)) < 0.2)
-    draws = iter(keep)
-    real = torch.rand
-
-    def fake_rand(shape, generator=None, device=None):  # the masks DARE draws, in order (VLM, reasoner)
-        return torch.where(next(draws), 0.0, 1.0) if generator is not None else real(shape)
-
-    monkeypatch.setattr(gta_mod.torch, "rand", fake_rand)
+    fixed_dare_masks(monkeypatch, keep)
     got = run(name, v, r, b, weight_vlm=1.6, alpha=0.2, density=0.2, br2v=1)
     monkeypatch.undo()
     torch.testing.assert_close(got, ref_br2v(v, r, b, 1.6, 0.2, consensus, keep.float()), rtol=0, atol=1e-6)
@@ -141,7 +180,7 @@ def test_dare_br2v_semantics(monkeypatch, name, consensus):
 
 def test_dare_statistics_and_seeding():
     tau = torch.ones(400, 400)
-    out = gta_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"))
+    out = gta_mod.bernoulli(tau, 0.3, MergeContext(seed=1).generator("x", "cpu"), "inverse_density")
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01  # drop rate 1 - density
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.3))  # survivors rescaled
@@ -300,3 +339,16 @@ def test_ties_lambda_is_read_as_lam_and_both_names_refused(tmp_path):
     assert old.parameters == {"lam": 0.7} == from_dict({**d, "parameters": {"lam": 0.7}}).parameters
     with pytest.raises(LabError, match="'lam' given twice.*'lambda'"):
         from_dict({**d, "parameters": {"lambda": 0.7, "lam": 0.5}})
+
+
+def test_rule_knobs_take_their_names_in_recipes():
+    from merging.recipe import from_dict
+
+    base = {"vlm": "a", "reasoner": "b", "base": "c", "method": "dare_linear"}
+    for name, number in (("l1", 0), ("inverse_density", 1), ("none", 2)):
+        assert from_dict({**base, "parameters": {"rescale": name}}).parameters == {"rescale": number}
+    assert from_dict({**base, "parameters": {"rescale": 1}}).parameters == {"rescale": 1}
+    with pytest.raises(LabError, match=r"^parameter 'rescale' must be one of l1, inverse_density, none .*'l2'"):
+        from_dict({**base, "parameters": {"rescale": "l2"}})
+    with pytest.raises(LabError, match="unknown parameter 'rescale'"):
+        from_dict({**base, "method": "ties", "parameters": {"rescale": "l1"}})  # TIES does not rescale

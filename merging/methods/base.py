@@ -28,12 +28,21 @@ class Param:
     kind: type = float
     per_layer: bool = True  # may be given as a per-layer list / gradient
     aliases: tuple[str, ...] = ()  # old names still accepted in recipes (mapped to `name`)
+    # An int knob that picks one of a few rules: the rules' names, value 0 first. Recipes may
+    # write the name (`rescale: l1`); the knob still holds the number.
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"knob {self.name!r}: kind must be one of float, int, bool")
         if self.kind is bool and (self.lo, self.hi) != (0, 1):
             raise ValueError(f"knob {self.name!r}: a bool knob ranges over 0..1")
+        if self.choices and (self.kind is not int or (self.lo, self.hi) != (0, len(self.choices) - 1)):
+            raise ValueError(f"knob {self.name!r}: a knob with named choices is an int from 0 to their count - 1")
+
+    def choice(self, value) -> str:
+        """The name of a choice knob's value (e.g. "l1" for rescale 0)."""
+        return self.choices[int(round(float(value)))]
 
     @property
     def integer(self) -> bool:
@@ -175,6 +184,10 @@ class MergeMethod:
         """The recipe as a mergekit config of the same semantics (merge_method, models with their
         parameters, parameters), for the model card; None where mergekit has no such method."""
         return None
+
+    def mergekit_gap(self, knobs: dict) -> str:
+        """Why to_mergekit gave None for these knobs (the model card says it)."""
+        return f"`{self.name}` has no mergekit merge method"
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError

@@ -4,7 +4,9 @@
 Models: the VLM-LM (weight `weight_vlm`) and the reasoner (weight `alpha`) over the base.
 1. task vectors tau_i = W_i - W_0, each sparsified with `density`
    (magnitude, ties: keep the top int(density * numel) entries by |value|, no rescale;
-    bernoulli, dare: keep-mask with p = density, survivors divided by density);
+    bernoulli, dare: keep-mask with p = density, then `rescale`: l1 (default, mergekit's
+    `rescale: true`) multiplies the survivors by ||tau_i||_1 / ||kept||_1 so the task vector keeps
+    its L1 norm; inverse_density (the DARE paper) divides them by density; none leaves them);
 2. weighted deltas d_i = w_i tau_i;
 3. consensus (ties, dare_ties): sign = +1 where sum_i d_i >= 0 else -1; m_i = (sign(d_i) == sign);
    merged = sum_i d_i m_i, normalize divides by sum_i w_i m_i;
@@ -18,7 +20,7 @@ Defaults follow mergekit's for the same names: normalize on for ties, off for da
 docs/METHODS.md]: the sign is elected on the *unweighted* sparsified task vectors, the agreeing
 weighted deltas are divided by the *count* of agreeing models (at least 1) rather than their
 weights, DARE's survivors are not rescaled (the reference's rescale discards its result), and
-dare_linear is a plain weighted sum; `normalize` is then ignored.
+dare_linear is a plain weighted sum; `normalize` and `rescale` are then ignored.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ import torch
 from merging.methods import MergeMethod, Param, TensorSet, layer_key, mergekit_value
 
 DIAGNOSTICS = "gta"  # the ctx.extra / merge report key all three methods share
+RESCALES = ("l1", "inverse_density", "none")  # DARE's `rescale` knob, value 0 first
+# mergekit leaves a masked tensor unscaled when either L1 norm is below this (rescaled_masked_tensor)
+L1_EPS = 1e-7
 
 
-def gta_params(alpha: float, normalize: bool) -> tuple[Param, ...]:
+def gta_params(alpha: float, normalize: bool, dare: bool = False) -> tuple[Param, ...]:
+    rescale = (Param("rescale", 0, 0, 2, "DARE's survivors: 0 l1 (mergekit: each task vector keeps its L1 "
+                     "norm), 1 inverse_density (the paper: divide by density), 2 none", kind=int,
+                     per_layer=False, choices=RESCALES),) if dare else ()
     return (
         Param("alpha", alpha, 0.0, 2.0, "weight of the reasoner's task vector"),
         Param("weight_vlm", 1.0, 0.0, 2.0, "weight of the VLM's own task vector"),
@@ -41,7 +49,7 @@ def gta_params(alpha: float, normalize: bool) -> tuple[Param, ...]:
               kind=bool, per_layer=False),
         Param("br2v", 0, 0, 1, "1: the BR2V reference code's semantics (unweighted sign election, divide by "
               "the count of agreeing models, no DARE rescale)", kind=bool, per_layer=False),
-    )
+    ) + rescale
 
 
 def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -62,8 +70,16 @@ def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     return tau.mul_(mask.view(tau.shape))
 
 
-def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """DARE: keep each entry with probability density, rescale survivors by 1/density (in place).
+def l1_norm(t: torch.Tensor) -> float:
+    """||t||_1, summed in float32 at least (a bfloat16 sum would round the rescale factor)."""
+    wide = t.dtype in (torch.float32, torch.float64)
+    return float(torch.linalg.vector_norm(t, ord=1, dtype=None if wide else torch.float32))
+
+
+def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator, rescale: str = "l1") -> torch.Tensor:
+    """DARE: keep each entry with probability density, then rescale the survivors (in place):
+    "l1" so the tensor keeps its L1 norm (mergekit), "inverse_density" by 1/density (the paper),
+    "none" not at all.
 
     The mask is drawn on the CPU from a per-tensor generator so streamed, in-place, CPU and GPU
     merges of the same recipe give the same tensors.
@@ -71,8 +87,16 @@ def bernoulli(tau: torch.Tensor, density: float, gen: torch.Generator, rescale: 
     if density >= 1:
         return tau
     keep = torch.rand(tau.shape, generator=gen, device="cpu") < density
+    before = l1_norm(tau) if rescale == "l1" else 0.0
     tau.mul_(keep.to(tau.device))
-    return tau.div_(density) if rescale else tau
+    del keep
+    if rescale == "inverse_density":
+        return tau.div_(density)
+    if rescale == "l1":
+        after = l1_norm(tau)
+        if before >= L1_EPS and after >= L1_EPS:  # mergekit: a (near) zero norm leaves the mask alone
+            tau.mul_(before / after)
+    return tau
 
 
 def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> torch.Tensor:
@@ -81,7 +105,7 @@ def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> to
     taus = []
     for model in (t.vlm, t.reasoner):
         tau = model - t.base
-        taus.append(magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen, False))
+        taus.append(magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen, "none"))
     t0, t1 = taus
     w0, w1 = float(p["weight_vlm"]), float(p["alpha"])
     if not consensus:
@@ -113,10 +137,11 @@ def gta_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> tor
     # matrix each extra float32 copy is hundreds of MB.
     weights = (float(p["weight_vlm"]), float(p["alpha"]))
     gen = ctx.generator(t.name, device="cpu") if sparsify != "magnitude" else None  # VLM's mask, then reasoner's
+    rescale = RESCALES[p.get("rescale", 0)]
     deltas = []
     for model, w in zip((t.vlm, t.reasoner), weights):
         tau = model - t.base
-        tau = magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen)
+        tau = magnitude(tau, p["density"]) if gen is None else bernoulli(tau, p["density"], gen, rescale)
         deltas.append(tau.mul_(w))
     d0, d1 = deltas
     del deltas
@@ -175,16 +200,24 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return [{"alpha": a, "density": d} for a in (0.5, 1.0, 1.5) for d in (0.3, 0.7)]
 
     def to_mergekit(self, recipe, knobs: dict) -> dict | None:
-        # mergekit has the same three names; BR2V's reference semantics are not mergekit's
-        if int(knobs.get("br2v", 0)):
+        # mergekit has the same three names; BR2V's reference semantics are not mergekit's, nor is
+        # DARE's 1/density rescale (mergekit's `rescale` keeps the L1 norm)
+        rescale = RESCALES[int(knobs.get("rescale", 0))]
+        if int(knobs.get("br2v", 0)) or rescale == "inverse_density":
             return None
         weights = (mergekit_value(knobs["weight_vlm"]), mergekit_value(knobs["alpha"]))
         models = [{"model": m, "parameters": {"weight": w, "density": mergekit_value(knobs["density"])}}
                   for m, w in zip((recipe.vlm, recipe.reasoner), weights)]
         params = {"normalize": bool(int(knobs["normalize"])), "lambda": mergekit_value(knobs["lam"])}
         if self.sparsify == "bernoulli":
-            params["rescale"] = True
+            params["rescale"] = rescale == "l1"
         return {"merge_method": self.name, "base_model": recipe.base, "models": models, "parameters": params}
+
+    def mergekit_gap(self, knobs: dict) -> str:
+        if int(knobs.get("br2v", 0)):
+            return "the BR2V reference semantics (br2v: 1) are not mergekit's"
+        return ("DARE's 1/density rescale (rescale: inverse_density) is not mergekit's, whose `rescale` keeps "
+                "each task vector's L1 norm")
 
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if DIAGNOSTICS not in extra:
