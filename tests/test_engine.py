@@ -122,6 +122,14 @@ def test_layer_swap_keeps_early_layers(tri, tmp_path):
             torch.testing.assert_close(out[c], 0.5 * v[c] + 0.5 * r[c])
 
 
+def test_layer_swap_minus_one_takes_every_layer_from_the_reasoner(tri, tmp_path):
+    """base_layer_num -1 as in the BR2V code: no VLM layer kept; alpha 1 gives the reasoner's LM."""
+    merge_to_disk(recipe(tri, "layer_swap", parameters={"base_layer_num": -1}), tmp_path / "o")
+    out, r = lm(tmp_path / "o"), lm(tri["reasoner"])
+    merged = [c for c in out if c.startswith("layers.") or c == "norm.weight"]
+    assert merged and all(torch.equal(out[c], r[c]) for c in merged)
+
+
 def test_merge_shared_rows(tri, tmp_path):
     vlm = tmp_path / "vlm"
     shutil.copytree(tri["vlm"], vlm)

@@ -201,11 +201,26 @@ def test_layer_swap_rule():
     m = methods.get("layer_swap")
     ctx = MergeContext(num_layers=L)
     for layer, kept in [(0, True), (1, True), (2, False), (None, False)]:
-        p = params.resolve(m, {"alpha": 0.5}, layer, L)  # base_layer_num -1: first half (0, 1) kept
+        p = params.resolve(m, {"alpha": 0.5}, layer, L)  # the default base_layer_num -2: first half (0, 1) kept
         out = m.merge_tensor(TensorSet("n", layer, v, r, b), p, ctx)
         assert torch.equal(out, v) if kept else torch.allclose(out, 0.5 * v + 0.5 * r)
     p = params.resolve(m, {"alpha": 0.5, "base_layer_num": 2}, 2, L)
     assert torch.equal(m.merge_tensor(TensorSet("n", 2, v, r, b), p, ctx), v)
+
+
+def test_layer_swap_minus_one_keeps_no_layer_as_in_the_br2v_code():
+    """BR2V's merge.py keeps a tensor only when its layer number <= base_layer_num, so at its
+    default -1 every layer (and the final norm) is merged: with alpha 1, the reasoner's."""
+    v, r, b = triple()
+    m = methods.get("layer_swap")
+    ctx = MergeContext(num_layers=L)
+    for layer in (0, 1, L - 1, None):
+        for alpha in (1.0, 0.1):
+            p = params.resolve(m, {"alpha": alpha, "base_layer_num": -1}, layer, L)
+            out = m.merge_tensor(TensorSet("n", layer, v, r, b), p, ctx)
+            torch.testing.assert_close(out, (1 - alpha) * v + alpha * r, rtol=0, atol=1e-6)
+        assert torch.equal(m.merge_tensor(TensorSet("n", layer, v, r, b),
+                                          params.resolve(m, {"base_layer_num": -1}, layer, L), ctx), r)
 
 
 def _svd_ref(tau_v, tau_r, k):
