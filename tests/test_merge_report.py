@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from merging import merge_report
+from merging.errors import LabError
 from merging.inplace import InPlaceMerger
 from merging.recipe import from_dict
 from tests.factories import make_tiny_triple
@@ -70,7 +71,27 @@ def test_top_fraction_selects_and_reports(setup):
     merger.restore()
     ip = rep["diagnostics"]["ip_merging"]
     assert ip["selected_per_layer"] == {"0": 4, "1": 4, "2": 4}  # ceil(0.5 * 7) per layer
-    assert len(rep["changed"]) == 12 and not rep["warnings"]
+    assert ip["rule"] == "top_fraction" and ip["threshold"] is None
+    # the tiny triple's task vectors are independent random draws: their scores are chance, and said to be
+    assert len(rep["changed"]) == 12 and [w for w in rep["warnings"] if "near chance" not in w] == []
+    assert len(rep["warnings"]) == 1 and ip["chance"]["median_ratio"] < 1.5
+
+
+def test_a_threshold_the_recipe_sets_is_never_overridden(setup):
+    """{threshold: 0.99} alone used to be ignored (the default top_fraction 0.5 still merged half the
+    matrices): now it is refused, and with use_threshold: 1 it is the rule."""
+    tri, merger = setup
+    with pytest.raises(LabError, match=r"^ip_merging: 'threshold' applies only with use_threshold: 1"):
+        recipe(tri, "ip_merging", {"threshold": 0.99})
+    with pytest.raises(LabError, match=r"^ip_merging: 'top_fraction' means nothing with use_threshold: 1"):
+        recipe(tri, "ip_merging", {"use_threshold": True, "top_fraction": 0.5})
+    rep = merger.apply(recipe(tri, "ip_merging", {"use_threshold": 1, "threshold": 0.99, "rank": 4}))["report"]
+    merger.restore()
+    ip = rep["diagnostics"]["ip_merging"]
+    assert ip["rule"] == "threshold" and ip["threshold"] == 0.99 and ip["selected"] == 0 and rep["changed"] == []
+    rep = merger.apply(recipe(tri, "ip_merging", {"use_threshold": 1, "threshold": 0.0, "rank": 4}))["report"]
+    merger.restore()
+    assert rep["diagnostics"]["ip_merging"]["selected"] == 21  # every score >= 0
 
 
 def test_frank_reports_its_prior(setup):
@@ -99,7 +120,8 @@ def test_merge_command_writes_the_report_and_warns_on_a_no_op(setup, tmp_path):
     assert rep["changed"] == [] and set(rep) >= {"changed", "relative_change", "diagnostics", "warnings"}
     assert any(line.startswith("warning: ip_merging selected no matrix") for line in out.splitlines())
     out, rep = runs["some"]
-    assert len(rep["changed"]) == 12 and not any(line.startswith("warning:") for line in out.splitlines())
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(rep["changed"]) == 12 and len(warned) == 1 and "near chance" in warned[0]  # random task vectors
     assert "similarity min" in out and "relative norm change" in (tmp_path / "some" / "README.md").read_text()
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from merging import linalg, methods, params
+from merging import chance_similarity, linalg, methods, params
 from merging.errors import LabError
 from merging.methods import MergeContext, TensorSet
 from merging.methods import frank as frank_mod
@@ -250,7 +250,7 @@ def test_ip_merging_formula_and_selection():
     lo, hi = sorted(x[0] for x in ref.values())[:2]
     assert hi - lo > 1e-3
     thr = (lo + hi) / 2  # selects the two most similar matrices
-    p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr, "top_fraction": 0.0}, 1, L)
+    p = params.resolve(m, {"rank": k, "lam": lam, "temperature": temp, "threshold": thr, "use_threshold": 1}, 1, L)
     out = m.merge_layer(1, sets, p, MergeContext(num_layers=L))
     chosen = [n for n, x in ref.items() if x[0] >= thr]
     assert sorted(out) == sorted(chosen) and len(chosen) == 2
@@ -261,8 +261,45 @@ def test_ip_merging_formula_and_selection():
         want = t.vlm + lam * gm * (lam_n * (t.reasoner - t.base)) @ vk @ vk.T
         torch.testing.assert_close(out[n], want, rtol=1e-4, atol=1e-5)
     assert m.merge_layer(None, sets, p, MergeContext(num_layers=L)) == {}
-    p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0, "top_fraction": 0.0}, 1, L)
-    assert all(torch.equal(x, sets[n].vlm) for n, x in m.merge_layer(1, sets, p0, MergeContext(num_layers=L)).items())
+    p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0, "top_fraction": 0.0}, 1, L)  # the older spelling
+    ctx = MergeContext(num_layers=L)
+    assert all(torch.equal(x, sets[n].vlm) for n, x in m.merge_layer(1, sets, p0, ctx).items())
+    assert ctx.extra["ip_merging"][1]["rule"] == "threshold" and len(ctx.extra["ip_merging"][1]["selected"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["paired", "subspace"])
+def test_chance_level_is_what_unrelated_task_vectors_score(kind):
+    """merging.chance_similarity against the lab's own similarity of independent Gaussian task
+    vectors (their singular vectors are uniformly random), averaged over many draws."""
+    g = torch.Generator().manual_seed(11)
+    rows, d, k = 40, 48, 8
+    got = [linalg.similarity(linalg.decompose(torch.randn(rows, d, generator=g), k, "exact"),
+                             linalg.decompose(torch.randn(rows, d, generator=g), k, "exact"), kind) for _ in range(60)]
+    assert chance_similarity.chance(d, k, kind) == pytest.approx(sum(got) / len(got), abs=0.015)
+    assert chance_similarity.paired_chance(128) == pytest.approx(math.sqrt(2 / (math.pi * 128)), rel=0.01)  # ~0.07
+
+
+def test_ip_merging_warns_only_when_scores_sit_near_chance():
+    """Independent task vectors score ~1x chance (warned); a reasoner whose task vector shares the
+    VLM's directions scores many times chance (not warned). The rule: median score / chance < 3."""
+    m = methods.get("ip_merging")
+    g = torch.Generator().manual_seed(5)
+
+    def warnings(shared):
+        sets = {}
+        for n in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.up_proj.weight"):
+            b = torch.randn(64, 48, generator=g)
+            tau_v = torch.randn(64, 48, generator=g)
+            tau_r = tau_v + 0.3 * torch.randn(64, 48, generator=g) if shared else torch.randn(64, 48, generator=g)
+            sets[f"layers.1.{n}"] = TensorSet(f"layers.1.{n}", 1, b + tau_v, b + tau_r, b)
+        ctx = MergeContext(num_layers=L)
+        m.merge_layer(1, sets, params.resolve(m, {"rank": 8}, 1, L), ctx)
+        return m.summarize_diagnostics(ctx.extra)
+
+    (diag, warn) = warnings(shared=False)
+    assert diag["ip_merging"]["chance"]["median_ratio"] < 1.5 and len(warn) == 1 and "near chance" in warn[0]
+    (diag, warn) = warnings(shared=True)
+    assert diag["ip_merging"]["chance"]["median_ratio"] > 3 and warn == []
 
 
 @pytest.mark.parametrize("knobs", [{}, {"w_v": 0.8}, {"use_prior": 1, "beta": 0.5}])
