@@ -73,6 +73,7 @@ def merge_to_disk(recipe, out_dir, device: str = "cpu", progress=None, max_shard
     folder = AtomicFolder(out_dir, overwrite, (recipe.vlm, recipe.reasoner, recipe.base, *protect))
     folder.check()  # before any work: a bad OUT_DIR fails at once
     run = _plan(recipe, method, device)
+    method.prepare(recipe, run.ctx, progress, cancel)  # before the output folder: a cancel leaves nothing
     block = block_elems or device_mod.block_elems(device)
     with contextlib.ExitStack() as stack:
         run.cks = {r: stack.enter_context(Checkpoint.open(ref)) for r, ref in run.report.refs.items()}

@@ -302,6 +302,7 @@ class InPlaceMerger:
             while self._snapshots and len(self._snapshots) >= max(self.max_snapshots, 1):
                 self._snapshots.popitem(last=False)  # room for the new merge, as the plan counted it
             self._current = PARTIAL
+            method.prepare(recipe, ctx, progress, cancel)
             cks = self._open_inputs(names)
             for g in groups:
                 bar.check()

@@ -24,7 +24,7 @@ from merging.registry import Registry
 __all__ = ["MergeContext", "MergeMethod", "Paper", "Param", "TensorSet", "Toggle", "layer_key", "mergekit_value", "register", "get",
            "names", "all_methods", "default_method"]
 
-_MODULES = ("linear", "task_arithmetic", "ties", "dare", "layer_swap", "ip_merging", "frank")
+_MODULES = ("linear", "task_arithmetic", "ties", "dare", "layer_swap", "ip_merging", "frank", "frism")
 _registry = Registry("method", __name__, _MODULES)
 register, names, get = _registry.register, _registry.names, _registry.get
 

@@ -189,6 +189,10 @@ class MergeMethod:
         """Why to_mergekit gave None for these knobs (the model card says it)."""
         return f"`{self.name}` has no mergekit merge method"
 
+    def prepare(self, recipe, ctx: MergeContext, progress=None, cancel=None) -> None:
+        """Work done once per merge before any tensor, by both mergers (frism learns its gates here,
+        into ctx.extra); progress(done, total, message) and cancel() as the merge's. Default: none."""
+
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError
 

@@ -1,0 +1,216 @@
+"""FRISM: gated subspaces of the reasoner's task vector, gates learned on perception prompts (the
+toy family's smoke build), the merge against an independent SVD, cancel, recipe and CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from merging import gate_learning, methods, subspace_gates
+from merging.checkpoint import Checkpoint
+from merging.engine import merge_to_disk
+from merging.errors import Cancelled, LabError
+from merging.finetune import build_batch
+from merging.inplace import InPlaceMerger
+from merging.layout import derive_layout
+from merging.loading import load_model
+from merging.methods import MergeContext, TensorSet
+from merging.recipe import from_dict, load
+from tests.factories import make_tiny_triple
+from tests.paths import ENV, ROOT, TOY
+
+FRISM = methods.get("frism")
+
+
+@pytest.fixture(scope="module")
+def tri(tmp_path_factory):
+    return make_tiny_triple(tmp_path_factory.mktemp("tri"), num_layers=2)
+
+
+def recipe(folders, **knobs):
+    return from_dict({"vlm": str(folders["vlm"]), "reasoner": str(folders["reasoner"]), "base": str(folders["base"]),
+                      "method": "frism", "parameters": knobs})
+
+
+def family(smoke_family) -> dict:
+    root, _ = smoke_family
+    return {"vlm": root / "vlm", "reasoner": root / "math", "base": root / "base"}
+
+
+def lm(folder) -> dict[str, torch.Tensor]:
+    with Checkpoint.open(folder) as ck:
+        return {c: ck.get(a) for c, a in derive_layout(ck).lm.items()}
+
+
+def svd_merge(v, r, b, rank, groups, gates):
+    """The documented form from torch.linalg.svd: W_v + sum_i g_i U_i S_i V_i^T + g_tail (tau - U_k S_k V_k^T)."""
+    tau = (r - b).double()
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    k = min(rank, len(s))
+    out = v.double().clone()
+    for g, idx in zip(gates, torch.tensor_split(torch.arange(k), min(groups, k))):
+        out += g * (u[:, idx] * s[idx]) @ vh[idx]
+    if k < len(s):
+        out += gates[-1] * (tau - (u[:, :k] * s[:k]) @ vh[:k])
+    return out.float()
+
+
+def merged_layer(sets, gates_of, rank, groups):
+    ctx = MergeContext(num_layers=1)
+    ctx.extra["frism"] = {"learned": {**asdict(gate_learning.Learned()), "gates": gates_of}, "layers": {}}
+    out = FRISM.merge_layer(0, sets, {"rank": rank, "groups": groups}, ctx)
+    return out, ctx
+
+
+def random_sets(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f"layers.0.{n}.weight": TensorSet(f"layers.0.{n}.weight", 0, *(torch.randn(*s, generator=g) for _ in range(3)))
+            for n, s in shapes.items()}
+
+
+def test_pieces_cut_the_top_directions_into_groups_and_keep_the_tail():
+    tau = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    p = subspace_gates.pieces(tau, rank=6, groups=4)
+    assert [v.shape for v in p.vs] == [(20, 2), (20, 2), (20, 1), (20, 1)] and p.tail and p.gates == 5
+    s2 = torch.linalg.svdvals(tau.double()).square()
+    want = [s2[0:2].sum(), s2[2:4].sum(), s2[4], s2[5], s2[6:].sum()]
+    assert p.energy == pytest.approx([float(x) for x in want], rel=1e-5)
+    full = subspace_gates.pieces(tau, rank=50, groups=3)  # rank past the matrix's: no tail
+    assert not full.tail and full.gates == 3 and sum(v.shape[1] for v in full.vs) == 12
+
+
+@pytest.mark.parametrize("rank,groups", [(5, 2), (16, 4), (3, 8)])
+def test_gates_scale_the_singular_subspaces_as_an_independent_svd_says(rank, groups):
+    sets = random_sets({"mlp.up_proj": (24, 16), "self_attn.o_proj": (16, 16), "input_layernorm": (16,)})
+    counts = {n: subspace_gates.pieces((t.reasoner - t.base), rank, groups).gates
+              for n, t in sets.items() if t.vlm.dim() == 2}
+    g = torch.Generator().manual_seed(2)
+    gates = {n: torch.rand(k, generator=g).tolist() for n, k in counts.items()}
+    out, ctx = merged_layer(sets, gates, rank, groups)
+    assert set(out) == set(counts)  # the 1-D norm keeps the VLM's
+    for n, t in out.items():
+        s = sets[n]
+        torch.testing.assert_close(t, svd_merge(s.vlm, s.reasoner, s.base, rank, groups, gates[n]), atol=1e-4, rtol=1e-4)
+    shown = ctx.extra["frism"]["layers"][0]
+    assert {k: len(v) for k, v in shown.items()} == {"mlp.up_proj": counts["layers.0.mlp.up_proj.weight"],
+                                                      "self_attn.o_proj": counts["layers.0.self_attn.o_proj.weight"]}
+
+
+@pytest.mark.parametrize("rank", [4, 64])  # with a tail gate, and every direction in the groups
+def test_every_gate_one_is_task_arithmetic_alpha_one(rank):
+    sets = random_sets({"mlp.down_proj": (16, 24), "self_attn.q_proj": (16, 16)}, seed=3)
+    gates = {n: [1.0] * subspace_gates.pieces(t.reasoner - t.base, rank, 4).gates for n, t in sets.items()}
+    out, _ = merged_layer(sets, gates, rank, 4)
+    for n, t in sets.items():
+        torch.testing.assert_close(out[n], t.vlm + (t.reasoner - t.base), atol=1e-5, rtol=1e-5)
+
+
+def test_every_gate_zero_is_the_vlm_bit_for_bit(tri, tmp_path):
+    sets = random_sets({"mlp.up_proj": (24, 16)}, seed=4)
+    gates = {n: [0.0] * subspace_gates.pieces(t.reasoner - t.base, 8, 4).gates for n, t in sets.items()}
+    out, _ = merged_layer(sets, gates, 8, 4)
+    assert out == {}  # nothing merged: the engine writes the VLM's own bits
+    merge_to_disk(recipe(tri, steps=0), tmp_path / "half")  # and steps 0 is every gate 0.5 everywhere
+    got, v, r, b = lm(tmp_path / "half"), lm(tri["vlm"]), lm(tri["reasoner"]), lm(tri["base"])
+    for c in got:
+        want = v[c] + 0.5 * (r[c] - b[c]) if c.startswith("layers.") and v[c].dim() == 2 else v[c]
+        torch.testing.assert_close(got[c], want, atol=1e-5, rtol=1e-5)
+
+
+def kl_to_vlm(folder, vlm, proc, batch) -> float:
+    """KL(VLM || merged) per answer token, from two plain forwards (not the learner's code)."""
+    merged, _ = load_model(folder)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        p = torch.log_softmax(vlm(**inputs).logits[:, :-1], -1)
+        q = torch.log_softmax(merged(**inputs).logits[:, :-1], -1)
+    mask = labels[:, 1:] != -100
+    return float((p.exp() * (p - q)).sum(-1)[mask].mean())
+
+
+def test_learned_gates_lower_the_kl_and_the_reward_raises_them(smoke_family, tmp_path):
+    fam = family(smoke_family)
+    merge_to_disk(recipe(fam, steps=0), tmp_path / "init")
+    merge_to_disk(recipe(fam, beta=0.0, steps=15, examples=16), tmp_path / "kl")
+    merge_to_disk(recipe(fam, beta=10.0, steps=15, examples=16), tmp_path / "reward")
+    vlm, proc = load_model(fam["vlm"])
+    prompts = gate_learning.perception_prompts(16, 0)  # the prompts learning saw, the VLM's own answers
+    answers = gate_learning.vlm_answers(vlm, proc, prompts)
+    batch = build_batch(proc, [(img, q, a) for (img, q), a in zip(prompts, answers)])
+    assert kl_to_vlm(tmp_path / "kl", vlm, proc, batch) < kl_to_vlm(tmp_path / "init", vlm, proc, batch)
+    mean = {k: json.loads((tmp_path / k / "merge_report.json").read_text())["diagnostics"]["frism"]["mean_gate"]
+            for k in ("init", "kl", "reward")}
+    assert mean["init"] == pytest.approx(0.5)
+    assert mean["kl"] < 0.5 < mean["reward"]
+
+
+def test_gates_are_in_the_merge_report_and_in_place_gives_the_same_tensors(smoke_family, tmp_path):
+    fam = family(smoke_family)
+    rec = recipe(fam, steps=5, examples=8, rank=4, groups=2)
+    merge_to_disk(rec, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())["diagnostics"]["frism"]
+    layers = lm(fam["vlm"])
+    matrices = {c for c, t in layers.items() if c.startswith("layers.") and t.dim() == 2}
+    assert sum(len(m) for m in report["gates"].values()) == len(matrices)
+    assert all(len(g) == 3 and all(0 < x < 1 for x in g) for m in report["gates"].values() for g in m.values())
+    assert report["learned"] and len(report["losses"]) == 5 and report["seconds"] > 0
+    model, _ = load_model(fam["vlm"])
+    merger = InPlaceMerger(model, str(fam["vlm"]), str(fam["reasoner"]), str(fam["base"]))
+    extra = merger.apply(rec)
+    assert extra["report"]["diagnostics"]["frism"]["gates"] == report["gates"]  # the cached gates, reused
+    disk = lm(tmp_path / "out")
+    for c, p in merger.params.items():
+        torch.testing.assert_close(p.detach(), disk[c], atol=1e-6, rtol=1e-6)
+
+
+def test_cancel_stops_learning_and_writes_nothing(smoke_family, tmp_path):
+    fam = family(smoke_family)
+    seen = []
+    with pytest.raises(Cancelled):
+        merge_to_disk(recipe(fam, steps=50, examples=8, beta=0.3), tmp_path / "out",
+                      progress=lambda d, t, m: seen.append(m), cancel=lambda: len(seen) >= 2)
+    assert not (tmp_path / "out").exists() and len(seen) == 2 and seen[-1].startswith("frism gates: step 2/50")
+    model, _ = load_model(fam["vlm"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merger = InPlaceMerger(model, str(fam["vlm"]), str(fam["reasoner"]), str(fam["base"]))
+    with pytest.raises(Cancelled):
+        merger.apply(recipe(fam, steps=50, examples=8, beta=0.4), cancel=lambda: True)
+    assert merger.current is None and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_learning_needs_the_toy_family_unless_steps_is_zero(tri, tmp_path):
+    with pytest.raises(LabError, match="steps: 0"):
+        merge_to_disk(recipe(tri), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_are_not_eval_items():
+    digests = set()
+    for line in (TOY / "eval" / "perception.jsonl").read_text().splitlines():
+        with Image.open(TOY / "eval" / json.loads(line)["image"]) as im:
+            digests.add(hashlib.sha256(im.convert("RGB").tobytes()).hexdigest())
+    prompts = gate_learning.perception_prompts(64, 0)
+    assert not {hashlib.sha256(img.tobytes()).hexdigest() for img, _ in prompts} & digests
+
+
+def test_recipe_round_trip_and_cli(tri, tmp_path):
+    rec = recipe(tri, rank=8, groups=2, beta=0.5, steps=0, examples=4)
+    again = from_dict(yaml.safe_load(rec.to_yaml()))
+    assert again == rec and again.knobs()["groups"] == 2
+    (tmp_path / "r.yaml").write_text(rec.to_yaml())
+    r = subprocess.run([sys.executable, "-m", "merging", "merge", str(tmp_path / "r.yaml"), str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "frism: every gate 0.50 (nothing learned)" in r.stdout
+    assert load(tmp_path / "o" / "recipe.yaml") == rec
+    gates = json.loads((tmp_path / "o" / "merge_report.json").read_text())["diagnostics"]["frism"]["gates"]
+    assert set(gates) == {"0", "1"} and all(len(g) == 3 for m in gates.values() for g in m.values())
