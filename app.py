@@ -83,7 +83,9 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
     # Not at the top: gradio must load after main() sets GRADIO_TEMP_DIR, `python app.py --help` answers
     # in 0.07 s, and the spawned worker runs this file's top level again (as __mp_main__).
     # lazy, the four below (python -X importtime): gradio 4.6 s (torch 2.1 s through the method registry); PIL 0.04 s.
-    from webapp.safety import UPLOAD_LIMIT, limit_pil  # lazy: PIL, 0.04 s
+    from starlette.middleware import Middleware  # lazy: with gradio below, 0.01 s
+
+    from webapp.safety import UPLOAD_LIMIT, RefuseLongURLs, limit_pil  # lazy: PIL, 0.04 s
     from webapp.ui.client import WorkerClient  # lazy: multiprocessing, 0.05 s
     from webapp.ui.lab import Lab  # lazy: gradio (gradio.utils), 4.6 s
     from webapp.ui.page import CSS, build, theme  # lazy: gradio, 4.6 s
@@ -103,6 +105,7 @@ def serve(args: argparse.Namespace, cache_dir: Path, upload_dir: Path) -> None:
         # exception that reaches Gradio is Gradio's own refusal, which would name the server's folders.
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     theme=theme(), css=CSS, show_error=False, footer_links=[], max_file_size=UPLOAD_LIMIT,
+                    app_kwargs={"middleware": [Middleware(RefuseLongURLs)]},
                     **file_access(cache_dir))
     finally:
         client.close()

@@ -274,3 +274,35 @@ def test_knobs_choices_prior_caps_clamping_and_export_line(open_page):
     expect(status).to_contain_text("500 is above this model's hidden size (128); clamped to 128")
     expect(page.locator("#export-status")).not_to_contain_text("Merge first")
     page.locator("#merge-status").screenshot(path=str(OUT / "teaching_merge_clamped.png"))
+
+
+def test_a_hostile_link_runs_no_script_and_is_named(open_page):
+    """Script in a knob, a method, a tab and a key; a 10 000-character value and 300 keys: no script runs,
+    no element is injected, each bad parameter is named as inert text, the page stays usable. A link past
+    16 K characters gets 414 and one line (Gradio's page route failed with a 500 past 64 K)."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    from playwright.sync_api import expect
+
+    img = "<img src=x id=pwned onerror=window.__pwned=1>"
+    script = "<script>window.__pwned=1</script>"
+    query = "&".join([f"method={quote(img)}", f"tab={quote(script)}", f"alpha={quote('`' + img + '`')}",
+                      f"{quote(img)}=1", "layers=" + "9" * 10_000]
+                     + [f"k{i}=1" for i in range(300)])
+    page = open_page(query)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    msg = page.locator("#state-message")
+    expect(msg).to_contain_text("method")
+    expect(msg).to_contain_text("tab")
+    assert page.evaluate("() => window.__pwned === undefined"), "an injected handler ran"
+    assert page.locator("#pwned").count() == 0 and not dialogs
+    expect(page.locator("#merge-method input")).to_have_value("task_arithmetic")
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    page.wait_for_function("() => location.search.length < 2000")  # the URL is rewritten to the state shown
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(page.url.split("?")[0] + "?layers=" + "9" * 100_000, timeout=30)
+    assert e.value.code == 414
+    assert e.value.read().decode() == "the link is 100,008 characters; the lab reads links of at most 16,384\n"

@@ -97,3 +97,26 @@ def cap_question(text: str) -> tuple[str, str | None]:
         return text, None
     return text[:MAX_QUESTION_CHARS], (f"the question was {len(text):,} characters long; only the first "
                                        f"{MAX_QUESTION_CHARS:,} were used")
+
+
+MAX_URL = 16_384  # characters of a request's path and query: a link's state is at most 40 keys x 300 characters
+
+
+class RefuseLongURLs:
+    """ASGI middleware: a request whose path and query are longer than MAX_URL gets 414 and one line,
+    before Gradio's page route (which fails with a 500 and a traceback in the log past 64 K)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            n = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            if n > MAX_URL:
+                body = f"the link is {n:,} characters; the lab reads links of at most {MAX_URL:,}\n".encode()
+                await send({"type": "http.response.start", "status": 414,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
