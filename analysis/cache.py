@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import diskcache
 from diskcache.core import MODE_RAW, UNKNOWN
+
+from merging import lab_cache
 
 # Bump when the shape or the meaning of a cached result changes, so old entries are never misread.
 # 2: live-model analyses are keyed on the weights they ran on; schema-1 entries of the attention
@@ -54,8 +55,7 @@ class JSONOnlyDisk(diskcache.Disk):
 
 
 def default_dir() -> Path:
-    env = os.environ.get("MERGE_LAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "merge-lab"
+    return lab_cache.root()
 
 
 def make_key(name: str, key_parts: Any) -> str:

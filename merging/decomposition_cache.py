@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merging import linalg
+from merging import lab_cache, linalg
 from merging.linalg import Decomposition
 
 SCHEMA = "2"  # 2: the basis stored transposed ("vt")
@@ -49,9 +49,7 @@ _EVICT_EVERY = 64
 
 
 def default_dir() -> Path:
-    env = os.environ.get("MERGE_LAB_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "merge-lab"
-    return root / "decompositions"
+    return lab_cache.root() / "decompositions"
 
 
 def enabled() -> bool:
@@ -145,7 +143,7 @@ class DecompositionCache:
     def resolve(self, alias: str) -> tuple[str, tuple] | None:
         """(content key, shape) filed under an alias, or None."""
         try:
-            rec = json.loads(self._alias_path(alias).read_text())
+            rec = lab_cache.read_json(self._alias_path(alias))
             if rec["alias"] != alias or not isinstance(rec["key"], str):
                 return None
             return rec["key"], tuple(int(x) for x in rec["shape"])
@@ -168,7 +166,7 @@ class DecompositionCache:
     def record(self, key: str) -> dict | None:
         """The JSON object filed under `key` (file_record), or None."""
         try:
-            rec = json.loads(self._record_path(key).read_text())
+            rec = lab_cache.read_json(self._record_path(key))
             return rec["data"] if rec["key"] == key and isinstance(rec["data"], dict) else None
         except (OSError, ValueError, KeyError, TypeError):
             return None

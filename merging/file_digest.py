@@ -15,12 +15,13 @@ import json
 import os
 from pathlib import Path
 
+from merging import lab_cache
+
 CHUNK = 1 << 22
 
 
 def store_dir() -> Path:
-    env = os.environ.get("MERGE_LAB_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "merge-lab") / "file-digests"
+    return lab_cache.root() / "file-digests"
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -37,7 +38,7 @@ def digest(path: Path, fh) -> str:
     ident = _identity(os.fstat(fh.fileno()))
     entry = _entry(Path(os.path.realpath(path)))
     try:
-        known = json.loads(entry.read_text())
+        known = lab_cache.read_json(entry)
         if known.get("identity") == ident and isinstance(known.get("digest"), str):
             return known["digest"]
     except (OSError, ValueError, AttributeError):

@@ -16,7 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from merging import hub, interrupts
+from merging import hub, interrupts, lab_cache
 from merging.errors import LabError, WriteError, write_error
 
 MARKER = ".merge-lab"  # every folder the lab writes holds this file: {"kind": "model" | "report"}
@@ -43,11 +43,8 @@ def committed(out_dir: str | Path) -> bool:
 
 def _protected() -> set[Path]:
     home = Path.home()
-    env = os.environ.get("MERGE_LAB_CACHE")
-    caches = [home / ".cache", home / ".cache" / "merge-lab", home / ".cache" / "huggingface",
+    caches = [home / ".cache", home / ".cache" / "merge-lab", lab_cache.root(), home / ".cache" / "huggingface",
               Path(os.environ.get("HF_HOME", home / ".cache" / "huggingface")).expanduser()]
-    if env:
-        caches.append(Path(env).expanduser())
     return {_real(Path(p)) for p in (*_SYSTEM, home, *caches)}
 
 

@@ -265,3 +265,76 @@ def test_a_file_rewritten_in_place_is_hashed_again(tmp_path, cache_root):
     save_file(tensors, f, metadata={"format": "pt"})  # same size, new bytes
     with Checkpoint.open(folder) as ck:
         assert ck.fingerprint != before
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_planted_in_the_cache_is_a_miss_never_a_hang(tmp_path, cache_root):
+    """Every small file the caches read (aliases, records, file digests) is opened without blocking and
+    read only when regular: a FIFO in its place (which would block a plain open forever) is a miss."""
+    import os
+
+    from merging import file_digest
+
+    mats = [torch.randn(30, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    first = dc.decompose_cached(requests_for(mats), 4, "exact")
+    aliases = sorted((cache_root / "decompositions" / "aliases").glob("*.json"))
+    assert len(aliases) == 2
+    for a in aliases:
+        a.unlink()
+        os.mkfifo(a)
+    again = dc.decompose_cached(requests_for(mats), 4, "exact")  # the aliases miss: read the matrices again
+    for m, a, b in zip(mats, first, again):
+        assert torch.equal(a.v, b.v)
+        assert_close_to_svd(b, m, 4)
+    cache = dc.DecompositionCache()
+    record = cache._record_path("k")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(record)
+    assert cache.record("k") is None
+    weights = TOY_REFS[1] / "model.safetensors"
+    with open(weights, "rb") as f:
+        honest = file_digest.digest(weights, f)
+    entry = file_digest._entry(Path(os.path.realpath(weights)))
+    entry.unlink()
+    os.mkfifo(entry)
+    with open(weights, "rb") as f:
+        assert file_digest.digest(weights, f) == honest  # hashed again, not read from the FIFO
+
+
+def test_two_processes_sharing_one_cache_merge_what_each_would_alone(tmp_path, cache_root):
+    """Two `merge` processes at once on one empty cache folder (both decompose, both file the same
+    entries and aliases): each output equals a merge from a cache of its own, and so does a third run
+    served from the shared cache."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.paths import ENV, ROOT
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"vlm: {TOY_REFS[0]}\nreasoner: {TOY_REFS[1]}\nbase: {TOY_REFS[2]}\nmethod: ip_merging\n"
+                      "parameters: {rank: 16}\n")
+
+    def start(out, cache):
+        env = {**ENV, "MERGE_LAB_CACHE": str(cache)}
+        return subprocess.Popen([sys.executable, "-m", "merging", "merge", str(recipe), str(out), "--no-progress"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def weights(out):
+        return load_file(next(out.glob("*.safetensors")))
+
+    shared = tmp_path / "shared"
+    runs = [start(tmp_path / "a", shared), start(tmp_path / "b", shared), start(tmp_path / "alone", tmp_path / "own")]
+    for p in runs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    third = start(tmp_path / "c", shared)
+    _, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-3000:]
+    alone = weights(tmp_path / "alone")
+    for out in ("a", "b", "c"):
+        got = weights(tmp_path / out)
+        assert got.keys() == alone.keys() and all(torch.equal(got[k], alone[k]) for k in got), out
+    assert not [p for p in shared.rglob("*.tmp")] and os.listdir(shared / "decompositions" / "aliases")
