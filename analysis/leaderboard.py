@@ -2,7 +2,8 @@
 
 For each method: its defaults, and the best knobs of a small grid chosen on a *dev split*
 (items generated from their own seed and checked disjoint from the held-out eval suites),
-then both scored on the held-out suites. Every merge goes through the engine's in-place
+then both scored on the held-out suites, and any fixed variants the method names
+(MergeMethod.variants, e.g. frank's two forms of its prior), each a row of its own. Every merge goes through the engine's in-place
 merger (merging.inplace), so the numbers are those of the real methods, not re-implementations.
 
 Selection rule on dev [choice]: among the grid points whose perception is within 3 points of
@@ -104,7 +105,7 @@ def write_split(items: dict[str, list[dict]], folder: Path) -> Path:
 @dataclass
 class Entry:
     method: str
-    label: str  # "defaults" or "best on dev"
+    label: str  # "defaults", "best on dev" or a variant's own label
     knobs: dict
     dev: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
@@ -127,10 +128,15 @@ def better(a: dict, b: dict | None, floor: float) -> bool:
     return b is None or _rank(a, floor) > _rank(b, floor)
 
 
+def variants(method: str, num_layers: int) -> list[tuple[str, dict]]:
+    """The method's fixed variants, (label, knobs): rows scored on test only, never tuned."""
+    return methods.get(method).variants(num_layers)
+
+
 def steps(names, num_layers: int, grid_size: int | None = None) -> int:
     """How many scorings run() makes: the VLM on dev and test, the reasoner on test, and per method
-    its defaults and grid points on dev plus defaults and the dev-best on test."""
-    return 3 + sum(len(grid(n, num_layers)[:grid_size]) + 3 for n in names)
+    its defaults and grid points on dev plus defaults, the dev-best and its variants on test."""
+    return 3 + sum(len(grid(n, num_layers)[:grid_size]) + 3 + len(variants(n, num_layers)) for n in names)
 
 
 class Board:
@@ -186,7 +192,17 @@ class Board:
         tuned.test = self.score("test")
         self.step(f"{method} best on dev {tuned.knobs or 'defaults'}: test {fmt(tuned.test)}")
         self.merger.restore()
-        return [defaults, tuned]
+        return [defaults, tuned] + [self.variant(method, label, knobs) for label, knobs in
+                                    variants(method, self.num_layers)]
+
+    def variant(self, method: str, label: str, knobs: dict) -> Entry:
+        """One fixed variant merged and scored on test (not on dev: nothing is chosen from it)."""
+        extra = self.merged(method, knobs)
+        entry = Entry(method, label, dict(knobs), details=selection_details(method, extra))
+        entry.test = self.score("test")
+        self.step(f"{method} {label} {knobs}: test {fmt(entry.test)}")
+        self.merger.restore()
+        return entry
 
 
 def fmt(acc: dict) -> str:
@@ -261,13 +277,15 @@ def scatter(result: dict):
         if "perception" not in t:
             continue  # the text-only reasoner has no image suites
         tuned = e["label"] == "best on dev"
+        symbol = "circle" if tuned else ("circle-open" if e["label"] == "defaults" else "diamond-open")
         fig.add_trace(go.Scatter(
             x=[100 * t["perception"]], y=[100 * t["visual_math"]], mode="markers", name=f"{e['method']} ({e['label']})",
             hovertext=f"{e['method']} ({e['label']}) {e['knobs'] or ''}",
             marker={"size": 16 if e["method"] == "vlm" else 11, "line": {"width": 2}, "color": colours[e["method"]],
-                    "symbol": "star" if e["method"] == "vlm" else ("circle" if tuned else "circle-open")}))
+                    "symbol": "star" if e["method"] == "vlm" else symbol}))
     fig.update_layout(title={"text": "Perception vs visual math on the held-out suites<br><sup>open: a method's "
-                             "defaults · filled: its best knobs on dev · star: the VLM</sup>"},
+                             "defaults · filled: its best knobs on dev · diamond: a variant it names · "
+                             "star: the VLM</sup>"},
                       xaxis={"title": "perception accuracy (%)", "range": [-3, 103], "dtick": 10},
                       yaxis={"title": "visual_math accuracy (%)", "range": [-2, min(103, max(40, y0 + 5, top + 5))],
                              "dtick": 10},

@@ -56,7 +56,11 @@ def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_pa
     data = json.loads((out / "leaderboard.json").read_text())
     got = [(e["method"], e["label"]) for e in data["entries"]]
     want = [("vlm", "the VLM"), ("reasoner", "the math LLM")]
-    want += [(m, label) for m in methods.names() for label in ("defaults", "best on dev")]
+    want += [(m, label) for m in methods.names()
+             for label in ("defaults", "best on dev", *(v for v, _ in methods.get(m).variants(data["num_layers"])))]
+    frank = {e["label"]: e for e in data["entries"] if e["method"] == "frank"}
+    assert frank["prior clipped"]["knobs"]["prior_form"] == 0 and frank["prior normalized"]["knobs"]["prior_form"] == 1
+    assert all("perception" in frank[k]["test"] for k in ("prior clipped", "prior normalized"))
     assert got == want
     table = (out / "leaderboard.md").read_text()
     assert all(f"| {m} |" in table for m in methods.names()) and "| vlm |" in table

@@ -130,7 +130,7 @@ def test_toggles_name_a_bool_knob_and_hide_only_knobs(method):
 
 def test_frank_toggle_keeps_the_prior_checkbox_behaviour():
     t = methods.get("frank").toggle
-    assert (t.knob, t.hides(True), t.hides(False)) == ("use_prior", ("w_v",), ("beta",))
+    assert (t.knob, t.hides(True), t.hides(False)) == ("use_prior", ("w_v",), ("beta", "prior_form"))
     assert url_state.beta_query(0.12345) == {"method": "frank", "use_prior": "1", "beta": "0.1235"}
     triple = {"vlm": "v", "reasoner": "r", "base": "b"}
     on = recipes.build(triple, "frank", [0.3, 0.2], prior=True)["parameters"]

@@ -302,7 +302,9 @@ def test_ip_merging_warns_only_when_scores_sit_near_chance():
     assert diag["ip_merging"]["chance"]["median_ratio"] > 3 and warn == []
 
 
-@pytest.mark.parametrize("knobs", [{}, {"w_v": 0.8}, {"use_prior": 1, "beta": 0.5}])
+@pytest.mark.parametrize("knobs", [{}, {"w_v": 0.8}, {"use_prior": 1, "beta": 0.5},
+                                   {"use_prior": 1, "beta": 0.5, "prior_form": 1},
+                                   {"use_prior": 1, "beta": -0.4, "prior_form": 1}])
 def test_frank_formula(knobs):
     sets = {}
     for i, s in enumerate([(8, 8), (8,), (16, 8)]):
@@ -312,7 +314,11 @@ def test_frank_formula(knobs):
     out = m.merge_layer(2, sets, params.resolve(m, knobs, 2, L), MergeContext(num_layers=L))
     n_v = sum(float(((t.vlm - t.base) ** 2).sum()) for t in sets.values())
     n_r = sum(float(((t.reasoner - t.base) ** 2).sum()) for t in sets.values())
-    if knobs.get("use_prior"):
+    if knobs.get("prior_form"):  # normalised over the L layers: exp(-beta l) / sum_j exp(-beta j)
+        beta = knobs["beta"]
+        w_v = math.exp(-beta * 2) / sum(math.exp(-beta * j) for j in range(L))
+        w_r = 1 - w_v
+    elif knobs.get("use_prior"):
         w_v = math.exp(-0.5 * 2)  # a_2 / a_0 of the decay exp(-beta l)
         w_r = 1 - w_v
     elif "w_v" in knobs:
@@ -356,6 +362,35 @@ def test_frank_prior_keeps_the_first_layer_with_the_vlm():
     sets = {"x": TensorSet("layers.0.x", 0, v, r, b)}
     out = m.merge_layer(0, sets, params.resolve(m, {"use_prior": 1, "beta": 0.1}, 0, L), MergeContext(num_layers=L))
     torch.testing.assert_close(out["x"], v)  # w_v(0) = 1, so lam_v = 1, lam_r = 0
+
+
+def test_frank_normalized_prior_sums_to_one_over_the_layers():
+    """The layer-normalised form: a distribution over layers (sums to 1), ~1/L in every layer at a
+    small beta (0.099 at layer 0 of 32 with beta 0.1), so unlike the clipped form it gives even the
+    first block mostly to the reasoner; finite at extreme betas."""
+    for beta in (0.1, 1.0, -0.3, 10.0, -10.0):
+        w = frank_mod.prior(beta, 32, "normalized")
+        assert sum(w) == pytest.approx(1.0) and all(0.0 <= x <= 1.0 for x in w)
+    w = frank_mod.prior(0.1, 32, "normalized")
+    assert w[0] == pytest.approx((1 - math.exp(-0.1)) / (1 - math.exp(-3.2)))  # geometric sum
+    assert w[0] == pytest.approx(0.099, abs=5e-4) and frank_mod.prior(0.1, 32)[0] == 1.0
+    assert frank_mod.prior(0.0, 8, "normalized") == pytest.approx([1 / 8] * 8)
+
+
+def test_frank_names_both_priors_as_leaderboard_variants():
+    from merging.recipe import from_dict
+
+    m = methods.get("frank")
+    rows = m.variants(8)
+    assert [label for label, _ in rows] == ["prior clipped", "prior normalized"]
+    assert [k["prior_form"] for _, k in rows] == [0, 1] and all(k["use_prior"] == 1 for _, k in rows)
+    for _, knobs in rows:
+        from_dict({"vlm": "a", "reasoner": "b", "base": "c", "method": "frank", "parameters": knobs})
+    got = from_dict({"vlm": "a", "reasoner": "b", "base": "c", "method": "frank",
+                     "parameters": {"use_prior": 1, "prior_form": "normalized"}})
+    assert got.parameters["prior_form"] == 1
+    with pytest.raises(LabError, match="'prior_form' shapes the prior of 'use_prior: 1'"):
+        from_dict({"vlm": "a", "reasoner": "b", "base": "c", "method": "frank", "parameters": {"prior_form": 1}})
 
 
 def test_frank_rejects_both_priors():

@@ -158,6 +158,11 @@ class MergeMethod:
         scores. Default: [{}], the defaults only (the method is ranked untuned, never skipped)."""
         return [{}]
 
+    def variants(self, num_layers: int) -> list[tuple[str, dict]]:
+        """Settings the leaderboard scores on the held-out suites as rows of their own, (label, knobs),
+        besides the defaults and the best on dev (e.g. frank's two forms of its prior). Default: none."""
+        return []
+
     def attention_knobs(self, beta: float) -> dict:
         """The knobs that put the attention analysis' fitted decay rate `beta` to use (the app's
         "use this beta" button); {} when the method takes none."""

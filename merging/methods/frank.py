@@ -6,11 +6,13 @@ With task vectors flattened over the whole block l (every tensor of it):
 The modality prior w_v(l) comes from one of
 - `w_v`: a number or a per-layer list / gradient (e.g. from the attention-decay analysis);
   the default 0.5 (w_v = w_r) is exactly "no prior": the plain norm ratio;
-- `use_prior: 1` with `beta`: w_v(l) = min(1, exp(-beta l)) (l from 0), i.e. a_l / a_0 of the
-  fitted visual-attention decay a_l = C exp(-beta l) (paper Eq. 15 on the closed form of Eq. 13).
-  [choice] Not normalised over layers: a sum-normalised prior is ~1/L in every layer, which
-  hands even the first block to the reasoner; this one is 1 at layer 0 and falls with depth as
-  the attention does. A negative beta (attention rising) is clipped to w_v = 1.
+- `use_prior: 1` with `beta`, in one of two forms (`prior_form`), from the fitted visual-attention
+  decay a_l = C exp(-beta l) (l from 0; paper Eq. 15 on the closed form of Eq. 13):
+  0 "clipped" [choice, the default]: w_v(l) = min(1, exp(-beta l)) = a_l / a_0, 1 at layer 0 and
+    falling with depth as the attention does; a negative beta (attention rising) gives 1;
+  1 "normalized": w_v(l) = exp(-beta l) / sum_j exp(-beta j) over the model's L layers, the
+    prior normalised over layers; it is ~1/L in every layer at small beta, so it hands even the
+    first block mostly to the reasoner.
 Giving both `w_v` and `use_prior: 1` is an error. When the denominator is 0 the block keeps the
 VLM's. Tensors outside the decoder layers (final norm, shared embedding rows) are each merged
 as a one-tensor block with the last layer's weights.
@@ -25,15 +27,24 @@ import torch
 from merging.errors import LabError
 from merging.methods import MergeMethod, Paper, Param, TensorSet, Toggle, layer_key, register
 
+PRIOR_FORMS = ("clipped", "normalized")  # the `prior_form` knob, value 0 first
+DEFAULT_BETA = 0.1
 
-def prior_w_v(beta: float, layer: int) -> float:
-    """FRANK's modality prior at decoder layer `layer`: min(1, exp(-beta l)), in [0, 1]."""
+
+def prior_w_v(beta: float, layer: int, num_layers: int = 0, form: str = "clipped") -> float:
+    """FRANK's modality prior at decoder layer `layer`, in [0, 1]: "clipped" min(1, exp(-beta l)),
+    "normalized" exp(-beta l) / sum_j exp(-beta j) over num_layers layers."""
+    if form == "normalized":
+        # shifted by the largest exponent so no term overflows, whatever the sign of beta
+        top = max(-beta * j for j in (0, num_layers - 1))
+        total = sum(math.exp(-beta * j - top) for j in range(num_layers))
+        return math.exp(-beta * layer - top) / total
     return math.exp(-beta * layer) if beta * layer > 0 else 1.0
 
 
-def prior(beta: float, num_layers: int) -> list[float]:
+def prior(beta: float, num_layers: int, form: str = "clipped") -> list[float]:
     """w_v(l) for every layer (what the attention-decay analysis shows next to its fit)."""
-    return [prior_w_v(beta, layer) for layer in range(num_layers)]
+    return [prior_w_v(beta, layer, num_layers, form) for layer in range(num_layers)]
 
 
 @register
@@ -45,17 +56,24 @@ class Frank(MergeMethod):
     params = (
         Param("w_v", 0.5, 0.0, 1.0, "prior weight of the VLM per layer (w_r = 1 - w_v); 0.5 = no prior"),
         Param("use_prior", 0, 0, 1, "1: w_v from the exponential prior with beta", kind=bool, per_layer=False),
-        Param("beta", 0.1, -10.0, 10.0, "decay rate of the visual attention per layer (fit it in the attention "
-              "analysis); w_v(l) = exp(-beta l)", per_layer=False),
+        Param("beta", DEFAULT_BETA, -10.0, 10.0, "decay rate of the visual attention per layer (fit it in the "
+              "attention analysis); w_v(l) = exp(-beta l)", per_layer=False),
+        Param("prior_form", 0, 0, 1, "the prior's form: 0 clipped, min(1, exp(-beta l)) = a_l / a_0; 1 normalized "
+              "over layers, exp(-beta l) / sum_j exp(-beta j)", kind=int, per_layer=False, choices=PRIOR_FORMS),
     )
     paper = Paper("FRANK", "FRANK, 2025", "https://arxiv.org/abs/2505.16151")
     # The app's prior checkbox is use_prior; with it on w_v means nothing, with it off beta does not.
     toggle = Toggle("use_prior", "Use the attention-decay prior (beta)",
                     "FRANK: weight the VLM more in early layers, where images get most attention",
-                    hides_when_on=("w_v",), hides_when_off=("beta",))
+                    hides_when_on=("w_v",), hides_when_off=("beta", "prior_form"))
 
     def grid(self, num_layers: int) -> list[dict]:
         return [{"w_v": w} for w in (0.3, 0.5, 0.7)] + [{"use_prior": 1, "beta": b} for b in (0.1, 0.3, 1.0)]
+
+    def variants(self, num_layers: int) -> list[tuple[str, dict]]:
+        # both forms of the prior, at the same beta, each a leaderboard row of its own
+        return [(f"prior {form}", {"use_prior": 1, "beta": DEFAULT_BETA, "prior_form": i})
+                for i, form in enumerate(PRIOR_FORMS)]
 
     def attention_knobs(self, beta: float) -> dict:
         return {"use_prior": 1, "beta": beta}
@@ -63,10 +81,13 @@ class Frank(MergeMethod):
     def validate(self, params: dict) -> None:
         if "w_v" in params and params.get("use_prior", 0):
             raise LabError("frank: give either 'w_v' (explicit prior) or 'use_prior: 1' with 'beta', not both")
+        if "prior_form" in params and not params.get("use_prior", 0):
+            raise LabError("frank: 'prior_form' shapes the prior of 'use_prior: 1'; add it or drop 'prior_form'")
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         at = ctx.num_layers - 1 if layer is None else layer
-        w_v = prior_w_v(p["beta"], at) if p["use_prior"] else float(p["w_v"])
+        form = PRIOR_FORMS[p.get("prior_form", 0)]
+        w_v = prior_w_v(p["beta"], at, ctx.num_layers, form) if p["use_prior"] else float(p["w_v"])
         w_r = 1.0 - w_v
         tau_v = {n: t.vlm - t.base for n, t in sets.items()}
         tau_r = {n: t.reasoner - t.base for n, t in sets.items()}
