@@ -276,15 +276,15 @@ def main_drift(args) -> int:
     inputs = (spec["vlm"], spec["reasoner"], args.recipe, *([spec["drift"]["data"]] if spec["drift"]["data"] else []))
     guard_output(args.out_dir, inputs)  # run_drift's folder does not know the inputs
     data = training_data(spec)
-    bar = tqdm(total=spec["drift"]["steps"], desc="drift", disable=args.no_progress, file=sys.stderr)
+    # closed as any exception leaves: an interrupt's one line is then the last one on the terminal
+    with tqdm(total=spec["drift"]["steps"], desc="drift", disable=args.no_progress, file=sys.stderr) as bar:
 
-    def progress(done, total, msg):
-        bar.n = done
-        bar.set_postfix_str(msg.split(", ")[-1])
-        bar.refresh()
+        def progress(done, total, msg):
+            bar.n = done
+            bar.set_postfix_str(msg.split(", ")[-1])
+            bar.refresh()
 
-    result = run_drift(spec, args.out_dir, args.device, progress, data=data)
-    bar.close()
+        result = run_drift(spec, args.out_dir, args.device, progress, data=data)
     print(f"wrote {args.out_dir}: {result.steps} steps on {data.source} in {result.seconds:.1f} s, "
           f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")
     return 0

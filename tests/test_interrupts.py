@@ -312,3 +312,23 @@ def test_sigterm_during_start_up_is_never_lost(syn, tmp_path, delay):
     assert "Traceback" not in err and leftovers(out) == []
     if out.exists():
         assert err.strip().endswith(f"the output {out} was already complete"), err[-3000:]
+
+
+def test_sigint_mid_drift_leaves_nothing(tmp_path):
+    """DRIFT interrupted while it trains: exit 130, one line, no output folder, no temp folder."""
+    toy = ROOT / "assets" / "toy"
+    recipe = tmp_path / "drift.yaml"
+    recipe.write_text(f"vlm: {toy / 'vlm'}\nreasoner: {toy / 'math'}\n"
+                      "drift: {steps: 200, examples: 32, batch_size: 8, lr: 0.001}\n")
+    out = tmp_path / "drifted"
+    p = subprocess.Popen([sys.executable, "-m", "merging", "drift", str(recipe), str(out)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.time() + 180
+    while "loss" not in seen and time.time() < deadline and p.poll() is None:  # a progress line: training
+        seen += p.stderr.read(1)
+    assert p.poll() is None, seen[-3000:]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (seen + err)[-3000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted (SIGINT); nothing was written"
+    assert "Traceback" not in err and not out.exists() and leftovers(out) == []
