@@ -26,7 +26,7 @@ from merging.errors import LabError
 
 # load_model is re-exported: analysis.leaderboard and the tests load through this module.
 from merging.loading import is_vision, load_model, prompt, tokenizer_of, user_turn
-from tasks.toydata import parse_answer
+from tasks.toydata import ANSWER_RE, parse_answer
 
 SUITES = ("perception", "visual_math", "text_math")
 IMAGE_SUITES = ("perception", "visual_math")
@@ -60,11 +60,28 @@ def is_vlm(model) -> bool:
     return is_vision(model.config)
 
 
+class AnswerGiven:
+    """A stopping criterion: a row is done once its text holds a final "the answer is X" (X followed by
+    a character that cannot extend it), so parse_answer's result can no longer change. Exact-match
+    scoring only needs that much; a batch stops when every row is done or at EOS."""
+
+    def __init__(self, tok, prompt_len: int):
+        self.tok, self.prompt_len = tok, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        done = [(m := ANSWER_RE.search(t)) is not None and m.end() < len(t) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
-    model, proc, questions: list[str], images: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS
+    model, proc, questions: list[str], images: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+    stop_at_answer: bool = False,
 ):
-    """Greedy answers to a batch of questions (each with an image when `images` is given)."""
+    """Greedy answers to a batch of questions (each with an image when `images` is given).
+    stop_at_answer: a row stops once its final answer is written (AnswerGiven): the same scores,
+    shorter outputs (knockout, where no output is shown)."""
     tok = tokenizer_of(proc)
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -81,12 +98,14 @@ def generate(
     batch = {k: v.to(model.device) for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    stop = [AnswerGiven(tok, batch["input_ids"].shape[1])] if stop_at_answer else None
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
+        stopping_criteria=stop,
     )
     return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -118,13 +137,13 @@ def _chunks(items: list[dict], batch_size: int):
 
 
 def score(model, proc, items: list[dict], on_batch: Callable[[int], None] | None = None,
-          batch_size: int = 64) -> list[dict]:
+          batch_size: int = 64, stop_at_answer: bool = False) -> list[dict]:
     """One record per item (id, question, answer, output, correct), in order; an item with "pil"
     is asked with its image. on_batch(n) after each batch of n items."""
     recs = []
     for chunk in _chunks(items, batch_size):
         imgs = [it["pil"] for it in chunk] if _has_image(chunk[0]) else None
-        outs = generate(model, proc, [it["question"] for it in chunk], imgs)
+        outs = generate(model, proc, [it["question"] for it in chunk], imgs, stop_at_answer=stop_at_answer)
         for it, text in zip(chunk, outs):
             ok = parse_answer(text) == str(it["answer"]).lower()
             recs.append({"id": it["id"], "question": it["question"], "answer": it["answer"], "output": text,
@@ -163,6 +182,7 @@ def evaluate(
     eval_dir: Path | str | None = None,
     return_items: bool = False,
     extra: dict[str, list[dict]] | None = None,
+    stop_at_answer: bool = False,
 ) -> dict:
     """suite -> accuracy in [0, 1].
 
@@ -170,6 +190,7 @@ def evaluate(
     `processor=`. suites: None for all (a text-only model skips the image suites). extra: more
     suites by name, their items already loaded (analysis.eval_file.read_items; scored whole, no
     limit). With return_items, the result is {"accuracy": {...}, "items": {suite: [per-item dicts]}}.
+    stop_at_answer: each generation stops once its final answer is written (same scores, shorter outputs).
     """
     model, proc = _resolve(model_or_dir, processor, device)
     loaded = _suites(suites, is_vlm(model), extra, limit, eval_dir)
@@ -181,7 +202,7 @@ def evaluate(
             if progress is not None:
                 progress(done[0], total, f"{s}: {done[0]}/{total}")
 
-        records[s] = score(model, proc, items, on_batch, batch_size)
+        records[s] = score(model, proc, items, on_batch, batch_size, stop_at_answer)
         accuracy[s] = sum(r["correct"] for r in records[s]) / len(items) if items else 0.0
     return {"accuracy": accuracy, "items": records} if return_items else accuracy
 

@@ -127,6 +127,20 @@ def similarity_figure(sim: dict) -> go.Figure:
 
 
 # ------------------------------------------------------------------------------------- attention
+def attention_shape(att: dict) -> str:
+    """What the measured a_l do, in words, against FRANK Fig. 2's decay with depth."""
+    shares, r2 = att["shares"], att.get("r2")
+    if len(shares) < 3:
+        return "FRANK Fig. 2 expects a decay with depth"
+    low = min(range(len(shares)), key=shares.__getitem__)
+    path = f"{shares[0]:.0%} at layer 0, {shares[low]:.0%} at layer {low}, {shares[-1]:.0%} at layer {len(shares) - 1}"
+    fit = "" if r2 is None else f"; the fitted decay explains {r2:.0%} of the variance"
+    if 0 < low < len(shares) - 1 and shares[-1] > shares[low] + (shares[0] - shares[low]) / 2:
+        return f"FRANK Fig. 2 expects a decay with depth; here it dips and comes back ({path}){fit}"
+    verdict = "decays with depth, as in FRANK Fig. 2" if shares[-1] < shares[0] else "does not decay (FRANK Fig. 2 expects it to)"
+    return f"Here it {verdict} ({path}){fit}"
+
+
 def attention_figure(att: dict) -> go.Figure:
     """a_l per layer with the fitted exponential and beta in the legend (FRANK Fig. 2)."""
     shares = att["shares"]
@@ -142,7 +156,7 @@ def attention_figure(att: dict) -> go.Figure:
         name=f"fit a_l = {c:.3g}·exp(−β·l), β = {beta:.3f}, R² = {_fmt(att.get('r2'), '.2f')}",
         hovertemplate="fit at layer %{x:.1f}: %{y:.1%}<extra></extra>"))
     fig.update_layout(title={"text": "Visual attention per layer: share of text→image attention"
-                                     "<br><sub>FRANK Fig. 2: decays with depth</sub>"},
+                                     f"<br><sub>{attention_shape(att)}</sub>"},
                       xaxis={"title": "decoder layer l", "dtick": 1},  # whole layers only
                       yaxis_title="a_l = text→image / (text→image + text→text)", yaxis_tickformat=".0%",
                       legend={"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"})
@@ -150,8 +164,31 @@ def attention_figure(att: dict) -> go.Figure:
 
 
 # -------------------------------------------------------------------------------------- knockout
+def _drop_trace(label: str, ko: dict, g: str, s: str, dash: str, first: bool) -> go.Scatter:
+    """One suite's drop per knocked-out layer, with its 95% paired-bootstrap interval as error bars."""
+    base, drops = ko["baseline"], ko["drop"][g][s]
+    ci = ko.get("drop_ci", {}).get(g, {}).get(s)
+    noise = ko.get("noise", {}).get(g, {}).get(s)
+    control = " (control, no image)" if s == ko.get("control") else ""
+    err, text = None, [""] * len(drops)
+    if ci:
+        err = {"type": "data", "symmetric": False, "array": [hi - d for d, (_, hi) in zip(drops, ci)],
+               "arrayminus": [d - lo for d, (lo, _) in zip(drops, ci)], "thickness": 1, "width": 3}
+        text = [f" (95% interval {lo:+.0%} to {hi:+.0%}{', within noise' if nz else ''})"
+                for (lo, hi), nz in zip(ci, noise)]
+    n = ko.get("n", {}).get(s)
+    return go.Scatter(
+        x=ko["layers"], y=drops, mode="lines+markers", error_y=err, text=text,
+        name=f"{label}: {s}{control} (intact {base[s]:.0%}{f', {n} items' if n else ''})",
+        legendgroup=f"{label}{s}", showlegend=first,
+        line={"color": SUITE_COLOURS.get(s), "dash": dash, "width": 3 if control else 2},
+        hovertemplate=f"{label}, layer %{{x}} {g} knocked out: {s}{control} accuracy drops by "
+                      f"%{{y:.1%}}%{{text}} (intact: {base[s]:.1%})<extra></extra>")
+
+
 def knockout_figure(results: dict) -> go.Figure:
-    """results: {model label: knockout() output}. Drop in accuracy per knocked-out layer."""
+    """results: {model label: knockout() output}. Drop in accuracy per knocked-out layer, beside the
+    text-only control's drop, each with its 95% interval."""
     groups = ("attention", "mlp")
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(
         "attention (q,k,v,o) knocked out", "MLP (gate,up,down) knocked out"))
@@ -161,18 +198,13 @@ def knockout_figure(results: dict) -> go.Figure:
             if g not in ko["drop"]:
                 continue
             for s in ko["suites"]:
-                base = ko["baseline"][s]
-                fig.add_trace(go.Scatter(
-                    x=ko["layers"], y=ko["drop"][g][s], mode="lines+markers",
-                    name=f"{label}: {s} (intact {base:.0%})",
-                    legendgroup=f"{label}{s}", showlegend=(col == 1),
-                    line={"color": SUITE_COLOURS.get(s), "dash": dashes[k % len(dashes)]},
-                    hovertemplate=f"{label}, layer %{{x}} {g} knocked out: {s} accuracy drops by "
-                                  f"%{{y:.1%}} (intact: {base:.1%})<extra></extra>"), 1, col)
+                fig.add_trace(_drop_trace(label, ko, g, s, dashes[k % len(dashes)], col == 1), 1, col)
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
-    fig.update_layout(title={"text": "Layer knockout: accuracy lost when one layer's weights are blanked"
-                                     "<br><sub>BR2V: perception early, reasoning later; legend: intact accuracy"
-                                     "</sub>"}, margin={"t": 110})
+    fig.update_layout(title={"text": "Layer knockout: accuracy lost when one layer's weights are set to 1/out"
+                                     "<br><sub>a drop in perception means the layer reads the image only where "
+                                     "text_math (no image, the control) holds; bars: 95% intervals; below 0: the "
+                                     "knockout helped</sub>"}, margin={"t": 110},
+                      legend={"orientation": "h", "x": 0, "y": -0.18, "yanchor": "top"})
     fig.update_xaxes(title_text="decoder layer knocked out", dtick=1)
     fig.update_yaxes(title_text="accuracy drop vs intact model", tickformat=".0%", col=1)
     return fig

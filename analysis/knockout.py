@@ -1,18 +1,26 @@
 """Layer knockout (Bring Reason to Vision): which layers does each skill depend on?
 
 For decoder layer L and module m in {attention, mlp}, the layer's projection weights are
-replaced by the constant matrix 1/out_features (attention: q,k,v,o; mlp: gate,up,down), the
-model is evaluated on `perception` and `visual_math`, and the weights are restored bit for bit.
+replaced by the constant matrix 1/out_features (attention: q,k,v,o; mlp: gate,up,down; every
+entry of a weight of shape (out, in) is 1/out), the model is evaluated on `perception`,
+`visual_math` and the text-only control `text_math`, and the weights are restored bit for bit.
 The accuracy drop against the intact model says where a skill lives: BR2V finds perception in
-early layers and reasoning in middle/late ones.
+early layers and reasoning in middle/late ones. The control separates "this layer reads the
+image" from "this layer is needed for any answer at all": a knockout that drops text_math as much
+as perception has broken the model, not its perception.
+
+Every accuracy carries its 95% Wilson interval and every drop a paired bootstrap interval over the
+same items (analysis.intervals); a drop whose interval contains 0 is marked as noise.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
+from analysis import intervals
 from analysis.evaluate import evaluate
 from merging.errors import LabError
 
@@ -20,7 +28,8 @@ GROUPS = {
     "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 }
-SUITES = ("perception", "visual_math")
+SUITES = ("perception", "visual_math", "text_math")
+CONTROL = "text_math"  # no image: what every knockout costs a model that need not see
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -80,17 +89,49 @@ def knocked_out(model, layer: int, group: str):
                 p.copy_(s)
 
 
+def _scored(res: dict, suites: list[str]) -> tuple[dict, dict | None]:
+    """({suite: accuracy}, {suite: [correct per item]} or None) of an evaluate_fn result: evaluate's
+    return_items form, or a plain {suite: accuracy} (then no intervals)."""
+    if "accuracy" in res and "items" in res:
+        return ({s: float(res["accuracy"][s]) for s in suites},
+                {s: [bool(r["correct"]) for r in res["items"][s]] for s in suites})
+    return {s: float(res[s]) for s in suites}, None
+
+
+def _intervals(baseline: dict, knocked: dict, layers, groups, suites) -> dict:
+    """The 95% intervals: Wilson of each accuracy, paired bootstrap of each drop (intact minus knocked
+    on the same items); `noise` where the drop's interval contains 0."""
+    def acc_iv(correct):
+        iv = intervals.accuracy(correct)
+        return [iv["lo"], iv["hi"]]
+
+    out = {"n": {s: len(baseline[s]) for s in suites}, "baseline_ci": {s: acc_iv(baseline[s]) for s in suites},
+           "accuracy_ci": {}, "drop_ci": {}, "noise": {}}
+    for g in groups:
+        for key in ("accuracy_ci", "drop_ci", "noise"):
+            out[key][g] = {s: [] for s in suites}
+        for s in suites:
+            for i in range(len(layers)):
+                d = intervals.paired_difference(knocked[g][s][i], baseline[s])
+                out["accuracy_ci"][g][s].append(acc_iv(knocked[g][s][i]))
+                out["drop_ci"][g][s].append([d["lo"], d["hi"]])
+                out["noise"][g][s].append(d["noise"])
+    return out
+
+
 def knockout(model, processor=None, evaluate_fn=None, suites=SUITES, limit: int | None = 20, layers=None,
              groups=("attention", "mlp"), device="cpu", progress=None) -> dict:
     """Accuracy drop per (layer, group) for one loaded model.
 
-    evaluate_fn(target, suites=..., limit=..., device=...) -> {suite: accuracy}, where target is
-    (model, processor) when a processor is given, else the model; defaults to
-    analysis.evaluate.evaluate (injectable so tests can score a tiny random model cheaply).
-    Returns {"suites", "groups", "limit", "baseline": {suite: acc},
-             "drop": {group: {suite: [per layer]}}, "accuracy": same shape, "layers": [...]}.
+    evaluate_fn(target, suites=..., limit=..., device=...) -> evaluate's {"accuracy", "items"} (then
+    every number gets its interval) or a plain {suite: accuracy}, where target is (model, processor)
+    when a processor is given, else the model; defaults to analysis.evaluate.evaluate with its items
+    (injectable so tests can score a tiny random model cheaply).
+    Returns {"suites", "groups", "limit", "control", "baseline": {suite: acc},
+             "drop": {group: {suite: [per layer]}}, "accuracy": same shape, "layers": [...]}, and with
+    per-item results "n", "baseline_ci", "accuracy_ci", "drop_ci" ([lo, hi] each) and "noise".
     """
-    evaluate_fn = evaluate_fn or evaluate
+    evaluate_fn = evaluate_fn or partial(evaluate, return_items=True, stop_at_answer=True)
     n = len(decoder_layers(model))
     layers = list(range(n)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < n]
@@ -103,21 +144,26 @@ def knockout(model, processor=None, evaluate_fn=None, suites=SUITES, limit: int 
     def run(done, msg):
         if progress:
             progress(done, total, msg)
-        res = evaluate_fn(target, suites=suites, limit=limit, device=device)
-        return {s: float(res[s]) for s in suites}
+        return _scored(evaluate_fn(target, suites=suites, limit=limit, device=device), suites)
 
-    baseline = run(0, "knockout: intact model")
+    baseline, base_items = run(0, "knockout: intact model")
     acc = {g: {s: [] for s in suites} for g in groups}
+    items = {g: {s: [] for s in suites} for g in groups}
     done = 1
     for layer in layers:
         for g in groups:
             with knocked_out(model, layer, g):
-                res = run(done, f"knockout: layer {layer} {g}")
+                res, per_item = run(done, f"knockout: layer {layer} {g}")
             for s in suites:
                 acc[g][s].append(res[s])
+                if per_item is not None:
+                    items[g][s].append(per_item[s])
             done += 1
     if progress:
         progress(total, total, "knockout: done")
     drop = {g: {s: [baseline[s] - a for a in acc[g][s]] for s in suites} for g in groups}
-    return {"suites": suites, "groups": list(groups), "limit": limit, "layers": layers,
-            "baseline": baseline, "accuracy": acc, "drop": drop}
+    out = {"suites": suites, "groups": list(groups), "limit": limit, "layers": layers,
+           "control": CONTROL if CONTROL in suites else None, "baseline": baseline, "accuracy": acc, "drop": drop}
+    if base_items is not None:
+        out.update(_intervals(base_items, items, layers, groups, suites))
+    return out

@@ -216,7 +216,9 @@ def test_knockout_sweep_with_a_cheap_real_forward_score(vlm_model):
         return {"perception": float(p[7]), "visual_math": float(p[9])}
 
     seen = []
-    res = knockout.knockout(vlm_model, evaluate_fn=score, limit=3, progress=lambda d, t, m: seen.append((d, t)))
+    res = knockout.knockout(vlm_model, evaluate_fn=score, suites=("perception", "visual_math"), limit=3,
+                            progress=lambda d, t, m: seen.append((d, t)))
+    assert "drop_ci" not in res and res["control"] is None  # accuracies alone: no per-item outcomes
     assert len(calls) == 1 + 2 * 2 and set(calls) == {3}
     assert res["layers"] == [0, 1] and set(res["drop"]) == {"attention", "mlp"}
     for g in res["drop"]:
@@ -265,6 +267,7 @@ def test_every_figure_builds_with_readable_hover_text(triple):
     # readable at a glance: whole-layer ticks, intact accuracy in the legend, one colour per module
     assert figs[3].layout.xaxis.dtick == 1
     assert figs[4].data[0].name == "VLM: perception (intact 100%)"
+    assert "β = 0.500" in figs[3].data[1].name and "decays with depth" in figs[3].layout.title.text
     all_modules = figs[0].layout.updatemenus[0].buttons[-1].args[0]["line.color"]
     assert len(set(all_modules)) == 7 and all_modules[0] == all_modules[1]
 

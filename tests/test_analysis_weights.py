@@ -94,9 +94,11 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     run(worker, "analysis", {"name": "knockout", "triple": TRIPLE, "recipe": A, "limit": 1})
     fps = triple_fingerprints(TRIPLE["vlm"], TRIPLE["reasoner"], TRIPLE["base"])
     suites = eval_key(TOY_ROOT / "eval")
-    vlm_entry = stored(worker, "knockout", {"weights": weights_id(fps, None), "limit": 1, "eval": suites})
+    ko_suites = list(knockout.SUITES)
+    vlm_entry = stored(worker, "knockout", {"weights": weights_id(fps, None), "limit": 1, "eval": suites,
+                                                                    "suites": ko_suites})
     a_entry = stored(worker, "knockout", {"weights": weights_id(fps, merge_key(from_dict(A))), "limit": 1,
-                                          "eval": suites})
+                                          "eval": suites, "suites": ko_suites})
     model, proc = fresh_vlm()
     want = knockout.knockout(model, proc, partial(evaluate, eval_dir=TOY_ROOT / "eval"), limit=1)
     for suite, acc in want["baseline"].items():
@@ -110,4 +112,4 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     out = run(worker, "analysis", {"name": "knockout", "triple": TRIPLE, "recipe": B, "limit": 1})
     assert "VLM" in out["summary"]
     assert stored(worker, "knockout", {"weights": weights_id(fps, merge_key(from_dict(B))), "limit": 1,
-                                       "eval": suites})
+                                       "eval": suites, "suites": ko_suites})
