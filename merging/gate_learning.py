@@ -214,6 +214,7 @@ def _split(theta: torch.Tensor, mats: dict[str, _Matrix]) -> dict[str, torch.Ten
     return out
 
 
+@torch.enable_grad()  # InPlaceMerger.apply runs under no_grad
 def learn(s: Setup, progress=None, cancel=None) -> Learned:
     """The gates of s.names (steps 0: none learned, every gate INIT). progress(done, total, message)
     after each step; cancel() -> True raises Cancelled."""

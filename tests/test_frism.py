@@ -156,17 +156,19 @@ def test_learned_gates_lower_the_kl_and_the_reward_raises_them(smoke_family, tmp
 def test_gates_are_in_the_merge_report_and_in_place_gives_the_same_tensors(smoke_family, tmp_path):
     fam = family(smoke_family)
     rec = recipe(fam, steps=5, examples=8, rank=4, groups=2)
+    model, _ = load_model(fam["vlm"])
+    merger = InPlaceMerger(model, str(fam["vlm"]), str(fam["reasoner"]), str(fam["base"]))
+    extra = merger.apply(rec)  # learns (apply runs under no_grad), then the disk merge reuses the gates
+    assert not extra["frism"]["learned"]["cached"]
     merge_to_disk(rec, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())["diagnostics"]["frism"]
+    assert report["cached"]
     layers = lm(fam["vlm"])
     matrices = {c for c, t in layers.items() if c.startswith("layers.") and t.dim() == 2}
     assert sum(len(m) for m in report["gates"].values()) == len(matrices)
     assert all(len(g) == 3 and all(0 < x < 1 for x in g) for m in report["gates"].values() for g in m.values())
     assert report["learned"] and len(report["losses"]) == 5 and report["seconds"] > 0
-    model, _ = load_model(fam["vlm"])
-    merger = InPlaceMerger(model, str(fam["vlm"]), str(fam["reasoner"]), str(fam["base"]))
-    extra = merger.apply(rec)
-    assert extra["report"]["diagnostics"]["frism"]["gates"] == report["gates"]  # the cached gates, reused
+    assert extra["report"]["diagnostics"]["frism"]["gates"] == report["gates"]
     disk = lm(tmp_path / "out")
     for c, p in merger.params.items():
         torch.testing.assert_close(p.detach(), disk[c], atol=1e-6, rtol=1e-6)
