@@ -1,5 +1,6 @@
 """`python -m analysis eval MODEL_DIR [--suite NAME] [--suite-file ITEMS.jsonl]`,
-`python -m analysis report RECIPE OUT_DIR` and `python -m analysis leaderboard [--limit N]`.
+`python -m analysis report RECIPE OUT_DIR`, `python -m analysis handout RECIPE OUT.html` and
+`python -m analysis leaderboard [--limit N]`.
 
 Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGINT (143 on SIGTERM).
 """
@@ -30,6 +31,12 @@ def main(argv=None) -> int:
     _analysis_flags(rp)
     rp.add_argument("--overwrite", action="store_true",
                     help="replace OUT_DIR even if it is not an earlier report (never an input or a folder holding one)")
+    ho = sub.add_parser("handout", help="one offline HTML file: the recipe, scores with intervals, every figure")
+    ho.add_argument("recipe")
+    ho.add_argument("out", help="the .html file to write (an earlier handout there is replaced; nothing else)")
+    ho.add_argument("--limit", type=count, default=30, help="items per suite for the scores (default 30)")
+    ho.add_argument("--device", default="cpu")
+    ho.add_argument("--cache-dir", default=None)
     lb = sub.add_parser("leaderboard", help="rank every method on the bundled family (dev-tuned, held-out scored)")
     lb.add_argument("--family", default=None, help="a family folder with vlm/, math/, base/, eval/ (default: the bundled one)")
     lb.add_argument("--out-dir", default="runs/leaderboard", help="where leaderboard.md/.json/.html go")
@@ -40,7 +47,7 @@ def main(argv=None) -> int:
     lb.add_argument("--threads", type=count, default=1,
                     help="CPU threads (default 1: the toy models are too small to gain from more)")
     args = ap.parse_args(argv)
-    return run(lambda: _dispatch(args), getattr(args, "out_dir", None))
+    return run(lambda: _dispatch(args), getattr(args, "out_dir", None) or getattr(args, "out", None))
 
 
 def _analysis_flags(rp) -> None:
@@ -64,6 +71,11 @@ def _dispatch(args) -> int:
         return main_leaderboard(args)
     if args.cmd == "eval":
         return main_eval(args)
+    if args.cmd == "handout":
+        # lazy: plotly and the analyses, as for the report below.
+        from analysis.handout import main_handout
+
+        return main_handout(args)
     # lazy: the report draws with plotly too (analysis.figures, 0.22 s after torch).
     from analysis.report import main_report
 

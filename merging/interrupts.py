@@ -38,9 +38,12 @@ def untrack(tmp: Path) -> None:
 
 
 def discard_unfinished() -> None:
-    """Remove every temp folder of this process that was neither put in place nor removed."""
+    """Remove every temp folder (or file) of this process that was neither put in place nor removed."""
     for tmp in list(_unfinished):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         _unfinished.discard(tmp)
 
 

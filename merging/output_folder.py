@@ -209,3 +209,65 @@ class AtomicFolder:
         except OSError:
             return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is in {old}")
         return WriteError(f"could not replace {self.out}: {e.strerror or e}; the previous output is unchanged")
+
+
+class AtomicFile:
+    """`with AtomicFile(out, marker, inputs) as tmp:` writes one file at .OUT.tmp-XXXX beside OUT and
+    renames it to OUT on success (signals deferred across the rename); on any exception it is removed.
+    An existing OUT is replaced only when it is an earlier output of the same kind (`marker` within its
+    first 4 KB); never a folder, a link, an input or anything else, --overwrite or not."""
+
+    def __init__(self, out: str | Path, marker: str, inputs=()):
+        self.out, self.marker, self.inputs = output_path(out), marker, tuple(inputs)
+        self.tmp: Path | None = None
+
+    def check(self) -> Path:
+        out = self.out
+        if not out.name.strip() or len(out.name.encode()) + 14 > _NAME_MAX:
+            raise LabError(f"output file name {str(out)[:80]!r} is empty or too long; name a new file")
+        for ref in self.inputs:
+            src = _input_folder(ref) if ref else None
+            if src is not None and (_real(out) == src or src in _real(out).parents):
+                raise LabError(f"output {out} is (or is inside) the input {ref}; the lab never writes into an input")
+        if not os.path.lexists(out):
+            return out
+        if out.is_symlink() or not out.is_file():
+            raise LabError(f"output {out} exists and is not a plain file; name a new file")
+        try:
+            with open(out, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+        except OSError as e:
+            raise LabError(f"output {out}: {e.strerror}") from None
+        if self.marker not in head:
+            raise LabError(f"output {out} exists and was not written by the lab; the lab replaces only its own "
+                           "earlier outputs: choose another name")
+        return out
+
+    def __enter__(self) -> Path:
+        self.check()
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.out, e) from None
+        interrupts.track(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        with interrupts.deferred_signals():
+            if exc_type is None and interrupts.NOTED:
+                exc_type = KeyboardInterrupt
+            if exc_type is None:
+                try:
+                    os.replace(self.tmp, self.out)
+                    _committed.add(str(self.out))
+                except OSError as e:
+                    self.tmp.unlink(missing_ok=True)
+                    interrupts.untrack(self.tmp)
+                    raise write_error(self.out, e) from None
+            else:
+                self.tmp.unlink(missing_ok=True)
+            interrupts.untrack(self.tmp)
+        if exc_type is KeyboardInterrupt and exc is None:
+            raise KeyboardInterrupt
+        return False

@@ -310,3 +310,46 @@ def test_report_missing_recipe_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "recipe file not found" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- handout
+@pytest.mark.slow
+def test_handout_is_one_offline_file_with_both_models_scores(triple, tmp_path):
+    """`analysis handout`: one HTML file that fetches nothing, each analysis' title and figure, and the
+    scores of the VLM and the merge equal to separate `evaluate` runs of the two models on the same items.
+    A second run replaces its own earlier handout; a file the lab did not write is never replaced."""
+    import re
+
+    from analysis.evaluate import evaluate
+    from analysis.handout import GENERATOR
+    from merging import recipe as recipe_mod
+    from merging.engine import merge_to_disk
+    from tests.output_checks import cli, one_line
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"vlm: {triple['vlm']}\nreasoner: {triple['reasoner']}\nbase: {triple['base']}\n"
+                      f"method: task_arithmetic\nparameters: {{alpha: 0.5}}\n")
+    out = tmp_path / "notes" / "handout.html"
+    r = cli("handout", recipe, out, "--limit", 3, "--cache-dir", tmp_path / "cache", module="analysis")
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert GENERATOR in text[:400] and not re.search(r"<(script|link|img)[^>]+(src|href)=[\"']https?:", text)
+    for title in ("Similarity", "Singular values"):
+        assert f"<h2>{title}</h2>" in text
+    assert text.count("plotly-graph-div") >= 4
+    merged = tmp_path / "merged"
+    merge_to_disk(recipe_mod.load(recipe), merged, bar=False)
+    for which, folder in (("vlm", triple["vlm"]), ("merge", merged)):
+        acc = evaluate(folder, ["text_math", "perception", "visual_math"], limit=3)
+        for suite, value in acc.items():
+            row = re.search(rf"<tr><td>{suite}</td><td>([\d.]+) \[[^<]*</td><td>([\d.]+) \[", text)
+            assert row, suite
+            assert float(row.group(1 if which == "vlm" else 2)) == pytest.approx(value, abs=0.006), (which, suite)
+    assert not [p.name for p in out.parent.iterdir() if p.name != "handout.html"]  # no temp file left
+    again = cli("handout", recipe, out, "--limit", 3, "--cache-dir", tmp_path / "cache", module="analysis")
+    assert again.returncode == 0, again.stderr[-3000:]
+    foreign = tmp_path / "notes" / "mine.html"
+    foreign.write_text("<html>my own notes</html>")
+    refused = cli("handout", recipe, foreign, "--limit", 3, "--cache-dir", tmp_path / "cache", module="analysis")
+    one_line(refused, 2, "was not written by the lab")
+    assert foreign.read_text() == "<html>my own notes</html>"

@@ -18,6 +18,10 @@ CHOICE_LABELS = {
     "svd": ("0 · auto", "1 · exact", "2 · randomized"),
     "similarity": ("0 · paired singular vectors (paper)", "1 · principal angles"),
     "use_prior": ("0 · off: w_v", "1 · on: exp(-beta · layer)"),
+    "rescale": ("0 · l1: keep each task vector's L1 norm (mergekit)", "1 · inverse_density: 1/density (DARE paper)",
+                "2 · none"),
+    "use_threshold": ("0 · the top fraction of each layer", "1 · a threshold on the score (paper)"),
+    "prior_form": ("0 · clipped: a_l / a_0", "1 · normalized over the layers"),
 }
 CAP = 256  # largest slider for an integer knob with a huge range when the model's size is not known
 
@@ -40,7 +44,7 @@ def is_choice(p) -> bool:
 
 def choices(p) -> list[tuple[str, int]]:
     """(label, value) of a choice knob's values."""
-    labels = CHOICE_LABELS.get(p.name, ())
+    labels = CHOICE_LABELS.get(p.name) or tuple(f"{i} · {c}" for i, c in enumerate(p.choices))
     values = range(int(p.lo), int(p.hi) + 1)
     return [(labels[i] if i < len(labels) else str(v), v) for i, v in enumerate(values)]
 
