@@ -1,6 +1,7 @@
 """`python -m analysis eval MODEL_DIR [--suite NAME] [--suite-file ITEMS.jsonl]`,
-`python -m analysis report RECIPE OUT_DIR`, `python -m analysis handout RECIPE OUT.html` and
-`python -m analysis leaderboard [--limit N]`.
+`python -m analysis report RECIPE OUT_DIR`, `python -m analysis handout RECIPE OUT.html`,
+`python -m analysis leaderboard [--limit N]`,
+`python -m analysis sweep RECIPE --knob K --values V,... --out DIR` and `python -m analysis tune --method M --out DIR`.
 
 Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGINT (143 on SIGTERM).
 """
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     lb.add_argument("--grid-size", type=count, default=None, help="at most N grid points per method (default: all)")
     lb.add_argument("--threads", type=count, default=1,
                     help="CPU threads (default 1: the toy models are too small to gain from more)")
+    _knob_commands(sub)
     args = ap.parse_args(argv)
     return run(lambda: _dispatch(args), getattr(args, "out_dir", None) or getattr(args, "out", None))
 
@@ -63,7 +65,35 @@ def _analysis_flags(rp) -> None:
                             help=f"{a.title}: {k.label}" + ("" if k.kind == "images" else f" ({default})"))
 
 
+def _knob_commands(sub) -> None:
+    """sweep (one knob as a curve) and tune (a method's knobs searched on dev, optuna)."""
+    sw = sub.add_parser("sweep", help="one knob of a recipe as accuracy curves with 95%% intervals")
+    sw.add_argument("recipe")
+    sw.add_argument("--knob", required=True)
+    sw.add_argument("--values", required=True, help="comma-separated knob values, e.g. 0,0.25,0.5,1")
+    sw.add_argument("--limit", type=count, default=None, help="items per suite (default: all)")
+    sw.add_argument("--out", required=True, dest="out_dir", help="folder for sweep.json and the plot (atomic)")
+    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--threads", type=count, default=1)
+    tu = sub.add_parser("tune", help="search a method's knobs on the dev split (optuna, multi-objective)")
+    tu.add_argument("--method", required=True)
+    tu.add_argument("--trials", type=count, default=20, help="trials this run adds to the study (a rerun on DIR continues it)")
+    tu.add_argument("--seconds", type=count, default=None, help="stop starting trials after this many seconds")
+    tu.add_argument("--limit", type=count, default=50, help="dev items per suite each trial is scored on")
+    tu.add_argument("--dev-items", type=count, default=100, help="dev split size per suite (as the leaderboard's)")
+    tu.add_argument("--test-limit", type=count, default=None, help="held-out items per suite for the best point")
+    tu.add_argument("--family", default=None, help="a family folder with vlm/, math/, base/, eval/ (default: bundled)")
+    tu.add_argument("--out", required=True, dest="out_dir", help="the study's folder (resumable) and pareto.json")
+    tu.add_argument("--threads", type=count, default=1)
+
+
 def _dispatch(args) -> int:
+    if args.cmd in ("sweep", "tune"):
+        # lazy: both draw with plotly (0.22 s after torch) and tune imports optuna; `eval` needs neither.
+        from analysis.sweep import main_sweep
+        from analysis.tune import main_tune  # lazy: optuna (0.5 s), for tune only; see above
+
+        return main_sweep(args) if args.cmd == "sweep" else main_tune(args)
     if args.cmd == "leaderboard":
         # lazy: it draws with plotly, 0.22 s after torch (python -X importtime); `--help` and `eval` do not.
         from analysis.leaderboard import main_leaderboard

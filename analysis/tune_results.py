@@ -1,0 +1,35 @@
+"""Finished tunes as leaderboard rows (no optuna here: the leaderboard and the UI read pareto.json only).
+
+A tune folder's pareto.json (analysis.tune) holds the point its selection rule chose on dev (perception
+within 3 points of the VLM's, then the highest visual_math) and that point's held-out scores; each
+method with a tune gets one row, from its newest pareto.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def entry(result: dict) -> dict:
+    """The chosen point as a leaderboard entry (analysis.leaderboard.Entry's fields, plus its intervals)."""
+    b = result["best"]
+    n = b["test"].get("perception", next(iter(b["test"].values())))["n"]
+    return {"method": result["method"], "label": f"tuned ({result['trials']} trials, {n} held-out items)",
+            "knobs": b["knobs"], "dev": {s: v["acc"] for s, v in b["dev"].items()},
+            "test": {s: v["acc"] for s, v in b["test"].items()}, "details": "", "intervals": b["test"]}
+
+
+def newest(root: Path, names) -> list[dict]:
+    """One entry per method in `names` with a pareto.json under root/*/, the newest of each."""
+    found: dict[str, tuple[float, dict]] = {}
+    for path in Path(root).glob("*/pareto.json"):
+        try:
+            result = json.loads(path.read_text())
+            when = path.stat().st_mtime
+        except (OSError, ValueError):
+            continue  # a half-gone folder: no row rather than an error
+        m = result.get("method")
+        if m in names and (m not in found or when > found[m][0]):
+            found[m] = (when, result)
+    return [entry(found[m][1]) for m in names if m in found]

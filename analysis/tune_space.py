@@ -1,0 +1,55 @@
+"""The knobs the auto-tuner searches for one method, and how a trial's numbers become recipe knobs.
+
+[choice] The searched knobs are the ones the method's leaderboard grid varies (MergeMethod.grid),
+each over its Param range: the method's author named them as the ones worth tuning, and the
+tuned point then competes with the grid's best on the same knobs. A float knob that may vary per
+layer is searched as a schedule: a start and an end value, the recipe's 2-anchor gradient
+(merging.params: linear from the first to the last decoder layer); start == end is the constant.
+An int knob is searched over its whole numbers, a bool knob over 0 and 1.
+"""
+
+from __future__ import annotations
+
+from analysis.knob_figures import describe as describe
+from merging import methods
+from merging.errors import LabError
+
+
+def searched(method: str, num_layers: int) -> list:
+    """The Params the tuner varies, in the method's order."""
+    m = methods.get(method)
+    named = {k for point in m.grid(num_layers) for k in point}
+    params = [p for p in m.params if p.name in named]
+    if not params:
+        raise LabError(f"method {method!r} names no knobs to tune (its leaderboard grid varies none)")
+    return params
+
+
+def is_schedule(p, num_layers: int) -> bool:
+    return p.per_layer and p.kind is float and num_layers >= 3  # a 2-anchor gradient needs 3+ layers
+
+
+def suggest(trial, method: str, num_layers: int) -> dict:
+    """One trial's knobs, as recipe parameters (a schedule as [start, end])."""
+    knobs: dict = {}
+    for p in searched(method, num_layers):
+        if is_schedule(p, num_layers):
+            start = trial.suggest_float(f"{p.name}_start", float(p.lo), float(p.hi))
+            end = trial.suggest_float(f"{p.name}_end", float(p.lo), float(p.hi))
+            knobs[p.name] = [round(start, 4), round(end, 4)]
+        elif p.kind is float:
+            knobs[p.name] = round(trial.suggest_float(p.name, float(p.lo), float(p.hi)), 4)
+        else:
+            knobs[p.name] = trial.suggest_int(p.name, int(p.lo), int(p.hi))
+    return knobs
+
+
+def defaults_params(method: str, num_layers: int) -> dict:
+    """The trial parameters of the method's defaults (enqueued first: the search never loses them)."""
+    out: dict = {}
+    for p in searched(method, num_layers):
+        if is_schedule(p, num_layers):
+            out[f"{p.name}_start"] = out[f"{p.name}_end"] = float(p.default)
+        else:
+            out[p.name] = float(p.default) if p.kind is float else int(p.default)
+    return out
