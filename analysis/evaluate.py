@@ -14,12 +14,14 @@ tokenizer), so layer knockout and the app can score a model they hold in memory.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from analysis import intervals
 from analysis.eval_file import read_items
 from merging.device import check_device
 from merging.errors import LabError
@@ -207,9 +209,20 @@ def evaluate(
     return {"accuracy": accuracy, "items": records} if return_items else accuracy
 
 
+def report(result: dict) -> dict:
+    """The CLI's JSON: {suite: accuracy, ..., "ci95": {suite: [lo, hi]}, "n": {suite: items}} (Wilson
+    intervals), from evaluate(..., return_items=True)."""
+    out: dict = {k: round(v, 4) for k, v in result["accuracy"].items()}
+    ivs = {s: intervals.accuracy([r["correct"] for r in recs]) for s, recs in result["items"].items()}
+    out["ci95"] = {s: [round(iv["lo"], 4), round(iv["hi"], 4)] for s, iv in ivs.items()}
+    out["n"] = {s: iv["n"] for s, iv in ivs.items()}
+    return out
+
+
 def main_eval(args) -> int:
-    """Print {suite: accuracy} as JSON: the bundled suites (or --suite), or with --suite-file the
-    user's file as suite "custom" (plus --suite when both are given)."""
+    """Print {suite: accuracy} as JSON with each accuracy's 95% interval ("ci95") and item count ("n"):
+    the bundled suites (or --suite), or with --suite-file the user's file as suite "custom" (plus
+    --suite when both are given). A readable line per suite goes to stderr."""
     check_device(args.device)
     if args.suite is not None and args.suite not in SUITES:
         raise LabError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
@@ -230,6 +243,10 @@ def main_eval(args) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise LabError(f"could not load the model in {args.model_dir} (bad config or tokenizer?): "
                        f"{type(e).__name__} {first}") from None
-    result = evaluate(loaded, suites=suites, limit=args.limit, device=args.device, extra=extra)
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    result = evaluate(loaded, suites=suites, limit=args.limit, device=args.device, extra=extra, return_items=True)
+    out = report(result)
+    for s in result["accuracy"]:
+        lo, hi = out["ci95"][s]
+        print(f"{s}: {out[s]:.2f} [{lo:.2f}, {hi:.2f}] ({out['n'][s]} items, 95% Wilson interval)", file=sys.stderr)
+    print(json.dumps(out))
     return 0

@@ -9,6 +9,10 @@ merger (merging.inplace), so the numbers are those of the real methods, not re-i
 Selection rule on dev [choice]: among the grid points whose perception is within 3 points of
 the VLM's, the highest visual_math (ties: higher perception); if none keeps perception, the
 highest perception + visual_math.
+
+Every held-out accuracy carries its 95% Wilson interval and every change from the VLM a paired
+bootstrap interval over the same items (analysis.intervals); a change whose interval holds 0 is
+marked "noise" in the table.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.colors import qualitative
 
+from analysis import intervals
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from merging import methods
 from merging.errors import Cancelled, LabError
@@ -110,6 +115,9 @@ class Entry:
     dev: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     details: str = ""
+    correct: dict = field(default_factory=dict)  # suite -> "0110..." per held-out item
+    ci: dict = field(default_factory=dict)  # suite -> [lo, hi], 95% Wilson
+    vs_vlm: dict = field(default_factory=dict)  # suite -> paired_difference() against the VLM
 
 
 def selection_details(method: str, extra: dict) -> str:
@@ -166,6 +174,14 @@ class Board:
         eval_dir = self.dev_dir if split == "dev" else self.family / "eval"
         return evaluate(model or (self.model, self.proc), limit=self.limit, eval_dir=eval_dir, progress=self.check)
 
+    def score_test(self, entry: Entry, model=None) -> Entry:
+        """entry.test (accuracy) and entry.correct (each held-out item's outcome) of the live VLM or `model`."""
+        out = evaluate(model or (self.model, self.proc), limit=self.limit, eval_dir=self.family / "eval",
+                       progress=self.check, return_items=True)
+        entry.test = out["accuracy"]
+        entry.correct = {s: "".join("1" if r["correct"] else "0" for r in recs) for s, recs in out["items"].items()}
+        return entry
+
     def merged(self, method: str, knobs: dict) -> dict:
         fam = self.family
         rec = from_dict({"vlm": str(fam / "vlm"), "reasoner": str(fam / "math"), "base": str(fam / "base"),
@@ -182,14 +198,14 @@ class Board:
             self.step(f"{method} {knobs or 'defaults'}: dev {fmt(dev)}")
             if not knobs:
                 defaults.dev, defaults.details = dev, selection_details(method, extra)
-                defaults.test = self.score("test")
+                self.score_test(defaults)
                 self.step(f"{method} defaults: test {fmt(defaults.test)}")
             if better(dev, best_dev, floor):
                 best, best_dev, best_details = knobs, dev, selection_details(method, extra)
             self.merger.restore()
         tuned = Entry(method, "best on dev", best or {}, best_dev, details=best_details)
         self.merged(method, tuned.knobs)
-        tuned.test = self.score("test")
+        self.score_test(tuned)
         self.step(f"{method} best on dev {tuned.knobs or 'defaults'}: test {fmt(tuned.test)}")
         self.merger.restore()
         return [defaults, tuned] + [self.variant(method, label, knobs) for label, knobs in
@@ -199,7 +215,7 @@ class Board:
         """One fixed variant merged and scored on test (not on dev: nothing is chosen from it)."""
         extra = self.merged(method, knobs)
         entry = Entry(method, label, dict(knobs), details=selection_details(method, extra))
-        entry.test = self.score("test")
+        self.score_test(entry)
         self.step(f"{method} {label} {knobs}: test {fmt(entry.test)}")
         self.merger.restore()
         return entry
@@ -213,9 +229,9 @@ def _baselines(board: Board) -> list[Entry]:
     """The VLM on dev and test, the reasoner on test."""
     vlm = Entry("vlm", "the VLM", {}, board.score("dev"))
     board.step(f"the VLM: dev {fmt(vlm.dev)}")
-    vlm.test = board.score("test")
+    board.score_test(vlm)
     board.step(f"the VLM: test {fmt(vlm.test)}")
-    reasoner = Entry("reasoner", "the math LLM", {}, {}, board.score("test", load_model(board.family / "math")))
+    reasoner = board.score_test(Entry("reasoner", "the math LLM", {}), load_model(board.family / "math"))
     board.step(f"the math LLM: test {fmt(reasoner.test)}")
     return [vlm, reasoner]
 
@@ -235,6 +251,7 @@ def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 
         entries = _baselines(board)
         for name in names:
             entries += board.run_method(name, entries[0].dev, grid_size)
+        add_intervals(entries)
         result = {"limit": limit, "dev_items": dev_items, "num_layers": board.num_layers,
                   "entries": [e.__dict__ for e in entries]}
         (tmp / "leaderboard.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -243,20 +260,60 @@ def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 
     return result
 
 
+def add_intervals(entries: list[Entry]) -> None:
+    """Each entry's 95% Wilson interval per suite, and its paired bootstrap difference from the VLM
+    on the same held-out items (the VLM's own row: none)."""
+    vlm = next(e for e in entries if e.method == "vlm")
+    for e in entries:
+        for s, bits in e.correct.items():
+            iv = intervals.accuracy([b == "1" for b in bits])
+            e.ci[s] = [iv["lo"], iv["hi"]]
+            if e is not vlm and s in vlm.correct:
+                e.vs_vlm[s] = intervals.paired_difference([b == "1" for b in vlm.correct[s]], [b == "1" for b in bits])
+
+
+def cell(e: dict, s: str) -> str:
+    """'79.3 ±6.5': the accuracy in %, ± half its 95% Wilson interval's width (the interval is
+    [lo, hi] in the JSON; it is not symmetric near 0 or 100)."""
+    if s not in e["test"]:
+        return "-"
+    lo_hi = e.get("ci", {}).get(s)
+    pm = f" ±{50 * (lo_hi[1] - lo_hi[0]):.1f}" if lo_hi else ""
+    return f"{100 * e['test'][s]:.1f}{pm}"
+
+
+def delta(e: dict, s: str, vlm: dict) -> str:
+    """'+46.0 [38.0, 54.0]' points against the VLM, with 'noise' when the interval holds 0."""
+    if s not in e["test"] or s not in vlm:
+        return "-"
+    d = e.get("vs_vlm", {}).get(s)
+    if d is None:
+        return f"{100 * (e['test'][s] - vlm[s]):+.1f}"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" + (" noise" if d["noise"] else "")
+
+
 def markdown(result: dict) -> str:
     vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
     lines = ["| method | knobs | perception | visual_math | text_math | d perception | d visual_math | selection |",
              "|---|---|---|---|---|---|---|---|"]
     for e in result["entries"]:
-        t = e["test"]
-        cells = [f"{100 * t[s]:.1f}" if s in t else "-" for s in SUITES]
-        dp = f"{100 * (t['perception'] - vlm['perception']):+.1f}" if "perception" in t else "-"
-        dv = f"{100 * (t['visual_math'] - vlm['visual_math']):+.1f}" if "visual_math" in t else "-"
+        cells = [cell(e, s) for s in SUITES]
+        dp, dv = (delta(e, s, vlm) for s in ("perception", "visual_math"))
         knobs = ", ".join(f"{k} {v:g}" for k, v in e["knobs"].items()) or e["label"]
         if e["knobs"]:
             knobs = f"{e['label']}: {knobs}"
         lines.append(f"| {e['method']} | {knobs} | " + " | ".join(cells) + f" | {dp} | {dv} | {e['details']} |")
     return "\n".join(lines)
+
+
+def _bar(e: dict, s: str) -> dict | None:
+    """A point's 95% Wilson interval as plotly error bars (in %), thin, in the point's colour."""
+    lo_hi = e.get("ci", {}).get(s)
+    if not lo_hi:
+        return None
+    acc = 100 * e["test"][s]
+    return {"type": "data", "symmetric": False, "array": [100 * lo_hi[1] - acc], "arrayminus": [acc - 100 * lo_hi[0]],
+            "thickness": 1, "width": 0}
 
 
 def scatter(result: dict):
@@ -280,12 +337,14 @@ def scatter(result: dict):
         symbol = "circle" if tuned else ("circle-open" if e["label"] == "defaults" else "diamond-open")
         fig.add_trace(go.Scatter(
             x=[100 * t["perception"]], y=[100 * t["visual_math"]], mode="markers", name=f"{e['method']} ({e['label']})",
-            hovertext=f"{e['method']} ({e['label']}) {e['knobs'] or ''}",
+            hovertext=f"{e['method']} ({e['label']}) {e['knobs'] or ''}: perception {cell(e, 'perception')}, "
+                      f"visual_math {cell(e, 'visual_math')}",
+            error_x=_bar(e, "perception"), error_y=_bar(e, "visual_math"),
             marker={"size": 16 if e["method"] == "vlm" else 11, "line": {"width": 2}, "color": colours[e["method"]],
                     "symbol": "star" if e["method"] == "vlm" else symbol}))
     fig.update_layout(title={"text": "Perception vs visual math on the held-out suites<br><sup>open: a method's "
                              "defaults · filled: its best knobs on dev · diamond: a variant it names · "
-                             "star: the VLM</sup>"},
+                             "star: the VLM · bars: 95% intervals</sup>"},
                       xaxis={"title": "perception accuracy (%)", "range": [-3, 103], "dtick": 10},
                       yaxis={"title": "visual_math accuracy (%)", "range": [-2, min(103, max(40, y0 + 5, top + 5))],
                              "dtick": 10},

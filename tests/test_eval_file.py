@@ -142,5 +142,13 @@ def test_cli_scores_a_file_as_suite_custom(tmp_path, vlm):
     path = write_set(tmp_path / "my set", rows)
     r = cli("eval", TOY / "vlm", "--suite-file", path, "--limit", "5", module="analysis")
     assert r.returncode == 0, r.stderr[-2000:]
-    want = evaluate(vlm, suites=["visual_math"], limit=5)["visual_math"]
-    assert json.loads(r.stdout) == {"custom": round(want, 4)}
+    want = evaluate(vlm, suites=["visual_math"], limit=5, return_items=True)["items"]["visual_math"]
+    k = sum(x["correct"] for x in want)
+    got = json.loads(r.stdout)
+    assert got["custom"] == round(k / 5, 4) and got["n"] == {"custom": 5}
+    # the 95% Wilson interval, here from the score test's quadratic (n + z^2) p^2 - (2k + z^2) p + k^2/n = 0
+    z = 1.959963984540054
+    a, b, c = 5 + z * z, -(2 * k + z * z), k * k / 5
+    roots = [(-b - (b * b - 4 * a * c) ** 0.5) / (2 * a), (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)]
+    assert got["ci95"]["custom"] == pytest.approx(roots, abs=1e-4)
+    assert f"custom: {k / 5:.2f} [" in r.stderr

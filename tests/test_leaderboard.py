@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -64,6 +65,8 @@ def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_pa
     assert got == want
     table = (out / "leaderboard.md").read_text()
     assert all(f"| {m} |" in table for m in methods.names()) and "| vlm |" in table
+    _check_intervals(data["entries"])
+    assert " ±" in table.splitlines()[2]
     assert (out / "leaderboard.html").stat().st_size > 1000 and "leaderboard.md" in r.stdout
     # the table printed is the one written
     assert table.strip().splitlines()[2] in r.stdout
@@ -73,6 +76,30 @@ def test_leaderboard_on_the_smoke_family_ranks_every_method(smoke_family, tmp_pa
     assert [e["method"] for e in json.loads((out / "leaderboard.json").read_text())["entries"]][2:] == ["linear"] * 2
     r = cli(*cmd[:-1], smoke_family / "vlm", module="analysis")
     assert r.returncode == 2 and (smoke_family / "vlm" / "config.json").is_file()
+
+
+def _wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    """The roots of (n + z^2) p^2 - (2k + z^2) p + k^2 / n = 0, the score test's bounds."""
+    z = 1.959963984540054
+    a, b, c = n + z * z, -(2 * k + z * z), k * k / n
+    disc = math.sqrt(b * b - 4 * a * c)
+    return (-b - disc) / (2 * a), (-b + disc) / (2 * a)
+
+
+def _check_intervals(entries: list[dict]) -> None:
+    """Each accuracy's interval is Wilson's of its own per-item outcomes; each difference from the VLM is
+    the two rows' accuracies apart, inside its interval, and noise exactly when that interval holds 0."""
+    vlm = entries[0]
+    for e in entries:
+        for s, bits in e["correct"].items():
+            assert e["test"][s] == pytest.approx(bits.count("1") / len(bits))
+            assert e["ci"][s] == pytest.approx(_wilson_by_hand(bits.count("1"), len(bits)), abs=1e-9)
+            if e is vlm:
+                assert not e["vs_vlm"]
+                continue
+            d = e["vs_vlm"][s]
+            assert d["diff"] == pytest.approx(e["test"][s] - vlm["test"][s])
+            assert d["lo"] - 1e-9 <= d["diff"] <= d["hi"] + 1e-9 and d["noise"] == (d["lo"] <= 0 <= d["hi"])
 
 
 def test_the_scatter_shows_every_point():
