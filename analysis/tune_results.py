@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def entry(result: dict) -> dict:
-    """The chosen point as a leaderboard entry (analysis.leaderboard.Entry's fields, plus its intervals)."""
+    """The chosen point as a leaderboard entry (analysis.leaderboard.Entry's fields; ci: its 95% Wilson
+    intervals; no paired difference from the VLM: the tune's held-out items are its own count)."""
     b = result["best"]
     n = b["test"].get("perception", next(iter(b["test"].values())))["n"]
     return {"method": result["method"], "label": f"tuned ({result['trials']} trials, {n} held-out items)",

@@ -8,6 +8,7 @@ Event:   (job_id, type, payload) with type one of
     progress  - (done, total, message)
     token     - a piece of generated text (payload: {"stream": "merged"|"original", "text": str})
     notice    - one line the user should see, e.g. how a prompt was cut to fit the context (payload: str)
+    partial   - a piece of a long job's result as soon as it is computed, e.g. a sweep's point (payload: dict)
     result    - the job's answer (payload: dict); terminal
     error     - one-line message; terminal
     cancelled - one-line message; terminal
@@ -36,6 +37,11 @@ WORKER_MAIN = "webapp.worker.process"
 # Bounds of the long jobs' arguments, checked by the panel before sending and by the worker on receipt.
 EVAL_MAX_LIMIT = 300  # items per bundled suite (each has 300)
 LEADERBOARD_LIMITS = {"limit": (1, 300, 30), "dev_items": (1, 200, 20), "grid_size": (0, 12, 2)}
+# (lowest, highest, default): a sweep's items per suite; a tune's trials per run, seconds (0: no limit),
+# dev items scored per trial, dev split size, held-out items per suite for the chosen point
+SWEEP_LIMITS = {"limit": (1, 300, 20)}
+TUNE_LIMITS = {"trials": (1, 200, 10), "seconds": (0, 3600, 0), "limit": (1, 200, 30),
+               "dev_items": (1, 200, 100), "test_limit": (1, 300, 100)}
 
 
 def spawned_main(*args) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
+import yaml
 
 from analysis import leaderboard
 from analysis.evaluate import SUITES
+from analysis.knob_figures import describe
 from merging import methods
 from merging.errors import LabError
 from webapp import presets
@@ -38,7 +40,7 @@ WIDTHS = ["18%", "28%", "13%", "9%", "9%", "13%", "10%"]
 
 
 def _knobs_text(knobs: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in knobs.items())
+    return describe(knobs)  # a tuned row's per-layer schedule as start -> end
 
 
 def table(result: dict) -> pd.DataFrame:
@@ -112,10 +114,13 @@ def _load_handler(merge: MergePanel, load_status: gr.Markdown):
         if result is None or index is None:
             return {load_status: "Run the leaderboard, then pick a row."}
         e = result["entries"][int(index)]
-        query = {"method": e["method"], **{k: str(v) for k, v in e["knobs"].items()}}
+        query = {"method": e["method"], **{k: str(v) for k, v in e["knobs"].items() if not isinstance(v, list)}}
         state, notes = url_state.parse(query)
         state, more = url_state.fit(state, dims)
         ups = merge.apply(state, dims)
+        schedules = {k: v for k, v in e["knobs"].items() if isinstance(v, list)}  # a tuned row's
+        if schedules:
+            ups[merge.advanced] = yaml.safe_dump(schedules, default_flow_style=None).strip()
         what = f"{e['method']} ({e['label']}{': ' + _knobs_text(e['knobs']) if e['knobs'] else ''})"
         ups[merge.status] = f"Loaded **{what}** from the leaderboard: press **Merge**."
         warn = "".join(f"\n\n⚠ {n}" for n in notes + more)

@@ -13,6 +13,7 @@ from webapp.ui import (
     merge_panel,
     models_panel,
     page_state,
+    tune_panel,
     walkthrough,
 )
 from webapp.ui.lab import Lab
@@ -63,6 +64,8 @@ def build(lab: Lab) -> gr.Blocks:
                     evaluate_panel.build(lab, models, merge.variant_state)
                 with gr.Tab("6 · Leaderboard", id="tab-leaderboard") as leaderboard_tab:
                     leaderboard_panel.build(lab, models, merge)
+                with gr.Tab("7 · Sweep & tune", id="tab-tune"):
+                    tune_panel.build(lab, models, merge)
         # the models' first check, a link's state (?method=...) and the walkthrough's steps
         page_state.wire(demo, lab, models, merge, page_state.PageTabs(
                             main_tabs, chat_tab, analysis_tab, drift,

@@ -5,7 +5,8 @@ analysis.leaderboard loads its own copy of the family's VLM and merges that copy
 InPlaceMerger), so the model the worker holds for chat, merges and analyses, and its merger's
 state and snapshots, are never touched. The result is cached under the family's checkpoint
 fingerprints, a digest of its eval suites, the three numbers and the methods; the run's files
-(leaderboard.md/.json/.html and the dev split) go to <cache-dir>/leaderboard/<key>.
+(leaderboard.md/.json/.html and the dev split) go to <cache-dir>/leaderboard/<key>. Each method tuned
+in the app (<cache-dir>/tune, analysis.tune_results) adds a row: its tune's chosen point.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from analysis import leaderboard
+from analysis import leaderboard, tune_results
 from analysis.cache import cached, make_key
 from analysis.evaluate import SUITES
 from merging import methods
@@ -68,4 +69,7 @@ def run_leaderboard(ctx, args: dict, family: Path = TOY_ROOT) -> dict:
                                grid_size=s["grid_size"], cancel=ctx.flag)
 
     result = cached("leaderboard", key, compute, ctx.cache_dir)
+    # a row per method tuned in this app (the Sweep & tune tab), its newest tune's chosen point
+    tuned = tune_results.newest(Path(ctx.cache_dir or ".", "tune"), s["methods"])
+    result = {**result, "entries": result["entries"] + tuned}
     return {"result": result, "cached": not computed, "folder": str(out_dir.resolve())}

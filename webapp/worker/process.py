@@ -372,6 +372,22 @@ def leaderboard(ctx: JobContext, args: dict) -> dict:
     return run_leaderboard(ctx, args)
 
 
+@job("sweep")
+def sweep(ctx: JobContext, args: dict) -> dict:
+    # lazy: analysis.sweep draws with plotly, 0.22 s after torch (python -X importtime).
+    from webapp.worker.tune_jobs import run_sweep
+
+    return run_sweep(ctx, args)
+
+
+@job("tune")
+def tune(ctx: JobContext, args: dict) -> dict:
+    # lazy: analysis.tune brings plotly and optuna (0.7 s after torch), for this job only.
+    from webapp.worker.tune_jobs import run_tune
+
+    return run_tune(ctx, args)
+
+
 @job("drift")
 def drift(ctx: JobContext, args: dict) -> dict:
     spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift")),

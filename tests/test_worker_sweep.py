@@ -1,0 +1,107 @@
+"""The worker's sweep and tune jobs, in process on the bundled toy family: points arrive one by one as
+"partial" events and equal the merges scored on their own; afterwards, and after a cancel, the model
+the worker holds is the checkpoint's, bit for bit; a tune run twice continues its study."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+
+import pytest
+import torch
+
+from analysis.evaluate import evaluate
+from merging.inplace import InPlaceMerger
+from merging.recipe import from_dict
+from webapp.presets import TOY_ROOT
+from webapp.worker.models import load_serving
+from webapp.worker.process import Worker
+
+TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
+RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    torch.set_num_threads(1)
+    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    yield w
+    w.models.loaded and w.models.loaded.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    model, _ = load_serving(TRIPLE["vlm"], "cpu")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run(w: Worker, kind: str, args: dict, cancel_at: int | None = None):
+    """(terminal event, payload, partial payloads in order); cancel_at: cancel at that progress event."""
+    job_id = next(_ids)
+    t = threading.Thread(target=w.handle, args=({"id": job_id, "kind": kind, "args": args},))
+    t.start()
+    partial, seen = [], 0
+    while True:
+        jid, ev, payload = w.events.get(timeout=600)
+        assert jid == job_id
+        if ev == "partial":
+            partial.append(payload)
+        if ev == "progress":
+            seen += 1
+            if seen == cancel_at:
+                w.control.put(job_id)
+        if ev in ("result", "error", "cancelled"):
+            t.join()
+            return ev, payload, partial
+
+
+def same_as_checkpoint(w: Worker, checkpoint: dict) -> bool:
+    live = w.models.loaded.model.state_dict()
+    return live.keys() == checkpoint.keys() and all(torch.equal(live[k], checkpoint[k]) for k in live)
+
+
+def test_sweep_streams_its_points_and_leaves_the_checkpoints_weights(worker, checkpoint):
+    ev, out, _ = run(worker, "merge", {"recipe": RECIPE})  # a merge is live when the sweep starts
+    assert ev == "result", out
+    ev, out, partial = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.2, 1.2], "limit": 3})
+    assert ev == "result", out
+    assert [p["value"] for p in partial] == [0.2, 1.2] and partial == out["points"]
+    assert same_as_checkpoint(worker, checkpoint) and worker.models.loaded.merger.current is None
+    # each point is its recipe merged by a fresh merger on a fresh model, scored on its own
+    model, proc = load_serving(TRIPLE["vlm"], "cpu")
+    merger = InPlaceMerger(model, *TRIPLE.values())
+    for p in out["points"]:
+        merger.apply(from_dict({**RECIPE, "parameters": {"alpha": p["value"]}}))
+        want = evaluate((model, proc), limit=3, eval_dir=TOY_ROOT / "eval")
+        merger.restore()
+        assert {s: p[s]["k"] for s in want} == {s: round(a * 3) for s, a in want.items()}
+
+
+def test_a_cancelled_sweep_leaves_the_checkpoints_weights(worker, checkpoint):
+    ev, out, _ = run(worker, "merge", {"recipe": RECIPE})
+    assert ev == "result", out
+    ev, out, partial = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.1, 0.5, 0.9, 1.3],
+                                             "limit": 20}, cancel_at=2)
+    assert ev == "cancelled", out
+    assert len(partial) < 4
+    assert same_as_checkpoint(worker, checkpoint) and worker.models.loaded.merger.current is None
+
+
+def test_a_bad_sweep_is_refused_in_one_line_before_any_merge(worker):
+    ev, out, _ = run(worker, "sweep", {"recipe": RECIPE, "knob": "nope", "values": [0.1]})
+    assert ev == "error" and "nope" in out and "\n" not in out
+    ev, out, _ = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.1], "limit": 0})
+    assert ev == "error" and "limit" in out
+
+
+def test_tune_job_continues_its_study_and_leaves_the_checkpoints_weights(worker, checkpoint):
+    args = {"triple": TRIPLE, "method": "task_arithmetic", "trials": 2, "limit": 2, "dev_items": 2, "test_limit": 2}
+    ev, out, _ = run(worker, "tune", args)
+    assert ev == "result", out
+    assert out["result"]["trials"] == 2
+    ev, again, _ = run(worker, "tune", {**args, "trials": 1})
+    assert ev == "result", again
+    assert again["result"]["trials"] == 3 and again["folder"] == out["folder"]
+    assert same_as_checkpoint(worker, checkpoint)
