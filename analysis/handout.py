@@ -63,12 +63,13 @@ def analyses_of(job: runner.Job, given: dict | None = None, skip_slow: bool = Tr
 
 # ------------------------------------------------------------------------------------------- HTML
 def _text(md: str) -> str:
-    """The little Markdown the lab's texts use (**bold**, `code`, paragraphs), escaped first."""
+    """The little Markdown the lab's texts use (**bold**, *italic*, `code`, paragraphs), escaped first."""
     out = []
     for para in re.split(r"\n\s*\n", md.strip()):
         t = html.escape(para)
         t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
         t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+        t = re.sub(r"(?<![*\w])\*([^*\n]+?)\*(?![*\w])", r"<i>\1</i>", t)
         out.append(f"<p>{t}</p>")
     return "".join(out)
 

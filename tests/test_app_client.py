@@ -92,3 +92,23 @@ def test_a_very_long_model_name_is_not_echoed_whole(tmp_path):
         resolve(str(tmp_path / name))
     msg = str(e.value)
     assert len(msg) < 200 and "(5,0" in msg and msg.startswith("model folder not found: ")
+
+
+def test_handout_is_offered_as_one_offline_file(client, toy_dir):
+    """The Handout button after a merge: one HTML file that fetches nothing, with the scores of both models,
+    every step of the walkthrough and no path of the server's."""
+    import re
+
+    from analysis.handout import GENERATOR
+    from webapp.ui.walkthrough import STEPS
+
+    _merge(client, knob1=1.0)
+    status, file = client.predict(limit=3, api_name="/handout")
+    assert status.startswith("✓"), status
+    file = file.get("value", file) if isinstance(file, dict) else file  # a gr.update: {"value": path, ...}
+    html = Path(file if isinstance(file, str) else file["path"]).read_text()
+    assert GENERATOR in html[:400] and not re.search(r"<(script|link|img)[^>]+(src|href)=[\"']https?:", html)
+    assert re.search(r"<tr><td>visual_math</td><td>[\d.]+ \[[^<]*</td><td>[\d.]+ \[", html), "no scores table"
+    for step in STEPS:
+        assert step.title.replace("'", "&#x27;") in html, step.title
+    assert str(toy_dir) not in html and "/tmp/" not in html

@@ -12,7 +12,7 @@ from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.safety import check_images
-from webapp.ui import cancel_button, glossary
+from webapp.ui import cancel_button, glossary, handout_panel
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel
 
@@ -123,4 +123,5 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
                 use_beta = _tab(lab, a, base_inputs) or use_beta
     with gr.Accordion("Glossary: the symbols in these plots, and the papers", open=False, elem_id="glossary"):
         gr.Markdown(glossary.markdown())
+    handout_panel.build(lab, recipe_state)
     return use_beta

@@ -15,7 +15,7 @@ from webapp.ui.client import Job, WorkerClient
 
 # A long job's kind as the waiting status names it.
 HELD = {"analysis": "an analysis", "evaluate": "an evaluation", "leaderboard": "a leaderboard",
-        "drift": "a DRIFT fine-tune", "export": "an export"}
+        "drift": "a DRIFT fine-tune", "export": "an export", "handout": "a handout"}
 
 
 @dataclass

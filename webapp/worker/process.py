@@ -364,6 +364,14 @@ def evaluate(ctx: JobContext, args: dict) -> dict:
     return run_evaluate(ctx, args)
 
 
+@job("handout")
+def handout(ctx: JobContext, args: dict) -> dict:
+    # lazy: analysis.handout draws with plotly, 0.22 s after torch (python -X importtime).
+    from webapp.worker.handout_jobs import run_handout
+
+    return run_handout(ctx, args)
+
+
 @job("leaderboard")
 def leaderboard(ctx: JobContext, args: dict) -> dict:
     # lazy: analysis.leaderboard draws with plotly, 0.22 s after torch (python -X importtime).
