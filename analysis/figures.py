@@ -11,6 +11,7 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis import chance_cosine
 from merging import merge_report
 
 VLM_COLOUR, REASONER_COLOUR = "#1f77b4", "#ff7f0e"
@@ -108,22 +109,49 @@ def ratio_figure(spectra: dict) -> go.Figure:
 
 # ------------------------------------------------------------------------------------ similarity
 def similarity_figure(sim: dict) -> go.Figure:
-    """Cosine (with the whole-block column) and IP-Merging subspace similarity heatmaps."""
+    """Cosine (with the whole-block column) and IP-Merging subspace similarity heatmaps; below, every
+    cosine against what two random task vectors of the same shapes give (analysis.chance_cosine)."""
     modules = sim["modules"]
     cos_cols = modules + ["whole block"]
     cos = [row + [b] for row, b in zip(sim["cos"], sim["block_cos"])]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.16, subplot_titles=(
+    band = chance_cosine.bands(sim)
+    fig = make_subplots(rows=2 if band else 1, cols=2, horizontal_spacing=0.16, vertical_spacing=0.22,
+                        specs=[[{}, {}], [{"colspan": 2}, None]] if band else None, subplot_titles=(
         "cosine(τ_v, τ_r): near 0 = near-orthogonal (FRANK Fig. 3)",
-        f"IP-Merging subspace similarity (top-{sim['rank']} directions)"))
+        f"IP-Merging subspace similarity (top-{sim['rank']} directions)",
+        *(["every cosine against random task vectors of the same shapes (grey: 95% band ±1.96/√d)"] if band else [])))
     fig.add_trace(_heatmap(cos, cos_cols, _hover_grid(cos, cos_cols, "cos"), "RdBu", zmin=-1, zmax=1, zmid=0,
-                           colorbar={"title": "cos", "x": 0.42}), 1, 1)
+                           colorbar={"title": "cos", "x": 0.42, "len": 0.5 if band else 1, "y": 0.78 if band else 0.5}),
+                  1, 1)
     sub = sim["subspace"]
     fig.add_trace(_heatmap(sub, modules, _hover_grid(sub, modules, "subspace similarity"), "Viridis",
-                           zmin=0, zmax=1, colorbar={"title": "sim", "x": 1.0}), 1, 2)
-    fig.update_layout(title="How aligned are the VLM's and the reasoner's task vectors?")
-    fig.update_xaxes(title_text="projection matrix")
-    fig.update_yaxes(title_text="decoder layer", col=1)
+                           zmin=0, zmax=1, colorbar={"title": "sim", "x": 1.0, "len": 0.5 if band else 1,
+                                                     "y": 0.78 if band else 0.5}), 1, 2)
+    if band:
+        _chance_strip(fig, cos, cos_cols, [band[0][m] for m in modules], band[1])
+    fig.update_layout(title="How aligned are the VLM's and the reasoner's task vectors?",
+                      height=760 if band else None)
+    fig.update_xaxes(title_text="projection matrix", row=1)
+    fig.update_yaxes(title_text="decoder layer", row=1, col=1)
     return fig
+
+
+def _chance_strip(fig, cos, cols, module_bands, block_bands) -> None:
+    """Row 2: one point per layer and column, over the band random vectors of that shape fill."""
+    widths = module_bands + [max(block_bands)]  # the blocks share their shapes: one band
+    fig.add_trace(go.Bar(x=cols, y=[2 * w for w in widths], base=[-w for w in widths], marker_color="#bbbbbb",
+                         opacity=0.6, name="random task vectors: 95% of cosines (±1.96/√d)",
+                         customdata=widths, hovertemplate="%{x}: random vectors of this shape give |cos| "
+                                                           "< %{customdata:.4f} 95% of the time<extra></extra>"),
+                  2, 1)
+    for i, row in enumerate(cos):
+        fig.add_trace(go.Scatter(x=cols, y=[_nan(v) for v in row], mode="markers", name=f"layer {i}",
+                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 7}, legendgroup="layers",
+                                 text=[f"layer {i}, {c}: cos = {_fmt(v, '.4f')}, chance band ±{w:.4f}"
+                                       for c, v, w in zip(cols, row, widths)],
+                                 hovertemplate="%{text}<extra></extra>"), 2, 1)
+    fig.update_yaxes(title_text="cosine", zeroline=True, row=2, col=1)
+    fig.update_layout(legend={"y": 0.3}, barmode="overlay")
 
 
 # ------------------------------------------------------------------------------------- attention

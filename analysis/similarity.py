@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from analysis.spectra import (
@@ -38,6 +40,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / (na * nb)
 
 
+def _numel(triple: Triple, canonical: str) -> int:
+    """Elements of a task vector (from the header: no tensor read), the d of its random baseline."""
+    return math.prod(triple.vlm.shape(triple.layouts["vlm"].lm[canonical]))
+
+
 def _cos(dot: float, vv: float, rr: float) -> float:
     return dot / (vv ** 0.5 * rr ** 0.5) if vv > 0 and rr > 0 else 0.0
 
@@ -57,7 +64,7 @@ def compute_similarity(triple: Triple, rank: int = 32, method: str = "fast", dev
         mats = {c: m for _, m, c in matrices(triple)}
         n = triple.num_layers
         entries = []
-        block_cos = []
+        block_cos, block_numel, numel = [], [], {}
         for layer in range(n):
             if progress:
                 progress(layer, n, f"similarity: layer {layer}")
@@ -73,7 +80,9 @@ def compute_similarity(triple: Triple, rank: int = 32, method: str = "fast", dev
                 file_layer_dots(triple, layer, pairs, device, cache_dir, use_cache, stats)
             dot, vv, rr = (sum(v[i] for v in stats.values()) for i in range(3))
             block_cos.append(_cos(dot, vv, rr))
+            block_numel.append(sum(_numel(triple, c) for c in stats))
             names = [c for c in triple.layer_names(layer) if c in mats]
+            numel.update({mats[c]: _numel(triple, c) for c in names})
             # The decompositions' tensors are read only on a cache miss.
             decs = layer_decompositions(triple, names, rank, method, device, True, cache_dir, pairs, use_cache)
             for canonical, (dv, dr) in zip(names, decs):
@@ -85,12 +94,13 @@ def compute_similarity(triple: Triple, rank: int = 32, method: str = "fast", dev
         modules = [m for m in MODULES if any(e["module"] == m for e in entries)]
         return {"rank": rank, "method": method, "num_layers": n, "modules": modules, "entries": entries,
                 "cos": grid(entries, "cos", n, modules), "subspace": grid(entries, "subspace", n, modules),
-                "block_cos": block_cos}
+                "block_cos": block_cos, "numel": numel, "block_numel": block_numel}
 
 
 def similarity(vlm, reasoner, base, rank: int = 32, method: str = "fast", device="cpu", progress=None,
                cache_dir=None, use_cache: bool = True) -> dict:
     """Open the triple, compute (or fetch from the cache) its similarities."""
-    return cached_on_triple("similarity", vlm, reasoner, base, {"rank": rank, "method": method},
+    # "numel": the results carry the element counts of the random baseline (analysis.chance_cosine)
+    return cached_on_triple("similarity", vlm, reasoner, base, {"rank": rank, "method": method, "numel": True},
                             lambda t: compute_similarity(t, rank, method, device, progress, cache_dir, use_cache),
                             cache_dir, use_cache)

@@ -22,7 +22,8 @@ def sim():
 def test_band_is_1_96_over_sqrt_numel_of_each_matrix(sim):
     with safe_open(str(TOY / "vlm" / "model.safetensors"), "pt") as f:
         shape = f.get_slice("language_model.model.layers.0.self_attn.k_proj.weight").get_shape()
-        block = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys()
+        names = f.keys()
+        block = sum(math.prod(f.get_slice(n).get_shape()) for n in names
                     if n.startswith("language_model.model.layers.3."))
     d = shape[0] * shape[1]
     assert sim["numel"]["self_attn.k_proj"] == d and sim["block_numel"][3] == block
