@@ -14,12 +14,16 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 
 from analysis import analyses, intervals, runner
 from analysis.evaluate import SUITES, evaluate, is_vlm
+from merging.device import check_device
 from merging.hub import shown
+from merging.output_folder import AtomicFile
+from merging.recipe import load
 
 GENERATOR = "merge-lab handout"  # the marker an earlier handout carries: only such a file is replaced
 DEFAULT_LIMIT = 30  # items per suite: about a minute on a CPU for the bundled family
@@ -119,12 +123,6 @@ def render(recipe: dict, sc: dict | None, parts: list[dict], lesson: list[dict] 
 # -------------------------------------------------------------------------------------------- CLI
 def main_handout(args) -> int:
     """`python -m analysis handout RECIPE OUT.html`: analyses from disk, scores, one HTML file."""
-    import sys  # lazy: only the CLI prints
-
-    from merging.device import check_device  # lazy: the worker builds its own job
-    from merging.output_folder import AtomicFile
-    from merging.recipe import load
-
     recipe = load(args.recipe)
     check_device(args.device)
     t0 = time.perf_counter()
