@@ -160,7 +160,8 @@ def _merge_whole_group(run: _Run, g: Group, writer) -> None:
 def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
     copy_side_files(run.cks["vlm"].path, tmp, side)
     write_text(tmp / "recipe.yaml", run.recipe.to_yaml())
-    report = merge_report.build(run.method.name, run.ctx.extra, [c for g in run.groups for c in g.names])
+    report = merge_report.build(run.method.name, run.ctx.extra, [c for g in run.groups for c in g.names],
+                                run.recipe.knobs())
     write_text(tmp / MERGE_REPORT, json.dumps(report, indent=1) + "\n")
     write_text(tmp / "README.md", model_card(run.recipe, run.method, run.report,
                                              run.notes + merge_report.summary_lines(report), seconds))

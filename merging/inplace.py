@@ -326,7 +326,7 @@ class InPlaceMerger:
                 ck.close()
             self._vlm_ck = None
         self._current = merge_key(recipe)
-        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, names)
+        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, names, recipe.knobs())
         self._extra = ctx.extra
         self._out_dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else None
         return ctx.extra

@@ -56,14 +56,25 @@ def layer_note(report: dict, layer: str) -> str:
     return m.layer_note(report.get("diagnostics", {}), layer) if m else ""
 
 
-def build(method: str, extra: dict, in_scope: list[str]) -> dict:
-    """The merge report: {"method", "changed", "in_scope", "relative_change", "diagnostics", "warnings"}."""
+def _zero_knobs(method: str, knobs: dict | None) -> list[str]:
+    """The method's number knobs set to 0 (everywhere, for a per-layer list): what a no-op merge names."""
+    floats = {p.name for p in methods.get(method).params if p.kind is float} if method in methods.names() else set()
+    return [k for k, v in (knobs or {}).items() if k in floats
+            and all(x == 0 for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float)))]
+
+
+def build(method: str, extra: dict, in_scope: list[str], knobs: dict | None = None) -> dict:
+    """The merge report: {"method", "changed", "in_scope", "relative_change", "diagnostics", "warnings"}.
+    knobs: the merge's knob values, so a merge that changed nothing names the knob at 0."""
     changes = extra.get("changes", {})
     changed = sorted(n for n, e in changes.items() if e["diff2"] > 0)
     rel = relative_change({n: changes[n] for n in changes})
     diagnostics, warnings = method_diagnostics(extra, method)
     if not changed:
-        warnings.append(f"{method} changed nothing: the merged model is the VLM")
+        zeros = _zero_knobs(method, knobs)
+        why = (f"{' and '.join(zeros)} {'is' if len(zeros) == 1 else 'are'} 0: raise it to add the reasoner"
+               if zeros else "check its knobs and the layer range")
+        warnings.append(f"{method} changed nothing: the merged model is the VLM ({why})")
     elif max(rel.values(), default=0.0) < NEAR_NOOP:
         warnings.append(f"{method} barely changed the model (largest relative change per layer "
                         f"{max(rel.values()):.1e}); move its knobs further")

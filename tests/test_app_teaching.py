@@ -306,3 +306,53 @@ def test_a_hostile_link_runs_no_script_and_is_named(open_page):
         urllib.request.urlopen(page.url.split("?")[0] + "?layers=" + "9" * 100_000, timeout=30)
     assert e.value.code == 414
     assert e.value.read().decode() == "the link is 100,008 characters; the lab reads links of at most 16,384\n"
+
+
+def test_a_step_shows_its_measured_outcome_and_the_panel_says_what_is_live(open_page):
+    """Step 4 merged: its measured outcome (both models, 95% intervals) under the status; a later step
+    changes the panel, and the page says the chat still answers with the step-4 merge. Picking the same
+    triple again keeps the merge; an empty question and a typed value the browser clamped are said at once;
+    the compatibility line's tensor count is the merge's."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page = open_page()
+    compat = page.get_by_text("language-model tensors merged")
+    expect(compat).to_be_visible()
+    page.get_by_text("Walkthrough: the papers' findings").click()
+    page.locator("#walk-4").click()
+    expect(page.locator("#merge-method input")).to_have_value("ip_merging")
+    page.locator("#merge-btn").click()
+    status = page.locator("#merge-status")
+    expect(status).to_contain_text("Merged with ip_merging", timeout=180_000)
+    outcome = page.locator("#merge-outcome")
+    expect(outcome).to_contain_text("Measured outcome of ip_merging", timeout=300_000)
+    for words in ("perception", "visual math", "95% interval", "points"):
+        expect(outcome).to_contain_text(words)
+    assert re.search(r"the VLM \d+\.\d% \[\d+\.\d, \d+\.\d\] → \d+\.\d% \[", outcome.inner_text())
+    merged = re.search(r"changed \d+ of (\d+) tensors in scope", status.inner_text()).group(1)
+    assert f"{merged} of its" in compat.inner_text()  # one count in both places
+    outcome.screenshot(path=str(OUT / "teaching_step4_outcome.png"))
+    expect(page.locator("#merge-live")).to_have_text("")  # the panel is what answers
+
+    page.locator("#walk-3").click()  # another method in the panel; the merge stays live
+    expect(page.locator("#merge-method input")).to_have_value("task_arithmetic")
+    live = page.locator("#merge-live")
+    expect(live).to_contain_text("Live in the chat: ip_merging")
+    expect(live).to_contain_text("task_arithmetic")
+    expect(page.locator("#chat-merged")).to_contain_text("Merged model: ip_merging")
+
+    page.get_by_label("Model triple").click()  # the same triple again: nothing is dropped
+    page.get_by_role("option", name=presets.DEFAULT, exact=True).click()
+    expect(status).to_contain_text("Merged with ip_merging")
+    expect(page.locator("#chat-merged")).to_contain_text("Merged model: ip_merging")
+
+    page.locator("#chat-box textarea").press("Enter")
+    expect(page.get_by_text("Type a question first")).to_be_visible()
+
+    knob(page, 1).fill("99")  # task_arithmetic's alpha: above its maximum, said before any Merge
+    knob(page, 1).blur()
+    expect(page.locator("#clamp-note")).to_contain_text("alpha")
+    expect(page.locator("#clamp-note")).to_contain_text("99 is above its maximum")
+    page.screenshot(path=str(OUT / "teaching_live_line.png"), full_page=True)

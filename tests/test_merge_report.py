@@ -62,7 +62,7 @@ def test_a_no_op_merge_warns_and_names_the_knob(setup):
     lines = merge_report.summary_lines(rep)
     warn = [x for x in lines if x.startswith("warning: ")]
     assert any("selected no matrix" in x and "threshold 1.00" in x and "top_fraction" in x for x in warn)
-    assert any("changed nothing" in x for x in warn)
+    assert any("changed nothing" in x and "(top_fraction is 0" in x for x in warn)  # the knob at 0 named
 
 
 def test_top_fraction_selects_and_reports(setup):

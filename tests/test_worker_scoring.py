@@ -5,7 +5,9 @@ they were, bit for bit; a cancel stops it between batches."""
 from __future__ import annotations
 
 import json
+import math
 import queue
+import re
 import shutil
 import threading
 import time
@@ -22,6 +24,7 @@ from merging.drift import DriftResult, drift_settings
 from merging.errors import LabError
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun
+from webapp.ui.evaluate_panel import score_table
 from webapp.worker.leaderboard_jobs import settings
 from webapp.worker.models import load_serving
 from webapp.worker.process import Worker
@@ -78,6 +81,16 @@ def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
     vlm = load_serving(TRIPLE["vlm"], "cpu")
     assert out["accuracy"]["original"] == evaluate(vlm, suites=["perception", "text_math"], limit=6)
     assert set(out["accuracy"]["merged"]) == {"perception", "text_math"}
+    for m, by_suite in out["accuracy"].items():  # each item's outcome, for the panel's intervals
+        for s, acc in by_suite.items():
+            assert len(out["correct"][m][s]) == 6 and out["correct"][m][s].count("1") / 6 == pytest.approx(acc)
+    table = score_table(out["accuracy"], "merge", out["correct"]).values.tolist()
+    k = out["correct"]["original"]["perception"].count("1")
+    z = 1.959963984540054  # the Wilson bounds by the quadratic formula, shown to 1 decimal in %
+    a, b, c = 6 + z * z, -(2 * k + z * z), k * k / 6
+    lo, hi = ((-b - (b * b - 4 * a * c) ** 0.5) / (2 * a), (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a))
+    assert table[0][1] == f"{100 * k / 6:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n 6)"
+    assert re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]( within noise)?", table[0][3])
     # the second time the scores come from the cache (no progress from evaluations)
     ev, again, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": RECIPE, "suites": ["perception", "text_math"],
                                              "limit": 6})
@@ -86,6 +99,39 @@ def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
     assert ev == "result" and set(only["accuracy"]) == {"original"}
     ev, msg, _ = run(worker, "evaluate", {"triple": TRIPLE, "recipe": None, "suites": ["text_math"], "limit": 999})
     assert ev == "error" and msg == "items per suite: 999 is outside 1..300"
+
+
+def _wilson95(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score interval, written out here as the test's own oracle."""
+    z = 1.959964
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_outcome_scores_both_models_with_intervals_and_is_cached(worker):
+    """A walkthrough step's measured outcome: each model's per-suite k of n agrees with a direct
+    evaluation, its interval with the Wilson formula, the difference with the two accuracies; cached."""
+    ev, out, _ = run(worker, "merge", {"recipe": RECIPE})
+    assert ev == "result", out
+    ev, out, seen = run(worker, "outcome", {"triple": TRIPLE, "recipe": RECIPE, "items": 5})
+    assert ev == "result", out
+    assert out["items"] == 5 and set(out["suites"]) == {"perception", "visual_math"} and seen >= 2
+    vlm = load_serving(TRIPLE["vlm"], "cpu")
+    direct = evaluate(vlm, suites=["perception", "visual_math"], limit=5)
+    for suite, r in out["suites"].items():
+        assert r["original"]["n"] == 5 and abs(r["original"]["k"] - 5 * direct[suite]) < 1e-6
+        for side in ("original", "merged"):
+            lo, hi = _wilson95(r[side]["k"], 5)
+            assert abs(r[side]["lo"] - lo) < 1e-4 and abs(r[side]["hi"] - hi) < 1e-4
+        d = r["diff"]
+        assert abs(d["diff"] - (r["merged"]["k"] - r["original"]["k"]) / 5) < 1e-9 and d["lo"] <= d["diff"] <= d["hi"]
+        assert d["noise"] == (d["lo"] <= 0 <= d["hi"])
+    ev, again, seen_again = run(worker, "outcome", {"triple": TRIPLE, "recipe": RECIPE, "items": 5})
+    assert again["suites"] == out["suites"] and seen_again < seen  # the per-item outcomes came from the cache
+    ev, msg, _ = run(worker, "outcome", {"triple": TRIPLE, "recipe": None})
+    assert ev == "error" and msg == "outcome: nothing to compare (no merge or DRIFT run given)"
 
 
 def test_evaluate_a_drift_result_as_the_merged_side(worker):

@@ -16,7 +16,7 @@ from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, triple_of
 from webapp.safety import cap_question, check_image, uploaded
-from webapp.ui.lab import Lab, session_of
+from webapp.ui.lab import Lab, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel
 
 SAMPLES = TOY_ROOT / "samples"
@@ -129,7 +129,9 @@ def _chat_handler(lab: Lab):
              request: gr.Request = None):
         text, image = _message_parts(message)
         turns = list(turns or [])
-        if not text:
+        if not text:  # nothing to ask: say so, rather than nothing happening
+            gr.Warning("Add a question about the image first." if image else
+                       "Type a question first (or click an example below).")
             yield _views(turns)
             return
         text, cut = cap_question(text)
@@ -185,9 +187,12 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     chat = _chat_handler(lab)
     chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
     outs = [merged_bot, original_bot, box, turns_state]
-    box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16)
+    # always_last: a question sent (or an example clicked) while an answer streams is asked once that
+    # answer ends, not dropped; it waits in the text box meanwhile
+    box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16, trigger_mode="always_last")
     if samples is not None:  # one click asks the example question
-        samples.load_input_event.then(chat, chat_inputs, outs, api_visibility="private", concurrency_limit=16)
+        samples.load_input_event.then(chat, chat_inputs, outs, api_visibility="private", concurrency_limit=16,
+                                      trigger_mode="always_last")
 
     def clear_all(request: gr.Request = None):
         lab.client.cancel_session(session_of(request), ("chat",))
@@ -211,6 +216,9 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
 
     models.dims.change(on_dims, models.dims, max_new, api_visibility="private", queue=False)
     # another triple: this tab's merge (or DRIFT run) was of the old one, so the left pane drops it
-    models.preset.input(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot],
+    def on_triple(variant, *triple):  # the same triple picked again: the merge stays
+        return (gr.skip(), gr.skip()) if made_of(lab, variant, *triple) else (None, pane_updates(None))
+
+    models.preset.input(on_triple, [recipe_state, *models.inputs], [recipe_state, merged_bot],
                         api_visibility="private", queue=False)
     return merged_bot, original_bot

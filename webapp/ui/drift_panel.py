@@ -20,6 +20,7 @@ from merging.errors import LabError
 from merging.finetune import is_toy_family
 from webapp.protocol import DriftRun
 from webapp.ui import cancel_button, eval_upload
+from webapp.ui.chat_panel import variant_label
 from webapp.ui.eval_upload import EvalSet
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel, check
@@ -30,6 +31,7 @@ DATA_HELP = ("**Training data**: a `.jsonl` with its images, or one `.zip` holdi
              'format: one `{"question", "answer", "image"}` a line, the image path relative to the JSONL. DRIFT '
              "trains on its first **examples** items. Without a file the bundled toy family trains on its toy "
              "scenes; any other VLM needs your data.")
+LIVE = " The chat's left side now answers with it."
 NO_FILE = "_No file: the toy scenes (bundled toy family only)._"
 
 
@@ -84,8 +86,16 @@ def _data_args(lab: Lab, files, vlm: str, examples: int) -> tuple[dict, str]:
 def _done(what: str, result, el: float, device: str, data: str) -> str:
     how = ("already trained, reused" if result.reused else
            f"{result.steps} steps, loss {result.losses[0]:.3f} → {result.final_loss:.3f}")
-    return (f"✓ **{what} done** in {el:.1f} s ({how}, on {device}), trained on {data}. The chat's left side "
-            "now answers with it.")
+    return f"✓ **{what} done** in {el:.1f} s ({how}, on {device}), trained on {data}.{LIVE}"
+
+
+def live_status(variant, text: str):
+    """The status once the chat's left side answers with something else (a later merge, or nothing):
+    the run's line stays, its claim to be live goes."""
+    if isinstance(variant, DriftRun) or not (text or "").endswith(LIVE):
+        return gr.skip()
+    now = f"the merge {variant_label(variant)}" if variant else "nothing (no merge in this tab)"
+    return text[:-len(LIVE)] + f"\n\n_The chat's left side no longer answers with it: {now} replaced it._"
 
 
 def _drift_handler(lab: Lab):
@@ -129,7 +139,8 @@ def _drift_handler(lab: Lab):
     return drift
 
 
-def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown:
+def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> tuple[gr.Markdown, gr.Markdown]:
+    """The panel; (its status line, its walkthrough outcome line)."""
     gr.Markdown(ABOUT)
     # No minimum/maximum on the boxes: Gradio's own check shows an unnamed error toast (twice) and
     # logs a traceback; drift_settings names the field and its range in the status line instead.
@@ -153,6 +164,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
         run_btn = gr.Button("Run DRIFT", variant="primary", elem_id="drift-btn")
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="drift-cancel-btn")
     status = gr.Markdown("Set the fine-tune and press **Run DRIFT**.", elem_id="status-drift")
+    outcome = gr.Markdown("", elem_id="drift-outcome")
 
     files.change(_count_handler(lab), files, data_status, api_name="drift_data")
     inputs = [*models.inputs, mode, alpha, steps, lr, batch_size, examples, files]
@@ -160,5 +172,6 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> gr.Markdown
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
                              queue=False, api_visibility="private")
 
+    variant_state.change(live_status, [variant_state, status], status, queue=False, api_visibility="private")
     cancel_button.wire(lab, cancel_btn, ("drift",), api_name="drift_cancel")
-    return status
+    return status, outcome

@@ -10,12 +10,13 @@ from gradio.utils import get_upload_folder
 
 from merging.errors import LabError
 from webapp import presets
-from webapp.protocol import lane_of
+from webapp.protocol import lane_of, triple_of
 from webapp.ui.client import Job, WorkerClient
 
 # A long job's kind as the waiting status names it.
 HELD = {"analysis": "an analysis", "evaluate": "an evaluation", "leaderboard": "a leaderboard",
-        "drift": "a DRIFT fine-tune", "export": "an export", "handout": "a handout"}
+        "drift": "a DRIFT fine-tune", "export": "an export", "outcome": "a walkthrough step's measurement",
+        "handout": "a handout"}
 
 
 @dataclass
@@ -48,6 +49,18 @@ class Lab:
         if problems:
             raise LabError("; ".join(problems))
         return out
+
+
+def made_of(lab: Lab, variant, preset: str, vlm: str, reasoner: str, base: str) -> bool:
+    """Whether a merge recipe or DRIFT run was made of the triple the model inputs name now (picking
+    the same preset again changes nothing)."""
+    if not variant:
+        return False
+    try:
+        now = lab.triple(preset, vlm, reasoner, base)
+    except LabError:
+        return False
+    return tuple(triple_of(variant)) == (now["vlm"], now["reasoner"], now.get("base"))
 
 
 def session_of(request) -> str | None:

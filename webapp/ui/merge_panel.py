@@ -16,10 +16,12 @@ import gradio as gr
 from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
-from webapp.protocol import recipe_key
+from merging.layout import ROLES
+from webapp.protocol import DriftRun, recipe_key, triple_of
 from webapp.ui import cancel_button, recipes
+from webapp.ui.chat_panel import variant_label
 from webapp.ui.export_zip import zip_for_download
-from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.lab import Lab, follow_status, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel, check
 from webapp.ui.recipe_paths import portable_yaml
 
@@ -42,6 +44,7 @@ class MergePanel:
     export_status: gr.Markdown
     recipe_state: gr.State
     variant_state: gr.State  # what chat's "merged" side uses: this merge's recipe, or a DRIFT result
+    outcome: gr.Markdown | None = None  # a walkthrough step's measured outcome (webapp.ui.walk_outcome)
 
     @property
     def knobs(self) -> list:
@@ -184,6 +187,7 @@ def _controls() -> SimpleNamespace:
     c.prior = gr.Checkbox(False, label=first.label if first else "", info=first.info if first else None,
                           visible=False, elem_id="frank-prior")
     c.typed = gr.Textbox("", visible="hidden", elem_id="knob-typed")
+    c.clamp_note = gr.Markdown("", elem_id="clamp-note")  # a typed value the browser clamped, said at once
     with gr.Accordion("Layer range and per-layer values", open=False):
         with gr.Row():
             c.first = gr.Slider(0, 31, value=0, step=1, label="first layer", elem_id="layer-first")
@@ -196,6 +200,8 @@ def _controls() -> SimpleNamespace:
         c.merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
         c.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
     c.status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
+    c.live = gr.Markdown("", elem_id="merge-live")  # what the chat answers with, when the panel differs from it
+    c.outcome = gr.Markdown("", elem_id="merge-outcome")
     c.change_plot = gr.Plot(label="what the merge changed, per layer", visible=False, elem_id="merge-change-plot")
     c.recipe_state = gr.State(None)
     c.variant_state = gr.State(None)
@@ -259,6 +265,32 @@ def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
                 api_visibility="private")
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, c.merge_btn,
                              queue=False, api_visibility="private")
+
+
+def live_line(variant, method, first, last, prior, advanced, dims, *knob_values) -> str:
+    """'' while the panel shows what the chat answers with; else what is live, and that the panel
+    differs (a walkthrough step, a method or knob changed since the merge): the status above is of it."""
+    if not variant:
+        return ""
+    label = variant_label(variant)
+    if isinstance(variant, DriftRun):
+        return (f"⚠ **Live in the chat:** {label} (the DRIFT run), not a merge of the panel's settings: press "
+                "**Merge** to chat with those.")
+    sliders, radios = knob_values[:recipes.SLIDERS], knob_values[recipes.SLIDERS:]
+    try:
+        shown = recipes.build(dict(zip(ROLES, triple_of(variant))), method,
+                              recipes.in_shown_order(method, sliders, radios), first, last,
+                              (dims or {}).get("num_layers"), bool(prior), advanced or "")
+    except (LabError, TypeError, ValueError):
+        shown = None
+    if shown == variant:
+        return ""
+    return (f"⚠ **Live in the chat:** {label}. The panel now shows other settings ({method}): the status "
+            "above is of the live merge; press **Merge** to use the panel's.")
+
+
+def _clamp_line(method, typed, dims, *slider_values) -> str:
+    return "".join(f"⚠ **Clamped:** {n}\n\n" for n in _clamp_notes(method, typed, slider_values, dims))
 
 
 def _merge_handler(lab: Lab):
@@ -343,7 +375,8 @@ def _export_handler(lab: Lab):
 def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     c = _controls()
     panel = MergePanel(c.method, c.about, c.sliders, c.radios, c.prior, c.first, c.last, c.layers_n, c.advanced,
-                       c.typed, c.merge_btn, c.cancel_btn, c.status, c.export_status, c.recipe_state, c.variant_state)
+                       c.typed, c.merge_btn, c.cancel_btn, c.status, c.export_status, c.recipe_state, c.variant_state,
+                       c.outcome)
     _wire_controls(c, models)
     inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, c.typed, *panel.knobs]
     outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot, c.export_status]
@@ -356,9 +389,18 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     c.recipe_state.change(lambda: gr.update(value=None, visible=False), None, c.export_file, queue=False,
                           api_visibility="private")
 
-    def triple_changed():  # the merge shown was of the previous triple: drop it everywhere
+    def triple_changed(recipe, *triple):  # the merge shown was of the previous triple: drop it everywhere
+        if not recipe or made_of(lab, recipe, *triple):  # nothing merged, or the same triple picked again
+            return (gr.skip(),) * len(outputs)
         return ("Another triple: press **Merge** to merge this one.", "", None, None, None,
                 gr.update(visible=False), "")
 
-    models.preset.input(triple_changed, None, outputs, queue=False, api_visibility="private")
+    models.preset.input(triple_changed, [c.recipe_state, *models.inputs], outputs, queue=False,
+                        api_visibility="private")
+    gr.on([c.variant_state.change, c.method.change, c.prior.change, c.first.change, c.last.change, c.advanced.change,
+           *[k.change for k in panel.knobs]], live_line,
+          [c.variant_state, c.method, c.first, c.last, c.prior, c.advanced, models.dims, *panel.knobs], c.live,
+          queue=False, api_visibility="private")
+    gr.on([c.typed.change, c.method.change, *[s.change for s in c.sliders]], _clamp_line,
+          [c.method, c.typed, models.dims, *c.sliders], c.clamp_note, queue=False, api_visibility="private")
     return panel

@@ -14,6 +14,7 @@ import gradio as gr
 
 from merging.compat import check_triple
 from merging.errors import LabError
+from merging.layout import VOCAB_TENSORS
 from webapp import presets
 from webapp.ui.lab import Lab
 
@@ -53,8 +54,12 @@ def report_markdown(rep, preset: str) -> str:
         p = presets.by_label(preset)
         note = f"\n\n_{p.note}_" if p.note else ""
     v = rep.layouts["vlm"]
+    # the merge's count (merging.merge_plan): the vocabulary tensors keep the VLM's unless a recipe asks
+    vocab = sorted(c for c in v.lm if c in VOCAB_TENSORS)
+    kept = f" ({' and '.join(vocab)} keep the VLM's)" if vocab else ""
     summary = (f"\n\n{v.num_layers} decoder layers · hidden size {v.hidden_size} · "
-               f"{len(v.lm)} language-model tensors merged · {len(v.other)} vision/projector tensors untouched")
+               f"{len(v.lm) - len(vocab)} of its {len(v.lm)} language-model tensors merged{kept} · "
+               f"{len(v.other)} vision/projector tensors untouched")
     dist = ""
     if rep.distances:
         dist = ("\n\nDistance of the weights (relative, two probe matrices): "

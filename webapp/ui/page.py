@@ -14,6 +14,7 @@ from webapp.ui import (
     models_panel,
     page_state,
     tune_panel,
+    walk_outcome,
     walkthrough,
 )
 from webapp.ui.lab import Lab
@@ -53,7 +54,7 @@ def build(lab: Lab) -> gr.Blocks:
                 merge = merge_panel.build(lab, models)
                 with gr.Accordion("2b · DRIFT fine-tune (instead of merging)", open=False,
                                   elem_id="drift-panel") as drift:
-                    drift_panel.build(lab, models, merge.variant_state)
+                    _, drift_outcome = drift_panel.build(lab, models, merge.variant_state)
                 device = gr.Markdown(elem_id="device-line")
             with gr.Column(scale=9), gr.Tabs() as main_tabs:
                 with gr.Tab("3 · Chat", id="tab-chat") as chat_tab:
@@ -71,6 +72,7 @@ def build(lab: Lab) -> gr.Blocks:
                             main_tabs, chat_tab, analysis_tab, drift,
                             {"evaluate": evaluate_tab, "leaderboard": leaderboard_tab}),
                         message, steps, use_beta)
+        walk_outcome.wire(lab, steps, models.preset, merge.variant_state, merge.outcome, drift_outcome)
 
         def device_line():
             info = lab.client.wait_ready(60)

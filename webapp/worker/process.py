@@ -40,6 +40,7 @@ from webapp.safety import limit_pil, open_image
 from webapp.worker.chat import stream_answer
 from webapp.worker.evaluate_jobs import run_evaluate
 from webapp.worker.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
+from webapp.worker.outcome_jobs import run_outcome
 
 
 class CancelFlag:
@@ -362,6 +363,11 @@ def analysis(ctx: JobContext, args: dict) -> dict:
 @job("evaluate")
 def evaluate(ctx: JobContext, args: dict) -> dict:
     return run_evaluate(ctx, args)
+
+
+@job("outcome")
+def outcome(ctx: JobContext, args: dict) -> dict:
+    return run_outcome(ctx, args)
 
 
 @job("handout")
