@@ -18,7 +18,8 @@ def entry(result: dict) -> dict:
     n = b["test"].get("perception", next(iter(b["test"].values())))["n"]
     return {"method": result["method"], "label": f"tuned ({result['trials']} trials, {n} held-out items)",
             "knobs": b["knobs"], "dev": {s: v["acc"] for s, v in b["dev"].items()},
-            "test": {s: v["acc"] for s, v in b["test"].items()}, "details": "", "intervals": b["test"]}
+            "test": {s: v["acc"] for s, v in b["test"].items()}, "details": "",
+            "ci": {s: [v["lo"], v["hi"]] for s, v in b["test"].items()}}
 
 
 def newest(root: Path, names) -> list[dict]:

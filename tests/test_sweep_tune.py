@@ -91,6 +91,12 @@ def test_tune_resumes_and_its_front_is_non_dominated(smoke_family, tmp_path):
             iv = p["dev"][s]
             assert iv["n"] == LIMIT and math.isclose(iv["acc"], iv["k"] / LIMIT)
     best = data["best"]
+    # the chosen point: perception within 3 points of the VLM's on dev, then the most visual_math
+    floor = data["vlm_dev"]["perception"]["acc"] - 0.03
+    keeping = [p for p in data["front"] if p["dev"]["perception"]["acc"] >= floor - 1e-9]
+    if keeping:
+        top = max(p["dev"]["visual_math"]["k"] for p in keeping)
+        assert best["dev"]["visual_math"]["k"] == top and best["dev"]["perception"]["acc"] >= floor - 1e-9
     assert best["trial"] in on_front and set(best["test"]) == {"perception", "visual_math", "text_math"}
     assert best["test"]["perception"]["n"] == 2
     # the dev items are not the held-out ones

@@ -7,14 +7,17 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from analysis import tune_results
 from analysis.evaluate import evaluate
 from merging.inplace import InPlaceMerger
 from merging.recipe import from_dict
 from webapp.presets import TOY_ROOT
+from webapp.ui import leaderboard_panel
 from webapp.worker.models import load_serving
 from webapp.worker.process import Worker
 
@@ -105,3 +108,10 @@ def test_tune_job_continues_its_study_and_leaves_the_checkpoints_weights(worker,
     assert ev == "result", again
     assert again["result"]["trials"] == 3 and again["folder"] == out["folder"]
     assert same_as_checkpoint(worker, checkpoint)
+    # the leaderboard's row for the method: the newest tune's chosen point, its held-out scores and intervals
+    rows = tune_results.newest(Path(worker.cache_dir, "tune"), ["linear", "task_arithmetic"])
+    best = again["result"]["best"]
+    assert [r["method"] for r in rows] == ["task_arithmetic"] and rows[0]["knobs"] == best["knobs"]
+    for s, iv in best["test"].items():
+        assert rows[0]["test"][s] == iv["acc"] and rows[0]["ci"][s][0] <= iv["acc"] <= rows[0]["ci"][s][1]
+    assert "->" in leaderboard_panel._knobs_text(rows[0]["knobs"])  # a schedule, shown start -> end
