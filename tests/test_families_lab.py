@@ -174,7 +174,8 @@ def test_eval_with_images_knockout_and_attention_on_the_family_positions(kit):
     model, proc = load_model(paths["vlm"], attentions=True)
     items = read_items(items_file)
     scored = evaluate((model, proc), suites=[], extra={"custom": items}, return_items=True)
-    assert json.loads(r.stdout) == {"custom": round(scored["accuracy"]["custom"], 4)}
+    got = json.loads(r.stdout)
+    assert got["custom"] == round(scored["accuracy"]["custom"], 4) and got["n"] == {"custom": len(items)}
     recs = scored["items"]["custom"]
     assert [x["question"] for x in recs] == [it["question"] for it in items]
     for it, rec in zip(items, recs):  # each item answered as a plain generate with its image (or none)

@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from analysis import intervals
 from analysis.eval_file import check_items
 from analysis.evaluate import SUITES
 from merging.errors import LabError
@@ -32,6 +33,9 @@ NO_MERGE = "_No merge in this tab yet: only the original VLM was scored. Press *
 
 
 SCORE_COLUMNS = ["suite", "original VLM", "merged", "difference (points)"]
+INTERVALS = ("Accuracy in %, [95% Wilson interval]; difference: merged minus original on the same items, "
+             "[95% paired bootstrap interval, 2000 resamples]. **within noise**: that interval holds 0, so these "
+             "items do not tell the two models apart.")
 DISAGREE_COLUMNS = ["line", "question", "answer", "original VLM", "merged"]
 
 
@@ -39,13 +43,34 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def score_table(acc: dict, merged_label: str | None) -> pd.DataFrame:
-    """suite | original VLM | merged | difference (points)."""
+def _bits(outcomes: str) -> list[bool]:
+    return [c == "1" for c in outcomes]
+
+
+def _acc_cell(x: float | None, outcomes: str | None) -> str:
+    """'80.0% [58.4, 91.9] (n 20)' or, without the items' outcomes, the accuracy alone."""
+    if x is None or not outcomes:
+        return _pct(x)
+    return f"{intervals.fmt_acc(intervals.accuracy(_bits(outcomes)), percent=True)} (n {len(outcomes)})"
+
+
+def _diff_cell(o: float, m: float | None, a: str | None, b: str | None) -> str:
+    if m is None:
+        return "—"
+    if not a or not b or len(a) != len(b):
+        return f"{100 * (m - o):+.1f}"
+    return intervals.fmt_diff(intervals.paired_difference(_bits(a), _bits(b)))
+
+
+def score_table(acc: dict, merged_label: str | None, correct: dict | None = None) -> pd.DataFrame:
+    """suite | original VLM | merged | difference (points), each with its 95% interval when `correct`
+    (each item's outcome, "0110...", per model and suite) is given."""
     orig, merged = acc["original"], acc.get("merged")
+    co, cm = (correct or {}).get("original", {}), (correct or {}).get("merged", {})
     rows = []
     for s, o in orig.items():
         m = merged.get(s) if merged else None
-        rows.append([s, _pct(o), _pct(m), "—" if m is None else f"{100 * (m - o):+.1f}"])
+        rows.append([s, _acc_cell(o, co.get(s)), _acc_cell(m, cm.get(s)), _diff_cell(o, m, co.get(s), cm.get(s))])
     head = f"merged: {merged_label}" if merged_label else "merged (none yet)"
     return pd.DataFrame(rows, columns=[*SCORE_COLUMNS[:2], head, SCORE_COLUMNS[3]])
 
@@ -106,7 +131,7 @@ def _suites_handler(lab: Lab):
                 continue
             note = "" if variant else f"\n\n{NO_MERGE}"
             yield (f"{text} {int(limit)} items per suite{'' if variant else ', the original VLM only'}.{note}",
-                   score_table(payload["accuracy"], label))
+                   score_table(payload["accuracy"], label, payload.get("correct")))
 
     return evaluate
 
@@ -141,7 +166,7 @@ def _own_handler(lab: Lab):
                 if payload is None:
                     yield (text, *keep)
                     continue
-                acc = score_table(payload["accuracy"], variant_label(variant))
+                acc = score_table(payload["accuracy"], variant_label(variant), payload.get("correct"))
                 if "disagree" not in payload:
                     yield (f"{text} {n} items.\n\n{NO_MERGE}", acc, _empty(DISAGREE_COLUMNS), None)
                     continue
@@ -189,6 +214,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
     status = gr.Markdown(elem_id="status-evaluate")
     table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy, per suite", interactive=False,
                          elem_id="eval-table", wrap=True)
+    gr.Markdown(INTERVALS, elem_id="eval-intervals-note")
     base_inputs = [variant_state, *models.inputs]
     run_btn.click(_suites_handler(lab), [*base_inputs, suites, limit], [status, table], api_name="evaluate",
                   concurrency_limit=16)

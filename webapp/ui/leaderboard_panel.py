@@ -36,7 +36,7 @@ FIELDS = {"limit": "held-out items per suite", "dev_items": "dev items per suite
 
 COLUMNS = ["method", "setting (and what the merge selected)", "perception", "visual math", "text math",
            "Δ perception", "Δ visual math"]
-WIDTHS = ["18%", "28%", "13%", "9%", "9%", "13%", "10%"]
+WIDTHS = ["12%", "22%", "11%", "11%", "11%", "17%", "16%"]
 
 
 def _knobs_text(knobs: dict) -> str:
@@ -44,13 +44,14 @@ def _knobs_text(knobs: dict) -> str:
 
 
 def table(result: dict) -> pd.DataFrame:
-    """One row per entry: the held-out accuracies and their change from the VLM, in points."""
+    """One row per entry: the held-out accuracies (± half their 95% Wilson interval) and their change
+    from the VLM in points, with its 95% paired bootstrap interval ("noise" where it holds 0)."""
     vlm = next(e for e in result["entries"] if e["method"] == "vlm")["test"]
     rows = []
     for e in result["entries"]:
-        t = e["test"]
-        cells = [f"{100 * t[s]:.1f}" if s in t else "—" for s in SUITES]
-        deltas = [f"{100 * (t[s] - vlm[s]):+.1f}" if s in t else "—" for s in ("perception", "visual_math")]
+        cells = [leaderboard.cell(e, s) if s in e["test"] else "—" for s in SUITES]
+        deltas = [leaderboard.delta(e, s, vlm) if s in e["test"] and e["method"] != "vlm" else "—"
+                  for s in ("perception", "visual_math")]
         setting = e["label"] + (f": {_knobs_text(e['knobs'])}" if e["knobs"] else "")
         setting += f" · {e['details']}" if e.get("details") else ""
         rows.append([e["method"], setting, *cells, *deltas])
@@ -142,8 +143,8 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="lb-cancel", scale=0, min_width=100)
     status = gr.Markdown(elem_id="status-leaderboard")
     plot = gr.Plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
-    rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%) and change from the VLM "
-                        "(points)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
+    rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%, ± half the 95% Wilson "
+                        "interval) and change from the VLM (points, [95% paired bootstrap interval]; noise: it holds 0)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
     result = gr.State(None)
     pick = gr.Dropdown([], label="a row's recipe (method and knobs)", elem_id="lb-row",
                        info="run the leaderboard first; the VLM and the reasoner are not merges")

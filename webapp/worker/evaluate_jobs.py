@@ -4,7 +4,8 @@ bundled suites or on an uploaded eval set, with the model the worker already hol
 The original is scored with the merger restored (Loaded.hold(None)), the merge with it applied, so
 both are the same weights chat answers with. Scores of the bundled suites are cached under the
 weights' id (merging.inplace.weights_id), the dtype and the number of items; an uploaded set is
-scored every time.
+scored every time. Each item's outcome goes back too ("correct": "0110..." per model and suite), so
+the panel can give every accuracy its interval and the difference its paired interval.
 """
 
 from __future__ import annotations
@@ -58,23 +59,31 @@ def _suite_args(args: dict) -> tuple[list[str], int]:
     return suites, limit
 
 
+def _outcomes(out: dict) -> dict:
+    """{suite: "0110..."}: each item's outcome of an evaluate(..., return_items=True) result."""
+    return {s: "".join("1" if r["correct"] else "0" for r in recs) for s, recs in out["items"].items()}
+
+
 def _scorer(ctx, args: dict, items: list[dict] | None):
-    """score(model, wid, progress) -> (accuracy by suite, records of the custom set or None)."""
+    """score(model, wid, progress) -> (accuracy by suite, outcomes by suite, records of the custom set or None)."""
     if items is not None:
         def score_file(model, wid, progress):
             out = evaluate(model, suites=[], extra={"custom": items}, progress=progress, batch_size=BATCH,
                            return_items=True)
-            return out["accuracy"], out["items"]["custom"]
+            return out["accuracy"], _outcomes(out), out["items"]["custom"]
         return score_file
     suites, limit = _suite_args(args)
     dtype = serving_dtype(ctx.device, ctx.models.cpu_dtype)
 
     def score_suites(model, wid, progress):
+        def compute():
+            out = evaluate(model, suites=suites, limit=limit, progress=progress, batch_size=BATCH,
+                           eval_dir=TOY_ROOT / "eval", return_items=True)
+            return {"accuracy": out["accuracy"], "correct": _outcomes(out)}
+
         key = {"weights": wid, "dtype": dtype, "suites": suites, "limit": limit}
-        acc = cached("evaluate", key, lambda: evaluate(model, suites=suites, limit=limit, progress=progress,
-                                                       batch_size=BATCH, eval_dir=TOY_ROOT / "eval"),
-                     ctx.cache_dir)
-        return acc, None
+        got = cached("evaluate_items", key, compute, ctx.cache_dir)
+        return got["accuracy"], got["correct"], None
     return score_suites
 
 
@@ -92,23 +101,25 @@ def disagreements(items: list[dict], original: list[dict], merged: list[dict]) -
 
 
 def run_evaluate(ctx, args: dict) -> dict:
-    """{"labels", "accuracy": {"original": {...}, "merged": {...}}, "items", "disagree" (an uploaded set)}."""
+    """{"labels", "accuracy": {"original": {...}, "merged": {...}}, "correct" (same shape: "0110..." per
+    suite), "items", "disagree" (an uploaded set)}."""
     progress = ctx.progress(yields=True)
     items = None
     if args.get("suite_file"):  # checked by the UI (inside its upload folder); read again here, whole
         items = read_items(args["suite_file"], by_name=bool(args.get("by_name")), name=args.get("name"))
     score = _scorer(ctx, args, items)
     models = _models(ctx, args, progress, ctx.flag)
-    labels, accuracy, records = {}, {}, {}
+    labels, accuracy, correct, records = {}, {}, {}, {}
     for i, (name, label, get) in enumerate(models):
         model, wid = get()
 
         def part(done, total, msg, i=i, label=label):
             progress(i * total + done, len(models) * total, f"{label}: {msg}")
 
-        accuracy[name], records[name] = score(model, wid, part)
+        accuracy[name], correct[name], records[name] = score(model, wid, part)
         labels[name] = label
-    out = {"labels": labels, "accuracy": accuracy, "items": len(items) if items is not None else None}
+    out = {"labels": labels, "accuracy": accuracy, "correct": correct,
+           "items": len(items) if items is not None else None}
     if items is not None and "merged" in records:
         found = disagreements(items, records["original"], records["merged"])
         out.update(disagree=found[:MAX_SHOWN], disagree_total=len(found))

@@ -49,7 +49,8 @@ def key_parts(family: Path, s: dict) -> dict:
     for suite in SUITES:
         digest.update((family / "eval" / f"{suite}.jsonl").read_bytes())
     fps = triple_fingerprints(str(family / "vlm"), str(family / "math"), str(family / "base"))
-    return {"fingerprints": fps, "eval": digest.hexdigest(), "dev_seed": leaderboard.DEV_SEED, **s}
+    # "outcomes": results stored since each entry keeps its items' outcomes and intervals
+    return {"fingerprints": fps, "eval": digest.hexdigest(), "dev_seed": leaderboard.DEV_SEED, "outcomes": 1, **s}
 
 
 def run_leaderboard(ctx, args: dict, family: Path = TOY_ROOT) -> dict:
