@@ -30,11 +30,13 @@ from merging.inplace import map_parameters
 MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
 DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "batch_size": (1, 1024),
-              "examples": (1, 1_000_000), "seed": (0, 2**31), "mode": None, "normalize_delta": None, "data": None}
+              "examples": (1, 1_000_000), "seed": (0, 2**31), "replay": (0.0, 0.9), "mode": None,
+              "normalize_delta": None, "data": None}
 # data: a JSONL of image + question + answer (merging.finetune); None is the toy scenes, for the bundled
-# family only. examples caps how many items are used.
+# family only. examples caps how many items are used. replay: the share of the toy examples that are
+# perception questions (the VLM's own skill, replayed so that a fine-tune is not on visual math alone).
 DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
-                  "mode": "adaptive_cosine", "normalize_delta": True, "data": None}
+                  "replay": 0.0, "mode": "adaptive_cosine", "normalize_delta": True, "data": None}
 _EPS = 1e-12
 
 
@@ -150,4 +152,7 @@ def drift_settings(section: dict | None) -> dict:
             raise LabError(f"drift {k} = {v!r} is out of range; allowed {rng[0]} to {rng[1]}")
         if k in ("steps", "batch_size", "examples", "seed") and int(v) != v:
             raise LabError(f"drift {k} must be a whole number, got {v!r}")
+    if out["replay"] and out["data"] is not None:
+        raise LabError("drift replay mixes perception questions into the toy scenes only; with a data file, "
+                       "put the items to replay into the file itself")
     return out

@@ -95,7 +95,9 @@ def training_data(spec: dict) -> TrainingData:
         raise LabError(f"DRIFT on {spec['vlm']} needs training data: give a JSONL of image + question + answer "
                        "(the recipe's drift: data: train.jsonl, or the DRIFT panel's upload); the built-in toy "
                        "scenes are only for the bundled toy family")
-    return TrainingData(training_examples(n, seed=int(s["seed"])), "toy", f"{n} toy scenes")
+    replay = float(s.get("replay") or 0.0)
+    shown = f"{n} toy scenes" + (f", {replay:.0%} of them perception questions" if replay else "")
+    return TrainingData(training_examples(n, seed=int(s["seed"]), replay=replay), "toy", shown)
 
 
 def run_identity(spec: dict, data: TrainingData) -> dict:

@@ -379,3 +379,28 @@ def test_the_loss_mask_with_a_template_that_adds_tokens_after_the_generation_pro
         assert tok.decode(masked) == shown.replace("<image>", "<image>" * 9)
         assert tok.decode(labels[labels.ne(-100)]) == a + "<|im_end|>\n"
         assert labels.ne(-100).nonzero().flatten().tolist() == list(range(len(masked), int(real.sum())))
+
+
+def test_replay_mixes_perception_questions_into_the_toy_scenes():
+    """replay r: round(n r) of the n toy examples are perception questions of the suite's four kinds, spread
+    through the list; the visual-math ones are those of the run without replay, in order; a data file
+    refuses replay (its items are the user's to mix)."""
+    from tasks import toydata as td
+    from tasks.drift_data import training_examples
+
+    plain = [q for _, q, _ in training_examples(40, seed=3)]
+    mixed = training_examples(40, seed=3, replay=0.25)
+    asked = {td.perception_item(td.Scene(s, "red", 2, 0), k).question.replace("circles", "X")
+             for s in td.SHAPES for k in td.PERCEPTION_KINDS}
+    perception = [i for i, (_, q, _) in enumerate(mixed) if q not in plain]
+    assert len(perception) == 10 and max(perception) - min(perception) >= 30  # spread, not bunched
+    for i in perception:
+        q = mixed[i][1]
+        assert any(q.replace(td.PLURAL[s], "X") in {a.replace(td.PLURAL[s], "X") for a in asked} for s in td.SHAPES), q
+        assert mixed[i][2].endswith(" .") and "the answer is" in mixed[i][2]
+    assert [q for i, (_, q, _) in enumerate(mixed) if i not in perception] == plain[:30]
+    assert drift_settings({"replay": 0.25})["replay"] == 0.25
+    with pytest.raises(LabError, match="replay = 1.5 is out of range"):
+        drift_settings({"replay": 1.5})
+    with pytest.raises(LabError, match="replay mixes perception questions into the toy scenes only"):
+        drift_settings({"replay": 0.25, "data": "train.jsonl"})
