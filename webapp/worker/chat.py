@@ -87,9 +87,11 @@ def stream_answer(model, proc, question: str, image=None, history: list[dict] | 
                   max_new_tokens: int = 48, temperature: float = 0.0,
                   on_text: Callable[[str], None] | None = None,
                   cancelled: Callable[[], bool] | None = None,
-                  on_notice: Callable[[str], None] | None = None) -> str:
+                  on_notice: Callable[[str], None] | None = None,
+                  on_logits: Callable[[list[int], tuple], None] | None = None) -> str:
     """Generate an answer; on_text(piece) is called for each decoded piece, on_notice(text) for each
-    way the prompt had to be cut to fit the context. Returns the full text."""
+    way the prompt had to be cut to fit the context, on_logits(new token ids, generate's raw logits of
+    each step) once at the end. Returns the full text."""
     # The UI process imports this module (webapp.ui.client -> webapp.worker.process) and never generates.
     # lazy: transformers' generation classes cost 1.0 s after torch (python -X importtime).
     from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -128,8 +130,12 @@ def stream_answer(model, proc, question: str, image=None, history: list[dict] | 
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=0.95)
     else:
         kwargs.update(do_sample=False)
+    if on_logits:  # the scores of the same forward passes that chose each token (analysis.key_tokens)
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        model.generate(**kwargs)
+        out = model.generate(**kwargs)
+    if on_logits and not (cancelled and cancelled()):
+        on_logits(out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out.logits)
     text = "".join(pieces)
     if cancelled and cancelled():
         raise Cancelled("stopped")

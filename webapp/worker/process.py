@@ -38,6 +38,7 @@ from merging.recipe import from_dict
 from webapp.protocol import Cancelled, DriftRun, lane_of, recipe_key, triple_of
 from webapp.safety import limit_pil, open_image
 from webapp.worker.chat import stream_answer
+from webapp.worker.chat_insight import KeyTokens, question_check
 from webapp.worker.evaluate_jobs import run_evaluate
 from webapp.worker.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
 from webapp.worker.outcome_jobs import run_outcome
@@ -337,6 +338,10 @@ def chat(ctx: JobContext, args: dict) -> dict:
 
     drift = recipe.folder if isinstance(recipe, DriftRun) else None  # a DRIFT result instead of a merge
     streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
+    check = question_check(loaded.processor, args["question"], image)  # before any answer
+    if check:
+        ctx.send("partial", {"check": check})
+    keys = KeyTokens(loaded.processor)
     for stream in streams:
         if stream == "merged" and drift:
             model, processor = ctx.drift_loaded(drift, progress)
@@ -347,8 +352,8 @@ def chat(ctx: JobContext, args: dict) -> dict:
             model, processor, args["question"], image, args.get("history", {}).get(stream),
             args.get("max_new_tokens", 48), args.get("temperature", 0.0),
             on_text=lambda piece, s=stream: ctx.send("token", {"stream": s, "text": piece}),
-            cancelled=ctx.flag, on_notice=notice)
-    return {"answers": answers, "notices": notices}
+            cancelled=ctx.flag, on_notice=notice, on_logits=keys.recorder(stream))
+    return {"answers": answers, "notices": notices, "check": check, "keys": keys.by_stream}
 
 
 @job("analysis")
