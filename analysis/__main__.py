@@ -1,7 +1,8 @@
 """`python -m analysis eval MODEL_DIR [--suite NAME] [--suite-file ITEMS.jsonl]`,
 `python -m analysis report RECIPE OUT_DIR`, `python -m analysis handout RECIPE OUT.html`,
 `python -m analysis leaderboard [--limit N]`,
-`python -m analysis sweep RECIPE --knob K --values V,... --out DIR` and `python -m analysis tune --method M --out DIR`.
+`python -m analysis sweep RECIPE --knob K --values V,... --out DIR`, `python -m analysis tune --method M --out DIR`
+and `python -m analysis ask MODEL [--image IMG] "QUESTION"`.
 
 Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGINT (143 on SIGTERM).
 """
@@ -9,6 +10,8 @@ Exit 0 on success, 2 with a one-line reason on stderr for bad input, 130 on SIGI
 import sys
 
 from analysis import analyses
+from analysis.ask import add_parser as add_ask
+from analysis.ask import main_ask
 from analysis.evaluate import main_eval
 from merging.cli import Parser, count, run
 
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
     lb.add_argument("--threads", type=count, default=1,
                     help="CPU threads (default 1: the toy models are too small to gain from more)")
     _knob_commands(sub)
+    add_ask(sub)
     args = ap.parse_args(argv)
     return run(lambda: _dispatch(args), getattr(args, "out_dir", None) or getattr(args, "out", None))
 
@@ -101,6 +105,8 @@ def _dispatch(args) -> int:
         return main_leaderboard(args)
     if args.cmd == "eval":
         return main_eval(args)
+    if args.cmd == "ask":
+        return main_ask(args)
     if args.cmd == "handout":
         # lazy: plotly and the analyses, as for the report below.
         from analysis.handout import main_handout
