@@ -25,7 +25,7 @@ def sweep_figure(result: dict) -> go.Figure:
     for s in [s for s in SUITES if pts and s in pts[0]]:
         c = COLOURS[s]
         lo, hi = [100 * p[s]["lo"] for p in pts], [100 * p[s]["hi"] for p in pts]
-        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", line={"width": 0},
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", mode="lines", line={"width": 0},
                                  fillcolor=_alpha(c), hoverinfo="skip", showlegend=False, name=f"{s} 95%"))
         fig.add_trace(go.Scatter(
             x=xs, y=[100 * p[s]["acc"] for p in pts], mode="lines+markers", name=s, line={"color": c},
@@ -91,7 +91,7 @@ def tune_figure(result: dict, board: dict | None = None) -> go.Figure:
                                          marker={"symbol": "diamond-open", "size": 9}, visible="legendonly"
                                          if e["method"] != result["method"] else True))
     fig.update_layout(title={"text": f"{result['method']}: {result['trials']} trials on dev<br><sup>error bars: "
-                             "95% Wilson intervals; click a front point to load its knobs</sup>"},
+                             "95% Wilson intervals; a front point loads into the merge panel from the list below</sup>"},
                       xaxis={"title": "perception accuracy (%)"}, yaxis={"title": "visual_math accuracy (%)"},
                       template="plotly_white", height=520, margin={"t": 70}, legend={"orientation": "h", "y": -0.18})
     return fig

@@ -24,7 +24,7 @@ def page(app_url):
 def test_sweep_and_tune_tab(page):
     from playwright.sync_api import expect
 
-    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible()
+    expect(page.get_by_text("Compatible: ready to merge")).to_be_visible(timeout=60_000)
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged with", timeout=90_000)
     page.get_by_role("tab", name="7 · Sweep & tune").click()
@@ -46,8 +46,9 @@ def test_sweep_and_tune_tab(page):
     expect(tune).to_contain_text("trials in the study", timeout=300_000)
     expect(tune).to_contain_text("held-out")
     expect(page.locator("#tune-plot .js-plotly-plot")).to_be_visible()
-    page.locator("#tune-point").click()
-    page.get_by_role("option").first.click()
+    page.locator("#tune-point input").click()
+    page.get_by_role("option").filter(has_text="chosen").first.click()
     page.locator("#tune-load").click()
     expect(page.locator("#status-tune-load")).to_contain_text("is set in", timeout=30_000)
+    expect(page.locator("#status-tune-load")).to_contain_text("->")  # a start -> end schedule
     page.screenshot(path=str(SHOTS / "app_tune.png"), full_page=True)
