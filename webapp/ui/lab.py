@@ -16,7 +16,7 @@ from webapp.ui.client import Job, WorkerClient
 # A long job's kind as the waiting status names it.
 HELD = {"analysis": "an analysis", "evaluate": "an evaluation", "leaderboard": "a leaderboard",
         "drift": "a DRIFT fine-tune", "export": "an export", "outcome": "a walkthrough step's measurement",
-        "handout": "a handout"}
+        "handout": "a handout", "sweep": "a sweep", "tune": "a tune"}
 
 
 @dataclass
