@@ -100,7 +100,8 @@ def tune_figure(result: dict, board: dict | None = None) -> go.Figure:
 def _err(points: list[dict], suite: str) -> dict:
     acc = [p["dev"][suite] for p in points]
     return {"type": "data", "symmetric": False, "array": [100 * (a["hi"] - a["acc"]) for a in acc],
-            "arrayminus": [100 * (a["acc"] - a["lo"]) for a in acc], "thickness": 1, "width": 0}
+            "arrayminus": [100 * (a["acc"] - a["lo"]) for a in acc], "thickness": 1, "width": 0,
+            "color": "rgba(214,39,40,0.3)"}
 
 
 def describe(knobs: dict) -> str:
