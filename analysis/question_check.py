@@ -132,7 +132,7 @@ def templates(words: list[str], has_image: bool) -> list[str]:
     scene = td.Scene(shape, "red", max(1, min(a, 9)), 0)
     out = [td.perception_item(scene, kind, claim=a).question
            for kind in ("count", "count_shapes", "colour", "shape", "verify", "compare", "describe")]
-    return out + [td.visual_math_item(scene, op, k).question for op, k in (("+", a), ("-", 1))]
+    return out + [td.visual_math_item(scene, op, k).question for op, k in (("+", a), ("-", a))]
 
 
 def closest_template(words: list[str], has_image: bool) -> str:

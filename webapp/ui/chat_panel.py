@@ -16,6 +16,7 @@ from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, triple_of
 from webapp.safety import cap_question, check_image, uploaded
+from webapp.ui.chat_insight import CSS, insight_html, warning_markdown
 from webapp.ui.lab import Lab, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel
 
@@ -76,6 +77,8 @@ def render(turns: list[dict], which: str) -> list[dict]:
         if t.get("image"):
             msgs.append({"role": "user", "content": {"path": t["image"]}})
         msgs.append({"role": "user", "content": t["question"]})
+        if warning := warning_markdown(t.get("check")):  # said before the answer: words it cannot read
+            msgs.append({"role": "assistant", "content": warning})
         answer = t.get(which) or "…"
         if t.get("notice") and t.get(which):
             answer = f"{answer}\n\n_Note: {t['notice']}_"
@@ -110,9 +113,12 @@ def _stream(lab: Lab, job, turns: list[dict], turn: dict, notes: list[str], merg
             elif kind == "notice":
                 notes.append(payload)
                 turn["notice"] = " · ".join(notes)
+            elif kind == "partial":  # the question check, before any answer
+                turn["check"] = payload.get("check")
             elif kind == "result":
                 for k, v in payload.get("answers", {}).items():
                     turn[k] = v or "(empty answer)"
+                turn["keys"], turn["check"] = payload.get("keys") or {}, payload.get("check") or turn.get("check")
             elif kind in ("error", "cancelled"):
                 key = "merged" if merged_too and not turn["original"] else "original"
                 turn[key] = (turn[key] + f"\n\n_({kind}: {payload})_").strip()
@@ -173,6 +179,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         original_bot = gr.Chatbot(label="Original VLM", height=360, elem_id="chat-original", feedback_options=None)
     box = gr.MultimodalTextbox(file_types=["image"], file_count="single", show_label=False, elem_id="chat-box",
                                placeholder="Type a question, attach an image with the paper clip, press Enter")
+    why = gr.HTML(elem_id="chat-why")  # the last turn's question check and key-token probabilities
     with gr.Row():
         max_new = gr.Slider(1, 256, value=DEFAULT_MAX_NEW, step=1, label="max new tokens",
                             info="up to half the model's context")
@@ -187,6 +194,8 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     chat = _chat_handler(lab)
     chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
     outs = [merged_bot, original_bot, box, turns_state]
+    turns_state.change(lambda turns: CSS + insight_html(turns), turns_state, why, api_visibility="private",
+                       queue=False)
     # always_last: a question sent (or an example clicked) while an answer streams is asked once that
     # answer ends, not dropped; it waits in the text box meanwhile
     box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16, trigger_mode="always_last")
