@@ -191,7 +191,7 @@ def _own_section(lab: Lab, base_inputs: list) -> None:
         own_cancel = gr.Button("Cancel", variant="stop", elem_id="eval-own-cancel", scale=0, min_width=100)
     own_status = gr.Markdown(elem_id="status-eval-own")
     own_table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy on your set", interactive=False,
-                             elem_id="eval-own-table")
+                             elem_id="eval-own-table", wrap=True, column_widths=["13%", "26%", "26%", "35%"])
     disagree = gr.Dataframe(_empty(DISAGREE_COLUMNS), label="where the two models answer differently",
                             interactive=False, wrap=True, elem_id="eval-disagree", max_height=360,
                             column_widths=["8%", "50%", "12%", "15%", "15%"])
@@ -213,7 +213,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="eval-cancel", scale=0, min_width=100)
     status = gr.Markdown(elem_id="status-evaluate")
     table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy, per suite", interactive=False,
-                         elem_id="eval-table", wrap=True)
+                         elem_id="eval-table", wrap=True, column_widths=["13%", "26%", "26%", "35%"])
     gr.Markdown(INTERVALS, elem_id="eval-intervals-note")
     base_inputs = [variant_state, *models.inputs]
     run_btn.click(_suites_handler(lab), [*base_inputs, suites, limit], [status, table], api_name="evaluate",
