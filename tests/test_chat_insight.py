@@ -17,3 +17,13 @@ def test_the_pane_warning_is_short_and_the_block_has_everything():
     assert "merged model" in html and "original VLM" not in html  # a pane without key tokens has no column
     assert "&lt;4&gt;" in html and "0.90" in html and "0.05" in html  # tokens escaped
     assert insight_html([]) == "" and insight_html([{"question": "q"}]) == ""
+
+
+def test_the_examples_offer_no_question_both_models_answer_wrong():
+    from webapp.ui.chat_panel import examples
+
+    ex = examples()
+    texts = [m["text"] for m in ex]
+    assert "what color are the triangles ?" not in texts and len(ex) == 4
+    assert texts[2] == "5 triangles are taken away . how many triangles are left ?"
+    assert ex[2]["files"][0].endswith("sample_4.png") and texts[0] == "how many squares are there ?"

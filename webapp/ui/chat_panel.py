@@ -23,6 +23,15 @@ from webapp.ui.models_panel import ModelsPanel
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"
 DEFAULT_MAX_NEW = 48
+# The examples offered, measured on the bundled family (greedy; the VLM vs the app's default merge,
+# task_arithmetic alpha 1; `python -m analysis ask MODEL --image IMG "QUESTION" --why`): both answer the
+# count on sample_0; only the merge does the arithmetic on the others (sample_1: VLM "8", merge "8 - 7 = 1";
+# sample_4: VLM "5", merge "6 - 5 = 1"; sample_3: VLM no answer, merge "4 + 6 = 10"). sample_2's "what
+# color are the triangles ?" is not offered: both answer "yellow" (the triangles are red), no merge at work.
+SHOWCASE = (("sample_0.png", "how many squares are there ?"),
+            ("sample_1.png", "7 circles are taken away . how many circles are left ?"),
+            ("sample_4.png", "5 triangles are taken away . how many triangles are left ?"),
+            ("sample_3.png", "6 more triangles are added . how many triangles now ?"))
 
 
 def variant_label(variant) -> str | None:
@@ -62,7 +71,11 @@ def examples(limit: int = 4) -> list[dict]:
     for it in items:
         img = SAMPLES / it["image"] if it.get("image") else None
         out.append({"text": it["question"], "files": [str(img)] if img and img.is_file() else []})
-    # A mix: one question per image, alternating perception and math, then text-only ones.
+    shown = [m for image, q in SHOWCASE for m in out if m["text"] == q and m["files"]
+             and m["files"][0].endswith(image)]
+    if len(shown) == len(SHOWCASE):  # the bundled family's samples
+        return (shown + [m for m in out if not m["files"]])[:limit]
+    # Another family's samples: one question per image, alternating perception and math, then text-only ones.
     images = list(dict.fromkeys(tuple(m["files"]) for m in out if m["files"]))
     picked = []
     for i, img in enumerate(images):
