@@ -65,3 +65,8 @@ CSS = """<style>
 #chat-why .why-warning { background: #fff4e5; border: 1px solid #f0b429; padding: 4px 8px; margin-bottom: 6px; }
 #chat-why .why-warning ul { margin: 2px 0 0 1.2em; }
 </style>"""
+
+
+def insight_view(turns: list[dict] | None) -> str:
+    """The HTML block's value: its style and the last turn's insight."""
+    return CSS + insight_html(turns)

@@ -16,7 +16,7 @@ from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, triple_of
 from webapp.safety import cap_question, check_image, uploaded
-from webapp.ui.chat_insight import CSS, insight_html, warning_markdown
+from webapp.ui.chat_insight import insight_view, warning_markdown
 from webapp.ui.lab import Lab, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel
 
@@ -207,8 +207,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
     chat = _chat_handler(lab)
     chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
     outs = [merged_bot, original_bot, box, turns_state]
-    turns_state.change(lambda turns: CSS + insight_html(turns), turns_state, why, api_visibility="private",
-                       queue=False)
+    turns_state.change(insight_view, turns_state, why, api_visibility="private", queue=False)
     # always_last: a question sent (or an example clicked) while an answer streams is asked once that
     # answer ends, not dropped; it waits in the text box meanwhile
     box.submit(chat, chat_inputs, outs, api_name="chat", concurrency_limit=16, trigger_mode="always_last")
