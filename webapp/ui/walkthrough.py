@@ -35,9 +35,9 @@ STEPS = (
          {"method": "task_arithmetic", "alpha": "1", "tab": "chat"},
          "Press **Merge**, then click an example in *Chat* and compare the two sides: on \"7 circles are taken "
          "away\" the VLM only counts, while the merge counts and then subtracts, a skill no image question "
-         "ever taught the VLM. Adding the whole math task vector keeps perception within a few points (the "
-         "README's leaderboard: visual math 3% -> 49%, perception 79% -> 76%), the free lunch the merging "
-         "papers report."),
+         "ever taught the VLM. Adding the whole math task vector keeps perception within the noise of 150 "
+         "items (the README's leaderboard: visual math 3% -> 49%, +46 points [38, 54]; perception 79% -> 76%, "
+         "−3 [−9, +2]), the free lunch the merging papers report."),
     Step("IP-Merging: select, then project",
          {"method": "ip_merging", "top_fraction": "0.5", "rank": "32", "tab": "changes"},
          "IP-Merging merges only the matrices whose VLM and reasoner subspaces already agree; at the paper's "
