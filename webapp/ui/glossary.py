@@ -47,7 +47,8 @@ TERMS = (
                                  "the rate of its exponential fit a_l ≈ C·exp(−β l); FRANK keeps early, image-heavy "
                                  "layers closer to the VLM"),
     ("w_v, λ_v, λ_r", "FRANK's per-layer weights of the VLM and the reasoner"),
-    ("knockout", "blank one layer's attention or MLP and re-score: a large drop means that skill lives there "
+    ("knockout", "set one layer's attention or MLP weights to 1/out and re-score: a skill needs that layer where "
+                 "its drop is outside its 95% interval and text_math (no image, the control) drops much less "
                  "(BR2V: perception early, reasoning later)"),
     ("relative norm change", "‖W − W_v‖ / ‖W_v‖ of the merged weights: how far the merge moved the VLM, as a "
                              "ratio of norms (not a share of weights changed)"),
