@@ -29,6 +29,7 @@ from plotly.colors import qualitative
 
 from analysis import intervals
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
+from analysis.knob_figures import describe
 from merging import methods
 from merging.errors import Cancelled, LabError
 from merging.inplace import InPlaceMerger
@@ -195,7 +196,7 @@ class Board:
         for knobs in [{}] + grid(method, self.num_layers)[:grid_size]:
             extra = self.merged(method, knobs)
             dev = self.score("dev")
-            self.step(f"{method} {knobs or 'defaults'}: dev {fmt(dev)}")
+            self.step(f"{method} {describe(knobs)}: dev {fmt(dev)}")
             if not knobs:
                 defaults.dev, defaults.details = dev, selection_details(method, extra)
                 self.score_test(defaults)
@@ -206,7 +207,8 @@ class Board:
         tuned = Entry(method, "best on dev", best or {}, best_dev, details=best_details)
         self.merged(method, tuned.knobs)
         self.score_test(tuned)
-        self.step(f"{method} best on dev {tuned.knobs or 'defaults'}: test {fmt(tuned.test)}")
+        best_text = describe(tuned.knobs) if tuned.knobs else "its defaults"
+        self.step(f"{method} best on dev ({best_text}): test {fmt(tuned.test)}")
         self.merger.restore()
         return [defaults, tuned] + [self.variant(method, label, knobs) for label, knobs in
                                     variants(method, self.num_layers)]
@@ -216,7 +218,7 @@ class Board:
         extra = self.merged(method, knobs)
         entry = Entry(method, label, dict(knobs), details=selection_details(method, extra))
         self.score_test(entry)
-        self.step(f"{method} {label} {knobs}: test {fmt(entry.test)}")
+        self.step(f"{method} {label} ({describe(knobs)}): test {fmt(entry.test)}")
         self.merger.restore()
         return entry
 

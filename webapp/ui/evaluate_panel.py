@@ -18,6 +18,7 @@ from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.protocol import EVAL_MAX_LIMIT as MAX_LIMIT
 from webapp.protocol import triple_of
+from webapp.safety import open_image
 from webapp.ui import cancel_button, eval_upload
 from webapp.ui.chat_panel import variant_label
 from webapp.ui.lab import Lab, follow_status, session_of
@@ -83,8 +84,9 @@ def disagreement_views(found: list[dict]) -> tuple[pd.DataFrame, list]:
     rows = [[d["line"], d["question"], d["answer"], mark(d["original"], d["original_correct"]),
              mark(d["merged"], d["merged_correct"])] for d in found]
     table = pd.DataFrame(rows, columns=DISAGREE_COLUMNS)
-    # short captions: a thumbnail shows one line; the table above has the questions
-    gallery = [(d["image"], f"line {d['line']}: {mark(d['original'], d['original_correct'])} → "
+    # short captions: a thumbnail shows one line; the table above has the questions. Each image decoded
+    # now: the staged upload it lies in is removed once scored, before the browser would fetch it
+    gallery = [(open_image(d["image"]), f"line {d['line']}: {mark(d['original'], d['original_correct'])} → "
                 f"{mark(d['merged'], d['merged_correct'])}") for d in found if d["image"]]
     return table, gallery
 

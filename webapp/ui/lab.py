@@ -73,9 +73,20 @@ def bar(done: int, total: int, width: int = 20) -> str:
     return f"`{'█' * full}{'░' * (width - full)}` {frac * 100:3.0f}%"
 
 
+def time_left(run_s: float, done: int, total: int) -> str:
+    """'; about 40 s left' at the pace so far; while nothing is done yet, that it is being estimated."""
+    if total <= 0 or done >= total:
+        return ""
+    if done <= 0:
+        return "; estimating the time left"
+    left = run_s * (total - done) / done
+    return f"; about {left:.0f} s left" if left < 90 else f"; about {left / 60:.0f} min left"
+
+
 def follow_status(client: WorkerClient, job: Job, verb: str):
     """Yield (markdown status, terminal event or None) while a job runs; the last has the event."""
     t0 = time.monotonic()
+    started = None  # when the worker picked the job up: the time left is estimated from then
     last = f"○ **{verb}…**"
     try:
         for ev, payload in client.follow(job):
@@ -93,10 +104,11 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
                 last = (f"○ **Waiting for the worker**: {ahead} job(s) ahead of this one{held} ({el:.0f} s)"
                         if ahead or holder else f"○ **Starting on the worker…** ({el:.0f} s)")
             elif ev == "started":
+                started = el
                 last = f"○ **{verb}…** ({el:.1f} s)"
             elif ev == "progress":
                 done, total, msg = payload
-                last = f"○ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s)"
+                last = f"○ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s{time_left(el - (started or 0), done, total)})"
             elif ev in ("result", "error", "cancelled"):
                 yield last, (ev, payload, el)
                 return

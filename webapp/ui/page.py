@@ -31,6 +31,10 @@ footer {display: none !important;}
 #chat-merged > .wrapper > label[data-testid=block-label], #chat-original > .wrapper > label[data-testid=block-label] {
   position: static; margin: 0 0 6px 0; max-width: calc(100% - 96px);}
 #chat-merged > .wrapper > .bubble-wrap, #chat-original > .wrapper > .bubble-wrap {border-top: 1px solid var(--border-color-primary);}
+/* a plot starts below its block label, so plotly's toolbar (top right of the figure) covers neither */
+.js-plotly-plot {padding-top: 30px;}
+/* the toy's 48 px images: never enlarged past their size and blurred, never cropped */
+#eval-gallery img {object-fit: scale-down !important; image-rendering: pixelated;}
 """
 
 
