@@ -172,6 +172,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> tuple[gr.Ma
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
                              queue=False, api_visibility="private")
 
-    variant_state.change(live_status, [variant_state, status], status, queue=False, api_visibility="private")
+    variant_state.change(live_status, [variant_state, status], status, queue=False, api_visibility="private",
+                         show_progress="hidden")
     cancel_button.wire(lab, cancel_btn, ("drift",), api_name="drift_cancel")
     return status, outcome

@@ -400,7 +400,8 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     gr.on([c.variant_state.change, c.method.change, c.prior.change, c.first.change, c.last.change, c.advanced.change,
            *[k.change for k in panel.knobs]], live_line,
           [c.variant_state, c.method, c.first, c.last, c.prior, c.advanced, models.dims, *panel.knobs], c.live,
-          queue=False, api_visibility="private")
+          queue=False, api_visibility="private", show_progress="hidden")
     gr.on([c.typed.change, c.method.change, *[s.change for s in c.sliders]], _clamp_line,
-          [c.method, c.typed, models.dims, *c.sliders], c.clamp_note, queue=False, api_visibility="private")
+          [c.method, c.typed, models.dims, *c.sliders], c.clamp_note, queue=False, api_visibility="private",
+          show_progress="hidden")
     return panel

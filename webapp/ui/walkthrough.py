@@ -73,7 +73,7 @@ STEPS = (
          {"method": "task_arithmetic", "alpha": "1", "tab": "drift"},
          "Instead of merging, DRIFT fine-tunes the VLM for a few steps with each gradient steered toward the "
          "reasoner (D = W_reasoner − W_vlm). Press **Run DRIFT** in the opened panel (alpha 0 is a plain "
-         "fine-tune; 60 steps take a few minutes on a CPU), then ask the example math question in *Chat*. Its "
+         "fine-tune; its 60 steps take about a minute on a CPU), then ask the example math question in *Chat*. Its "
          "measured outcome: visual math 4% -> 100%, but perception 74% -> 6% (100 items each): it trains on "
          "visual math only and answers every question as arithmetic. Then press **Merge**: task arithmetic "
          "alpha 1 (step 3's merge) keeps perception (72%, within noise of the VLM) with visual math at 46%. "
