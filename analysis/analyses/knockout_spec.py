@@ -11,7 +11,7 @@ from analysis.analyses import Analysis, Figure, Knob, register
 from analysis.evaluate import evaluate
 
 # 40 items a suite: a 95% interval of about +-15 points at 50% (+-9 at 90%), against +-30 at 8 items
-# whose steps were 12.5 points; about 35 s for the VLM and a merge on one CPU core.
+# whose steps were 12.5 points; 166 s for the VLM and a merge through the app's worker on 2 shared cores.
 DEFAULT_LIMIT = 40
 
 
