@@ -228,7 +228,9 @@ def knockout_figure(results: dict) -> go.Figure:
             for s in ko["suites"]:
                 fig.add_trace(_drop_trace(label, ko, g, s, dashes[k % len(dashes)], col == 1), 1, col)
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
-    fig.update_layout(title={"text": "Layer knockout: accuracy lost when one layer's weights are set to 1/out"
+    partial = next((ko["partial"] for ko in results.values() if ko.get("partial")), None)
+    fig.update_layout(title={"text": ("<b>Partial</b> (" + partial + "): " if partial else "")
+                             + "Layer knockout: accuracy lost when one layer's weights are set to 1/out"
                                      "<br><sub>purple: text_math, no image (the control): a layer reads the image "
                                      "where perception drops and it holds<br>bars: 95% intervals · below 0: the "
                                      "knockout helped</sub>", "y": 0.98, "yanchor": "top"}, margin={"t": 150, "b": 60}, height=680,

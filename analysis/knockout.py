@@ -22,7 +22,7 @@ import torch
 
 from analysis import intervals
 from analysis.evaluate import evaluate
-from merging.errors import LabError
+from merging.errors import Cancelled, LabError
 
 GROUPS = {
     "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
@@ -149,21 +149,43 @@ def knockout(model, processor=None, evaluate_fn=None, suites=SUITES, limit: int 
     baseline, base_items = run(0, "knockout: intact model")
     acc = {g: {s: [] for s in suites} for g in groups}
     items = {g: {s: [] for s in suites} for g in groups}
-    done = 1
-    for layer in layers:
-        for g in groups:
-            with knocked_out(model, layer, g):
-                res, per_item = run(done, f"knockout: layer {layer} {g}")
-            for s in suites:
-                acc[g][s].append(res[s])
-                if per_item is not None:
-                    items[g][s].append(per_item[s])
-            done += 1
+    finished = []  # the layers with every group scored
+    try:
+        for layer in layers:
+            for k, g in enumerate(groups):
+                with knocked_out(model, layer, g):
+                    res, per_item = run(1 + len(finished) * len(groups) + k, f"knockout: layer {layer} {g}")
+                for s in suites:
+                    acc[g][s].append(res[s])
+                    if per_item is not None:
+                        items[g][s].append(per_item[s])
+            finished.append(layer)
+    except Cancelled:
+        if not finished:
+            raise
+        raise PartialKnockout(_result(suites, groups, limit, finished, baseline, base_items, acc, items)) from None
     if progress:
         progress(total, total, "knockout: done")
+    return _result(suites, groups, limit, layers, baseline, base_items, acc, items)
+
+
+class PartialKnockout(Cancelled):
+    """A knockout cancelled after some layers: `result` holds those layers' results, marked partial
+    (never cached: the caller shows it and says which layers it has)."""
+
+    def __init__(self, result: dict):
+        super().__init__(f"cancelled after {len(result['layers'])} layer(s)")
+        self.result = result
+
+
+def _result(suites, groups, limit, layers, baseline, base_items, acc, items) -> dict:
+    """knockout()'s output for the scored `layers` (a cancelled run's lists are cut to them)."""
+    n = len(layers)
+    acc = {g: {s: v[:n] for s, v in by.items()} for g, by in acc.items()}
+    items = {g: {s: v[:n] for s, v in by.items()} for g, by in items.items()}
     drop = {g: {s: [baseline[s] - a for a in acc[g][s]] for s in suites} for g in groups}
-    out = {"suites": suites, "groups": list(groups), "limit": limit, "layers": layers,
+    out = {"suites": suites, "groups": list(groups), "limit": limit, "layers": list(layers),
            "control": CONTROL if CONTROL in suites else None, "baseline": baseline, "accuracy": acc, "drop": drop}
     if base_items is not None:
-        out.update(_intervals(base_items, items, layers, groups, suites))
+        out.update(_intervals(base_items, items, list(layers), groups, suites))
     return out

@@ -10,6 +10,7 @@ import torch
 
 from analysis import knockout
 from analysis.evaluate import evaluate, load_model
+from merging.errors import Cancelled
 from tests.paths import TOY
 
 Z = 1.959963984540054
@@ -67,3 +68,27 @@ def test_knockout_reports_the_control_and_intervals(toy_vlm):
             assert noise == (dlo <= 0 <= dhi)
     # layer 0's attention is what every answer needs: the control loses as much as perception
     assert ko["drop"]["attention"]["text_math"][0] >= 0.5
+
+
+def test_a_cancelled_knockout_keeps_its_finished_layers(toy_vlm):
+    """Cancelled while layer 2 is scored: layers 0 and 1 come back, scored as a run of just those layers
+    scores them, and the weights are the intact model's again; cancelled before any layer: a plain cancel."""
+    model, proc = toy_vlm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def cancel_at(text):
+        def progress(done, total, msg):
+            if text in msg:
+                raise Cancelled("cancelled")
+        return progress
+
+    with pytest.raises(knockout.PartialKnockout) as got:
+        knockout.knockout(model, proc, limit=2, layers=[0, 1, 2], progress=cancel_at("layer 2"))
+    part = got.value.result
+    whole = knockout.knockout(model, proc, limit=2, layers=[0, 1])
+    assert part["layers"] == [0, 1] and part["accuracy"] == whole["accuracy"] and part["drop"] == whole["drop"]
+    assert part["drop_ci"] == whole["drop_ci"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(Cancelled) as plain:
+        knockout.knockout(model, proc, limit=2, layers=[0, 1], progress=cancel_at("layer 0"))
+    assert not isinstance(plain.value, knockout.PartialKnockout)

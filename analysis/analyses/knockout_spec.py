@@ -9,6 +9,7 @@ from pathlib import Path
 from analysis import knockout
 from analysis.analyses import Analysis, Figure, Knob, register
 from analysis.evaluate import evaluate
+from merging.errors import Cancelled
 
 # 40 items a suite: a 95% interval of about +-15 points at 50% (+-9 at 90%), against +-30 at 8 items
 # whose steps were 12.5 points; 166 s for the VLM and a merge through the app's worker on 2 shared cores.
@@ -58,8 +59,25 @@ class Knockout(Analysis):
                    "suites": list(knockout.SUITES)}
             return job.cached(self.name, key, compute)
 
-        # One entry per model: the VLM's baseline is shared by every recipe's request.
-        return {label: one(i, label, merged) for i, (label, merged) in enumerate(models)}
+        # One entry per model: the VLM's baseline is shared by every recipe's request. A cancel keeps
+        # the layers finished so far (never cached), each model's entry saying what is missing.
+        out, note = {}, None
+        for i, (label, merged) in enumerate(models):
+            try:
+                out[label] = one(i, label, merged)
+            except knockout.PartialKnockout as e:
+                out[label] = e.result
+                note = f"{label} has layers {e.result['layers'][0]}-{e.result['layers'][-1]} only"
+                break
+            except Cancelled:
+                if not out:
+                    raise
+                note = f"{label} was not knocked out"
+                break
+        if note:
+            for ko in out.values():
+                ko["partial"] = f"cancelled: {note}"
+        return out
 
     def summary(self, data, p):
         def acc(ko, s):
@@ -68,5 +86,7 @@ class Knockout(Analysis):
 
         intact = "; ".join(f"{label} intact: " + ", ".join(acc(ko, s) for s in ko["baseline"])
                            for label, ko in data.items())
-        return (f"{p['limit']} eval item(s) per suite, 95% intervals in brackets; text_math (no image) is the "
+        partial = next((ko["partial"] for ko in data.values() if ko.get("partial")), None)
+        head = f"**Partial, {partial}** (the finished layers are shown). " if partial else ""
+        return (f"{head}{p['limit']} eval item(s) per suite, 95% intervals in brackets; text_math (no image) is the "
                 f"control; {intact}")
