@@ -70,7 +70,9 @@ def _handler(lab: Lab, a, n_extra: int = 0):
             figs += [gr.skip()] * (n_plots - len(figs))
             extra = (payload["beta"], gr.update(visible=True, value=f"Use β = {payload['beta']:.3f} for FRANK's "
                                                                   "prior")) if n_extra else ()
-            yield (f"✓ {payload.get('summary', '')} ({el:.1f} s)", *figs, *extra)
+            summary = payload.get("summary", "")
+            mark = "■" if summary.startswith("**Partial") else "✓"  # a cancel that kept the finished part
+            yield (f"{mark} {summary} ({el:.1f} s)", *figs, *extra)
 
     names = [*BASE_PARAMS, *(k.api_name for k in a.knobs)]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
