@@ -116,6 +116,9 @@ def test_evaluate_panel_in_browser(page, toy_dir, tmp_path, app_handle):
         expect(page.locator("#eval-disagree")).to_contain_text("line")
     pictured = page.locator("#eval-gallery img")
     assert pictured.count() <= differ
+    if pictured.count():  # each picture loads (the staged upload they came from is gone by now)
+        page.wait_for_function("() => [...document.querySelectorAll('#eval-gallery img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
     # the two unpacked sets (the refused one and the scored one) are gone from the server's upload folder
     assert list((app_handle.cache.parent / "gradio-tmp").glob("merge-lab-uploads-*/eval-set-*")) == []
     page.locator("#eval-own").screenshot(path=str(OUT / "scoring_own_set.png"))

@@ -128,6 +128,11 @@ def _prior_updates(method: str, prior: bool) -> list:
             for i in range(recipes.SLIDERS)]
 
 
+def _toggle_default(method: str) -> bool:
+    m = methods.get(method)
+    return bool(m.toggle) and bool(next(p.default for p in m.params if p.name == m.toggle.knob))
+
+
 def _toggle_update(method: str, **value) -> dict:
     """The toggle checkbox for this method: shown, with the method's own label, only when it has one."""
     toggle = methods.get(method).toggle
@@ -235,7 +240,10 @@ def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
     The method and prior listen to the user (input) or to any change where the result is the same
     whoever set them, so MergePanel.apply (a link, the walkthrough) is not undone by its own updates."""
     def on_method(name, dims, prior):
-        return [_describe(name), _toggle_update(name), ""] + _knob_updates(name, dims, None, prior)
+        # the one checkbox serves every method's toggle: another method starts at its own default (frank's
+        # prior left on would otherwise turn on ip_merging's threshold rule and hide top_fraction)
+        on = _toggle_default(name)
+        return [_describe(name), _toggle_update(name, value=on), ""] + _knob_updates(name, dims, None, on)
 
     knobs = [*c.sliders, *c.radios]
     c.method.input(on_method, [c.method, models.dims, c.prior], [c.about, c.prior, c.typed, *knobs], queue=False,
