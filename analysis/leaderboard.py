@@ -122,7 +122,7 @@ class Entry:
 
 
 def selection_details(method: str, extra: dict) -> str:
-    """What the merge selected, from the method's diagnostics (ctx.extra)."""
+    """What the merge selected, from the method's diagnostics (the dict InPlaceMerger.apply returns)."""
     return methods.get(method).selection_details(extra)
 
 

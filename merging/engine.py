@@ -99,8 +99,8 @@ def _plan(recipe, method, device: str) -> _Run:
     num_layers = report.layouts["vlm"].num_layers
     params.validate_lengths(recipe, num_layers)
     groups, notes = plan_groups(recipe, method, report.layouts)
-    ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers)
-    ctx.extra["fingerprints"] = report.fingerprints  # lets ip_merging file its decompositions for the analyses
+    # the fingerprints let ip_merging file its decompositions for the analyses
+    ctx = MergeContext(seed=recipe.seed, device=device, num_layers=num_layers, fingerprints=report.fingerprints)
     return _Run(recipe, method, report, groups, notes, ctx, device, recipe.knobs(), torch_dtype(recipe.dtype))
 
 
@@ -160,7 +160,7 @@ def _merge_whole_group(run: _Run, g: Group, writer) -> None:
 def _write_side(run: _Run, tmp: Path, side: list, seconds: float) -> None:
     copy_side_files(run.cks["vlm"].path, tmp, side)
     write_text(tmp / "recipe.yaml", run.recipe.to_yaml())
-    report = merge_report.build(run.method.name, run.ctx.extra, [c for g in run.groups for c in g.names],
+    report = merge_report.build(run.method.name, run.ctx.diagnostics, [c for g in run.groups for c in g.names],
                                 run.recipe.knobs())
     write_text(tmp / MERGE_REPORT, json.dumps(report, indent=1) + "\n")
     write_text(tmp / "README.md", model_card(run.recipe, run.method, run.report,

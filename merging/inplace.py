@@ -35,7 +35,7 @@ from merging.errors import LabError
 from merging.hub import resolve
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.merge_plan import plan_groups, torch_dtype
-from merging.methods import MergeContext, TensorSet
+from merging.methods import Diagnostics, MergeContext, TensorSet
 from merging.tensor_merge import Progress, merge_group, merge_rows, read_checked
 
 
@@ -160,9 +160,9 @@ class InPlaceMerger:
         self._check_file_originals()
         # key -> (the merge's tensors in their kept form, its diagnostics, its out_dtype); oldest first. The
         # live merge is not in it: its tensors are the parameters'.
-        self._snapshots: OrderedDict[str, tuple[dict[str, torch.Tensor], dict, torch.dtype | None]] = OrderedDict()
+        self._snapshots: OrderedDict[str, tuple[dict[str, torch.Tensor], Diagnostics, torch.dtype | None]] = OrderedDict()
         self._current: str | None = None
-        self._extra: dict = {}  # diagnostics and merge report of the live merge
+        self._diagnostics = Diagnostics()  # diagnostics and merge report of the live merge
         self._out_dtype: torch.dtype | None = None  # the live merge's out_dtype (None: the VLM's own)
         self._fingerprints: dict[str, str] | None = None
         self.cache: dict[tuple[str, str], torch.Tensor] = {}  # resident reasoner/base tensors
@@ -281,7 +281,7 @@ class InPlaceMerger:
     def apply(self, recipe, progress=None, cancel=None) -> dict:
         """Merge `recipe` (its method, knobs, layers, embeddings, dtypes, seed; its triple must be
         the one given at construction) into the model. Returns the method's diagnostics
-        (ctx.extra). On an error or cancel the model is restored to the VLM's weights."""
+        and the merge report (Diagnostics.as_dict()). On an error or cancel the model is restored to the VLM's weights."""
         method = methods.get(recipe.method)
         if method.needs_base and "base" not in self.refs:
             raise LabError(f"method {method.name!r} needs a base model; this merger was built without one")
@@ -292,8 +292,9 @@ class InPlaceMerger:
         self._load(names)
         cdtype = torch_dtype(recipe.dtype)
         knobs = recipe.knobs()
-        ctx = MergeContext(seed=recipe.seed, device=self.device, num_layers=self.num_layers)
-        ctx.extra["fingerprints"] = self.fingerprints  # lets ip_merging file its decompositions for the analyses
+        # the fingerprints let ip_merging file its decompositions for the analyses
+        ctx = MergeContext(seed=recipe.seed, device=self.device, num_layers=self.num_layers,
+                           fingerprints=self.fingerprints)
         bar = Progress(len(names), progress, cancel, bar=False)
         cks = {}
         self._vlm_ck = Checkpoint.open(self.refs["vlm"])  # the VLM's rows, for streamed merges
@@ -326,10 +327,10 @@ class InPlaceMerger:
                 ck.close()
             self._vlm_ck = None
         self._current = merge_key(recipe)
-        ctx.extra["report"] = merge_report.build(method.name, ctx.extra, names, recipe.knobs())
-        self._extra = ctx.extra
+        ctx.diagnostics.report = merge_report.build(method.name, ctx.diagnostics, names, recipe.knobs())
+        self._diagnostics = ctx.diagnostics
         self._out_dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else None
-        return ctx.extra
+        return ctx.diagnostics.as_dict()
 
     def _streams(self, method, g, cks: dict) -> bool:
         """An elementwise method on one tensor whose inputs come from the files streams through the
@@ -371,7 +372,7 @@ class InPlaceMerger:
             return True
         try:
             self.restore()
-            tensors, extra, out_dtype = self._snapshots.pop(key)
+            tensors, diag, out_dtype = self._snapshots.pop(key)
             self._current = PARTIAL
             for c, t in tensors.items():
                 self.dirty.add(c)
@@ -382,20 +383,20 @@ class InPlaceMerger:
         except BaseException:
             self.restore()
             raise
-        self._current, self._extra, self._out_dtype = key, extra, out_dtype
+        self._current, self._diagnostics, self._out_dtype = key, diag, out_dtype
         return True
 
     @property
-    def extra(self) -> dict:
-        """The diagnostics (and merge report) of the live merge; {} for the original VLM."""
-        return self._extra if self._current not in (None, PARTIAL) else {}
+    def diagnostics(self) -> Diagnostics:
+        """The diagnostics and merge report (`.report`) of the live merge; empty for the original VLM."""
+        return self._diagnostics if self._current not in (None, PARTIAL) else Diagnostics()
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the VLM's original weights back (every tensor a merge or snapshot changed). A whole
         live merge is kept as a snapshot, when the merger keeps any, so going back costs no merge."""
         keep = self._current not in (None, PARTIAL) and self.max_snapshots > 0
-        key, extra, out_dtype = self._current, self._extra, self._out_dtype
+        key, diag, out_dtype = self._current, self._diagnostics, self._out_dtype
         self._current = PARTIAL  # until every tensor is back (an interrupt may stop us half way)
         kept: dict[str, torch.Tensor] = {}
         vlm_ck = None
@@ -419,7 +420,7 @@ class InPlaceMerger:
             if vlm_ck is not None:
                 vlm_ck.close()
         if keep and kept:
-            self._snapshots[key] = (kept, extra, out_dtype)
+            self._snapshots[key] = (kept, diag, out_dtype)
             self._snapshots.move_to_end(key)
             while len(self._snapshots) > self.max_snapshots:
                 self._snapshots.popitem(last=False)

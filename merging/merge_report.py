@@ -1,7 +1,7 @@
 """What a merge did: tensors changed, relative change per layer, the method's own diagnostics.
 
 Both mergers (streamed to disk and in place) pass every merged tensor through `record`, which
-accumulates ||W - W_v||^2 and ||W_v||^2 per canonical name in ctx.extra["changes"] (sums, so a
+accumulates ||W - W_v||^2 and ||W_v||^2 per canonical name in ctx.diagnostics.changes (sums, so a
 tensor streamed a block of rows at a time adds up to the whole). `build` turns that and the
 methods' diagnostics into the report the CLI writes as merge_report.json and the app shows.
 """
@@ -13,19 +13,17 @@ import math
 import torch
 
 from merging import methods
-from merging.methods import layer_key
+from merging.methods import Diagnostics, layer_key
 
 NEAR_NOOP = 1e-4  # a largest per-layer relative change below this is "nothing visible changed"
 
 
-def record(extra: dict, name: str, layer: int | None, new: torch.Tensor | None, old: torch.Tensor) -> None:
+def record(diag: Diagnostics, name: str, layer: int | None, new: torch.Tensor | None, old: torch.Tensor) -> None:
     """Accumulate the change of one merged tensor (or block of rows) against the VLM's; new None:
     the method kept the VLM's. Norms in the tensor's own dtype: no full float64 copy of a big matrix."""
     ref = float(torch.linalg.vector_norm(old.float() if not old.is_floating_point() else old)) ** 2
     diff = 0.0 if new is None or new is old else float(torch.linalg.vector_norm(new - old)) ** 2
-    entry = extra.setdefault("changes", {}).setdefault(name, {"layer": layer, "diff2": 0.0, "ref2": 0.0})
-    entry["diff2"] += diff
-    entry["ref2"] += ref
+    diag.add_change(name, layer, diff, ref)
 
 
 def relative_change(changes: dict) -> dict[str, float]:
@@ -39,9 +37,9 @@ def relative_change(changes: dict) -> dict[str, float]:
     return {k: (math.sqrt(sums[k][0] / sums[k][1]) if sums[k][1] > 0 else 0.0) for k in order}
 
 
-def method_diagnostics(extra: dict, method: str) -> tuple[dict, list[str]]:
+def method_diagnostics(diag: Diagnostics, method: str) -> tuple[dict, list[str]]:
     """The method's own diagnostics and warnings (MergeMethod.summarize_diagnostics)."""
-    return methods.get(method).summarize_diagnostics(extra)
+    return methods.get(method).summarize_diagnostics(diag.as_dict())
 
 
 def _method_of(report: dict):
@@ -63,13 +61,13 @@ def _zero_knobs(method: str, knobs: dict | None) -> list[str]:
             and all(x == 0 for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float)))]
 
 
-def build(method: str, extra: dict, in_scope: list[str], knobs: dict | None = None) -> dict:
+def build(method: str, diag: Diagnostics, in_scope: list[str], knobs: dict | None = None) -> dict:
     """The merge report: {"method", "changed", "in_scope", "relative_change", "diagnostics", "warnings"}.
     knobs: the merge's knob values, so a merge that changed nothing names the knob at 0."""
-    changes = extra.get("changes", {})
+    changes = diag.changes
     changed = sorted(n for n, e in changes.items() if e["diff2"] > 0)
     rel = relative_change({n: changes[n] for n in changes})
-    diagnostics, warnings = method_diagnostics(extra, method)
+    diagnostics, warnings = method_diagnostics(diag, method)
     if not changed:
         zeros = _zero_knobs(method, knobs)
         why = (f"{' and '.join(zeros)} {'is' if len(zeros) == 1 else 'are'} 0: raise it to add the reasoner"

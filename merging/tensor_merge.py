@@ -57,7 +57,7 @@ def merge_group(method, group: Group, sets: dict[str, TensorSet], knobs: dict, c
             whole[: part.shape[0]] = part
             out[c] = whole
     for c, t in sets.items():  # what the merge changed, for the merge report
-        merge_report.record(ctx.extra, c, group.layer, out.get(c), full.get(c, t.vlm))
+        merge_report.record(ctx.diagnostics, c, group.layer, out.get(c), full.get(c, t.vlm))
     return out
 
 
@@ -82,7 +82,7 @@ def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx:
             parts = {r: cks[r].get_rows(n, start, stop).to(device=ctx.device, dtype=cdtype) for r, n in names.items()}
             out = method.merge_tensor(TensorSet(c, group.layer, parts["vlm"], parts.get("reasoner"),
                                                 parts.get("base")), p, ctx)
-            merge_report.record(ctx.extra, c, group.layer, out, parts["vlm"])
+            merge_report.record(ctx.diagnostics, c, group.layer, out, parts["vlm"])
             # NaN/Inf in any input reaches an elementwise output (NaN * 0 is NaN), so one check of
             # the block, still in cache, replaces three; the inputs are only read again to name one.
             if out.is_floating_point() and not _finite(out):

@@ -49,11 +49,9 @@ def svd_reference(sets: dict[str, TensorSet], rank: int) -> tuple[dict, dict]:
 def ip_merge(sets: dict[str, TensorSet], rank: int, layer: int = 0, fingerprints=None):
     m = methods.get("ip_merging")
     p = params.resolve(m, {"rank": rank, "threshold": 0.0, "top_fraction": 0.0, "svd": 1}, layer, layer + 1)
-    ctx = MergeContext(num_layers=layer + 1)
-    if fingerprints:
-        ctx.extra["fingerprints"] = fingerprints
+    ctx = MergeContext(num_layers=layer + 1, fingerprints=fingerprints or None)
     out = m.merge_layer(layer, sets, p, ctx)
-    return ctx.extra["ip_merging"][layer]["scores"], out
+    return ctx.diagnostics.methods["ip_merging"][layer]["scores"], out
 
 
 def assert_equal_to_reference(sets, rank, scores, out):

@@ -65,7 +65,7 @@ def svd_merge(v, r, b, rank, groups, gates):
 
 def merged_layer(sets, gates_of, rank, groups):
     ctx = MergeContext(num_layers=1)
-    ctx.extra["frism"] = {"learned": {**asdict(gate_learning.Learned()), "gates": gates_of}, "layers": {}}
+    ctx.diagnostics.methods["frism"] = {"learned": {**asdict(gate_learning.Learned()), "gates": gates_of}, "layers": {}}
     out = FRISM.merge_layer(0, sets, {"rank": rank, "groups": groups}, ctx)
     return out, ctx
 
@@ -99,7 +99,7 @@ def test_gates_scale_the_singular_subspaces_as_an_independent_svd_says(rank, gro
     for n, t in out.items():
         s = sets[n]
         torch.testing.assert_close(t, svd_merge(s.vlm, s.reasoner, s.base, rank, groups, gates[n]), atol=1e-4, rtol=1e-4)
-    shown = ctx.extra["frism"]["layers"][0]
+    shown = ctx.diagnostics.methods["frism"]["layers"][0]
     assert {k: len(v) for k, v in shown.items()} == {"mlp.up_proj": counts["layers.0.mlp.up_proj.weight"],
                                                       "self_attn.o_proj": counts["layers.0.self_attn.o_proj.weight"]}
 

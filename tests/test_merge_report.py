@@ -52,6 +52,21 @@ def test_task_arithmetic_relative_change_per_layer_from_the_checkpoints(setup):
     assert rep["changed"] == want and rep["in_scope"] == len(want) and rep["warnings"] == []
 
 
+def test_apply_returns_the_recorded_diagnostics_and_the_live_merge_keeps_them(setup):
+    """apply's dict: the method's store, the change sums (||W_v||^2 from the checkpoint) and the
+    report; the merger keeps them while the merge is live and shows none once the VLM is back."""
+    tri, merger = setup
+    extra = merger.apply(recipe(tri, "ties", {"density": 0.5, "alpha": 0.7}, layers=[1, 1]))
+    assert set(extra) == {"gta", "changes", "report"} and set(extra["gta"]) == {"1"}
+    assert merger.diagnostics.report == extra["report"] and merger.diagnostics.methods["gta"] == extra["gta"]
+    v = read(tri["vlm"], "language_model.model.")
+    assert set(extra["changes"]) == {n for n in v if n.startswith("layers.1.")}
+    for n, e in extra["changes"].items():
+        assert e["layer"] == 1 and e["ref2"] == pytest.approx(float(v[n].double().square().sum()), rel=1e-4)
+    merger.restore()
+    assert merger.diagnostics.as_dict() == {} and merger.diagnostics.report is None
+
+
 def test_a_no_op_merge_warns_and_names_the_knob(setup):
     tri, merger = setup
     rep = merger.apply(recipe(tri, "ip_merging", {"threshold": 1.0, "top_fraction": 0}))["report"]

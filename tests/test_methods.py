@@ -264,7 +264,8 @@ def test_ip_merging_formula_and_selection():
     p0 = params.resolve(m, {"lam": 0.0, "threshold": 0.0, "top_fraction": 0.0}, 1, L)  # the older spelling
     ctx = MergeContext(num_layers=L)
     assert all(torch.equal(x, sets[n].vlm) for n, x in m.merge_layer(1, sets, p0, ctx).items())
-    assert ctx.extra["ip_merging"][1]["rule"] == "threshold" and len(ctx.extra["ip_merging"][1]["selected"]) == 3
+    recorded = ctx.diagnostics.methods["ip_merging"][1]
+    assert recorded["rule"] == "threshold" and len(recorded["selected"]) == 3
 
 
 @pytest.mark.parametrize("kind", ["paired", "subspace"])
@@ -294,7 +295,7 @@ def test_ip_merging_warns_only_when_scores_sit_near_chance():
             sets[f"layers.1.{n}"] = TensorSet(f"layers.1.{n}", 1, b + tau_v, b + tau_r, b)
         ctx = MergeContext(num_layers=L)
         m.merge_layer(1, sets, params.resolve(m, {"rank": 8}, 1, L), ctx)
-        return m.summarize_diagnostics(ctx.extra)
+        return m.summarize_diagnostics(ctx.diagnostics.as_dict())
 
     (diag, warn) = warnings(shared=False)
     assert diag["ip_merging"]["chance"]["median_ratio"] < 1.5 and len(warn) == 1 and "near chance" in warn[0]

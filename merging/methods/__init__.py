@@ -10,6 +10,7 @@ knob toggle, its diagnostics' summaries, whether the app opens with it) is read 
 from __future__ import annotations
 
 from merging.methods.base import (
+    Diagnostics,
     MergeContext,
     MergeMethod,
     Paper,
@@ -21,7 +22,7 @@ from merging.methods.base import (
 )
 from merging.registry import Registry
 
-__all__ = ["MergeContext", "MergeMethod", "Paper", "Param", "TensorSet", "Toggle", "layer_key", "mergekit_value", "register", "get",
+__all__ = ["Diagnostics", "MergeContext", "MergeMethod", "Paper", "Param", "TensorSet", "Toggle", "layer_key", "mergekit_value", "register", "get",
            "names", "all_methods", "default_method"]
 
 _MODULES = ("linear", "task_arithmetic", "ties", "dare", "layer_swap", "ip_merging", "frank", "frism")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -105,11 +106,48 @@ class TensorSet:
 
 
 @dataclass
+class Diagnostics:
+    """What a merge records as it runs: each method's own diagnostics (`methods`, under the method's
+    name; "gta" for the three GTA methods), the change sums per canonical tensor the merge report is
+    built from (`changes`: {name: {"layer", "diff2", "ref2"}}, merging/merge_report.py) and, once the
+    merge is done, the report itself (`report`)."""
+
+    methods: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, dict] = field(default_factory=dict)
+    report: dict | None = None
+
+    def of(self, key: str) -> dict:
+        """The store under `key` (a method's name), empty on first use."""
+        return self.methods.setdefault(key, {})
+
+    def add_change(self, name: str, layer: int | None, diff2: float, ref2: float) -> None:
+        """Add ||W - W_v||^2 and ||W_v||^2 of one merged tensor, or block of its rows, to its sums."""
+        entry = self.changes.setdefault(name, {"layer": layer, "diff2": 0.0, "ref2": 0.0})
+        entry["diff2"] += diff2
+        entry["ref2"] += ref2
+
+    def as_dict(self) -> dict:
+        """{method key: its diagnostics, ..., "changes": the sums, "report": the merge report}, the last
+        two only once recorded: what InPlaceMerger.apply returns and summarize_diagnostics reads."""
+        out = dict(self.methods)
+        if self.changes:
+            out["changes"] = self.changes
+        if self.report is not None:
+            out["report"] = self.report
+        return out
+
+
+@dataclass
 class MergeContext:
+    """What a merge hands every method besides the tensors and knobs."""
+
     seed: int = 0
     device: str = "cpu"
     num_layers: int = 0
-    extra: dict = field(default_factory=dict)  # method inputs that are not knobs (e.g. FRANK's prior)
+    # The triple's checkpoint fingerprints by role, where the merger has them: ip_merging files its
+    # decompositions under them for the analyses, frism its learned gates.
+    fingerprints: dict[str, str] | None = None
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
 
     def generator(self, name: str, device: str | None = None) -> torch.Generator:
         """A generator seeded from the recipe seed and the tensor's canonical name.
@@ -169,12 +207,13 @@ class MergeMethod:
         return {}
 
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
-        """The merge report's `diagnostics` entries from what this method left in ctx.extra, and its
-        warnings. Default: none."""
+        """The merge report's `diagnostics` entries from what this method recorded (`extra`:
+        ctx.diagnostics.as_dict(), the dict InPlaceMerger.apply returns), and its warnings. Default: none."""
         return {}, []
 
     def selection_details(self, extra: dict) -> str:
-        """One line for the leaderboard on what the merge selected, from ctx.extra. Default: ''."""
+        """One line for the leaderboard on what the merge selected, from ctx.diagnostics.as_dict().
+        Default: ''."""
         return ""
 
     def report_lines(self, diagnostics: dict) -> list[str]:
@@ -196,7 +235,7 @@ class MergeMethod:
 
     def prepare(self, recipe, ctx: MergeContext, progress=None, cancel=None) -> None:
         """Work done once per merge before any tensor, by both mergers (frism learns its gates here,
-        into ctx.extra); progress(done, total, message) and cancel() as the merge's. Default: none."""
+        into ctx.diagnostics); progress(done, total, message) and cancel() as the merge's. Default: none."""
 
     def merge_tensor(self, t: TensorSet, p: dict, ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError

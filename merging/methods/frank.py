@@ -97,10 +97,10 @@ class Frank(MergeMethod):
         if den <= 0:
             return {}
         lam_v, lam_r = w_v * n_v / den, w_r * n_r / den
-        ctx.extra.setdefault(self.name, {})[layer] = {"w_v": w_v, "lam_v": lam_v, "lam_r": lam_r}
+        ctx.diagnostics.of(self.name)[layer] = {"w_v": w_v, "lam_v": lam_v, "lam_r": lam_r}
         return {n: t.base + lam_v * tau_v[n] + lam_r * tau_r[n] for n, t in sets.items()}
 
-    # ---- diagnostics: ctx.extra[name] is {layer or None: {"w_v", "lam_v", "lam_r"}}
+    # ---- diagnostics: ctx.diagnostics.of(name) is {layer or None: {"w_v", "lam_v", "lam_r"}}
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if self.name not in extra:
             return {}, []

@@ -68,14 +68,14 @@ class Frism(MergeMethod):
         knobs = {p.name: p.typed(recipe.knobs()[p.name]) for p in self.params}
         setup = gate_learning.Setup({"vlm": recipe.vlm, "reasoner": recipe.reasoner, "base": recipe.base},
                                     report.layouts, names, knobs, recipe.seed, ctx.device,
-                                    ctx.extra.get("fingerprints") or report.fingerprints)
+                                    ctx.fingerprints or report.fingerprints)
         learned = gate_learning.learn(setup, progress, cancel)
-        ctx.extra[self.name] = {"learned": asdict(learned), "layers": {}}
+        ctx.diagnostics.methods[self.name] = {"learned": asdict(learned), "layers": {}}
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
         if layer is None:
             return {}
-        state = ctx.extra.get(self.name)
+        state = ctx.diagnostics.methods.get(self.name)
         if state is None:
             raise RuntimeError("frism: merge_layer before prepare (the gates are learned there)")
         learned = state["learned"]
@@ -95,7 +95,7 @@ class Frism(MergeMethod):
         state["layers"][layer] = shown
         return out
 
-    # ---- diagnostics: ctx.extra[name] is {"learned": a gate_learning.Learned as a dict, "layers": {layer: {matrix: gates}}}
+    # ---- diagnostics: ctx.diagnostics.methods[name] is {"learned": a gate_learning.Learned as a dict, "layers": {layer: {matrix: gates}}}
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if self.name not in extra:
             return {}, []

@@ -29,7 +29,7 @@ import torch
 
 from merging.methods import MergeMethod, Param, TensorSet, layer_key, mergekit_value
 
-DIAGNOSTICS = "gta"  # the ctx.extra / merge report key all three methods share
+DIAGNOSTICS = "gta"  # the ctx.diagnostics / merge report key all three methods share
 RESCALES = ("l1", "inverse_density", "none")  # DARE's `rescale` knob, value 0 first
 # mergekit leaves a masked tensor unscaled when either L1 norm is below this (rescaled_masked_tensor)
 L1_EPS = 1e-7
@@ -121,7 +121,7 @@ def br2v_merge(t: TensorSet, p: dict, ctx, sparsify: str, consensus: bool) -> to
 def _tally(ctx, t: TensorSet, kept: tuple[int, int], agreed: tuple[int, int] | None) -> None:
     """Sum, per layer, the entries each task vector kept and those the sign election dropped
     (the merge report's kept fraction and sign conflicts; sums, so row blocks add up)."""
-    e = ctx.extra.setdefault(DIAGNOSTICS, {}).setdefault(layer_key(t.layer), {
+    e = ctx.diagnostics.of(DIAGNOSTICS).setdefault(layer_key(t.layer), {
         "entries": 0, "kept_vlm": 0, "kept_reasoner": 0, "conflicts": 0})
     e["entries"] += t.vlm.numel()
     e["kept_vlm"] += kept[0]

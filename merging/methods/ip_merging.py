@@ -114,7 +114,7 @@ class IPMerging(MergeMethod):
         rank, mode = p["rank"], SVD_MODES[p["svd"]]
         kind = linalg.SIMILARITIES[p["similarity"]]
         names = [name for name, t in sets.items() if t.vlm.dim() == 2]
-        decs = decompositions([sets[n] for n in names], rank, mode, ctx.extra.get("fingerprints"))
+        decs = decompositions([sets[n] for n in names], rank, mode, ctx.fingerprints)
         scores: dict[str, float] = {}
         chance: dict[str, float] = {}
         parts: dict[str, tuple] = {}
@@ -124,7 +124,7 @@ class IPMerging(MergeMethod):
             parts[name] = (dv, dr.nuclear)
         rule = "threshold" if by_threshold(p) else "top_fraction"
         chosen = select(scores, p["threshold"], 0.0 if rule == "threshold" else p["top_fraction"])
-        ctx.extra.setdefault(self.name, {})[layer] = {
+        ctx.diagnostics.of(self.name)[layer] = {
             "scores": scores, "chance": chance, "selected": chosen, "rule": rule,
             "threshold": p["threshold"] if rule == "threshold" else None, "top_fraction": p["top_fraction"]}
         if not chosen:
@@ -143,7 +143,7 @@ class IPMerging(MergeMethod):
             out[name] = t.vlm + dw.to(t.vlm.dtype)
         return out
 
-    # ---- diagnostics: ctx.extra[name] is {layer: {"scores", "chance", "selected", "rule", "threshold", ...}}
+    # ---- diagnostics: ctx.diagnostics.of(name) is {layer: {"scores", "chance", "selected", "rule", "threshold", ...}}
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if self.name not in extra:
             return {}, []

@@ -318,7 +318,7 @@ def merge(ctx: JobContext, args: dict) -> dict:
     t0 = time.monotonic()
     worked = loaded.ensure(recipe, progress=progress, cancel=ctx.flag)
     return {"key": recipe_key(recipe), "merge_seconds": round(time.monotonic() - t0, 2),
-            "reused": not worked, "device": ctx.device, "report": loaded.merger.extra.get("report")}
+            "reused": not worked, "device": ctx.device, "report": loaded.merger.diagnostics.report}
 
 
 @job("chat")
