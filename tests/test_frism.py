@@ -140,10 +140,10 @@ def kl_to_vlm(folder, vlm, proc, batch) -> float:
 def test_learned_gates_lower_the_kl_and_the_reward_raises_them(smoke_family, tmp_path):
     fam = family(smoke_family)
     merge_to_disk(recipe(fam, steps=0), tmp_path / "init")
-    merge_to_disk(recipe(fam, beta=0.0, steps=15, examples=16), tmp_path / "kl")
-    merge_to_disk(recipe(fam, beta=10.0, steps=15, examples=16), tmp_path / "reward")
+    merge_to_disk(recipe(fam, beta=0.0, steps=8, examples=8), tmp_path / "kl")
+    merge_to_disk(recipe(fam, beta=10.0, steps=4, examples=8), tmp_path / "reward")
     vlm, proc = load_model(fam["vlm"])
-    prompts = gate_learning.perception_prompts(16, 0)  # the prompts learning saw, the VLM's own answers
+    prompts = gate_learning.perception_prompts(8, 0)  # the prompts learning saw, the VLM's own answers
     answers = gate_learning.vlm_answers(vlm, proc, prompts)
     batch = build_batch(proc, [(img, q, a) for (img, q), a in zip(prompts, answers)])
     assert kl_to_vlm(tmp_path / "kl", vlm, proc, batch) < kl_to_vlm(tmp_path / "init", vlm, proc, batch)
@@ -168,6 +168,8 @@ def test_gates_are_in_the_merge_report_and_in_place_gives_the_same_tensors(smoke
     assert sum(len(m) for m in report["gates"].values()) == len(matrices)
     assert all(len(g) == 3 and all(0 < x < 1 for x in g) for m in report["gates"].values() for g in m.values())
     assert report["learned"] and len(report["losses"]) == 5 and report["seconds"] > 0
+    shares = [x for m in report["spectral_share"].values() for x in m.values()]
+    assert len(shares) == len(matrices) and all(len(x) == 3 and sum(x) == pytest.approx(1) for x in shares)
     assert extra["report"]["diagnostics"]["frism"]["gates"] == report["gates"]
     disk = lm(tmp_path / "out")
     for c, p in merger.params.items():

@@ -79,7 +79,7 @@ class Frism(MergeMethod):
         if state is None:
             raise RuntimeError("frism: merge_layer before prepare (the gates are learned there)")
         learned = state["learned"]
-        out, shown = {}, {}
+        out, shown, shares = {}, {}, {}
         for name, t in sets.items():
             if t.vlm.dim() != 2:
                 continue
@@ -89,13 +89,17 @@ class Frism(MergeMethod):
             if len(gates) != pieces.gates:
                 raise RuntimeError(f"frism: {len(gates)} gates for the {pieces.gates} pieces of {name}")
             shown[_short(name)] = [float(g) for g in gates]
+            total = sum(pieces.energy)
+            shares[_short(name)] = [e / total if total > 0 else 0.0 for e in pieces.energy]
             if all(g == 0 for g in gates):
                 continue  # adds nothing: the VLM's own bits
             out[name] = t.vlm + subspace_gates.delta(tau, pieces, gates).to(t.vlm.dtype)
         state["layers"][layer] = shown
+        state.setdefault("shares", {})[layer] = shares
         return out
 
-    # ---- diagnostics: ctx.diagnostics.methods[name] is {"learned": a gate_learning.Learned as a dict, "layers": {layer: {matrix: gates}}}
+    # ---- diagnostics: ctx.diagnostics.methods[name] is {"learned": a gate_learning.Learned as a dict,
+    # "layers": {layer: {matrix: gates}}, "shares": {layer: {matrix: each piece's share of ||tau_r||_F^2}}}
     def summarize_diagnostics(self, extra: dict) -> tuple[dict, list[str]]:
         if self.name not in extra:
             return {}, []
@@ -103,7 +107,8 @@ class Frism(MergeMethod):
         ln = gate_learning.Learned(**st["learned"])
         gates = {layer_key(k): v for k, v in sorted(st["layers"].items())}
         flat = [g for m in gates.values() for gs in m.values() for g in gs]
-        out = {"gates": gates, "mean_gate": statistics.fmean(flat) if flat else None,
+        shares = {layer_key(k): v for k, v in sorted(st.get("shares", {}).items())}
+        out = {"gates": gates, "spectral_share": shares, "mean_gate": statistics.fmean(flat) if flat else None,
                "mean_gate_per_layer": {k: statistics.fmean([g for gs in m.values() for g in gs])
                                        for k, m in gates.items() if m},
                "learned": bool(ln.gates), "kl_start": ln.kl_start, "kl_end": ln.kl_end, "injected": ln.injected,
