@@ -17,6 +17,7 @@ from analysis.figures import merge_report_figure
 from merging import merge_report, methods
 from merging.errors import LabError
 from merging.layout import ROLES
+from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, recipe_key, triple_of
 from webapp.ui import cancel_button, recipes
 from webapp.ui.chat_panel import variant_label
@@ -195,8 +196,9 @@ def _controls() -> SimpleNamespace:
     c.clamp_note = gr.Markdown("", elem_id="clamp-note")  # a typed value the browser clamped, said at once
     with gr.Accordion("Layer range and per-layer values", open=False):
         with gr.Row():
-            c.first = gr.Slider(0, 31, value=0, step=1, label="first layer", elem_id="layer-first")
-            c.last = gr.Slider(0, 31, value=31, step=1, label="last layer", elem_id="layer-last")
+            top = _default_layers() - 1
+            c.first = gr.Slider(0, top, value=0, step=1, label="first layer", elem_id="layer-first")
+            c.last = gr.Slider(0, top, value=top, step=1, label="last layer", elem_id="layer-last")
         c.advanced = gr.Textbox("", label="Per-layer values (YAML, overrides the sliders)", lines=2,
                                 placeholder="alpha: [0.0, 0.1, 0.2, 0.3]")
     c.layers_n = gr.Textbox("", visible="hidden", elem_id="layers-n")
@@ -354,6 +356,18 @@ def _merged(method: str, recipe: dict, payload: dict, el: float, models_root: st
             text, str(path), recipe, recipe, plot, "")
 
 
+def _default_layers() -> int:
+    """The bundled family's decoder layers: the sliders start at its range, so the page's first check
+    changes nothing (a value above the new maximum, sent by an event fired meanwhile, is refused by
+    Gradio's bounds check with an error in the log)."""
+    try:
+        cfg = json.loads((TOY_ROOT / "vlm" / "config.json").read_text())
+        n = (cfg.get("text_config") or cfg).get("num_hidden_layers")
+        return int(n) if isinstance(n, int) and 1 <= n <= 1024 else 32
+    except (OSError, ValueError, AttributeError):
+        return 32
+
+
 def _export_handler(lab: Lab):
     def export(recipe, request: gr.Request = None):
         if not recipe:
@@ -408,8 +422,10 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     gr.on([c.variant_state.change, c.method.change, c.prior.change, c.first.change, c.last.change, c.advanced.change,
            *[k.change for k in panel.knobs]], live_line,
           [c.variant_state, c.method, c.first, c.last, c.prior, c.advanced, models.dims, *panel.knobs], c.live,
-          queue=False, api_visibility="private", show_progress="hidden")
+          queue=False, api_visibility="private", show_progress="hidden", preprocess=False)
+    # preprocess off for these two display-only lines: they fire while a method or triple change is still
+    # moving the sliders' bounds, and Gradio's bounds check would refuse the value of a moment before
     gr.on([c.typed.change, c.method.change, *[s.change for s in c.sliders]], _clamp_line,
           [c.method, c.typed, models.dims, *c.sliders], c.clamp_note, queue=False, api_visibility="private",
-          show_progress="hidden")
+          show_progress="hidden", preprocess=False)
     return panel
