@@ -253,6 +253,22 @@ def changes_figure(ch: dict) -> go.Figure:
 
 
 # ---------------------------------------------------------------------------------- merge report
+def _with_grid(report: dict, bars: go.Bar, grid: dict) -> go.Figure:
+    """The change bars above the method's per-layer grid (e.g. learned gates) as a heatmap."""
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], vertical_spacing=0.18,
+                        subplot_titles=("‖W − W_v‖ / ‖W_v‖ per layer", grid["title"]))
+    fig.add_trace(bars, row=1, col=1)
+    fig.add_trace(go.Heatmap(z=grid["z"], x=grid["cols"], y=grid["rows"], zmin=grid["zmin"], zmax=grid["zmax"],
+                             colorscale="Viridis", hovertext=grid["hover"], hovertemplate="%{hovertext}<extra></extra>",
+                             colorbar={"len": 0.6, "y": 0.3}), row=2, col=1)
+    fig.update_yaxes(tickformat=".1%", row=1, col=1)
+    fig.update_xaxes(tickangle=45, tickfont={"size": 9}, row=2, col=1)
+    fig.update_layout(title={"text": f"What {report['method']} did", "font": {"size": 14}}, showlegend=False,
+                      height=300 + 18 * len(grid["rows"]) + 120, margin={"l": 60, "r": 10, "t": 60, "b": 120})
+    fig.update_annotations(font_size=11)
+    return fig
+
+
 def merge_report_figure(report: dict) -> go.Figure:
     """One bar per decoder layer: how far the merge moved the VLM's weights (relative norm)."""
     rel = report["relative_change"]
@@ -261,8 +277,12 @@ def merge_report_figure(report: dict) -> go.Figure:
     values = [rel[k] for k in keys] + ([rel["other"]] if "other" in rel else [])
     notes = [merge_report.layer_note(report, k) for k in keys] + ([""] if "other" in rel else [])
     text = [f"{lab}: ‖W − W_v‖ / ‖W_v‖ = {v:.2%}{n}" for lab, v, n in zip(labels, values, notes)]
-    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=REASONER_COLOUR, hovertext=text,
-                           hovertemplate="%{hovertext}<extra></extra>"))
+    bars = go.Bar(x=labels, y=values, marker_color=REASONER_COLOUR, hovertext=text,
+                  hovertemplate="%{hovertext}<extra></extra>")
+    grid = merge_report.diagnostic_grid(report)
+    if grid is not None:
+        return _with_grid(report, bars, grid)
+    fig = go.Figure(bars)
     # A narrow column in the app: a two-line title, no axis title (the hover text says it in full).
     fig.update_layout(title={"text": f"How far {report['method']} moved each layer<br>"
                                      "<sub>relative norm ‖W − W_v‖ / ‖W_v‖</sub>", "font": {"size": 14}},

@@ -48,6 +48,12 @@ def _method_of(report: dict):
     return methods.get(name) if name in methods.names() else None
 
 
+def diagnostic_grid(report: dict) -> dict | None:
+    """The merge method's per-layer grid of the report's diagnostics (MergeMethod.diagnostic_grid), or None."""
+    m = _method_of(report)
+    return m.diagnostic_grid(report.get("diagnostics", {})) if m else None
+
+
 def layer_note(report: dict, layer: str) -> str:
     """The method's own note on one layer (the report figure's hover text), or ''."""
     m = _method_of(report)

@@ -218,3 +218,26 @@ def test_recipe_round_trip_and_cli(tri, tmp_path):
     assert load(tmp_path / "o" / "recipe.yaml") == rec
     gates = json.loads((tmp_path / "o" / "merge_report.json").read_text())["diagnostics"]["frism"]["gates"]
     assert set(gates) == {"0", "1"} and all(len(g) == 3 for m in gates.values() for g in m.values())
+
+
+def test_the_reports_figure_shows_every_gate_by_layer_matrix_and_subspace():
+    """The merge report's figure: the change bars, then a heatmap holding exactly the report's gates (rows
+    the layers, columns each matrix's pieces, the tail last); a report of another method has the bars only."""
+    from analysis.figures import merge_report_figure
+
+    gates = {"0": {"self_attn.q_proj": [0.1, 0.2, 0.3], "mlp.up_proj": [0.9, 0.8, 0.7]},
+             "1": {"self_attn.q_proj": [0.4, 0.5, 0.6], "mlp.up_proj": [0.0, 1.0, 0.5]}}
+    shares = {k: {m: [0.5, 0.3, 0.2] for m in v} for k, v in gates.items()}
+    report = {"method": "frism", "relative_change": {"0": 0.01, "1": 0.02},
+              "diagnostics": {"frism": {"gates": gates, "spectral_share": shares, "mean_gate_per_layer": {}}}}
+    fig = merge_report_figure(report)
+    bars, heat = fig.data
+    assert bars.type == "bar" and heat.type == "heatmap"
+    assert list(heat.y) == ["layer 0", "layer 1"]
+    assert list(heat.x) == ["self_attn.q_proj · top 1", "self_attn.q_proj · top 2", "self_attn.q_proj · tail",
+                            "mlp.up_proj · top 1", "mlp.up_proj · top 2", "mlp.up_proj · tail"]
+    for r, layer in enumerate(("0", "1")):
+        assert [v for v in heat.z[r]] == gates[layer]["self_attn.q_proj"] + gates[layer]["mlp.up_proj"]
+    assert "30% of tau_r's energy" in heat.hovertext[0][1]
+    plain = merge_report_figure({"method": "task_arithmetic", "relative_change": {"0": 0.01}, "diagnostics": {}})
+    assert [t.type for t in plain.data] == ["bar"]

@@ -224,6 +224,12 @@ class MergeMethod:
         """The report's per-layer figure: this method's note on one layer's bar. Default: ''."""
         return ""
 
+    def diagnostic_grid(self, diagnostics: dict) -> dict | None:
+        """A per-layer grid of this method's learned or chosen values for the report's figure:
+        {"title", "rows" (layer labels), "cols", "z" (rows x cols, None where absent), "hover" (same
+        shape, text), "zmin", "zmax"}. Default: None (the figure shows the change bars only)."""
+        return None
+
     def to_mergekit(self, recipe, knobs: dict) -> dict | None:
         """The recipe as a mergekit config of the same semantics (merge_method, models with their
         parameters, parameters), for the model card; None where mergekit has no such method."""

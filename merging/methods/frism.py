@@ -135,6 +135,30 @@ class Frism(MergeMethod):
                 f"{f['mean_gate']:.2f}, KL to the VLM {f['kl_start']:.4f} -> {f['kl_end']:.4f}, "
                 f"injected {f['injected']:.1%} of the reasoner's spectral mass"]
 
+    def diagnostic_grid(self, diagnostics: dict) -> dict | None:
+        """Every gate, layer by matrix and piece (the top directions in groups, then the tail)."""
+        f = diagnostics.get(self.name)
+        if not f or not f.get("gates"):
+            return None
+        layers = list(f["gates"])
+        cols = []
+        for m in f["gates"].values():
+            for mat, gs in m.items():
+                cols += [(mat, i) for i in range(len(gs)) if (mat, i) not in cols]
+        def label(mat, i, n):
+            return f"{mat} · {'tail' if i == n - 1 else f'top {i + 1}'}"
+        width = {mat: max(len(m.get(mat, [])) for m in f["gates"].values()) for mat, _ in cols}
+        z, hover = [], []
+        for layer in layers:
+            gates, shares = f["gates"][layer], f.get("spectral_share", {}).get(layer, {})
+            z.append([gates[mat][i] if mat in gates and i < len(gates[mat]) else None for mat, i in cols])
+            hover.append([f"layer {layer}, {label(mat, i, width[mat])}: gate {gates[mat][i]:.2f}, "
+                          f"{shares.get(mat, [0] * (i + 1))[i]:.0%} of tau_r's energy"
+                          if mat in gates and i < len(gates[mat]) else "" for mat, i in cols])
+        return {"title": f"{self.name} gates per layer, matrix and singular subspace (0: the VLM, 1: the reasoner)",
+                "rows": [f"layer {k}" for k in layers], "cols": [label(m, i, width[m]) for m, i in cols],
+                "z": z, "hover": hover, "zmin": 0.0, "zmax": 1.0}
+
     def layer_note(self, diagnostics: dict, layer: str) -> str:
         m = diagnostics.get(self.name, {}).get("mean_gate_per_layer", {})
         return f"; {self.name} mean gate {m[layer]:.2f}" if layer in m else ""
