@@ -255,7 +255,7 @@ def changes_figure(ch: dict) -> go.Figure:
 # ---------------------------------------------------------------------------------- merge report
 def _with_grid(report: dict, bars: go.Bar, grid: dict) -> go.Figure:
     """The change bars above the method's per-layer grid (e.g. learned gates) as a heatmap."""
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], vertical_spacing=0.18,
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], vertical_spacing=0.26,
                         subplot_titles=("‖W − W_v‖ / ‖W_v‖ per layer", grid["title"]))
     fig.add_trace(bars, row=1, col=1)
     fig.add_trace(go.Heatmap(z=grid["z"], x=grid["cols"], y=grid["rows"], zmin=grid["zmin"], zmax=grid["zmax"],

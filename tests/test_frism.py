@@ -234,10 +234,9 @@ def test_the_reports_figure_shows_every_gate_by_layer_matrix_and_subspace():
     bars, heat = fig.data
     assert bars.type == "bar" and heat.type == "heatmap"
     assert list(heat.y) == ["layer 0", "layer 1"]
-    assert list(heat.x) == ["self_attn.q_proj · top 1", "self_attn.q_proj · top 2", "self_attn.q_proj · tail",
-                            "mlp.up_proj · top 1", "mlp.up_proj · top 2", "mlp.up_proj · tail"]
+    assert list(heat.x) == ["q·1", "q·2", "q·t", "up·1", "up·2", "up·t"]
     for r, layer in enumerate(("0", "1")):
         assert [v for v in heat.z[r]] == gates[layer]["self_attn.q_proj"] + gates[layer]["mlp.up_proj"]
-    assert "30% of tau_r's energy" in heat.hovertext[0][1]
+    assert heat.hovertext[0][1] == "layer 0, self_attn.q_proj top group 2: gate 0.20, 30% of tau_r's energy"
     plain = merge_report_figure({"method": "task_arithmetic", "relative_change": {"0": 0.01}, "diagnostics": {}})
     assert [t.type for t in plain.data] == ["bar"]

@@ -145,17 +145,19 @@ class Frism(MergeMethod):
         for m in f["gates"].values():
             for mat, gs in m.items():
                 cols += [(mat, i) for i in range(len(gs)) if (mat, i) not in cols]
-        def label(mat, i, n):
-            return f"{mat} · {'tail' if i == n - 1 else f'top {i + 1}'}"
+        def label(mat, i, n):  # short: the app's column is narrow (the hover text names it in full)
+            short = mat.split(".")[-1].removesuffix("_proj")
+            return f"{short}·{'t' if i == n - 1 else i + 1}"
         width = {mat: max(len(m.get(mat, [])) for m in f["gates"].values()) for mat, _ in cols}
         z, hover = [], []
         for layer in layers:
             gates, shares = f["gates"][layer], f.get("spectral_share", {}).get(layer, {})
             z.append([gates[mat][i] if mat in gates and i < len(gates[mat]) else None for mat, i in cols])
-            hover.append([f"layer {layer}, {label(mat, i, width[mat])}: gate {gates[mat][i]:.2f}, "
+            hover.append([f"layer {layer}, {mat} {'tail' if i == width[mat] - 1 else f'top group {i + 1}'}: "
+                          f"gate {gates[mat][i]:.2f}, "
                           f"{shares.get(mat, [0] * (i + 1))[i]:.0%} of tau_r's energy"
                           if mat in gates and i < len(gates[mat]) else "" for mat, i in cols])
-        return {"title": f"{self.name} gates per layer, matrix and singular subspace (0: the VLM, 1: the reasoner)",
+        return {"title": f"{self.name} gates: matrix·subspace (t: tail); 0 VLM, 1 reasoner",
                 "rows": [f"layer {k}" for k in layers], "cols": [label(m, i, width[m]) for m, i in cols],
                 "z": z, "hover": hover, "zmin": 0.0, "zmax": 1.0}
 
