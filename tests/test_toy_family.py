@@ -92,9 +92,12 @@ def test_evaluate_accepts_loaded_model(vlm):
 def test_eval_cli_prints_three_suites():
     r = cli("eval", TOY / "vlm", "--limit", "20", module="analysis")
     assert r.returncode == 0, r.stderr
-    acc = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(acc) == {"perception", "visual_math", "text_math"}
-    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    suites = {"perception", "visual_math", "text_math"}
+    assert set(out) == suites | {"ci95", "n"}
+    for s in suites:  # each accuracy inside its own 95% interval, on the 20 items asked for
+        lo, hi = out["ci95"][s]
+        assert 0.0 <= lo <= out[s] <= hi <= 1.0 and out["n"][s] == 20
 
 
 def test_eval_cli_bad_folder_exits_2(tmp_path):

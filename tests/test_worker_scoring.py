@@ -217,4 +217,5 @@ def test_an_unknown_job_kind_is_one_clear_error_and_every_lane_kind_is_registere
     ev, msg, _ = run(worker, "nonsense", {})
     assert ev == "error" and msg.startswith("unknown job kind 'nonsense'; known: ") and "merge" in msg
     assert set(CHAT_LANE) <= set(JOBS)
-    assert set(JOBS) == {"ping", "plan", "merge", "chat", "analysis", "evaluate", "leaderboard", "drift", "export"}
+    assert set(JOBS) == {"ping", "plan", "merge", "chat", "analysis", "evaluate", "leaderboard", "drift", "export",
+                         "outcome", "sweep", "tune", "handout"}

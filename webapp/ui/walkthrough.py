@@ -52,12 +52,11 @@ STEPS = (
          "Press **Compute** in *Attention decay*: the share of attention that text pays to image tokens, per "
          "layer, with an exponential fit (beta). FRANK finds it decays with depth and turns the decay into a "
          "prior, w_v(l) = exp(−beta·l), so the early layers, where the image is read, keep more of the VLM "
-         "(FRANK, Fig. 2). On this family it does not decay: it falls from 57% at layer 0 to 27% at layer 4 "
-         "and comes back to 52% at layer 7, so the fit explains 9% of the variance (beta about 0.03) and the "
-         "prior it gives is nearly flat; **Use this β for FRANK's prior** sets beta to that fit, 0.033, as "
-         "this step did, and the prior keeps 79-100% of the VLM in every layer. Press **Merge**: its measured outcome shows no change "
-         "beyond the noise (visual math 4% -> 4%, perception 74% -> 75% on 100 items): the prior is only as "
-         "useful as the decay it fits."),
+         "(FRANK, Fig. 2). On this family it does not decay (57% at layer 0, 27% at layer 4, 52% at layer 7: "
+         "the fit explains 9% of the variance, beta about 0.03), so the prior it gives is nearly flat "
+         "(**Use this β for FRANK's prior** sets that 0.033, as this step did: 79-100% of the VLM in every "
+         "layer), and **Merge** measures no change beyond the noise (visual math 4% -> 4%, perception "
+         "74% -> 75% on 100 items): the prior is only as useful as the decay it fits."),
     Step("Knockout: where perception and reasoning live, against a control",
          {"method": "task_arithmetic", "alpha": "1", "tab": "knockout"},
          "Press **Merge** (task arithmetic, alpha 1: a merge that does some visual math), then **Compute** in "
@@ -66,18 +65,19 @@ STEPS = (
          "control. Early attention layers drop perception, but they drop the control as much or more (layer 1: "
          "perception −12, text_math −78 points on 100 items), so BR2V's \"perception early\" is not shown here: "
          "those layers are needed for any answer. The merge's visual math needs the last layer's attention "
-         "(−27) far more than text math (−9) or perception (noise): BR2V's \"reasoning late\", in part. "
-         "Knocking out layer 4's attention *raises* the merge's visual math (+23): without it the merge takes "
+         "(−27) far more than text math (−9) or perception (noise), BR2V's \"reasoning late\" in part, and "
+         "knocking out layer 4's attention *raises* the merge's visual math (+23): without it the merge takes "
          "the question's number and verb right more often, so this merge puts something harmful there."),
     Step("DRIFT: fine-tune toward the reasoner instead",
          {"method": "task_arithmetic", "alpha": "1", "tab": "drift"},
          "Instead of merging, DRIFT fine-tunes the VLM for a few steps with each gradient steered toward the "
-         "reasoner (D = W_reasoner − W_vlm). Press **Run DRIFT** in the opened panel (alpha 0 is a plain "
-         "fine-tune; its 60 steps take about a minute on a CPU), then ask the example math question in *Chat*. Its "
-         "measured outcome: visual math 4% -> 100%, but perception 74% -> 6% (100 items each): it trains on "
-         "visual math only and answers every question as arithmetic. Then press **Merge**: task arithmetic "
-         "alpha 1 (step 3's merge) keeps perception (72%, within noise of the VLM) with visual math at 46%. "
-         "Not every merge keeps it: linear alpha 1, the reasoner's language model swapped in whole, falls to 49%."),
+         "reasoner (D = W_reasoner − W_vlm): press **Run DRIFT** in the opened panel (alpha 0 is a plain "
+         "fine-tune; its 60 steps take about a minute on a CPU), then ask the example math question in *Chat*. "
+         "Its measured outcome: visual math 4% -> 100%, but perception 74% -> 6% (100 items each), as it trains "
+         "on visual math only and answers every question as arithmetic (with a quarter of perception examples "
+         "replayed, the README shows the plain fine-tune keeping perception and DRIFT not). Then press "
+         "**Merge**: task arithmetic alpha 1 (step 3's merge) keeps perception (72%, within noise of the VLM) "
+         "with visual math at 46%, while linear alpha 1, the reasoner's language model swapped in whole, falls to 49%."),
 )
 
 
