@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from merging import subspace_gates
+from merging import lab_cache, subspace_gates
 from merging.checkpoint import Checkpoint
 from merging.errors import Cancelled, LabError
 from merging.finetune import build_batch, is_toy_family
@@ -133,8 +133,7 @@ def distillation_batches(model, proc, n: int, seed: int) -> list[tuple[dict, tor
 
 # --------------------------------------------------------------------------------- the cache
 def cache_dir() -> Path:
-    env = os.environ.get("MERGE_LAB_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "merge-lab") / "frism_gates"
+    return lab_cache.root() / "frism_gates"
 
 
 def cache_key(s: Setup) -> str | None:
@@ -151,7 +150,7 @@ def _cached(key: str | None) -> Learned | None:
     if path is None or not path.is_file():
         return None
     try:
-        return Learned(**{**json.loads(path.read_text()), "cached": True})
+        return Learned(**{**lab_cache.read_json(path), "cached": True})
     except (OSError, ValueError, TypeError):
         path.unlink(missing_ok=True)  # never trusted when it does not read back
         return None
