@@ -57,10 +57,20 @@ def write_plots(fig: go.Figure, folder: Path, stem: str) -> list[str]:
     return written
 
 
-def tune_figure(result: dict, board: dict | None = None) -> go.Figure:
+def front_label(result: dict, point: dict) -> str:
+    """A front point as the app lists it (and its hover names it): trial, knobs, dev accuracies, chosen."""
+    acc = "  ".join(f"{s} {100 * point['dev'][s]['acc']:.0f}" for s in ("perception", "visual_math"))
+    star = " ★ chosen" if point["trial"] == result["best"]["trial"] else ""
+    return f"trial {point['trial']}: {describe(point['knobs'])} (dev {acc}){star}"
+
+
+def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -> go.Figure:
     """Dev perception vs visual_math of every trial (grey), the front (with 95% intervals), the chosen
-    point and the VLM; the leaderboard's held-out points when `board` (its result) is given."""
+    point and the VLM; the leaderboard's held-out points when `board` (its result) is given. in_app:
+    a front point's hover says where the app loads it from (gr.Plot has no click event: a list below)."""
     fig = go.Figure()
+    hover = "%{hovertext}" + ("<br><i>load it: pick this entry in “a point of the front” below</i>"
+                              if in_app else "") + "<extra></extra>"
     pct = [100 * result["vlm_dev"]["perception"]["acc"] - 100 * PERCEPTION_SLACK]
     fig.add_vline(x=pct[0], line={"dash": "dot", "color": "#2a7a40"},
                   annotation_text="VLM perception - 3 (dev)", annotation_position="top left")
@@ -74,12 +84,13 @@ def tune_figure(result: dict, board: dict | None = None) -> go.Figure:
         x=[100 * p["dev"]["perception"]["acc"] for p in f], y=[100 * p["dev"]["visual_math"]["acc"] for p in f],
         mode="lines+markers", name="Pareto front (dev)", line={"color": "#d62728", "shape": "hv"},
         error_x=_err(f, "perception"), error_y=_err(f, "visual_math"), marker={"size": 10},
-        customdata=[[json.dumps(p["knobs"])] for p in f], hovertext=[describe(p["knobs"]) for p in f]))
+        customdata=[[json.dumps(p["knobs"])] for p in f], hovertext=[front_label(result, p) for p in f],
+        hovertemplate=hover))
     b = result["best"]
     fig.add_trace(go.Scatter(x=[100 * b["dev"]["perception"]["acc"]], y=[100 * b["dev"]["visual_math"]["acc"]],
                              mode="markers", name="chosen (dev)", customdata=[[json.dumps(b["knobs"])]],
                              marker={"symbol": "star", "size": 16, "color": "#d62728"},
-                             hovertext=[describe(b["knobs"])]))
+                             hovertext=[front_label(result, b)], hovertemplate=hover))
     v = result["vlm_dev"]
     fig.add_trace(go.Scatter(x=[100 * v["perception"]["acc"]], y=[100 * v["visual_math"]["acc"]], mode="markers",
                              name="the VLM (dev)", marker={"symbol": "star-open", "size": 16, "color": "#333"}))
@@ -90,8 +101,9 @@ def tune_figure(result: dict, board: dict | None = None) -> go.Figure:
                                          mode="markers", name=f"{e['method']} ({e['label']}, held-out)",
                                          marker={"symbol": "diamond-open", "size": 9}, visible="legendonly"
                                          if e["method"] != result["method"] else True))
+    load = "; a front point loads into the merge panel from the list below" if in_app else ""
     fig.update_layout(title={"text": f"{result['method']}: {result['trials']} trials on dev<br><sup>error bars: "
-                             "95% Wilson intervals; a front point loads into the merge panel from the list below</sup>"},
+                             f"95% Wilson intervals{load}</sup>"},
                       xaxis={"title": "perception accuracy (%)"}, yaxis={"title": "visual_math accuracy (%)"},
                       template="plotly_white", height=520, margin={"t": 70}, legend={"orientation": "h", "y": -0.18})
     return fig

@@ -11,10 +11,12 @@ import optuna
 import yaml
 
 from analysis.evaluate import evaluate
+from analysis.knob_figures import tune_figure
 from analysis.tune import JOURNAL, STUDY
 from merging.engine import merge_to_disk
 from merging.recipe import from_dict
 from tests.output_checks import cli
+from webapp.ui import tune_panel
 
 LIMIT = 3
 
@@ -105,3 +107,25 @@ def test_tune_resumes_and_its_front_is_non_dominated(smoke_family, tmp_path):
     # other settings on the same folder are refused, naming the one that differs
     r = cli(*[a if a != LIMIT else 2 for a in args], "--trials", 1, module="analysis")
     assert r.returncode == 2 and "limit" in r.stderr
+
+
+def _iv(k: int, n: int = 10) -> dict:
+    return {"k": k, "n": n, "acc": k / n, "lo": max(0.0, k / n - 0.2), "hi": min(1.0, k / n + 0.2)}
+
+
+def test_a_front_points_hover_names_its_entry_in_the_apps_list():
+    """gr.Plot sends no click on a point, so the app loads a point from a list: each front point's hover
+    (and the chosen star's) reads exactly as that point's entry in the list."""
+    front = [{"trial": 0, "knobs": {"alpha": 1.0}, "dev": {"perception": _iv(9), "visual_math": _iv(2)}},
+             {"trial": 3, "knobs": {"alpha": [0.5, 1.5]}, "dev": {"perception": _iv(8), "visual_math": _iv(6)}}]
+    result = {"method": "task_arithmetic", "trials": 4, "front": front, "best": {**front[1], "test": {}},
+              "vlm_dev": {"perception": _iv(9), "visual_math": _iv(1)}, "trials_dev": front}
+    fig = tune_figure(result, in_app=True)
+    want = ["trial 0: alpha 1 (dev perception 90  visual_math 20)",
+            "trial 3: alpha 0.5 -> 1.5 (dev perception 80  visual_math 60) ★ chosen"]
+    assert [label for label, _ in tune_panel.front_choices(result)] == want
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["Pareto front (dev)"].hovertext) == want
+    assert list(by_name["chosen (dev)"].hovertext) == want[1:]
+    assert "a point of the front" in by_name["Pareto front (dev)"].hovertemplate
+    assert "a point of the front" not in tune_figure(result).data[1].hovertemplate  # the CLI's HTML: no app list

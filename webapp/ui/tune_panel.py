@@ -5,7 +5,9 @@ Sweep: the worker merges the loaded VLM at each value and scores it (webapp/work
 each point arrives as a "partial" event and the curves are redrawn with it. Tune: optuna's search
 on the dev split; its Pareto front is drawn over the last leaderboard this app ran (if any), and a
 front point is loaded into the merge panel as a leaderboard row is (url_state + MergePanel.apply;
-a start -> end schedule goes into the per-layer box as a 2-anchor gradient).
+a start -> end schedule goes into the per-layer box as a 2-anchor gradient). Gradio's gr.Plot has
+no click or select event (its only event is change), so the point is picked from a list below the
+plot, each entry worded as that point's hover (knob_figures.front_label).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import gradio as gr
 import yaml
 
-from analysis.knob_figures import describe, sweep_figure, tune_figure
+from analysis.knob_figures import describe, front_label, sweep_figure, tune_figure
 from merging import methods
 from merging.errors import LabError
 from webapp import presets
@@ -116,12 +118,8 @@ def last_leaderboard(lab: Lab) -> dict | None:
 
 
 def front_choices(result: dict) -> list[tuple[str, int]]:
-    out = []
-    for i, p in enumerate(result["front"]):
-        acc = "  ".join(f"{s} {100 * p['dev'][s]['acc']:.0f}" for s in ("perception", "visual_math"))
-        star = " ★ chosen" if p["trial"] == result["best"]["trial"] else ""
-        out.append((f"trial {p['trial']}: {describe(p['knobs'])} (dev {acc}){star}", i))
-    return out
+    """The list's entries, each worded as the plot's hover on that point (front_label)."""
+    return [(front_label(result, p), i) for i, p in enumerate(result["front"])]
 
 
 def _tune_args(preset, method, trials, seconds, limit) -> dict:
@@ -159,7 +157,7 @@ def _tune_handler(lab: Lab):
             test = "  ".join(f"{s} {100 * v['acc']:.1f} [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
                              for s, v in b["test"].items())
             yield (f"✓ {r['trials']} trials in the study ({el:.1f} s this run); chosen: **{describe(b['knobs'])}**; "
-                   f"held-out: {test}", tune_figure(r, last_leaderboard(lab)),
+                   f"held-out: {test}", tune_figure(r, last_leaderboard(lab), in_app=True),
                    gr.update(choices=front_choices(r), value=None), r)
 
     return run
