@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The app's fixtures (one app per session, Chromium pages), for every test module that asks for them.
-pytest_plugins = ("tests.app_fixtures",)
+pytest_plugins = ("tests.app_fixtures", "tests.worker_harness")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import queue
 import re
 import shutil
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,53 +20,16 @@ from analysis.eval_file import read_items
 from analysis.evaluate import evaluate
 from merging.drift import DriftResult, drift_settings
 from merging.errors import LabError
+from tests.worker_harness import RECIPE, TRIPLE, run, same_as
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun
 from webapp.ui.evaluate_panel import score_table
 from webapp.worker.leaderboard_jobs import settings
 from webapp.worker.models import load_serving
-from webapp.worker.process import Worker
-
-TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
-RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    torch.set_num_threads(1)
-    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path_factory.mktemp("cache"))})
-    yield w
-    w.models.loaded and w.models.loaded.close()
-
-
-_ids = iter(range(1, 10_000))
-
-
-def run(w: Worker, kind: str, args: dict, cancel_after: int | None = None):
-    """(terminal event, payload, progress events seen) of one job; cancel_after: cancel it at that progress event."""
-    job_id = next(_ids)
-    t = threading.Thread(target=w.handle, args=({"id": job_id, "kind": kind, "args": args},))
-    t.start()
-    seen = 0
-    while True:
-        jid, ev, payload = w.events.get(timeout=600)
-        assert jid == job_id
-        if ev == "progress":
-            seen += 1
-            w.last_progress = payload
-            if seen == cancel_after:
-                w.control.put(job_id)
-        if ev in ("result", "error", "cancelled"):
-            t.join()
-            return ev, payload, seen
-
-
-def live_state(w: Worker) -> dict[str, torch.Tensor]:
+def live_state(w) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in w.models.loaded.model.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
@@ -77,7 +38,7 @@ def test_evaluate_scores_the_original_and_the_merge_the_worker_holds(worker):
     ev, out, seen = run(worker, "evaluate", {"triple": TRIPLE, "recipe": RECIPE, "suites": ["perception", "text_math"],
                                               "limit": 6})
     assert ev == "result", out
-    assert set(out["accuracy"]) == {"original", "merged"} and seen >= 2
+    assert set(out["accuracy"]) == {"original", "merged"} and len(seen.progress) >= 2
     vlm = load_serving(TRIPLE["vlm"], "cpu")
     assert out["accuracy"]["original"] == evaluate(vlm, suites=["perception", "text_math"], limit=6)
     assert set(out["accuracy"]["merged"]) == {"perception", "text_math"}
@@ -117,7 +78,7 @@ def test_outcome_scores_both_models_with_intervals_and_is_cached(worker):
     assert ev == "result", out
     ev, out, seen = run(worker, "outcome", {"triple": TRIPLE, "recipe": RECIPE, "items": 5})
     assert ev == "result", out
-    assert out["items"] == 5 and set(out["suites"]) == {"perception", "visual_math"} and seen >= 2
+    assert out["items"] == 5 and set(out["suites"]) == {"perception", "visual_math"} and len(seen.progress) >= 2
     vlm = load_serving(TRIPLE["vlm"], "cpu")
     direct = evaluate(vlm, suites=["perception", "visual_math"], limit=5)
     for suite, r in out["suites"].items():
@@ -129,7 +90,7 @@ def test_outcome_scores_both_models_with_intervals_and_is_cached(worker):
         assert abs(d["diff"] - (r["merged"]["k"] - r["original"]["k"]) / 5) < 1e-9 and d["lo"] <= d["diff"] <= d["hi"]
         assert d["noise"] == (d["lo"] <= 0 <= d["hi"])
     ev, again, seen_again = run(worker, "outcome", {"triple": TRIPLE, "recipe": RECIPE, "items": 5})
-    assert again["suites"] == out["suites"] and seen_again < seen  # the per-item outcomes came from the cache
+    assert again["suites"] == out["suites"] and len(seen_again.progress) < len(seen.progress)  # the per-item outcomes came from the cache
     ev, msg, _ = run(worker, "outcome", {"triple": TRIPLE, "recipe": None})
     assert ev == "error" and msg == "outcome: nothing to compare (no merge or DRIFT run given)"
 
@@ -178,14 +139,14 @@ def test_leaderboard_leaves_the_workers_weights_bit_identical(worker):
     entries = out["result"]["entries"]
     assert [(e["method"], e["label"]) for e in entries][:4] == [("vlm", "the VLM"), ("reasoner", "the math LLM"),
                                                                  ("linear", "defaults"), ("linear", "best on dev")]
-    assert not out["cached"] and seen >= 5 and (Path(out["folder"]) / "leaderboard.md").is_file()
-    done, total, _ = worker.last_progress
+    assert not out["cached"] and len(seen.progress) >= 5 and (Path(out["folder"]) / "leaderboard.md").is_file()
+    done, total, _ = seen.progress[-1]
     assert done == total == leaderboard.steps(args["methods"], 4, 1)  # the bar ends full
     # the worker still holds the tab's merge, tensor for tensor; restored, the checkpoint's weights
-    assert worker.models.loaded.current == key_before and same(live_state(worker), merged_before)
+    assert worker.models.loaded.current == key_before and same_as(worker, merged_before)
     worker.models.loaded.hold(None)
     checkpoint, _ = load_serving(TRIPLE["vlm"], "cpu")
-    assert same(live_state(worker), {k: v for k, v in checkpoint.state_dict().items()})
+    assert same_as(worker, checkpoint.state_dict())
     t0 = time.monotonic()
     ev, again, _ = run(worker, "leaderboard", args)
     assert again["cached"] and again["result"] == out["result"] and time.monotonic() - t0 < 5
@@ -195,9 +156,9 @@ def test_leaderboard_cancel_stops_between_batches_and_keeps_the_weights(worker):
     worker.models.loaded.hold(RECIPE)
     before = live_state(worker)
     args = {"limit": 3, "dev_items": 3, "grid_size": 2, "methods": ["ties"]}
-    ev, msg, _ = run(worker, "leaderboard", args, cancel_after=2)
+    ev, msg, _ = run(worker, "leaderboard", args, cancel_at=2)
     assert ev == "cancelled", msg
-    assert same(live_state(worker), before)
+    assert same_as(worker, before)
     assert not list(Path(worker.cache_dir, "leaderboard").glob(".*.tmp-*"))  # its temp folder is gone
 
 

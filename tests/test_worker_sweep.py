@@ -4,74 +4,25 @@ the worker holds is the checkpoint's, bit for bit; a tune run twice continues it
 
 from __future__ import annotations
 
-import itertools
-import queue
-import threading
 from pathlib import Path
-
-import pytest
-import torch
 
 from analysis import tune_results
 from analysis.evaluate import evaluate
 from merging.inplace import InPlaceMerger
 from merging.recipe import from_dict
+from tests.worker_harness import RECIPE, TRIPLE, run, same_as
 from webapp.presets import TOY_ROOT
 from webapp.ui import leaderboard_panel
 from webapp.worker.models import load_serving
-from webapp.worker.process import Worker
-
-TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
-RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}
-_ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    torch.set_num_threads(1)
-    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path_factory.mktemp("cache"))})
-    yield w
-    w.models.loaded and w.models.loaded.close()
-
-
-@pytest.fixture(scope="module")
-def checkpoint():
-    model, _ = load_serving(TRIPLE["vlm"], "cpu")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def run(w: Worker, kind: str, args: dict, cancel_at: int | None = None):
-    """(terminal event, payload, partial payloads in order); cancel_at: cancel at that progress event."""
-    job_id = next(_ids)
-    t = threading.Thread(target=w.handle, args=({"id": job_id, "kind": kind, "args": args},))
-    t.start()
-    partial, seen = [], 0
-    while True:
-        jid, ev, payload = w.events.get(timeout=600)
-        assert jid == job_id
-        if ev == "partial":
-            partial.append(payload)
-        if ev == "progress":
-            seen += 1
-            if seen == cancel_at:
-                w.control.put(job_id)
-        if ev in ("result", "error", "cancelled"):
-            t.join()
-            return ev, payload, partial
-
-
-def same_as_checkpoint(w: Worker, checkpoint: dict) -> bool:
-    live = w.models.loaded.model.state_dict()
-    return live.keys() == checkpoint.keys() and all(torch.equal(live[k], checkpoint[k]) for k in live)
 
 
 def test_sweep_streams_its_points_and_leaves_the_checkpoints_weights(worker, checkpoint):
     ev, out, _ = run(worker, "merge", {"recipe": RECIPE})  # a merge is live when the sweep starts
     assert ev == "result", out
-    ev, out, partial = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.2, 1.2], "limit": 3})
+    ev, out, seen = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.2, 1.2], "limit": 3})
     assert ev == "result", out
-    assert [p["value"] for p in partial] == [0.2, 1.2] and partial == out["points"]
-    assert same_as_checkpoint(worker, checkpoint) and worker.models.loaded.merger.current is None
+    assert [p["value"] for p in seen.partial] == [0.2, 1.2] and seen.partial == out["points"]
+    assert same_as(worker, checkpoint) and worker.models.loaded.merger.current is None
     # each point is its recipe merged by a fresh merger on a fresh model, scored on its own
     model, proc = load_serving(TRIPLE["vlm"], "cpu")
     merger = InPlaceMerger(model, *TRIPLE.values())
@@ -85,11 +36,11 @@ def test_sweep_streams_its_points_and_leaves_the_checkpoints_weights(worker, che
 def test_a_cancelled_sweep_leaves_the_checkpoints_weights(worker, checkpoint):
     ev, out, _ = run(worker, "merge", {"recipe": RECIPE})
     assert ev == "result", out
-    ev, out, partial = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.1, 0.5, 0.9, 1.3],
+    ev, out, seen = run(worker, "sweep", {"recipe": RECIPE, "knob": "alpha", "values": [0.1, 0.5, 0.9, 1.3],
                                              "limit": 20}, cancel_at=2)
     assert ev == "cancelled", out
-    assert len(partial) < 4
-    assert same_as_checkpoint(worker, checkpoint) and worker.models.loaded.merger.current is None
+    assert len(seen.partial) < 4
+    assert same_as(worker, checkpoint) and worker.models.loaded.merger.current is None
 
 
 def test_a_bad_sweep_is_refused_in_one_line_before_any_merge(worker):
@@ -107,7 +58,7 @@ def test_tune_job_continues_its_study_and_leaves_the_checkpoints_weights(worker,
     ev, again, _ = run(worker, "tune", {**args, "trials": 1})
     assert ev == "result", again
     assert again["result"]["trials"] == 3 and again["folder"] == out["folder"]
-    assert same_as_checkpoint(worker, checkpoint)
+    assert same_as(worker, checkpoint)
     # the leaderboard's row for the method: the newest tune's chosen point, its held-out scores and intervals
     rows = tune_results.newest(Path(worker.cache_dir, "tune"), ["linear", "task_arithmetic"])
     best = again["result"]["best"]

@@ -1,7 +1,8 @@
-"""The worker's evaluate job: the original VLM and this tab's merge (or DRIFT result) scored on the
-bundled suites or on an uploaded eval set, with the model the worker already holds (worker side).
+"""The worker's evaluate job: this tab's merge (or DRIFT result) and a second model (the original VLM, or
+another merge or DRIFT run the tab kept: webapp.worker.panes) scored on the bundled suites or on an
+uploaded eval set, with the model the worker already holds (worker side).
 
-The original is scored with the merger restored (Loaded.hold(None)), the merge with it applied, so
+The original is scored with the merger restored (Loaded.hold(None)), a merge with it applied, so
 both are the same weights chat answers with. Scores of the bundled suites are cached under the
 weights' id (merging.inplace.weights_id), the dtype and the number of items; an uploaded set is
 scored every time. Each item's outcome goes back too ("correct": "0110..." per model and suite), so
@@ -10,8 +11,6 @@ the panel can give every accuracy its interval and the difference its paired int
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from analysis.cache import cached
 from analysis.eval_file import read_items
 from analysis.evaluate import SUITES, evaluate
@@ -19,33 +18,27 @@ from merging.errors import LabError
 from merging.loading import serving_dtype
 from tasks.toydata import parse_answer
 from webapp.presets import TOY_ROOT
-from webapp.protocol import EVAL_MAX_LIMIT, DriftRun, triple_of
+from webapp.protocol import EVAL_MAX_LIMIT
+from webapp.worker.panes import check_compare, label_of, request_triple, weights_of
 
 MAX_LIMIT = EVAL_MAX_LIMIT
 MAX_SHOWN = 200  # disagreements sent back
 BATCH = 16  # items per generate call: a cancel waits for at most one batch
 
 
-def _models(ctx, args: dict, progress, flag):
-    """(name, label, (model, processor) getter, weights id getter) of the models to score, original first."""
-    variant = args.get("recipe")
-    given = args["triple"]
-    triple = triple_of(variant) if variant else (given["vlm"], given["reasoner"], given["base"])
-    loaded = ctx.models.get(tuple(triple), progress)
+def sides(ctx, args: dict, progress) -> list[tuple]:
+    """(name, label, getter of ((model, processor), weights id)) of the models to score: "original" (the
+    second side: args["compare"], None for the original VLM) first, then "merged" (this tab's merge or
+    DRIFT run) when there is one."""
+    other = check_compare(args)
+    loaded = ctx.models.get(request_triple(args), progress)
 
-    def held(recipe):
-        def get():
-            wid = loaded.hold(recipe, progress=progress, cancel=flag)
-            return (loaded.model, loaded.processor), wid
-        return get
+    def getter(variant):
+        return lambda: weights_of(ctx, loaded, variant, progress)
 
-    out = [("original", "the original VLM", held(None))]
-    if isinstance(variant, DriftRun):
-        folder = variant.folder
-        out.append(("merged", variant.label,
-                    lambda: (ctx.drift_loaded(folder, progress), f"drift:{Path(folder).name}")))
-    elif variant:
-        out.append(("merged", variant["method"], held(variant)))
+    out = [("original", label_of(other), getter(other))]
+    if args.get("recipe"):
+        out.append(("merged", label_of(args["recipe"]), getter(args["recipe"])))
     return out
 
 
@@ -108,7 +101,7 @@ def run_evaluate(ctx, args: dict) -> dict:
     if args.get("suite_file"):  # checked by the UI (inside its upload folder); read again here, whole
         items = read_items(args["suite_file"], by_name=bool(args.get("by_name")), name=args.get("name"))
     score = _scorer(ctx, args, items)
-    models = _models(ctx, args, progress, ctx.flag)
+    models = sides(ctx, args, progress)
     labels, accuracy, correct, records = {}, {}, {}, {}
     for i, (name, label, get) in enumerate(models):
         model, wid = get()

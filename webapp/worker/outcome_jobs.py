@@ -15,7 +15,7 @@ from analysis.intervals import accuracy, paired_difference
 from merging.errors import LabError
 from merging.loading import serving_dtype
 from webapp.presets import TOY_ROOT
-from webapp.worker.evaluate_jobs import BATCH, _models
+from webapp.worker.evaluate_jobs import BATCH, sides
 
 SUITES = ("perception", "visual_math")  # what a step is about: reading the image, and computing on it
 ITEMS = 30  # per suite: about 40 s on one CPU core for both models; intervals about +-15 points
@@ -43,7 +43,7 @@ def run_outcome(ctx, args: dict) -> dict:
     if not 1 <= items <= MAX_ITEMS:
         raise LabError(f"outcome: {items} items per suite is outside 1..{MAX_ITEMS}")
     progress = ctx.progress(yields=True)
-    models = _models(ctx, args, progress, ctx.flag)
+    models = sides(ctx, args, progress)
     if len(models) < 2:
         raise LabError("outcome: nothing to compare (no merge or DRIFT run given)")
     labels, got = {}, {}

@@ -36,12 +36,12 @@ from merging.inplace import PARTIAL
 from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
 from webapp.protocol import Cancelled, DriftRun, lane_of, recipe_key, triple_of
-from webapp.safety import limit_pil, open_image
-from webapp.worker.chat import stream_answer
-from webapp.worker.chat_insight import KeyTokens, question_check
+from webapp.safety import limit_pil
+from webapp.worker.chat_jobs import run_chat
 from webapp.worker.evaluate_jobs import run_evaluate
 from webapp.worker.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
 from webapp.worker.outcome_jobs import run_outcome
+from webapp.worker.panes import request_triple
 
 
 class CancelFlag:
@@ -207,21 +207,21 @@ class Worker:
                 return
 
     def _can_serve_now(self, req: dict) -> bool:
-        """A chat-lane request runs inside a long job only on the loaded triple (no second model
-        loaded beside the one the long job holds)."""
+        """A chat-lane request runs inside a long job only on the loaded triple and the DRIFT run kept
+        loaded (no second model loaded beside the ones the long job holds)."""
         if req["kind"] == "ping":
             return True
         args = req.get("args", {})
-        recipe = args.get("recipe")
-        if isinstance(recipe, DriftRun):
-            return self.drift_model is not None and self.drift_model[0] == str(Path(recipe.folder).resolve())
+        for variant in (args.get("recipe"), args.get("compare")):
+            if isinstance(variant, DriftRun) and not (
+                    self.drift_model is not None and self.drift_model[0] == str(Path(variant.folder).resolve())):
+                return False
         try:
-            given = args.get("triple")
-            triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
+            triple = request_triple(args)
         except (TypeError, KeyError):
             return False
         loaded = self.models.loaded
-        return loaded is not None and loaded.triple == tuple(triple)
+        return loaded is not None and loaded.triple == triple
 
     def serve_chat_lane(self) -> None:
         """Answer the chat lane's waiting requests now (called between a long job's steps), then give
@@ -323,37 +323,7 @@ def merge(ctx: JobContext, args: dict) -> dict:
 
 @job("chat")
 def chat(ctx: JobContext, args: dict) -> dict:
-    recipe = args.get("recipe")
-    given = args["triple"]  # a dict from the UI ({"vlm", "reasoner", "base"}) or a sequence
-    triple = triple_of(recipe) if recipe else (triple_of(given) if isinstance(given, dict) else tuple(given))
-    progress = ctx.progress()
-    loaded = ctx.models.get(triple, progress)
-    image = open_image(args["image"]) if args.get("image") else None
-    answers, notices = {}, []
-
-    def notice(text):
-        if text not in notices:
-            notices.append(text)
-            ctx.send("notice", text)
-
-    drift = recipe.folder if isinstance(recipe, DriftRun) else None  # a DRIFT result instead of a merge
-    streams = (["merged"] if recipe else []) + (["original"] if args.get("original", True) else [])
-    check = question_check(loaded.processor, args["question"], image)  # before any answer
-    if check:
-        ctx.send("partial", {"check": check})
-    keys = KeyTokens(loaded.processor)
-    for stream in streams:
-        if stream == "merged" and drift:
-            model, processor = ctx.drift_loaded(drift, progress)
-        else:
-            loaded.hold(recipe if stream == "merged" else None, progress=progress, cancel=ctx.flag)
-            model, processor = loaded.model, loaded.processor
-        answers[stream] = stream_answer(
-            model, processor, args["question"], image, args.get("history", {}).get(stream),
-            args.get("max_new_tokens", 48), args.get("temperature", 0.0),
-            on_text=lambda piece, s=stream: ctx.send("token", {"stream": s, "text": piece}),
-            cancelled=ctx.flag, on_notice=notice, on_logits=keys.recorder(stream))
-    return {"answers": answers, "notices": notices, "check": check, "keys": keys.by_stream}
+    return run_chat(ctx, args)
 
 
 @job("analysis")
