@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     lb.add_argument("--dev-items", type=count, default=100, help="dev items per suite for tuning the knobs")
     lb.add_argument("--methods", nargs="*", default=None, help="only these methods (default: every one)")
     lb.add_argument("--grid-size", type=count, default=None, help="at most N grid points per method (default: all)")
+    lb.add_argument("--tuned", nargs="+", default=None, metavar="DIR",
+                    help="tune folders (`analysis tune --out DIR`): a row each, the tune's chosen point on held-out")
     lb.add_argument("--threads", type=count, default=1,
                     help="CPU threads (default 1: the toy models are too small to gain from more)")
     _knob_commands(sub)

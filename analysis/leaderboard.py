@@ -5,6 +5,8 @@ For each method: its defaults, and the best knobs of a small grid chosen on a *d
 then both scored on the held-out suites, and any fixed variants the method names
 (MergeMethod.variants, e.g. frank's two forms of its prior), each a row of its own. Every merge goes through the engine's in-place
 merger (merging.inplace), so the numbers are those of the real methods, not re-implementations.
+A tune's folder (`--tuned DIR`, analysis.tune) adds a row after its method's: the point its front's
+selection chose on the tune's dev split, scored here on the same held-out items as every other row.
 
 Selection rule on dev [choice]: among the grid points whose perception is within 3 points of
 the VLM's, the highest visual_math (ties: higher perception); if none keeps perception, the
@@ -27,7 +29,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.colors import qualitative
 
-from analysis import intervals
+from analysis import intervals, tune_results
 from analysis.evaluate import EVAL_DIR, SUITES, evaluate, load_model, load_suite
 from analysis.knob_figures import describe
 from merging import methods
@@ -142,10 +144,10 @@ def variants(method: str, num_layers: int) -> list[tuple[str, dict]]:
     return methods.get(method).variants(num_layers)
 
 
-def steps(names, num_layers: int, grid_size: int | None = None) -> int:
+def steps(names, num_layers: int, grid_size: int | None = None, tuned: int = 0) -> int:
     """How many scorings run() makes: the VLM on dev and test, the reasoner on test, and per method
-    its defaults and grid points on dev plus defaults, the dev-best and its variants on test."""
-    return 3 + sum(len(grid(n, num_layers)[:grid_size]) + 3 + len(variants(n, num_layers)) for n in names)
+    its defaults and grid points on dev plus defaults, the dev-best and its variants on test; one per tune."""
+    return 3 + tuned + sum(len(grid(n, num_layers)[:grid_size]) + 3 + len(variants(n, num_layers)) for n in names)
 
 
 class Board:
@@ -213,6 +215,17 @@ class Board:
         return [defaults, tuned] + [self.variant(method, label, knobs) for label, knobs in
                                     variants(method, self.num_layers)]
 
+    def tuned(self, result: dict) -> Entry:
+        """A tune's chosen point (pareto.json's best: chosen on the tune's own dev split) scored on test."""
+        b = result["best"]
+        extra = self.merged(result["method"], b["knobs"])
+        entry = Entry(result["method"], f"tuned ({result['trials']} trials)", dict(b["knobs"]),
+                      {s: v["acc"] for s, v in b["dev"].items()}, details=selection_details(result["method"], extra))
+        self.score_test(entry)
+        self.step(f"{result['method']} tuned ({describe(b['knobs'])}): test {fmt(entry.test)}")
+        self.merger.restore()
+        return entry
+
     def variant(self, method: str, label: str, knobs: dict) -> Entry:
         """One fixed variant merged and scored on test (not on dev: nothing is chosen from it)."""
         extra = self.merged(method, knobs)
@@ -239,20 +252,27 @@ def _baselines(board: Board) -> list[Entry]:
 
 
 def run(family: Path, out_dir: Path, limit: int | None = None, dev_items: int = 100, only=None,
-        progress=None, grid_size: int | None = None, cancel=None) -> dict:
+        progress=None, grid_size: int | None = None, cancel=None, tuned=()) -> dict:
     """The whole leaderboard; writes leaderboard.json, leaderboard.md, leaderboard.html into out_dir.
-    progress(done, total, message) after each scoring; cancel() -> True stops it (Cancelled, out_dir
-    left as it was)."""
+    tuned: tune folders (each a row after its method's). progress(done, total, message) after each
+    scoring; cancel() -> True stops it (Cancelled, out_dir left as it was)."""
     names = methods.names() if not only else list(only)
     for n in names:
         methods.get(n)  # unknown names fail before any work
-    with AtomicFolder(out_dir, inputs=(family,), kind="leaderboard", replace_own=True) as tmp:
+    tunes = [tune_results.read(Path(d)) for d in tuned]  # so do unreadable tune folders
+    with AtomicFolder(out_dir, inputs=(family, *map(Path, tuned)), kind="leaderboard", replace_own=True) as tmp:
         dev_dir = write_split(build_dev_split(dev_items, family / "eval"), tmp / "dev")
         board = Board(family, dev_dir, limit, progress, cancel)
-        board.total = steps(names, board.num_layers, grid_size)
+        for t in tunes:  # before any scoring
+            if t["settings"]["num_layers"] != board.num_layers:
+                raise LabError(f"--tuned: the {t['method']} tune ran on a {t['settings']['num_layers']}-layer "
+                               f"model, this family's has {board.num_layers}")
+        board.total = steps(names, board.num_layers, grid_size, len(tunes))
         entries = _baselines(board)
         for name in names:
             entries += board.run_method(name, entries[0].dev, grid_size)
+            entries += [board.tuned(t) for t in tunes if t["method"] == name]
+        entries += [board.tuned(t) for t in tunes if t["method"] not in names]
         add_intervals(entries)
         result = {"limit": limit, "dev_items": dev_items, "num_layers": board.num_layers,
                   "entries": [e.__dict__ for e in entries]}
@@ -301,7 +321,7 @@ def markdown(result: dict) -> str:
     for e in result["entries"]:
         cells = [cell(e, s) for s in SUITES]
         dp, dv = (delta(e, s, vlm) for s in ("perception", "visual_math"))
-        knobs = ", ".join(f"{k} {v:g}" for k, v in e["knobs"].items()) or e["label"]
+        knobs = describe(e["knobs"]) if e["knobs"] else e["label"]  # a tune's schedule: start -> end
         if e["knobs"]:
             knobs = f"{e['label']}: {knobs}"
         lines.append(f"| {e['method']} | {knobs} | " + " | ".join(cells) + f" | {dp} | {dv} | {e['details']} |")
@@ -335,18 +355,19 @@ def scatter(result: dict):
         t = e["test"]
         if "perception" not in t:
             continue  # the text-only reasoner has no image suites
-        tuned = e["label"] == "best on dev"
-        symbol = "circle" if tuned else ("circle-open" if e["label"] == "defaults" else "diamond-open")
+        symbol = {"best on dev": "circle", "defaults": "circle-open"}.get(e["label"], "diamond-open")
+        if e["label"].startswith("tuned"):
+            symbol = "square"
         fig.add_trace(go.Scatter(
             x=[100 * t["perception"]], y=[100 * t["visual_math"]], mode="markers", name=f"{e['method']} ({e['label']})",
-            hovertext=f"{e['method']} ({e['label']}) {e['knobs'] or ''}: perception {cell(e, 'perception')}, "
+            hovertext=f"{e['method']} ({e['label']}) {describe(e['knobs']) if e['knobs'] else ''}: perception {cell(e, 'perception')}, "
                       f"visual_math {cell(e, 'visual_math')}",
             error_x=_bar(e, "perception"), error_y=_bar(e, "visual_math"),
             marker={"size": 16 if e["method"] == "vlm" else 11, "line": {"width": 2}, "color": colours[e["method"]],
                     "symbol": "star" if e["method"] == "vlm" else symbol}))
     fig.update_layout(title={"text": "Perception vs visual math on the held-out suites<br><sup>open: a method's "
-                             "defaults · filled: its best knobs on dev · diamond: a variant it names · "
-                             "star: the VLM · bars: 95% intervals</sup>"},
+                             "defaults · filled: its best knobs on dev · square: its tuned point · diamond: a variant "
+                             "it names · star: the VLM · bars: 95% intervals</sup>"},
                       xaxis={"title": "perception accuracy (%)", "range": [-3, 103], "dtick": 10},
                       yaxis={"title": "visual_math accuracy (%)", "range": [-2, min(103, max(40, y0 + 5, top + 5))],
                              "dtick": 10},
@@ -361,7 +382,8 @@ def main_leaderboard(args) -> int:
         raise LabError(f"{family} has no vlm/ folder: not a model family like assets/toy")
     torch.set_num_threads(args.threads)
     result = run(family, Path(args.out_dir), args.limit, args.dev_items, args.methods or None,
-                 progress=lambda done, total, m: print(f"[{done}/{total}] {m}", flush=True), grid_size=args.grid_size)
+                 progress=lambda done, total, m: print(f"[{done}/{total}] {m}", flush=True), grid_size=args.grid_size,
+                 tuned=args.tuned or ())
     print(markdown(result))
     print(f"\nwrote {args.out_dir}/leaderboard.md, leaderboard.json, leaderboard.html")
     return 0

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from merging import methods
+from merging.errors import LabError
+
 
 def entry(result: dict) -> dict:
     """The chosen point as a leaderboard entry (analysis.leaderboard.Entry's fields; ci: its 95% Wilson
@@ -20,6 +23,22 @@ def entry(result: dict) -> dict:
             "knobs": b["knobs"], "dev": {s: v["acc"] for s, v in b["dev"].items()},
             "test": {s: v["acc"] for s, v in b["test"].items()}, "details": "",
             "ci": {s: [v["lo"], v["hi"]] for s, v in b["test"].items()}}
+
+
+def read(folder: Path) -> dict:
+    """A tune folder's pareto.json (`leaderboard --tuned DIR`); LabError naming the folder when it has none."""
+    path = Path(folder) / "pareto.json"
+    try:
+        result = json.loads(path.read_text())
+        whole = isinstance(result["best"]["knobs"], dict) and isinstance(result["settings"]["num_layers"], int)
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    if not whole:
+        raise LabError(f"--tuned {folder}: no readable pareto.json there (run `python -m analysis tune "
+                       f"--out {folder}` first)")
+    if result.get("method") not in methods.names():
+        raise LabError(f"--tuned {folder}: its method {result.get('method')!r} is not a merge method here")
+    return result
 
 
 def newest(root: Path, names) -> list[dict]:

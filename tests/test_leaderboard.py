@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from analysis import leaderboard
+from analysis.evaluate import evaluate
 from merging import methods
+from merging.engine import merge_to_disk
+from merging.errors import LabError
+from merging.recipe import from_dict
 from tests.output_checks import cli
 from tests.paths import TOY
 
@@ -111,3 +115,47 @@ def test_the_scatter_shows_every_point():
     lo, hi = fig.layout.yaxis.range
     ys = [t.y[0] for t in fig.data]
     assert ys == pytest.approx([3.0, 55.0]) and lo < min(ys) and hi > max(ys)
+
+
+def _pareto(folder, method: str, knobs: dict, num_layers: int) -> None:
+    """A tune folder as `analysis tune` leaves it (only the fields a leaderboard row reads are real)."""
+    iv = {"k": 1, "n": 2, "acc": 0.5, "lo": 0.1, "hi": 0.9}
+    folder.mkdir()
+    (folder / "pareto.json").write_text(json.dumps({
+        "method": method, "trials": 7, "settings": {"method": method, "num_layers": num_layers},
+        "best": {"trial": 4, "knobs": knobs, "dev": {"perception": iv, "visual_math": iv}, "test": {}}}))
+
+
+def test_a_tuned_row_is_scored_on_the_same_held_out_items(smoke_family, tmp_path):
+    """`leaderboard --tuned DIR`: the tune's chosen point is a row, scored here on the held-out items
+    every row uses (its accuracy that of the same merge written to disk and evaluated on its own, its
+    intervals Wilson's and paired against the VLM). (frism's rows: the every-method test above.)"""
+    root, _ = smoke_family
+    layers = json.loads((root / "vlm" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    knobs = {"alpha": [0.5, 1.5]}  # a per-layer knob as the tuner searches it: start -> end
+    _pareto(tmp_path / "tune", "task_arithmetic", knobs, layers)
+    data = leaderboard.run(root, tmp_path / "lb", limit=2, dev_items=2, only=["linear"], grid_size=1,
+                           tuned=[tmp_path / "tune"])
+    got = [(e["method"], e["label"]) for e in data["entries"]]
+    assert got[:4] == [("vlm", "the VLM"), ("reasoner", "the math LLM"), ("linear", "defaults"),
+                       ("linear", "best on dev")]
+    assert got[-1] == ("task_arithmetic", "tuned (7 trials)")
+    row = data["entries"][-1]
+    assert row["knobs"] == knobs and row["dev"] == {"perception": 0.5, "visual_math": 0.5}
+    rec = {"vlm": str(root / "vlm"), "reasoner": str(root / "math"), "base": str(root / "base"),
+           "method": "task_arithmetic", "parameters": knobs}
+    merge_to_disk(from_dict(rec), tmp_path / "merged")
+    want = evaluate(tmp_path / "merged", limit=2)
+    assert {s: round(2 * a) for s, a in row["test"].items()} == {s: round(2 * a) for s, a in want.items()}
+    _check_intervals(data["entries"])
+    table = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "| task_arithmetic | tuned (7 trials): alpha 0.5 -> 1.5 |" in table
+    assert [t.marker.symbol for t in leaderboard.scatter(data).data if "tuned" in t.name] == ["square"]
+    # a folder with no pareto.json, or a tune of another model's depth, is refused in one line, naming it
+    with pytest.raises(LabError, match="nowhere.*pareto.json"):
+        leaderboard.run(root, tmp_path / "lb2", limit=2, only=["linear"], tuned=[tmp_path / "nowhere"])
+    _pareto(tmp_path / "deep", "linear", {"alpha": 0.5}, layers + 4)
+    with pytest.raises(LabError, match=f"{layers + 4}-layer"):
+        leaderboard.run(root, tmp_path / "lb3", limit=2, dev_items=2, only=["linear"], grid_size=1,
+                        tuned=[tmp_path / "deep"])
+    assert not (tmp_path / "lb2").exists() and not (tmp_path / "lb3").exists()
