@@ -12,7 +12,7 @@ from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.safety import check_images
-from webapp.ui import cancel_button, glossary, handout_panel
+from webapp.ui import cancel_button, glossary, handout_panel, plot_export
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel
 
@@ -101,7 +101,7 @@ def _tab(lab: Lab, a, base_inputs):
         btn = gr.Button("Compute", variant="primary", elem_id=f"compute-{a.name}", scale=0, min_width=120)
         stop = gr.Button("Cancel", variant="stop", scale=0, min_width=100)
     status = gr.Markdown(elem_id=f"status-{a.name}")
-    plots = [gr.Plot(label=f.label, elem_id=f.elem_id) for f in a.figures]
+    plots = [plot_export.plot(label=f.label, elem_id=f.elem_id) for f in a.figures]
     use_beta = None
     if a.name == "attention":  # one click from the fit to FRANK's knobs (wired by page_state)
         use_beta = (gr.State(None), gr.Button("Use this β for FRANK's prior", visible=False, elem_id="use-beta",

@@ -20,7 +20,7 @@ from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import LEADERBOARD_LIMITS as LIMITS
-from webapp.ui import cancel_button, url_state
+from webapp.ui import cancel_button, plot_export, url_state
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
@@ -142,7 +142,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
         run_btn = gr.Button("Run leaderboard", variant="primary", elem_id="lb-btn", scale=0, min_width=240)
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="lb-cancel", scale=0, min_width=100)
     status = gr.Markdown(elem_id="status-leaderboard")
-    plot = gr.Plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
+    plot = plot_export.plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
     rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%, ± half the 95% Wilson "
                         "interval) and change from the VLM (points, [95% paired bootstrap interval]; noise: it holds 0)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
     result = gr.State(None)

@@ -19,7 +19,7 @@ from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, recipe_key, triple_of
-from webapp.ui import cancel_button, recipes
+from webapp.ui import cancel_button, plot_export, recipes
 from webapp.ui.chat_panel import variant_label
 from webapp.ui.export_zip import zip_for_download
 from webapp.ui.lab import Lab, follow_status, made_of, session_of
@@ -209,7 +209,7 @@ def _controls() -> SimpleNamespace:
     c.status = gr.Markdown("Choose a method and press **Merge**.", elem_id="merge-status")
     c.live = gr.Markdown("", elem_id="merge-live")  # what the chat answers with, when the panel differs from it
     c.outcome = gr.Markdown("", elem_id="merge-outcome")
-    c.change_plot = gr.Plot(label="what the merge changed, per layer", visible=False, elem_id="merge-change-plot")
+    c.change_plot = plot_export.plot(label="what the merge changed, per layer", visible=False, elem_id="merge-change-plot")
     c.recipe_state = gr.State(None)
     c.variant_state = gr.State(None)
     with gr.Accordion("Recipe (YAML) and export", open=False):

@@ -22,7 +22,7 @@ from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import SWEEP_LIMITS, TUNE_LIMITS
-from webapp.ui import cancel_button, url_state
+from webapp.ui import cancel_button, plot_export, url_state
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
@@ -205,7 +205,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
         sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="sweep-btn", scale=0, min_width=200)
         sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel", scale=0, min_width=100)
     sweep_status = gr.Markdown(elem_id="status-sweep")
-    sweep_plot = gr.Plot(label="accuracy against the knob", elem_id="sweep-plot")
+    sweep_plot = plot_export.plot(label="accuracy against the knob", elem_id="sweep-plot")
     sweep_btn.click(_sweep_handler(lab), [merge.recipe_state, knob, values, limit], [sweep_status, sweep_plot],
                     api_name="sweep", concurrency_limit=16)
     cancel_button.wire(lab, sweep_cancel, ("sweep",))
@@ -222,7 +222,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
         tune_btn = gr.Button("Run tuner", variant="primary", elem_id="tune-btn", scale=0, min_width=200)
         tune_cancel = gr.Button("Cancel", variant="stop", elem_id="tune-cancel", scale=0, min_width=100)
     tune_status = gr.Markdown(elem_id="status-tune")
-    tune_plot = gr.Plot(label="dev perception vs visual math: trials, Pareto front", elem_id="tune-plot")
+    tune_plot = plot_export.plot(label="dev perception vs visual math: trials, Pareto front", elem_id="tune-plot")
     result = gr.State(None)
     pick = gr.Dropdown([], label="a point of the front", elem_id="tune-point", info="run the tuner first")
     load_btn = gr.Button("Load into 2 · Merge", elem_id="tune-load", scale=0, min_width=260)
