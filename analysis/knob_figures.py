@@ -74,12 +74,13 @@ def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -
     pct = [100 * result["vlm_dev"]["perception"]["acc"] - 100 * PERCEPTION_SLACK]
     fig.add_vline(x=pct[0], line={"dash": "dot", "color": "#2a7a40"},
                   annotation_text="VLM perception - 3 (dev)", annotation_position="top left")
-    trials = result.get("trials_dev", [])
+    f = result["front"]
+    # the front's own trials are drawn by the front only: under it, a grey copy would take their hover
+    trials = [t for t in result.get("trials_dev", []) if t["trial"] not in {p["trial"] for p in f}]
     fig.add_trace(go.Scatter(x=[100 * t["dev"]["perception"]["acc"] for t in trials],
                              y=[100 * t["dev"]["visual_math"]["acc"] for t in trials], mode="markers",
-                             name="trials (dev)", marker={"color": "#bbbbbb", "size": 7},
+                             name="other trials (dev)", marker={"color": "#bbbbbb", "size": 7},
                              hovertext=[describe(t["knobs"]) for t in trials]))
-    f = result["front"]
     fig.add_trace(go.Scatter(
         x=[100 * p["dev"]["perception"]["acc"] for p in f], y=[100 * p["dev"]["visual_math"]["acc"] for p in f],
         mode="lines+markers", name="Pareto front (dev)", line={"color": "#d62728", "shape": "hv"},

@@ -119,7 +119,9 @@ def test_a_front_points_hover_names_its_entry_in_the_apps_list():
     front = [{"trial": 0, "knobs": {"alpha": 1.0}, "dev": {"perception": _iv(9), "visual_math": _iv(2)}},
              {"trial": 3, "knobs": {"alpha": [0.5, 1.5]}, "dev": {"perception": _iv(8), "visual_math": _iv(6)}}]
     result = {"method": "task_arithmetic", "trials": 4, "front": front, "best": {**front[1], "test": {}},
-              "vlm_dev": {"perception": _iv(9), "visual_math": _iv(1)}, "trials_dev": front}
+              "vlm_dev": {"perception": _iv(9), "visual_math": _iv(1)},
+              "trials_dev": [*front, {"trial": 1, "knobs": {"alpha": 2.0},
+                                      "dev": {"perception": _iv(5), "visual_math": _iv(1)}}]}
     fig = tune_figure(result, in_app=True)
     want = ["trial 0: alpha 1 (dev perception 90  visual_math 20)",
             "trial 3: alpha 0.5 -> 1.5 (dev perception 80  visual_math 60) ★ chosen"]
@@ -127,5 +129,6 @@ def test_a_front_points_hover_names_its_entry_in_the_apps_list():
     by_name = {t.name: t for t in fig.data}
     assert list(by_name["Pareto front (dev)"].hovertext) == want
     assert list(by_name["chosen (dev)"].hovertext) == want[1:]
+    assert list(by_name["other trials (dev)"].hovertext) == ["alpha 2"]  # no grey copy under a front point
     assert "a point of the front" in by_name["Pareto front (dev)"].hovertemplate
     assert "a point of the front" not in tune_figure(result).data[1].hovertemplate  # the CLI's HTML: no app list
