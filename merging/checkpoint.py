@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -158,6 +159,7 @@ class Checkpoint:
         self._data_starts = headers  # file -> data offset
         self._bin = bin_files
         self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
         self._fingerprint: str | None = None
 
     # -- opening -------------------------------------------------------------------------------
@@ -270,14 +272,14 @@ class Checkpoint:
         t = torch.empty(shape, dtype=dtype)
         if t.numel() == 0:
             return t
-        fh = self._handles.get(f)
-        if fh is None:
-            fh = self._handles[f] = self._open_file(f)  # closed in close()
+        with self._lock:  # threads may read one checkpoint at once (the in-place merger's blocks)
+            fh = self._handles.get(f)
+            if fh is None:
+                fh = self._handles[f] = self._open_file(f)  # closed in close()
         view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-        fh.seek(offset)
-        got = fh.readinto(view)
-        while got < len(view):  # readinto may return short reads (large reads, pipes, NFS)
-            n = fh.readinto(view[got:])
+        got = 0
+        while got < len(view):  # pread: no shared file position; it may return short reads (large reads, NFS)
+            n = os.preadv(fh.fileno(), [view[got:]], offset + got)
             if not n:
                 raise LabError(f"{f} is truncated: could not read tensor bytes at offset {offset + got}")
             got += n

@@ -1,14 +1,15 @@
 """Merge into a VLM already loaded in memory (the app's sliders), without writing a folder.
 
 InPlaceMerger places what a merge needs by a merging.memory_plan.MemoryPlan, per decoder layer:
-- pointer layers (the device has room): a merge binds new tensors to the parameters and the
-  loaded ones stay untouched as the originals, so restore() and a switch back to a kept merge
-  are pointer exchanges, no copy;
+- pointer layers (the device has room): a merge binds new tensors to the parameters (those of
+  the merge it drops, when there is one: no new allocation) and the loaded ones stay untouched as
+  the originals, so restore() and a switch back to a kept merge are pointer exchanges, no copy;
 - in-place layers: a merge is written over the loaded tensors after their originals were copied
   to host RAM in the checkpoint's dtype (exact), or, without room, they are re-read from the
   VLM's files; a kept merge waits in host RAM, in its output dtype (exact too);
 - the reasoner's and base's tensors sit on the device, in host RAM, or are read from the files
-  at each merge.
+  at each merge; on a CPU an elementwise method streams them by row blocks on all of torch's
+  threads (merging.inplace_stream).
 apply(recipe) always merges from the originals, never from the previous merge, with the same plan
 and merge code as the streaming engine, so a merge in place equals the folder written by
 `python -m merging merge` tensor for tensor.
@@ -33,10 +34,11 @@ from merging.compat import check_triple
 from merging.device import BLOCK_ELEMS, check_device, one_thread
 from merging.errors import LabError
 from merging.hub import resolve
+from merging.inplace_stream import RowStreamer, Spares, StreamMemo
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.merge_plan import plan_groups, torch_dtype
 from merging.methods import Diagnostics, MergeContext, TensorSet
-from merging.tensor_merge import Progress, merge_group, merge_rows, read_checked
+from merging.tensor_merge import Progress, merge_group, read_checked
 
 
 def _qualified_name(model, module) -> str | None:
@@ -169,6 +171,9 @@ class InPlaceMerger:
         self._load([c for c in self.params if _unit(c) != -2])  # vocabulary tensors on demand
         self.dirty: set[str] = set()
         self._vlm_ck = None  # the VLM checkpoint, open during apply()
+        self._memo = StreamMemo()  # what streamed merges learnt of the originals (merging.inplace_stream)
+        self.block_elems = BLOCK_ELEMS  # elements per streamed block
+        self._spare = Spares()  # during apply(): the dropped merge's tensors, for the new one to write into
 
     @classmethod
     def from_recipe(cls, model, recipe, device: str | None = None) -> InPlaceMerger:
@@ -271,7 +276,7 @@ class InPlaceMerger:
         p = self.params[c]
         self.dirty.add(c)  # before the change: an interrupt between the two must not hide it
         if self._place[c].merged == "device":
-            fresh = torch.empty_like(p)
+            fresh = self._spare.take(c, p)
             fresh.copy_(value)
             p.data = fresh
         else:
@@ -298,10 +303,10 @@ class InPlaceMerger:
         bar = Progress(len(names), progress, cancel, bar=False)
         cks = {}
         self._vlm_ck = Checkpoint.open(self.refs["vlm"])  # the VLM's rows, for streamed merges
+        streamer = RowStreamer(torch.get_num_threads(), self._memo, self.block_elems)
         try:
-            self.restore()
-            while self._snapshots and len(self._snapshots) >= max(self.max_snapshots, 1):
-                self._snapshots.popitem(last=False)  # room for the new merge, as the plan counted it
+            self._restore(recycle=True)
+            self._make_room()
             self._current = PARTIAL
             method.prepare(recipe, ctx, progress, cancel)
             cks = self._open_inputs(names)
@@ -309,7 +314,7 @@ class InPlaceMerger:
                 bar.check()
                 if self._streams(method, g, cks):
                     with one_thread(torch.device(self.device).type == "cpu"):
-                        self._merge_streamed(method, g, cks, knobs, ctx, cdtype, recipe)
+                        self._merge_streamed(streamer, method, g, cks, knobs, ctx, cdtype, recipe)
                 else:
                     sets = {c: TensorSet(c, g.layer, *(self._input(cks, r, c, cdtype) for r in ROLES))
                             for c in g.names}
@@ -323,6 +328,8 @@ class InPlaceMerger:
             self.restore()
             raise
         finally:
+            self._spare.clear()  # what the new merge did not reuse goes back to the system
+            streamer.close()
             for ck in (*cks.values(), self._vlm_ck):
                 ck.close()
             self._vlm_ck = None
@@ -331,6 +338,18 @@ class InPlaceMerger:
         self._diagnostics = ctx.diagnostics
         self._out_dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else None
         return ctx.diagnostics.as_dict()
+
+    def _make_room(self) -> None:
+        """Drop the oldest kept merges until the new one fits the plan's count; their tensors become
+        the new merge's spares."""
+        while self._snapshots and len(self._snapshots) >= max(self.max_snapshots, 1):
+            tensors, _, _ = self._snapshots.popitem(last=False)[1]
+            for c, t in tensors.items():
+                self._add_spare(c, t)
+
+    def _add_spare(self, c: str, t: torch.Tensor) -> None:
+        if self._place[c].merged == "device":  # in-place units' kept merges are host copies, not spares
+            self._spare.add(c, t, self.params[c], self.original[c])
 
     def _streams(self, method, g, cks: dict) -> bool:
         """An elementwise method on one tensor whose inputs come from the files streams through the
@@ -341,20 +360,19 @@ class InPlaceMerger:
                 and all((r, c) not in self.cache for r in ("reasoner", "base") if r in self.refs)
                 and torch.device(self.device).type == "cpu")
 
-    def _merge_streamed(self, method, g, cks: dict, knobs: dict, ctx, cdtype, recipe) -> None:
+    def _merge_streamed(self, streamer: RowStreamer, method, g, cks: dict, knobs: dict, ctx, cdtype, recipe) -> None:
         c = g.names[0]
         p = self.params[c]
         dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else self.vlm_dtypes[c]
         pointer = self._place[c].merged == "device"
-        target = torch.empty_like(p) if pointer else p.detach()
+        target = self._spare.take(c, p) if pointer else p.detach()
         if not pointer:
             self.dirty.add(c)  # written row block by row block from here on
         files = {**cks, "vlm": self._vlm_ck}
         files.update({r: Checkpoint.open(self.refs[r]) for r in ("reasoner", "base")
                       if r in self.refs and r not in files})
         try:
-            merge_rows(method, g, files, self.layouts, knobs, ctx, cdtype,
-                       lambda start, rows: target[start:start + rows.shape[0]].copy_(rows.to(dtype)), BLOCK_ELEMS)
+            streamer.merge(method, g, files, self.layouts, knobs, ctx, cdtype, target, dtype, self.original.get(c))
         finally:
             for r, ck in files.items():
                 if r != "vlm" and r not in cks:
@@ -395,6 +413,10 @@ class InPlaceMerger:
     def restore(self) -> None:
         """Put the VLM's original weights back (every tensor a merge or snapshot changed). A whole
         live merge is kept as a snapshot, when the merger keeps any, so going back costs no merge."""
+        self._restore(recycle=False)
+
+    def _restore(self, recycle: bool) -> None:
+        """restore(); recycle: a merge's own tensors that are not kept become spares (apply())."""
         keep = self._current not in (None, PARTIAL) and self.max_snapshots > 0
         key, diag, out_dtype = self._current, self._diagnostics, self._out_dtype
         self._current = PARTIAL  # until every tensor is back (an interrupt may stop us half way)
@@ -406,6 +428,8 @@ class InPlaceMerger:
                 if where.merged == "device":
                     if keep:
                         kept[c] = p.data
+                    elif recycle:
+                        self._add_spare(c, p.data)
                     p.data = self.original[c]
                 else:
                     if keep:

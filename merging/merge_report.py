@@ -20,10 +20,18 @@ NEAR_NOOP = 1e-4  # a largest per-layer relative change below this is "nothing v
 
 def record(diag: Diagnostics, name: str, layer: int | None, new: torch.Tensor | None, old: torch.Tensor) -> None:
     """Accumulate the change of one merged tensor (or block of rows) against the VLM's; new None:
-    the method kept the VLM's. Norms in the tensor's own dtype: no full float64 copy of a big matrix."""
-    ref = float(torch.linalg.vector_norm(old.float() if not old.is_floating_point() else old)) ** 2
+    the method kept the VLM's."""
+    diag.add_change(name, layer, *change(new, old))
+
+
+def change(new: torch.Tensor | None, old: torch.Tensor, ref2: float | None = None) -> tuple[float, float]:
+    """(||new - old||^2, ||old||^2) of one tensor or block of rows, what record() adds up; ref2: the
+    second, when already known (the VLM's norms do not change between merges). Norms in the
+    tensor's own dtype: no full float64 copy of a big matrix."""
+    if ref2 is None:
+        ref2 = float(torch.linalg.vector_norm(old.float() if not old.is_floating_point() else old)) ** 2
     diff = 0.0 if new is None or new is old else float(torch.linalg.vector_norm(new - old)) ** 2
-    diag.add_change(name, layer, diff, ref)
+    return diff, ref2
 
 
 def relative_change(changes: dict) -> dict[str, float]:

@@ -68,29 +68,53 @@ def merge_rows(method, group: Group, cks: dict, layouts: dict, knobs: dict, ctx:
     whole tensor, element for element; memory is a few blocks instead of several whole copies."""
     (c,) = group.names
     names = {r: layouts[r].lm[c] for r in ROLES if r in cks}
-    shape = cks["vlm"].shape(names["vlm"])
     p = params.resolve(method, knobs, group.layer, ctx.num_layers)
-    merged_rows = shared_rows(c, [cks[r].shape(n) for r, n in names.items()]) if group.shared_rows else shape[0]
-    per_row = max(1, math.prod(shape[1:]))
-    step = max(1, block_elems // per_row)
-    start = 0
-    while start < shape[0]:
-        stop = min(start + step, merged_rows if start < merged_rows else shape[0])
+    merged_rows, blocks = row_blocks(group, cks, names, block_elems)
+    for start, stop in blocks:
         if start >= merged_rows:  # rows only the VLM has (shared_rows): its own bits
             write(start, read_checked(cks["vlm"], names["vlm"], "vlm", "cpu", rows=(start, stop)))
         else:
-            parts = {r: cks[r].get_rows(n, start, stop).to(device=ctx.device, dtype=cdtype) for r, n in names.items()}
-            out = method.merge_tensor(TensorSet(c, group.layer, parts["vlm"], parts.get("reasoner"),
-                                                parts.get("base")), p, ctx)
-            merge_report.record(ctx.diagnostics, c, group.layer, out, parts["vlm"])
-            # NaN/Inf in any input reaches an elementwise output (NaN * 0 is NaN), so one check of
-            # the block, still in cache, replaces three; the inputs are only read again to name one.
-            if out.is_floating_point() and not _finite(out):
-                for r, n in names.items():
-                    read_checked(cks[r], n, r, "cpu", rows=(start, stop))
-                raise LabError(f"merging {c} overflowed to Inf (rows {start}-{stop - 1}); lower the knobs")
+            out, change = merge_block(method, group, cks, names, p, ctx, cdtype, start, stop)
+            ctx.diagnostics.add_change(c, group.layer, *change)
             write(start, out)
+
+
+def row_blocks(group: Group, cks: dict, names: dict, block_elems: int) -> tuple[int, list[tuple[int, int]]]:
+    """(rows merged, [(start, stop), ...]) of a streamed tensor: blocks of about block_elems
+    elements, the last merged row ending a block (rows past it are only the VLM's)."""
+    shape = cks["vlm"].shape(names["vlm"])
+    merged_rows = (shared_rows(group.names[0], [cks[r].shape(n) for r, n in names.items()])
+                   if group.shared_rows else shape[0])
+    step = max(1, block_elems // max(1, math.prod(shape[1:])))
+    blocks, start = [], 0
+    while start < shape[0]:
+        stop = min(start + step, merged_rows if start < merged_rows else shape[0])
+        blocks.append((start, stop))
         start = stop
+    return merged_rows, blocks
+
+
+def merge_block(method, group: Group, cks: dict, names: dict, p: dict, ctx: MergeContext, cdtype: torch.dtype,
+                start: int, stop: int, vlm: torch.Tensor | None = None,
+                ref2: float | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
+    """Merged rows start..stop-1 of one tensor (compute dtype) and their change for the merge report
+    (merge_report.change). vlm: the VLM's rows in the compute dtype when the caller has them (else
+    read); ref2: their squared norm when known."""
+    c = group.names[0]
+    parts = {r: vlm if r == "vlm" and vlm is not None else
+             cks[r].get_rows(n, start, stop).to(device=ctx.device, dtype=cdtype) for r, n in names.items()}
+    out = method.merge_tensor(TensorSet(c, group.layer, parts["vlm"], parts.get("reasoner"), parts.get("base")),
+                              p, ctx)
+    change = merge_report.change(out, parts["vlm"], ref2)
+    # NaN/Inf in any input reaches an elementwise output (NaN * 0 is NaN), so one check of
+    # the block, still in cache, replaces three; the inputs are only read again to name one.
+    # A finite ||out - vlm|| already says out is finite: only the rest pays for the exact check.
+    suspect = out is parts["vlm"] or not math.isfinite(change[0])
+    if out.is_floating_point() and suspect and not _finite(out):
+        for r, n in names.items():
+            read_checked(cks[r], n, r, "cpu", rows=(start, stop))
+        raise LabError(f"merging {c} overflowed to Inf (rows {start}-{stop - 1}); lower the knobs")
+    return out, change
 
 
 def shared_rows(name: str, shapes: list[tuple]) -> int:

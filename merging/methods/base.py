@@ -170,7 +170,8 @@ class MergeMethod:
     scope: str = "tensor"  # "tensor": one tensor at a time; "layer": a whole decoder block
     # True when each output element depends only on the same element of the inputs: the engine
     # may then stream a tensor through the method a block of rows at a time (less memory, and
-    # the rows stay in cache between the method's passes).
+    # the rows stay in cache between the method's passes). Its merge_tensor may then run on several
+    # threads at once (the in-place merger's blocks): it must not change shared state or its inputs.
     elementwise: bool = False
     params: tuple[Param, ...] = ()
     description: str = ""
