@@ -161,3 +161,40 @@ def test_the_drift_mode_is_not_cut_by_its_arrow(page):
     scroll, client = box.evaluate("e => [e.scrollWidth, e.clientWidth]")
     assert scroll <= client, (scroll, client)
     page.locator("#drift-panel").screenshot(path=str(OUT / "app_drift_panel.png"))
+
+
+def test_two_merges_side_by_side_in_chat_and_evaluate(page):
+    """(same page) merge A, then B; pick A for the chat's right pane: both panes answer, each signed by its
+    merge; Evaluate's picker follows and scores B against A."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.locator("#merge-method input").click()  # an earlier test left FRANK picked
+    page.get_by_role("option", name="task_arithmetic", exact=True).click()
+    for alpha in ("0.5", "0.9"):
+        box = page.locator("#knob-1 input[type=number]")
+        box.fill(alpha)
+        box.press("Enter")
+        page.locator("#merge-btn").click()
+        expect(page.locator("#chat-merged")).to_contain_text(f"Merged model: task_arithmetic alpha {alpha}",
+                                                             timeout=90_000)
+    page.get_by_role("tab", name="3 · Chat").click()
+    page.locator("#chat-compare input").click()
+    page.get_by_role("option", name=re.compile("merge: task_arithmetic alpha 0.5")).click()
+    expect(page.locator("#chat-original")).to_contain_text("Compared with (merge: task_arithmetic alpha 0.5")
+    ask = page.locator("#chat-box textarea")
+    ask.fill("6 more triangles are added . how many triangles now ?")
+    ask.press("Enter")
+    right = page.locator("#chat-original [data-testid='bot'], #chat-original .message.bot").last
+    left = page.locator("#chat-merged [data-testid='bot'], #chat-merged .message.bot").last
+    expect(right).to_contain_text("answered by: task_arithmetic alpha 0.5", timeout=90_000)
+    expect(left).to_contain_text("answered by: task_arithmetic alpha 0.9", timeout=90_000)
+    page.screenshot(path=str(OUT / "app_chat_two_merges.png"), full_page=True)
+    page.get_by_role("tab", name="5 · Evaluate").click()
+    expect(page.locator("#eval-compare input")).to_have_value(re.compile("merge: task_arithmetic alpha 0.5"))
+    page.locator("#eval-limit input").fill("3")
+    page.locator("#eval-btn").click()
+    expect(page.locator("#status-evaluate")).to_contain_text("Done", timeout=120_000)
+    expect(page.locator("#eval-table")).to_contain_text("compared: task_arithmetic alpha 0.5")
+    page.locator("#eval-table").screenshot(path=str(OUT / "app_evaluate_two_merges.png"))

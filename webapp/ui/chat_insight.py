@@ -41,7 +41,7 @@ def insight_html(turns: list[dict] | None) -> str:
         items = "".join(f"<li>{html.escape(ln)}</li>" for ln in lines)
         parts.append(f"<div class='why-warning'><b>⚠️ Before the answers: the question check</b><ul>{items}</ul></div>")
     keys = turn.get("keys") or {}
-    shown = [(s, label) for s, label in PANES if keys.get(s)]
+    shown = [(s, _column(s, label, turn)) for s, label in PANES if keys.get(s)]
     roles = [r for r in ROLES if any(row["role"] == r for s, _ in shown for row in keys[s])]
     if shown and roles:
         head = "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
@@ -65,6 +65,14 @@ CSS = """<style>
 #chat-why .why-warning { background: #fff4e5; border: 1px solid #f0b429; padding: 4px 8px; margin-bottom: 6px; }
 #chat-why .why-warning ul { margin: 2px 0 0 1.2em; }
 </style>"""
+
+
+def _column(stream: str, label: str, turn: dict) -> str:
+    """A pane's column title, naming what answered there (the right pane may hold another merge)."""
+    by = turn.get(f"{stream}_by")
+    if stream == "merged":
+        return f"{label} ({by})" if by else label
+    return label if not by or by == "the original VLM" else f"compared: {by}"
 
 
 def insight_view(turns: list[dict] | None) -> str:

@@ -1,8 +1,9 @@
-"""The "Chat" panel: ask the merged model and the original VLM side by side, streamed (UI side).
+"""The "Chat" panel: ask the merged model and the original VLM (or another model this tab made: see
+webapp.ui.compare_picker) side by side, streamed (UI side).
 
 The session's own history lives in a gr.State (never shared between tabs); each request carries
-the recipe this tab merged (or its last DRIFT run, a jobs.DriftRun, whichever came last), so the worker
-answers with that model even if another tab merged since.
+the recipe this tab merged (or its last DRIFT run, a protocol.DriftRun, whichever came last) and the
+model picked for the right pane, so the worker answers with those even if another tab merged since.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from webapp.safety import cap_question, check_image, uploaded
 from webapp.ui.chat_insight import insight_view, warning_markdown
 from webapp.ui.lab import Lab, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel
+from webapp.ui.variants import right_title, variant_label
 
 SAMPLES = TOY_ROOT / "samples"
 NO_MERGE = "_No merge yet in this tab: press **Merge** (or **Run DRIFT**) to chat with the result._"
@@ -32,19 +34,6 @@ SHOWCASE = (("sample_0.png", "how many squares are there ?"),
             ("sample_1.png", "7 circles are taken away . how many circles are left ?"),
             ("sample_4.png", "5 triangles are taken away . how many triangles are left ?"),
             ("sample_3.png", "6 more triangles are added . how many triangles now ?"))
-
-
-def variant_label(variant) -> str | None:
-    """Short form of what answers on the left: 'task_arithmetic alpha 0.5, layers 2-7', 'DRIFT run ...'."""
-    if not variant:
-        return None
-    if isinstance(variant, DriftRun):
-        return variant.label
-    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
-                      for k, v in (variant.get("parameters") or {}).items())
-    layers = variant.get("layers")
-    where = f", layers {layers[0]}-{layers[1]}" if layers else ""
-    return f"{variant['method']}{' ' + knobs if knobs else ''}{where}"
 
 
 def pane_updates(variant):
@@ -144,8 +133,8 @@ def _stream(lab: Lab, job, turns: list[dict], turn: dict, notes: list[str], merg
 
 
 def _chat_handler(lab: Lab):
-    def chat(message, turns, recipe, preset, vlm, reasoner, base, max_new_tokens, temperature, remember_turns,
-             request: gr.Request = None):
+    def chat(message, turns, recipe, other, preset, vlm, reasoner, base, max_new_tokens, temperature,
+             remember_turns, request: gr.Request = None):
         text, image = _message_parts(message)
         turns = list(turns or [])
         if not text:  # nothing to ask: say so, rather than nothing happening
@@ -164,7 +153,7 @@ def _chat_handler(lab: Lab):
         history = {w: [{"question": t["question"], "answer": t.get(w) or ""} for t in turns if t.get(w)]
                    for w in ("merged", "original")} if remember_turns else {}
         turn = {"question": text, "image": image, "merged": "" if recipe else NO_MERGE, "original": "",
-                "merged_by": variant_label(recipe), "original_by": "the original VLM"}
+                "merged_by": variant_label(recipe), "original_by": variant_label(other) or "the original VLM"}
         turns.append(turn)
         if cut:
             turn["notice"] = cut
@@ -174,7 +163,8 @@ def _chat_handler(lab: Lab):
             turn["original"] = f"✗ {e}"
             yield _views(turns, clear_box=True)
             return
-        args = {"recipe": recipe, "triple": triple, "question": text, "image": image, "history": history,
+        args = {"recipe": recipe, "compare": other, "triple": triple, "question": text, "image": image,
+                "history": history,
                 "max_new_tokens": int(max_new_tokens), "temperature": float(temperature)}
         job = lab.client.submit("chat", args, session_of(request))
         yield _views(turns, clear_box=True)
@@ -183,9 +173,34 @@ def _chat_handler(lab: Lab):
     return chat
 
 
-def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
-    gr.Markdown("Ask about an image (the paper-clip button) or a word problem. The merged model answers on the left, the "
-                "original VLM on the right, so you can see what the reasoner's skills added.")
+def _wire_resets(lab: Lab, clear, reset, outs: list, recipe_state: gr.State, comparison) -> None:
+    """Clear (a button, or a pane's trash icon), back to the original VLM, and the pane titles."""
+    merged_bot, original_bot = outs[0], outs[1]
+
+    def clear_all(request: gr.Request = None):
+        lab.client.cancel_session(session_of(request), ("chat",))
+        return [], [], None, []
+
+    clear.click(clear_all, None, outs, api_name="clear", queue=False)
+    # A pane's own trash icon clears the conversation for both panes: the turns are paired, so
+    # clearing one side only would come back with the next question.
+    for bot in (merged_bot, original_bot):
+        bot.clear(clear_all, None, outs, api_visibility="private", queue=False)
+    recipe_state.change(pane_updates, recipe_state, merged_bot, api_visibility="private", queue=False)
+    comparison.follow(original_bot, lambda other: gr.update(label=right_title(other)))
+    # Nothing on the worker to undo: each request names both panes' models. Dropping this tab's merge
+    # makes the left pane say so.
+    reset.click(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot], api_name="reset_to_vlm",
+                queue=False)
+
+
+def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State, comparison):
+    """The panel; `comparison` (a compare_picker.Comparison) holds what the right pane answers with."""
+    with gr.Row(equal_height=True):
+        gr.Markdown("Ask about an image (the paper-clip button) or a word problem. The merged model answers on the "
+                    "left, the original VLM on the right, so you can see what the reasoner's skills added. To set two "
+                    "merges side by side, merge one, then the other, and pick the first here.")
+        comparison.picker("chat-compare", "right pane answers with")
     with gr.Row(equal_height=True):
         merged_bot = gr.Chatbot(label="Merged model (none yet)", height=360, elem_id="chat-merged",
                                 feedback_options=None, placeholder=NO_MERGE)
@@ -205,7 +220,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
                           examples_per_page=4) if ex else None
     turns_state = gr.State([])
     chat = _chat_handler(lab)
-    chat_inputs = [box, turns_state, recipe_state, *models.inputs, max_new, temp, context]
+    chat_inputs = [box, turns_state, recipe_state, comparison.other, *models.inputs, max_new, temp, context]
     outs = [merged_bot, original_bot, box, turns_state]
     turns_state.change(insight_view, turns_state, why, api_visibility="private", queue=False)
     # always_last: a question sent (or an example clicked) while an answer streams is asked once that
@@ -215,21 +230,7 @@ def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State):
         samples.load_input_event.then(chat, chat_inputs, outs, api_visibility="private", concurrency_limit=16,
                                       trigger_mode="always_last")
 
-    def clear_all(request: gr.Request = None):
-        lab.client.cancel_session(session_of(request), ("chat",))
-        return [], [], None, []
-
-    clear.click(clear_all, None, outs, api_name="clear", queue=False)
-    # A pane's own trash icon clears the conversation for both panes: the turns are paired, so
-    # clearing one side only would come back with the next question.
-    for bot in (merged_bot, original_bot):
-        bot.clear(clear_all, None, outs, api_visibility="private", queue=False)
-    recipe_state.change(pane_updates, recipe_state, merged_bot, api_visibility="private", queue=False)
-    # Nothing on the worker to undo: each request names its model, and the original pane always
-    # gets the checkpoint's weights. Dropping this tab's merge makes the left pane say so.
-    reset.click(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot], api_name="reset_to_vlm",
-                queue=False)
-
+    _wire_resets(lab, clear, reset, outs, recipe_state, comparison)
     def on_dims(dims):
         ctx = (dims or {}).get("context")
         top = max(1, ctx // 2) if ctx else 256  # chat.fit_inputs keeps half the context for the prompt

@@ -20,10 +20,10 @@ from merging.errors import LabError
 from merging.finetune import is_toy_family
 from webapp.protocol import DriftRun
 from webapp.ui import cancel_button, eval_upload
-from webapp.ui.chat_panel import variant_label
 from webapp.ui.eval_upload import EvalSet
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel, check
+from webapp.ui.variants import variant_label
 
 ABOUT = ("_DRIFT fine-tunes the VLM's language model for a few steps, steering each gradient toward the "
          "reasoner (D = W_reasoner - W_vlm); alpha 0 is a plain fine-tune._")

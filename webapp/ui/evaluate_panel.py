@@ -1,5 +1,5 @@
-"""The "Evaluate" panel: the original VLM and this tab's merge (or DRIFT result) scored side by side on
-the bundled suites, or on the user's own eval set (a JSONL with its images, or a zip), in the worker
+"""The "Evaluate" panel: this tab's merge (or DRIFT result) and the original VLM (or another merge or DRIFT
+run of this tab: webapp.ui.compare_picker) scored side by side on the bundled suites, or on the user's own eval set (a JSONL with its images, or a zip), in the worker
 (UI side). An uploaded set is gathered and checked here (webapp.ui.eval_upload, analysis.eval_file), so
 a bad line is named before the worker queue is joined; the worker reads it again before scoring.
 """
@@ -20,13 +20,14 @@ from webapp.protocol import EVAL_MAX_LIMIT as MAX_LIMIT
 from webapp.protocol import triple_of
 from webapp.safety import open_image
 from webapp.ui import cancel_button, eval_upload
-from webapp.ui.chat_panel import variant_label
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel
+from webapp.ui.variants import variant_label
 
 DEFAULT_LIMIT = 20
-ABOUT = ("Score **the original VLM** and **this tab's merge** on the same items: the bundled toy suites, or "
-         "your own. Merge first (2 · Merge) to compare; without a merge only the VLM is scored.")
+ABOUT = ("Score **this tab's merge** and **the original VLM** (or another merge or DRIFT run of this tab: pick it in "
+         "*compare with*) on the same items: the bundled toy suites, or your own. Merge first (2 · Merge) to "
+         "compare; without a merge only the second model is scored.")
 OWN_HELP = """One JSON object a line: `{"question": "how many circles ?", "answer": "3", "image": "images/a.png"}`
 (`image` and `id` optional; the image path is relative to the JSONL). Upload the `.jsonl` with its images
 (matched by file name), or one `.zip` holding the JSONL and its folders. A bad line is named with its number."""
@@ -34,7 +35,8 @@ NO_MERGE = "_No merge in this tab yet: only the original VLM was scored. Press *
 
 
 SCORE_COLUMNS = ["suite", "original VLM", "merged", "difference (points)"]
-INTERVALS = ("Accuracy in %, [95% Wilson interval]; difference: merged minus original on the same items, "
+INTERVALS = ("Accuracy in %, [95% Wilson interval]; difference: the merge minus the model it is compared with, on the "
+             "same items, "
              "[95% paired bootstrap interval, 2000 resamples]. **within noise**: that interval holds 0, so these "
              "items do not tell the two models apart.")
 DISAGREE_COLUMNS = ["line", "question", "answer", "original VLM", "merged"]
@@ -63,9 +65,10 @@ def _diff_cell(o: float, m: float | None, a: str | None, b: str | None) -> str:
     return intervals.fmt_diff(intervals.paired_difference(_bits(a), _bits(b)))
 
 
-def score_table(acc: dict, merged_label: str | None, correct: dict | None = None) -> pd.DataFrame:
-    """suite | original VLM | merged | difference (points), each with its 95% interval when `correct`
-    (each item's outcome, "0110...", per model and suite) is given."""
+def score_table(acc: dict, merged_label: str | None, correct: dict | None = None,
+                other_label: str | None = None) -> pd.DataFrame:
+    """suite | original VLM (or `other_label`, the model compared with) | merged | difference (points), each
+    with its 95% interval when `correct` (each item's outcome, "0110...", per model and suite) is given."""
     orig, merged = acc["original"], acc.get("merged")
     co, cm = (correct or {}).get("original", {}), (correct or {}).get("merged", {})
     rows = []
@@ -73,17 +76,19 @@ def score_table(acc: dict, merged_label: str | None, correct: dict | None = None
         m = merged.get(s) if merged else None
         rows.append([s, _acc_cell(o, co.get(s)), _acc_cell(m, cm.get(s)), _diff_cell(o, m, co.get(s), cm.get(s))])
     head = f"merged: {merged_label}" if merged_label else "merged (none yet)"
-    return pd.DataFrame(rows, columns=[*SCORE_COLUMNS[:2], head, SCORE_COLUMNS[3]])
+    second = f"compared: {other_label}" if other_label else SCORE_COLUMNS[1]
+    return pd.DataFrame(rows, columns=[SCORE_COLUMNS[0], second, head, SCORE_COLUMNS[3]])
 
 
-def disagreement_views(found: list[dict]) -> tuple[pd.DataFrame, list]:
+def disagreement_views(found: list[dict], other_label: str | None = None) -> tuple[pd.DataFrame, list]:
     """The disagreements as a table (every one) and a gallery (those with an image, captioned)."""
     def mark(answer, ok):
         return f"{answer} {'✓' if ok else '✗'}"
 
     rows = [[d["line"], d["question"], d["answer"], mark(d["original"], d["original_correct"]),
              mark(d["merged"], d["merged_correct"])] for d in found]
-    table = pd.DataFrame(rows, columns=DISAGREE_COLUMNS)
+    columns = [*DISAGREE_COLUMNS[:3], other_label or DISAGREE_COLUMNS[3], DISAGREE_COLUMNS[4]]
+    table = pd.DataFrame(rows, columns=columns)
     # short captions: a thumbnail shows one line; the table above has the questions. Each image decoded
     # now: the staged upload it lies in is removed once scored, before the browser would fetch it
     gallery = [(open_image(d["image"]), f"line {d['line']}: {mark(d['original'], d['original_correct'])} → "
@@ -114,15 +119,15 @@ def _run(lab: Lab, args: dict, request, verb: str):
 
 
 def _suites_handler(lab: Lab):
-    def evaluate(variant, preset, vlm, reasoner, base, suites, limit, request: gr.Request = None):
-        """Score the original VLM and this tab's merge on the bundled suites."""
+    def evaluate(variant, other, preset, vlm, reasoner, base, suites, limit, request: gr.Request = None):
+        """Score this tab's merge and the model it is compared with on the bundled suites."""
         try:
             if limit is None or not 1 <= limit <= MAX_LIMIT:
                 raise LabError(f"items per suite: enter a whole number from 1 to {MAX_LIMIT}")
             if not suites:
                 raise LabError("choose at least one suite")
             args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
-                    "suites": list(suites), "limit": int(limit)}
+                    "compare": other, "suites": list(suites), "limit": int(limit)}
         except LabError as e:
             yield f"✗ {e}", gr.skip()
             return
@@ -132,13 +137,14 @@ def _suites_handler(lab: Lab):
                 yield text, gr.skip()
                 continue
             note = "" if variant else f"\n\n{NO_MERGE}"
-            yield (f"{text} {int(limit)} items per suite{'' if variant else ', the original VLM only'}.{note}",
-                   score_table(payload["accuracy"], label, payload.get("correct")))
+            only = "" if variant else f", {variant_label(other) or 'the original VLM'} only"
+            yield (f"{text} {int(limit)} items per suite{only}.{note}",
+                   score_table(payload["accuracy"], label, payload.get("correct"), variant_label(other)))
 
     return evaluate
 
 
-def _own_args(lab: Lab, files, variant, preset, vlm, reasoner, base) -> tuple[dict, int]:
+def _own_args(lab: Lab, files, variant, other, preset, vlm, reasoner, base) -> tuple[dict, int]:
     """The worker job's arguments for an uploaded set, and its item count; LabError for a bad upload."""
     paths = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (files or [])]
     upload_dir = Path(lab.read_roots[0])
@@ -149,17 +155,17 @@ def _own_args(lab: Lab, files, variant, preset, vlm, reasoner, base) -> tuple[di
     except BaseException:  # a refused set leaves nothing staged
         eval_upload.unstage(upload_dir, es.jsonl)
         raise
-    args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant,
+    args = {"triple": _triple(lab, variant, preset, vlm, reasoner, base), "recipe": variant, "compare": other,
             "suite_file": str(es.jsonl), "by_name": es.by_name, "name": es.name}
     return args, len(items)
 
 
 def _own_handler(lab: Lab):
-    def evaluate_own(files, variant, preset, vlm, reasoner, base, request: gr.Request = None):
+    def evaluate_own(files, variant, other, preset, vlm, reasoner, base, request: gr.Request = None):
         """Score both models on an uploaded eval set; list the items where their answers differ."""
         keep = (gr.skip(),) * 3
         try:
-            args, n = _own_args(lab, files, variant, preset, vlm, reasoner, base)
+            args, n = _own_args(lab, files, variant, other, preset, vlm, reasoner, base)
         except LabError as e:  # no results of an earlier set under this set's refusal
             yield f"✗ {e}", _empty(SCORE_COLUMNS), _empty(DISAGREE_COLUMNS), None
             return
@@ -168,11 +174,12 @@ def _own_handler(lab: Lab):
                 if payload is None:
                     yield (text, *keep)
                     continue
-                acc = score_table(payload["accuracy"], variant_label(variant), payload.get("correct"))
+                acc = score_table(payload["accuracy"], variant_label(variant), payload.get("correct"),
+                                  variant_label(other))
                 if "disagree" not in payload:
                     yield (f"{text} {n} items.\n\n{NO_MERGE}", acc, _empty(DISAGREE_COLUMNS), None)
                     continue
-                table, gallery = disagreement_views(payload["disagree"])
+                table, gallery = disagreement_views(payload["disagree"], variant_label(other))
                 total = payload["disagree_total"]
                 shown = f" (the first {len(payload['disagree'])} listed)" if total > len(payload["disagree"]) else ""
                 yield (f"{text} {n} items; the two models' final answers differ on **{total}**{shown}.", acc, table,
@@ -204,8 +211,11 @@ def _own_section(lab: Lab, base_inputs: list) -> None:
     cancel_button.wire(lab, own_cancel, ("evaluate",))
 
 
-def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
-    gr.Markdown(ABOUT)
+def build(lab: Lab, models: ModelsPanel, variant_state: gr.State, comparison) -> None:
+    """The panel; `comparison` (a compare_picker.Comparison) holds the model the merge is scored against."""
+    with gr.Row(equal_height=True):
+        gr.Markdown(ABOUT)
+        comparison.picker("eval-compare")
     with gr.Row():
         suites = gr.CheckboxGroup(list(SUITES), value=list(SUITES), label="suites", elem_id="eval-suites", scale=3)
         limit = gr.Number(DEFAULT_LIMIT, label="items per suite", precision=0, info=f"1 to {MAX_LIMIT}",
@@ -217,7 +227,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> None:
     table = gr.Dataframe(_empty(SCORE_COLUMNS), label="accuracy, per suite", interactive=False,
                          elem_id="eval-table", wrap=True, column_widths=["13%", "26%", "26%", "35%"])
     gr.Markdown(INTERVALS, elem_id="eval-intervals-note")
-    base_inputs = [variant_state, *models.inputs]
+    base_inputs = [variant_state, comparison.other, *models.inputs]
     run_btn.click(_suites_handler(lab), [*base_inputs, suites, limit], [status, table], api_name="evaluate",
                   concurrency_limit=16)
     cancel_button.wire(lab, cancel_btn, ("evaluate",))

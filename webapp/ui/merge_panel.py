@@ -20,11 +20,11 @@ from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, recipe_key, triple_of
 from webapp.ui import cancel_button, plot_export, recipes
-from webapp.ui.chat_panel import variant_label
 from webapp.ui.export_zip import zip_for_download
 from webapp.ui.lab import Lab, follow_status, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel, check
 from webapp.ui.recipe_paths import portable_yaml
+from webapp.ui.variants import variant_label
 
 
 @dataclass

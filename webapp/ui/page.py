@@ -7,6 +7,7 @@ import gradio as gr
 from webapp.ui import (
     analysis_panel,
     chat_panel,
+    compare_picker,
     drift_panel,
     evaluate_panel,
     leaderboard_panel,
@@ -60,13 +61,14 @@ def build(lab: Lab) -> gr.Blocks:
                                   elem_id="drift-panel") as drift:
                     _, drift_outcome = drift_panel.build(lab, models, merge.variant_state)
                 device = gr.Markdown(elem_id="device-line")
+            comparison = compare_picker.build(merge.variant_state)  # what the merge is set beside
             with gr.Column(scale=9), gr.Tabs() as main_tabs:
                 with gr.Tab("3 · Chat", id="tab-chat") as chat_tab:
-                    chat_panel.build(lab, models, merge.variant_state)
+                    chat_panel.build(lab, models, merge.variant_state, comparison)
                 with gr.Tab("4 · Why it works", id="tab-analysis") as analysis_tab:
                     use_beta = analysis_panel.build(lab, models, merge.recipe_state)
                 with gr.Tab("5 · Evaluate", id="tab-evaluate") as evaluate_tab:
-                    evaluate_panel.build(lab, models, merge.variant_state)
+                    evaluate_panel.build(lab, models, merge.variant_state, comparison)
                 with gr.Tab("6 · Leaderboard", id="tab-leaderboard") as leaderboard_tab:
                     leaderboard_panel.build(lab, models, merge)
                 with gr.Tab("7 · Sweep & tune", id="tab-tune"):
@@ -77,6 +79,7 @@ def build(lab: Lab) -> gr.Blocks:
                             {"evaluate": evaluate_tab, "leaderboard": leaderboard_tab}),
                         message, steps, use_beta)
         walk_outcome.wire(lab, steps, models.preset, merge.variant_state, merge.outcome, drift_outcome)
+        comparison.wire(lab, models)
 
         def device_line():
             info = lab.client.wait_ready(60)

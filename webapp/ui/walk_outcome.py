@@ -14,8 +14,8 @@ from analysis.intervals import fmt_acc
 from merging.layout import ROLES
 from webapp import presets
 from webapp.protocol import DriftRun, triple_of
-from webapp.ui.chat_panel import variant_label
 from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.variants import variant_label
 
 SUITE_NAMES = {"perception": "perception (what is in the image)", "visual_math": "visual math (compute on it)"}
 
