@@ -14,7 +14,6 @@ the target's tokens (the answer and the template's end of turn) carry the loss.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import sys
@@ -30,7 +29,7 @@ from merging.device import check_device
 from merging.drift import DriftResult, attach_hooks, compute_prior, drift_settings
 from merging.errors import Cancelled, LabError
 from merging.hub import resolve
-from merging.item_file import check_items, open_images
+from merging.item_file import check_items, data_digest, open_images
 from merging.loading import load_model, prompt, tokenizer_of, user_turn
 from merging.output_folder import AtomicFolder, guard_output
 from merging.recipe import read_yaml, resolve_ref
@@ -58,17 +57,6 @@ def is_toy_family(vlm_ref) -> bool:
         return json.loads((resolve(vlm_ref) / TOY_STAMP).read_text()).get("stage") == "vlm"
     except (LabError, OSError, ValueError, AttributeError):
         return False
-
-
-def data_digest(jsonl: Path, items: list[dict]) -> str:
-    """sha256 of the JSONL's bytes and of each image it names, in line order: one changed byte
-    anywhere makes another run, and the same files uploaded again the same run."""
-    h = hashlib.sha256(jsonl.read_bytes())
-    for it in items:
-        if it["image_path"] is not None:
-            with open(it["image_path"], "rb") as f:
-                h.update(f"\n{it['line']}:".encode() + hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
 
 
 def file_data(path, limit: int, by_name: bool = False, name: str | None = None) -> TrainingData:

@@ -35,6 +35,7 @@ from merging.device import BLOCK_ELEMS, check_device, one_thread
 from merging.errors import LabError
 from merging.hub import resolve
 from merging.inplace_stream import RowStreamer, Spares, StreamMemo
+from merging.item_file import set_digest
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
 from merging.merge_plan import plan_groups, torch_dtype
 from merging.methods import Diagnostics, MergeContext, TensorSet
@@ -78,9 +79,12 @@ def map_parameters(model, shapes: dict[str, tuple]) -> dict[str, str]:
 
 def merge_key(recipe) -> str:
     """What a merge's weights depend on besides the triple (method, knobs with defaults filled in,
-    layers, embeddings, dtypes, seed), hashed: the name of a merged state."""
+    layers, embeddings, dtypes, seed, the prompts a method learned from), hashed: the name of a merged
+    state."""
     d = {"method": recipe.method, "knobs": recipe.knobs(), "layers": list(recipe.layers) if recipe.layers else None,
          "embeddings": recipe.embeddings, "dtype": recipe.dtype, "out_dtype": recipe.out_dtype, "seed": recipe.seed}
+    if getattr(recipe, "prompts", None):  # what the gates were learned from: the files' bytes, not their path
+        d["prompts"] = set_digest(recipe.prompts)
     text = json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

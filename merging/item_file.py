@@ -12,6 +12,7 @@ until the items are used. Every refusal is one LabError naming the file, the lin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -171,3 +172,19 @@ def open_images(items: list[dict], name: str) -> list[dict]:
             raise LabError(f"{name} line {it['line']}: image {it['image_path'].name} could not be decoded "
                            f"({type(e).__name__})") from None
     return items
+
+
+def data_digest(jsonl: Path, items: list[dict]) -> str:
+    """sha256 of the JSONL's bytes and of each image it names, in line order: one changed byte
+    anywhere makes another run, and the same files uploaded again the same run."""
+    h = hashlib.sha256(jsonl.read_bytes())
+    for it in items:
+        if it["image_path"] is not None:
+            with open(it["image_path"], "rb") as f:
+                h.update(f"\n{it['line']}:".encode() + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def set_digest(path: str | Path) -> str:
+    """data_digest of a whole JSONL set (every line checked first)."""
+    return data_digest(Path(path), check_items(path))

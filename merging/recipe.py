@@ -11,7 +11,8 @@ import yaml
 from merging import methods
 from merging.errors import LabError
 
-KEYS = ("vlm", "reasoner", "base", "method", "parameters", "layers", "embeddings", "dtype", "out_dtype", "seed", "drift")
+KEYS = ("vlm", "reasoner", "base", "method", "parameters", "layers", "embeddings", "dtype", "out_dtype", "seed", "drift",
+        "prompts")
 EMBEDDINGS = ("keep_vlm", "merge_shared_rows")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Bounds on what a recipe (or the app's per-layer box) may be: a real one is well under 1 KB,
@@ -115,6 +116,7 @@ class Recipe:
     out_dtype: str | None = None
     seed: int = 0
     drift: dict | None = None
+    prompts: str | None = None  # a JSONL of image + question (answers unused) a method learns from
 
     def knobs(self) -> dict:
         """The method's defaults overlaid with the recipe's parameters."""
@@ -187,6 +189,24 @@ def _canonical_names(method, params: dict) -> dict:
     return params
 
 
+def _prompts(method, value, recipe_dir: Path | None) -> str | None:
+    """The `prompts:` file as an absolute path (relative to the recipe's folder), for a method that
+    learns from prompts; LabError for another method, a non-string or a missing file."""
+    if value is None:
+        return None
+    if not method.learns_from_prompts:
+        users = [m.name for m in methods.all_methods() if m.learns_from_prompts]
+        raise LabError(f"'prompts' is used only by {', '.join(users)}; method {method.name!r} learns nothing")
+    if not isinstance(value, str) or not value.strip():
+        raise LabError(f"'prompts' must be the path of a .jsonl file, got {_show(value)}")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and recipe_dir is not None:
+        path = recipe_dir / path
+    if not path.is_file():
+        raise LabError(f"prompts file not found: {_show(value)}")
+    return str(path.resolve())
+
+
 def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     if not isinstance(d, dict):
         raise LabError("the recipe must be a YAML mapping with keys vlm, reasoner, base, method, parameters")
@@ -232,6 +252,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
     drift = d.get("drift")
     if drift is not None and not isinstance(drift, dict):
         raise LabError("'drift' must be a mapping (steps, lr, mode, alpha)")
+    prompts = _prompts(method, d.get("prompts"), recipe_dir)
     return Recipe(
         vlm=resolve_ref(d["vlm"], recipe_dir),
         reasoner=resolve_ref(d["reasoner"], recipe_dir),
@@ -244,6 +265,7 @@ def from_dict(d: dict, recipe_dir: Path | None = None) -> Recipe:
         out_dtype=d.get("out_dtype"),
         seed=seed,
         drift=drift,
+        prompts=prompts,
     )
 
 

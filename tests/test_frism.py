@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,10 +17,11 @@ from PIL import Image
 
 from merging import gate_learning, methods, subspace_gates
 from merging.checkpoint import Checkpoint
+from merging.compat import check_triple
 from merging.engine import merge_to_disk
 from merging.errors import Cancelled, LabError
 from merging.finetune import build_batch
-from merging.inplace import InPlaceMerger
+from merging.inplace import InPlaceMerger, merge_key
 from merging.layout import derive_layout
 from merging.loading import load_model
 from merging.methods import MergeContext, TensorSet
@@ -240,3 +242,68 @@ def test_the_reports_figure_shows_every_gate_by_layer_matrix_and_subspace():
     assert heat.hovertext[0][1] == "layer 0, self_attn.q_proj top group 2: gate 0.20, 30% of tau_r's energy"
     plain = merge_report_figure({"method": "task_arithmetic", "relative_change": {"0": 0.01}, "diagnostics": {}})
     assert [t.type for t in plain.data] == ["bar"]
+
+
+def _prompts_file(folder, n: int = 8, shade: int = 0):
+    """A prompts JSONL of n coloured 32x32 images and a question each (answers are never read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), ((40 * i + shade) % 256, 90, 200)).save(folder / f"p{i}.png")
+        lines.append(json.dumps({"question": "how many circles are there ?", "answer": "-", "image": f"p{i}.png"}))
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "prompts.jsonl"
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_another_vlm_learns_its_gates_from_a_prompts_file(kind, tmp_path, monkeypatch):
+    """A real-architecture VLM of another family: refused without prompts (steps > 0), learns from the
+    recipe's prompts file, and a changed image in that file is another merge and another learning."""
+    from tests.family_kits import build
+
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(tmp_path / "cache"))
+    fam = build(kind, tmp_path / "fam")
+    d = {"vlm": str(fam["vlm"]), "reasoner": str(fam["reasoner"]), "base": str(fam["base"]), "method": "frism",
+         "parameters": {"steps": 4, "examples": 8, "rank": 4, "groups": 2, "beta": 0.0}}
+    with pytest.raises(LabError, match="prompts: FILE.jsonl"):
+        merge_to_disk(from_dict(d), tmp_path / "refused")
+    file = _prompts_file(tmp_path / "p")
+    rec = from_dict({**d, "prompts": str(file)})
+    merge_to_disk(rec, tmp_path / "out")
+    got = json.loads((tmp_path / "out" / "merge_report.json").read_text())["diagnostics"]["frism"]
+    assert got["learned"] and not got["cached"] and len(got["losses"]) == 4 and got["examples"] == 8
+    assert all(math.isfinite(x) for x in got["losses"]) and got["kl_end"] <= got["kl_start"] + 1e-6
+    key = merge_key(rec)
+    _prompts_file(tmp_path / "p", shade=1)  # one image changed, same path
+    assert merge_key(from_dict({**d, "prompts": str(file)})) != key
+    merge_to_disk(from_dict({**d, "prompts": str(file)}), tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "merge_report.json").read_text())["diagnostics"]["frism"]
+    assert not again["cached"]
+
+
+def test_prompts_are_refused_for_other_methods_and_when_missing(tri, tmp_path):
+    base = {"vlm": str(tri["vlm"]), "reasoner": str(tri["reasoner"]), "base": str(tri["base"])}
+    with pytest.raises(LabError, match=r"^'prompts' is used only by frism; method 'task_arithmetic' learns nothing$"):
+        from_dict({**base, "method": "task_arithmetic", "prompts": "p.jsonl"})
+    with pytest.raises(LabError, match=r"^prompts file not found: 'nowhere.jsonl'$"):
+        from_dict({**base, "method": "frism", "prompts": "nowhere.jsonl"}, tmp_path)
+
+
+def test_learning_holds_its_vlm_copy_and_the_gated_task_vectors(tri):
+    """learning_bytes against the checkpoint's own numbers: every VLM tensor and each gated matrix, float32
+    on a CPU."""
+    from safetensors import safe_open
+
+    rec = recipe(tri, steps=1)
+    report = check_triple(rec.vlm, rec.reasoner, rec.base)
+    names = [c for c in report.layouts["vlm"].lm if c.startswith("layers.") and c.endswith("proj.weight")]
+    s = gate_learning.Setup({"vlm": rec.vlm, "reasoner": rec.reasoner, "base": rec.base}, report.layouts, names,
+                            rec.knobs(), 0, "cpu")
+    total, gated = 0, 0
+    with safe_open(str(tri["vlm"] / "model.safetensors"), "pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            n = f.get_slice(k).get_shape()
+            total += math.prod(n) * 4
+        lm = report.layouts["vlm"].lm
+        gated = sum(math.prod(f.get_slice(lm[c]).get_shape()) * 4 for c in names)
+    assert gate_learning.learning_bytes(s) == total + gated

@@ -178,6 +178,9 @@ class MergeMethod:
     default: bool = False  # the method the app opens with: exactly one registered method sets it
     paper: Paper | None = None
     toggle: Toggle | None = None
+    # Learns from the VLM's own answers to perception prompts: the recipe's `prompts:` file, or the bundled
+    # family's scenes (other methods refuse that key).
+    learns_from_prompts: bool = False
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params}

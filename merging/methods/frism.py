@@ -8,7 +8,8 @@ below the matrix's). The merge is
   W = W_v + sum_i g_i U_i S_i V_i^T + g_tail (tau_r - U S V^T)
 
 with gates g in (0, 1) learned before any tensor is merged (`prepare`, merging/gate_learning.py):
-the VLM's own greedy answers to toy perception prompts are the targets of a KL term that keeps the
+the VLM's own greedy answers to perception prompts (the bundled family's scenes, or the recipe's
+`prompts:` JSONL for any other VLM) are the targets of a KL term that keeps the
 merged model's next-token distributions close to the VLM's, and `beta` rewards the share of tau_r's
 spectral mass injected. `steps` 0 learns nothing: every gate 0.5 (task arithmetic at alpha 0.5).
 1-D tensors, and tensors outside the decoder layers, keep the VLM's. The learned gates go into the
@@ -39,6 +40,7 @@ class Frism(MergeMethod):
     name = "frism"
     needs_base = True
     scope = "layer"
+    learns_from_prompts = True
     description = ("Gate each singular subspace of the reasoner's task vector; the gates are learned without "
                    "labels to keep the VLM's answers on perception prompts while injecting the most.")
     params = (
@@ -68,7 +70,7 @@ class Frism(MergeMethod):
         knobs = {p.name: p.typed(recipe.knobs()[p.name]) for p in self.params}
         setup = gate_learning.Setup({"vlm": recipe.vlm, "reasoner": recipe.reasoner, "base": recipe.base},
                                     report.layouts, names, knobs, recipe.seed, ctx.device,
-                                    ctx.fingerprints or report.fingerprints)
+                                    ctx.fingerprints or report.fingerprints, getattr(recipe, "prompts", None))
         learned = gate_learning.learn(setup, progress, cancel)
         ctx.diagnostics.methods[self.name] = {"learned": asdict(learned), "layers": {}}
 
