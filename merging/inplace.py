@@ -392,9 +392,11 @@ class InPlaceMerger:
             return False
         if key == self._current:
             return True
+        # taken out before restore() keeps the live merge: were the merger full, keeping that one would
+        # drop the oldest kept merge, which may be this one
+        tensors, diag, out_dtype = self._snapshots.pop(key)
         try:
             self.restore()
-            tensors, diag, out_dtype = self._snapshots.pop(key)
             self._current = PARTIAL
             for c, t in tensors.items():
                 self.dirty.add(c)

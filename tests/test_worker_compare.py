@@ -73,3 +73,19 @@ def test_a_drift_run_on_the_right_and_a_model_of_another_triple_refused(worker, 
     other = {**B, "base": str(tmp_path / "another-base")}
     ev, msg, _ = _chat(worker, RECIPE, other)
     assert ev == "error" and msg.startswith("the model to compare with was made on another triple") and "\n" not in msg
+
+
+def test_a_plan_keeping_one_merge_says_each_turn_merges_both_sides(worker):
+    """Above the plan's size for a second kept merge (real models), two merges side by side still answer,
+    re-merged each turn, and the turn says so."""
+    loaded = worker.models.get(tuple(TRIPLE.values()))
+    kept = loaded.merger.max_snapshots
+    try:
+        loaded.merger.max_snapshots = 1  # what the plan gives a 0.5B or larger model
+        ev, out, seen = _chat(worker, RECIPE, B)
+        assert ev == "result", out
+        assert out["answers"]["original"] and any("merges both sides again" in n for n in out["notices"])
+        ev, vlm, _ = _chat(worker, RECIPE, None)
+        assert not any("merges both sides" in n for n in vlm["notices"])
+    finally:
+        loaded.merger.max_snapshots = kept

@@ -29,6 +29,9 @@ def run_chat(ctx, args: dict) -> dict:
             ctx.send("notice", text)
 
     recipe = args.get("recipe")
+    if isinstance(recipe, dict) and isinstance(other, dict) and loaded.merger.max_snapshots < 2:
+        notice(f"the memory plan keeps one merged state on {ctx.device} at this size, so each turn merges both "
+               "sides again; compare with the original VLM (a swap) for quick turns")
     sides = ([("merged", recipe)] if recipe else []) + ([("original", other)] if args.get("original", True) else [])
     check = question_check(loaded.processor, args["question"], image)  # before any answer
     if check:
