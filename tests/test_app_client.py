@@ -47,7 +47,7 @@ def test_merge_figure_chat(client, toy_dir):
 
 
 def test_cancel_then_merge_again(client):
-    job = client.submit(preset=TOY_PRESET, items_per_suite=40, api_name="/knockout")
+    job = client.submit(preset=TOY_PRESET, items_per_suite=40, live=True, api_name="/knockout")  # live: not the shipped one
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:  # wait until the worker is running it
         outs = job.outputs()

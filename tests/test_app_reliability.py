@@ -126,7 +126,7 @@ def _wait_for(job, needle: str, timeout: float = 60) -> None:
 
 def test_worker_sigkill_mid_job_restarts_and_next_merge_works(client, app_handle):
     pid = wait_worker(app_handle.proc.pid)
-    slow = client.submit(preset=TOY_PRESET, items_per_suite=40, api_name="/knockout")
+    slow = client.submit(preset=TOY_PRESET, items_per_suite=40, live=True, api_name="/knockout")  # live: not the shipped one
     _wait_for(slow, "Computing")
     queued = client.submit(preset=TOY_PRESET, method="linear", knob1=0.15, api_name="/merge")
     _wait_for(queued, "Waiting for the worker")

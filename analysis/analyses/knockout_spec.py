@@ -39,10 +39,14 @@ class Knockout(Analysis):
     slow = "it evaluates the model once per layer and module"
     changes_weights = True  # each step runs with one module's weights replaced
 
+    def key(self, job, merged: bool, p: dict) -> dict:
+        """What one model's knockout is cached (and shipped, analysis.precomputed) under."""
+        return {"weights": job.weights_id(merged), "limit": p["limit"], "eval": eval_key(job.eval_dir),
+                "suites": list(knockout.SUITES)}
+
     def run(self, job, p):
         models = [("VLM", False)] + ([(f"merged ({job.recipe.method})", True)] if job.recipe else [])
         evaluate_fn = partial(evaluate, eval_dir=job.eval_dir, return_items=True, stop_at_answer=True)
-        suites = eval_key(job.eval_dir)
 
         def one(i: int, label: str, merged: bool):
             def step(done, total, msg):  # one bar for all models, each step named by its model
@@ -55,9 +59,7 @@ class Knockout(Analysis):
                     return knockout.knockout(model, proc, evaluate_fn, limit=p["limit"], device=job.device,
                                              progress=step)
 
-            key = {"weights": job.weights_id(merged), "limit": p["limit"], "eval": suites,
-                   "suites": list(knockout.SUITES)}
-            return job.cached(self.name, key, compute)
+            return job.cached(self.name, self.key(job, merged, p), compute)
 
         # One entry per model: the VLM's baseline is shared by every recipe's request. A cancel keeps
         # the layers finished so far (never cached), each model's entry saying what is missing.

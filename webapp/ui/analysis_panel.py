@@ -12,7 +12,7 @@ from analysis import analyses
 from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.safety import check_images
-from webapp.ui import cancel_button, glossary, handout_panel, plot_export
+from webapp.ui import cancel_button, glossary, handout_panel, plot_export, shipped
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.models_panel import ModelsPanel
 
@@ -43,21 +43,28 @@ def _submit(lab: Lab, a, preset, vlm, reasoner, base, recipe, values) -> dict:
     return args
 
 
-def _handler(lab: Lab, a, n_extra: int = 0):
+def _handler(lab: Lab, a, n_extra: int = 0, live: bool = False):
     """The analysis' event handler, with one named parameter per knob (the API's keywords).
-    n_extra: outputs after the plots (attention: the fitted beta and the button that uses it)."""
+    n_extra: outputs after the plots (attention: the fitted beta and the button that uses it).
+    live: the last input is the "compute live" tick (an analysis that ships results, see shipped)."""
     n_plots = len(a.figures)
 
     def run(*values):
         *values, request = values  # gradio passes the gr.Request last (see __signature__ below)
         preset, vlm, reasoner, base, recipe, *knobs = values
+        knobs, force = (knobs[:-1], bool(knobs[-1])) if live else (knobs, False)
         blank = [gr.skip()] * (n_plots + n_extra)
         try:
             args = _submit(lab, a, preset, vlm, reasoner, base, recipe, knobs)
         except LabError as e:
             yield (f"✗ {e}", *blank)
             return
-        job = lab.client.submit("analysis", args, session_of(request))
+        e = shipped.analysis_entry(a.name, args["triple"], args["recipe"], args) if live and not force else None
+        if e is not None:  # shipped for these settings: no need to wait for the worker
+            figs, summary = shipped.analysis_view(a.name, e)
+            yield (f"✓ {shipped.status(e, 'Compute')}  \n{summary}", *figs)
+            return
+        job = lab.client.submit("analysis", {**args, "live": force}, session_of(request))
         for text, end in follow_status(lab.client, job, f"Computing {a.title.lower()}"):
             if end is None:
                 yield (text, *blank)
@@ -72,9 +79,10 @@ def _handler(lab: Lab, a, n_extra: int = 0):
                                                                   "prior")) if n_extra else ()
             summary = payload.get("summary", "")
             mark = "■" if summary.startswith("**Partial") else "✓"  # a cancel that kept the finished part
-            yield (f"{mark} {summary} ({el:.1f} s)", *figs, *extra)
+            ship = "".join(f"  \nThe VLM's part: {m}." for m in payload.get("precomputed") or ())
+            yield (f"{mark} {summary} ({el:.1f} s){ship}", *figs, *extra)
 
-    names = [*BASE_PARAMS, *(k.api_name for k in a.knobs)]
+    names = [*BASE_PARAMS, *(k.api_name for k in a.knobs), *(["live"] if live else [])]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                     annotation=gr.Request))
@@ -96,18 +104,25 @@ def _tab(lab: Lab, a, base_inputs):
     """One analysis' controls, status and plots; for attention, (beta state, button) else None."""
     links = glossary.analysis_links(a.name)
     gr.Markdown(a.about + (f"  \n<small>{links} · symbols: see the Glossary below</small>" if links else ""))
+    ships = hasattr(a, "key")  # results of the bundled VLM at the defaults may be shipped (shipped.py)
+    ship = shipped.analysis_default(a.name) if ships else None
+    figs, summary = shipped.analysis_view(a.name, ship) if ship else ([None] * len(a.figures), "")
     with gr.Row():
         extra = [_control(k) for k in a.knobs]
         btn = gr.Button("Compute", variant="primary", elem_id=f"compute-{a.name}", scale=0, min_width=120)
         stop = gr.Button("Cancel", variant="stop", scale=0, min_width=100)
-    status = gr.Markdown(elem_id=f"status-{a.name}")
-    plots = [plot_export.plot(label=f.label, elem_id=f.elem_id) for f in a.figures]
+        if ships:
+            extra.append(gr.Checkbox(False, label=shipped.LIVE_LABEL, elem_id=f"live-{a.name}", scale=0,
+                                     min_width=300))
+    status = gr.Markdown(f"{shipped.status(ship, 'Compute')}  \n{summary}" if ship else "",
+                         elem_id=f"status-{a.name}")
+    plots = [plot_export.plot(fig, label=f.label, elem_id=f.elem_id) for fig, f in zip(figs, a.figures)]
     use_beta = None
     if a.name == "attention":  # one click from the fit to FRANK's knobs (wired by page_state)
         use_beta = (gr.State(None), gr.Button("Use this β for FRANK's prior", visible=False, elem_id="use-beta",
                                               size="sm"))
     outs = [status, *plots, *(use_beta or ())]
-    btn.click(_handler(lab, a, 2 if use_beta else 0), base_inputs + extra, outs, api_name=a.name,
+    btn.click(_handler(lab, a, 2 if use_beta else 0, ships), base_inputs + extra, outs, api_name=a.name,
               concurrency_limit=16)
 
     cancel_button.wire(lab, stop, ("analysis",), api_name=f"cancel_{a.name}")

@@ -20,14 +20,15 @@ from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import LEADERBOARD_LIMITS as LIMITS
-from webapp.ui import cancel_button, plot_export, url_state
+from webapp.ui import cancel_button, plot_export, shipped, url_state
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
 
 ABOUT = ("Every merge method on the bundled toy family: its defaults, and its best knobs from a small grid "
          "chosen on a **dev split** (disjoint from the eval suites), both scored on the held-out suites. "
-         "The same run as `python -m analysis leaderboard`; results are cached, so the same numbers load at once.")
+         "The same run as `python -m analysis leaderboard`; results are cached, so the same numbers load at once, "
+         "and the bundled family's at the starting values are shipped precomputed.")
 TOY_ONLY = ("_The leaderboard runs on the bundled toy family only (its dev split is generated from the toy tasks): "
             "pick **Toy family** in 1 · Models to run it._")
 FIELDS = {"limit": "held-out items per suite", "dev_items": "dev items per suite",
@@ -78,16 +79,26 @@ def _args(preset, limit, dev_items, grid_size, chosen) -> dict:
     return args
 
 
+def _shown(result: dict) -> tuple:
+    """The plot, table, row choices and state of a result."""
+    return leaderboard.scatter(result), table(result), gr.update(choices=row_choices(result), value=None), result
+
+
 def _run_handler(lab: Lab):
-    def run(preset, limit, dev_items, grid_size, chosen, request: gr.Request = None):
-        """Rank the chosen methods on the toy family (dev-tuned knobs, held-out scores)."""
+    def run(preset, limit, dev_items, grid_size, chosen, live=False, request: gr.Request = None):
+        """Rank the chosen methods on the toy family (dev-tuned knobs, held-out scores); the shipped
+        result when these are its settings, unless `live`."""
         keep = (gr.skip(),) * 4
         try:
             args = _args(preset, limit, dev_items, grid_size, chosen)
         except LabError as e:
             yield (f"✗ {e}", *keep)
             return
-        job = lab.client.submit("leaderboard", args, session_of(request))
+        e = None if live else shipped.leaderboard_entry(args)
+        if e is not None:
+            yield (f"✓ {shipped.status(e, 'Run leaderboard')}", *_shown(e["data"]))
+            return
+        job = lab.client.submit("leaderboard", {**args, "live": bool(live)}, session_of(request))
         for text, end in follow_status(lab.client, job, "Ranking the methods"):
             if end is None:
                 yield (text, *keep)
@@ -99,10 +110,11 @@ def _run_handler(lab: Lab):
             result = payload["result"]
             how = "from the cache" if payload["cached"] else "computed"
             n = len(args["methods"])
+            if payload.get("precomputed"):
+                yield (f"✓ {payload['precomputed']} ({el:.1f} s).", *_shown(result))
+                return
             yield (f"✓ {n} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and {args['dev_items']} "
-                   f"dev items per suite, up to {args['grid_size']} grid points each).",
-                   leaderboard.scatter(result), table(result), gr.update(choices=row_choices(result), value=None),
-                   result)
+                   f"dev items per suite, up to {args['grid_size']} grid points each).", *_shown(result))
 
     return run
 
@@ -138,20 +150,24 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
         numbers = [gr.Number(LIMITS[k][2], label=label, precision=0, info=f"{LIMITS[k][0]} to {LIMITS[k][1]}",
                              elem_id=f"lb-{k.replace('_', '-')}", min_width=150) for k, label in FIELDS.items()]
     chosen = gr.CheckboxGroup(methods.names(), value=methods.names(), label="methods", elem_id="lb-methods")
+    ship = shipped.leaderboard_default()  # the result shipped for these starting values, shown at once
     with gr.Row():
         run_btn = gr.Button("Run leaderboard", variant="primary", elem_id="lb-btn", scale=0, min_width=240)
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="lb-cancel", scale=0, min_width=100)
-    status = gr.Markdown(elem_id="status-leaderboard")
-    plot = plot_export.plot(label="perception vs visual_math, held-out", elem_id="lb-plot")
-    rows = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%, ± half the 95% Wilson "
+        live = gr.Checkbox(False, label=shipped.LIVE_LABEL, elem_id="lb-live", scale=0, min_width=300)
+    status = gr.Markdown(shipped.status(ship, "Run leaderboard") if ship else "", elem_id="status-leaderboard")
+    first = ship and ship["data"]
+    plot = plot_export.plot(leaderboard.scatter(first) if first else None,
+                            label="perception vs visual_math, held-out", elem_id="lb-plot")
+    rows = gr.Dataframe(table(first) if first else pd.DataFrame([], columns=COLUMNS), label="held-out accuracy (%, ± half the 95% Wilson "
                         "interval) and change from the VLM (points, [95% paired bootstrap interval]; noise: it holds 0)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
-    result = gr.State(None)
-    pick = gr.Dropdown([], label="a row's recipe (method and knobs)", elem_id="lb-row",
+    result = gr.State(first or None)
+    pick = gr.Dropdown(row_choices(first) if first else [], value=None, label="a row's recipe (method and knobs)", elem_id="lb-row",
                        info="run the leaderboard first; the VLM and the reasoner are not merges")
     with gr.Row():
         load_btn = gr.Button("Load into 2 · Merge", elem_id="lb-load", scale=0, min_width=260)
     load_status = gr.Markdown(elem_id="status-lb-load")
-    run_btn.click(_run_handler(lab), [models.preset, *numbers, chosen], [status, plot, rows, pick, result],
+    run_btn.click(_run_handler(lab), [models.preset, *numbers, chosen, live], [status, plot, rows, pick, result],
                   api_name="leaderboard", concurrency_limit=16)
     load_btn.click(_load_handler(merge, load_status), [pick, result, models.preset, models.dims],
                    [*merge.apply_targets, merge.status, load_status], api_name="leaderboard_load", queue=False)

@@ -1,16 +1,17 @@
 """The worker's analysis job: analysis.runner on the loaded model, figures back as JSON.
 
 The analyses, their defaults and their cache keys are analysis.analyses', the same as the CLI
-report's, so a result computed by either is served to the other. The live model is handed to an
-analysis only after the merger is checked to hold the weights the cache key names
-(merging.inplace.weights_id), so a result is never stored under weights it was not computed on.
+report's, so a result computed by either is served to the other; a result shipped with the bundled
+family (analysis.precomputed) is served when its key is the one asked, unless args["live"]. The live
+model is handed to an analysis only after the merger is checked to hold the weights the cache key
+names (merging.inplace.weights_id), so a result is never stored under weights it was not computed on.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-from analysis import analyses, runner
+from analysis import analyses, precomputed, runner
 from merging.errors import LabError
 from merging.loading import eager_attention
 from merging.recipe import from_dict
@@ -54,7 +55,8 @@ def _job(ctx, args: dict, progress) -> runner.Job:
     triple = triple_of(recipe) if recipe else (t["vlm"], t["reasoner"], t["base"])
     return runner.Job(tuple(triple), from_dict(recipe) if recipe else None, LoadedSource(ctx, recipe),
                       device=ctx.device, cache_dir=ctx.cache_dir, progress=progress,
-                      samples_dir=TOY_ROOT / "samples", eval_dir=TOY_ROOT / "eval")
+                      samples_dir=TOY_ROOT / "samples", eval_dir=TOY_ROOT / "eval",
+                      precomputed=not args.get("live"))  # "live": the user asked to recompute
 
 
 def run_analysis(ctx, args: dict) -> dict:
@@ -63,9 +65,10 @@ def run_analysis(ctx, args: dict) -> dict:
     if args.get("images"):
         check_images(args["images"])
     progress = ctx.progress(yields=not a.changes_weights)
-    data, p = runner.run(name, _job(ctx, args, progress), args)
+    job = _job(ctx, args, progress)
+    data, p = runner.run(name, job, args)
     out = {"figures": [f.to_json() for f in runner.figures_of(name, data).values()],
-           "summary": a.summary(data, p)}
+           "summary": a.summary(data, p), "precomputed": [precomputed.mark(e) for e in job.served]}
     if name == "attention":
         out["beta"] = data["beta"]  # the merge tab offers it for frank's prior
     return out

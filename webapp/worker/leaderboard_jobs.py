@@ -5,21 +5,20 @@ analysis.leaderboard loads its own copy of the family's VLM and merges that copy
 InPlaceMerger), so the model the worker holds for chat, merges and analyses, and its merger's
 state and snapshots, are never touched. The result is cached under the family's checkpoint
 fingerprints, a digest of its eval suites, the three numbers and the methods; the run's files
-(leaderboard.md/.json/.html and the dev split) go to <cache-dir>/leaderboard/<key>. Each method tuned
-in the app (<cache-dir>/tune, analysis.tune_results) adds a row: its tune's chosen point.
+(leaderboard.md/.json/.html and the dev split) go to <cache-dir>/leaderboard/<key>. The result shipped
+with the bundled family (analysis.precomputed) is served when its key is this one, unless args["live"].
+Each method tuned in the app (<cache-dir>/tune, analysis.tune_results) adds a row: its tune's chosen point.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from analysis import leaderboard, tune_results
+from analysis import leaderboard, precomputed, tune_results
 from analysis.cache import cached, make_key
-from analysis.evaluate import SUITES
+from analysis.leaderboard_key import key_parts
 from merging import methods
 from merging.errors import LabError
-from merging.inplace import triple_fingerprints
 from webapp.presets import TOY_ROOT
 from webapp.protocol import LEADERBOARD_LIMITS
 
@@ -43,16 +42,6 @@ def settings(args: dict) -> dict:
     return out
 
 
-def key_parts(family: Path, s: dict) -> dict:
-    """What a leaderboard result depends on: the three checkpoints, the eval items, the settings."""
-    digest = hashlib.sha256()
-    for suite in SUITES:
-        digest.update((family / "eval" / f"{suite}.jsonl").read_bytes())
-    fps = triple_fingerprints(str(family / "vlm"), str(family / "math"), str(family / "base"))
-    # "outcomes": results stored since each entry keeps its items' outcomes and intervals
-    return {"fingerprints": fps, "eval": digest.hexdigest(), "dev_seed": leaderboard.DEV_SEED, "outcomes": 1, **s}
-
-
 def run_leaderboard(ctx, args: dict, family: Path = TOY_ROOT) -> dict:
     """{"result": leaderboard.run's dict, "cached": bool, "folder": where its files are}."""
     s = settings(args)
@@ -69,8 +58,10 @@ def run_leaderboard(ctx, args: dict, family: Path = TOY_ROOT) -> dict:
         return leaderboard.run(family, out_dir, s["limit"], s["dev_items"], s["methods"], progress=progress,
                                grid_size=s["grid_size"], cancel=ctx.flag)
 
-    result = cached("leaderboard", key, compute, ctx.cache_dir)
+    shipped = None if args.get("live") else precomputed.find("leaderboard", key)  # live: the user asked
+    result = shipped["data"] if shipped else cached("leaderboard", key, compute, ctx.cache_dir)
     # a row per method tuned in this app (the Sweep & tune tab), its newest tune's chosen point
     tuned = tune_results.newest(Path(ctx.cache_dir or ".", "tune"), s["methods"])
     result = {**result, "entries": result["entries"] + tuned}
-    return {"result": result, "cached": not computed, "folder": str(out_dir.resolve())}
+    return {"result": result, "cached": not computed, "folder": str(out_dir.resolve()),
+            "precomputed": precomputed.mark(shipped) if shipped else None}
