@@ -135,6 +135,26 @@ def pick_row(page) -> str:
     return text
 
 
+def test_the_shipped_results_show_at_once(page):
+    """The leaderboard and the knockout open with the bundled family's shipped results, marked; Run at
+    those settings shows them again without the worker (a class does not queue for them)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="4 · Why it works").click()
+    page.get_by_role("tab", name="Layer knockout").click()
+    expect(page.locator("#status-knockout")).to_contain_text("Precomputed for the bundled family (40 items")
+    expect(page.locator("#plot-knockout .js-plotly-plot")).to_be_visible()
+    page.get_by_role("tab", name="6 · Leaderboard").click()
+    status = page.locator("#status-leaderboard")
+    expect(status).to_contain_text("Precomputed for the bundled family (30 held-out")
+    expect(status).to_contain_text("python -m tools.precompute")
+    expect(page.locator("#lb-table")).to_contain_text("the math LLM")
+    t0 = time.monotonic()
+    page.locator("#lb-btn").click()
+    expect(status).to_contain_text(re.compile(r"✓\s*Precomputed"))
+    assert timed("Leaderboard at the defaults (shipped)", t0) < 10
+
+
 def test_leaderboard_panel_in_browser(page):
     from playwright.sync_api import expect
 

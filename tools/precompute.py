@@ -58,7 +58,8 @@ def _commit() -> str:
 def _meta(t0: float, items: str, argv: list[str]) -> dict:
     return {"command": " ".join([precomputed.COMMAND, *argv]), "items": items, "commit": _commit(),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "seconds": round(time.monotonic() - t0, 1),
-            "machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"}
+            "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), load average "
+                       f"{os.getloadavg()[0]:.1f} at the end"}
 
 
 def knockout(worker: Worker, limit: int) -> dict:

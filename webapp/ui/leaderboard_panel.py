@@ -163,7 +163,7 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
                         "interval) and change from the VLM (points, [95% paired bootstrap interval]; noise: it holds 0)", interactive=False, wrap=True, elem_id="lb-table", column_widths=WIDTHS, max_height=720)
     result = gr.State(first or None)
     pick = gr.Dropdown(row_choices(first) if first else [], value=None, label="a row's recipe (method and knobs)", elem_id="lb-row",
-                       info="run the leaderboard first; the VLM and the reasoner are not merges")
+                       info="a row of the table above; the VLM and the reasoner are not merges")
     with gr.Row():
         load_btn = gr.Button("Load into 2 · Merge", elem_id="lb-load", scale=0, min_width=260)
     load_status = gr.Markdown(elem_id="status-lb-load")
