@@ -57,6 +57,9 @@ def write_plots(fig: go.Figure, folder: Path, stem: str) -> list[str]:
     return written
 
 
+FRONT_LABEL_AT = 1  # a front point's customdata: [its knobs as JSON, its front_label] (the app's click reads it)
+
+
 def front_label(result: dict, point: dict) -> str:
     """A front point as the app lists it (and its hover names it): trial, knobs, dev accuracies, chosen."""
     acc = "  ".join(f"{s} {100 * point['dev'][s]['acc']:.0f}" for s in ("perception", "visual_math"))
@@ -67,10 +70,10 @@ def front_label(result: dict, point: dict) -> str:
 def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -> go.Figure:
     """Dev perception vs visual_math of every trial (grey), the front (with 95% intervals), the chosen
     point and the VLM; the leaderboard's held-out points when `board` (its result) is given. in_app:
-    a front point's hover says where the app loads it from (gr.Plot has no click event: a list below)."""
+    a front point's hover says how the app loads it (a click, or its entry in the list below)."""
     fig = go.Figure()
-    hover = "%{hovertext}" + ("<br><i>load it: pick this entry in “a point of the front” below</i>"
-                              if in_app else "") + "<extra></extra>"
+    hover = "%{hovertext}" + ("<br><i>click to load it into 2 · Merge (or pick it in “a point of the front” "
+                              "below)</i>" if in_app else "") + "<extra></extra>"
     pct = [100 * result["vlm_dev"]["perception"]["acc"] - 100 * PERCEPTION_SLACK]
     fig.add_vline(x=pct[0], line={"dash": "dot", "color": "#2a7a40"},
                   annotation_text="VLM perception - 3 (dev)", annotation_position="top left")
@@ -85,11 +88,13 @@ def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -
         x=[100 * p["dev"]["perception"]["acc"] for p in f], y=[100 * p["dev"]["visual_math"]["acc"] for p in f],
         mode="lines+markers", name="Pareto front (dev)", line={"color": "#d62728", "shape": "hv"},
         error_x=_err(f, "perception"), error_y=_err(f, "visual_math"), marker={"size": 10},
-        customdata=[[json.dumps(p["knobs"])] for p in f], hovertext=[front_label(result, p) for p in f],
+        customdata=[[json.dumps(p["knobs"]), front_label(result, p)] for p in f],
+        hovertext=[front_label(result, p) for p in f],
         hovertemplate=hover))
     b = result["best"]
     fig.add_trace(go.Scatter(x=[100 * b["dev"]["perception"]["acc"]], y=[100 * b["dev"]["visual_math"]["acc"]],
-                             mode="markers", name="chosen (dev)", customdata=[[json.dumps(b["knobs"])]],
+                             mode="markers", name="chosen (dev)",
+                             customdata=[[json.dumps(b["knobs"]), front_label(result, b)]],
                              marker={"symbol": "star", "size": 16, "color": "#d62728"},
                              hovertext=[front_label(result, b)], hovertemplate=hover))
     v = result["vlm_dev"]
@@ -102,7 +107,7 @@ def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -
                                          mode="markers", name=f"{e['method']} ({e['label']}, held-out)",
                                          marker={"symbol": "diamond-open", "size": 9}, visible="legendonly"
                                          if e["method"] != result["method"] else True))
-    load = "; a front point loads into the merge panel from the list below" if in_app else ""
+    load = "; click a front point to load it into the merge panel" if in_app else ""
     fig.update_layout(title={"text": f"{result['method']}: {result['trials']} trials on dev<br><sup>error bars: "
                              f"95% Wilson intervals{load}</sup>"},
                       xaxis={"title": "perception accuracy (%)"}, yaxis={"title": "visual_math accuracy (%)"},

@@ -1,14 +1,16 @@
 """The Sweep & tune tab in a real headless Chromium: merge, sweep alpha (curves with interval bands drawn
-as the points arrive), run the tuner for two trials and load a front point into the merge panel (the one its hover names);
-a plot's toolbar downloads it as SVG and PNG.
+as the points arrive), run the tuner for two trials, load a front point into the merge panel by a click on it
+(not the list), then another from the list (the one its hover names); a plot's toolbar downloads it as SVG and PNG.
 
-Screenshots go to tests/_output/ (app_sweep.png, app_tune_hover.png, app_tune.png)."""
+Screenshots go to tests/_output/ (app_sweep.png, app_tune_hover.png, app_tune_click.png, app_tune.png)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.app_fixtures import SHOTS, chromium
 
@@ -56,13 +58,33 @@ def test_sweep_and_tune_tab(page):
     expect(tune).to_contain_text("trials in the study", timeout=300_000)
     expect(tune).to_contain_text("held-out")
     expect(page.locator("#tune-plot .js-plotly-plot")).to_be_visible()
-    # gr.Plot sends no click on a point: a front point's hover names its entry in the list below
-    box = page.locator("#tune-plot .scatterlayer .trace").nth(1).locator("path.point").first.bounding_box()
+    page.get_by_text("Layer range and per-layer values").click()  # the accordion with the per-layer box
+    per_layer = page.get_by_label("Per-layer values (YAML, overrides the sliders)")
+    expect(per_layer).to_have_value("")
+    # a front point's hover names its entry in the list below; a click on it loads it (front_click's hook)
+    page.locator("#tune-plot").scroll_into_view_if_needed()  # the mouse reaches only what is in the viewport
+    point = page.locator("#tune-plot .scatterlayer .trace").nth(1).locator("path.point").first
+    box = point.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     hover = page.locator("#tune-plot .hoverlayer")
-    expect(hover).to_contain_text("pick this entry in", timeout=10_000)
+    expect(hover).to_contain_text("click to load it", timeout=10_000)
     said = hover.text_content().split("(dev")[0].strip()  # "trial N: knobs"
+    # the hovered point as plotly holds it (the figure Python sent): its knobs and its label
+    knobs_json, label = page.evaluate("() => document.querySelector('#tune-plot .js-plotly-plot')"
+                                      "._hoverdata[0].customdata")
+    assert label.startswith(said), (label, said)
     page.locator("#tune-plot").screenshot(path=str(SHOTS / "app_tune_hover.png"))
+    box = point.bounding_box()  # where it is now (a screenshot may scroll)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # the point, not the list
+    loaded = page.locator("#status-tune-load")
+    expect(loaded).to_contain_text("is set in", timeout=30_000)
+    knobs = json.loads(knobs_json)
+    expect(loaded).to_contain_text(f"({said.split(': ', 1)[1]})")  # the clicked point's knobs, as its label says
+    expect(page.locator("#merge-method input")).to_have_value(page.locator("#tune-method input").input_value())
+    schedules = {k: pytest.approx(v) for k, v in knobs.items() if isinstance(v, list)}
+    assert schedules and yaml.safe_load(per_layer.input_value()) == schedules, per_layer.input_value()
+    expect(page.locator("#tune-point input")).to_have_value(label)  # the list names the point clicked
+    page.screenshot(path=str(SHOTS / "app_tune_click.png"), full_page=True)
     page.locator("#tune-point input").click()
     assert page.get_by_role("option").filter(has_text=said).count() == 1, said
     page.get_by_role("option").filter(has_text="chosen").first.click()

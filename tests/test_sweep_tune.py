@@ -11,7 +11,7 @@ import optuna
 import yaml
 
 from analysis.evaluate import evaluate
-from analysis.knob_figures import tune_figure
+from analysis.knob_figures import FRONT_LABEL_AT, tune_figure
 from analysis.tune import JOURNAL, STUDY
 from merging.engine import merge_to_disk
 from merging.recipe import from_dict
@@ -114,8 +114,9 @@ def _iv(k: int, n: int = 10) -> dict:
 
 
 def test_a_front_points_hover_names_its_entry_in_the_apps_list():
-    """gr.Plot sends no click on a point, so the app loads a point from a list: each front point's hover
-    (and the chosen star's) reads exactly as that point's entry in the list."""
+    """The app loads a front point by a click on it (the point's label, which the page's click hook reads
+    from its customdata) or from a list: each front point's hover and label (and the chosen star's) read
+    exactly as that point's entry in the list, and its customdata holds its knobs."""
     front = [{"trial": 0, "knobs": {"alpha": 1.0}, "dev": {"perception": _iv(9), "visual_math": _iv(2)}},
              {"trial": 3, "knobs": {"alpha": [0.5, 1.5]}, "dev": {"perception": _iv(8), "visual_math": _iv(6)}}]
     result = {"method": "task_arithmetic", "trials": 4, "front": front, "best": {**front[1], "test": {}},
@@ -129,6 +130,10 @@ def test_a_front_points_hover_names_its_entry_in_the_apps_list():
     by_name = {t.name: t for t in fig.data}
     assert list(by_name["Pareto front (dev)"].hovertext) == want
     assert list(by_name["chosen (dev)"].hovertext) == want[1:]
+    front_data = [list(c) for c in by_name["Pareto front (dev)"].customdata]
+    assert [c[FRONT_LABEL_AT] for c in front_data] == want  # what a click sends
+    assert [json.loads(c[0]) for c in front_data] == [{"alpha": 1.0}, {"alpha": [0.5, 1.5]}]
+    assert [list(c) for c in by_name["chosen (dev)"].customdata] == front_data[1:]
     assert list(by_name["other trials (dev)"].hovertext) == ["alpha 2"]  # no grey copy under a front point
     assert "a point of the front" in by_name["Pareto front (dev)"].hovertemplate
     assert "a point of the front" not in tune_figure(result).data[1].hovertemplate  # the CLI's HTML: no app list

@@ -5,9 +5,11 @@ Sweep: the worker merges the loaded VLM at each value and scores it (webapp/work
 each point arrives as a "partial" event and the curves are redrawn with it. Tune: optuna's search
 on the dev split; its Pareto front is drawn over the last leaderboard this app ran (if any), and a
 front point is loaded into the merge panel as a leaderboard row is (url_state + MergePanel.apply;
-a start -> end schedule goes into the per-layer box as a 2-anchor gradient). Gradio's gr.Plot has
-no click or select event (its only event is change), so the point is picked from a list below the
-plot, each entry worded as that point's hover (knob_figures.front_label).
+a start -> end schedule goes into the per-layer box as a 2-anchor gradient): by a click on the
+point, or by its entry in the list below the plot (worded as its hover, knob_figures.front_label).
+gr.Plot has no click event (its only event is change), so the click comes through a page-level hook
+(webapp/ui/front_click.py) that writes the point's label into a hidden textbox; its change runs the
+same loader as the list's button.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import json
 import gradio as gr
 import yaml
 
-from analysis.knob_figures import describe, front_label, sweep_figure, tune_figure
+from analysis.knob_figures import FRONT_LABEL_AT, describe, front_label, sweep_figure, tune_figure
 from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import SWEEP_LIMITS, TUNE_LIMITS
-from webapp.ui import cancel_button, plot_export, url_state
+from webapp.ui import cancel_button, front_click, plot_export, url_state
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
@@ -34,6 +36,7 @@ ABOUT_TUNE = ("**Tune** a method's knobs with optuna's multi-objective search (N
               "(never the held-out items), maximising perception and visual math; per-layer knobs are searched "
               "as a start → end schedule. Running it again continues the same study. The chosen point (perception "
               "within 3 points of the VLM's on dev, then the best visual math) is scored on the held-out suites.")
+CLICK_INFO = "or click the point on the plot above"
 TOY_ONLY = "the tuner runs on the bundled toy family only (its dev split is made from the toy tasks)"
 
 
@@ -158,7 +161,7 @@ def _tune_handler(lab: Lab):
                              for s, v in b["test"].items())
             yield (f"✓ {r['trials']} trials in the study ({el:.1f} s this run); chosen: **{describe(b['knobs'])}**; "
                    f"held-out: {test}", tune_figure(r, last_leaderboard(lab), in_app=True),
-                   gr.update(choices=front_choices(r), value=None), r)
+                   gr.update(choices=front_choices(r), value=None, info=CLICK_INFO), r)
 
     return run
 
@@ -183,6 +186,20 @@ def _load_handler(merge: MergePanel, load_status: gr.Markdown):
         return ups
 
     return load
+
+
+def _click_handler(load, load_status: gr.Markdown, pick: gr.Dropdown, box: gr.Textbox):
+    def click(label, result, dims):
+        """A click on a front point: its label (the hook's box) is looked up among the front's and loaded."""
+        if not label:
+            return {box: gr.skip()}  # the box set back to "" after a load: nothing to do
+        front = result["front"] if result else []
+        index = next((i for i, p in enumerate(front) if front_label(result, p) == label), None)
+        if index is None:
+            return {box: "", load_status: "✗ that point is not on the tuner's front shown here: run the tuner again"}
+        return {**load(index, result, dims), pick: index, box: ""}
+
+    return click
 
 
 def _knob_choices(method):
@@ -230,5 +247,11 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     tune_btn.click(_tune_handler(lab), [models.preset, method, *numbers], [tune_status, tune_plot, pick, result],
                    api_name="tune", concurrency_limit=16)
     cancel_button.wire(lab, tune_cancel, ("tune",))
-    load_btn.click(_load_handler(merge, load_status), [pick, result, models.dims],
-                   [*merge.apply_targets, merge.status, load_status], api_name="tune_load", queue=False)
+    load = _load_handler(merge, load_status)
+    load_btn.click(load, [pick, result, models.dims], [*merge.apply_targets, merge.status, load_status],
+                   api_name="tune_load", queue=False)
+    clicked = front_click.box("tune-front-click")
+    clicked.change(_click_handler(load, load_status, pick, clicked), [clicked, result, models.dims],
+                   [*merge.apply_targets, merge.status, load_status, pick, clicked], queue=False,
+                   api_visibility="private")
+    front_click.wire("tune-plot", clicked, FRONT_LABEL_AT)
