@@ -87,8 +87,10 @@ def test_sweep_and_tune_tab(page):
     page.screenshot(path=str(SHOTS / "app_tune_click.png"), full_page=True)
     page.locator("#tune-point input").click()
     assert page.get_by_role("option").filter(has_text=said).count() == 1, said
-    page.get_by_role("option").filter(has_text="chosen").first.click()
+    chosen = page.get_by_role("option").filter(has_text="chosen").first
+    chosen_knobs = chosen.inner_text().split(": ", 1)[1].split(" (dev")[0]  # "trial N: knobs (dev ...)"
+    chosen.click()
     page.locator("#tune-load").click()
-    expect(page.locator("#status-tune-load")).to_contain_text("is set in", timeout=30_000)
+    expect(page.locator("#status-tune-load")).to_contain_text(f"({chosen_knobs})", timeout=30_000)
     expect(page.locator("#status-tune-load")).to_contain_text("->")  # a start -> end schedule
     page.screenshot(path=str(SHOTS / "app_tune.png"), full_page=True)
