@@ -9,7 +9,11 @@ in DIR, starts the worker process exactly as the app does (webapp.ui.client.Work
 the app's jobs: a chat turn (loads the triple), a merge, a slider move (re-merge in place), two chat
 turns with both panes, spectra and similarity cold then cached. The worker's resident memory is
 sampled every 20 ms. In this process, after the worker is closed: one plain generate() of the same
-prompt and token count, and a merge to disk followed by a reload (what the in-place merge replaces).
+prompt and token count. The slider move and what it replaces, a merge to disk followed by a reload
+(in this process, the worker idle), are timed in turns, three of each: on a shared machine the
+load changes by the minute, so the two are compared at the same moments. The medians are the
+figures, with every time and the CPU seconds each took (the worker's, or this process's), which
+depend less on the other processes' load.
 Every generate makes exactly --tokens new tokens (generation_config.min_new_tokens), so the times
 compare the same work. Writes JSON with the figures and their ratios, and plan_7b: the memory plan
 the worker's own planner makes for a 7B pair on 24, 48 and 80 GB cards with 48 GiB of host RAM.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -113,19 +118,38 @@ def plain_generate(vlm: Path, device: str, tokens: int, image_path: Path, cpu_dt
     return times[-1]
 
 
-def disk_merge_reload(recipe: dict, device: str, cpu_dtype: str, work: Path) -> float:
+def disk_merge_reload(recipe: dict, device: str, cpu_dtype: str, work: Path) -> tuple[float, float]:
     from merging.engine import merge_to_disk
     from merging.loading import load_model
     from merging.recipe import from_dict
     from webapp.worker.models import serving_dtype
 
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         merge_to_disk(from_dict(recipe), Path(tmp) / "m", device=device, bar=False)
         model, _ = load_model(Path(tmp) / "m", device, dtype=serving_dtype(device, cpu_dtype))
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         del model
-    return secs
+    return secs, cpu
+
+
+def slider_vs_disk(client, recipe: dict, moved: dict, device: str, cpu_dtype: str, work: Path, out: dict) -> None:
+    """Re-merges in place (alpha 0.6, 0.7, 0.6; the worker keeps one merged state, so each is a
+    re-merge) in turns with disk merges + reloads of alpha 0.6; ends with alpha 0.6 live."""
+    proc = psutil.Process(client.pid)
+    disk_merge_reload(moved, device, cpu_dtype, work)  # untimed: the first in a process pays its imports
+    moves, disks = [], []
+    for alpha in (0.6, 0.7, 0.6):
+        c0 = sum(proc.cpu_times()[:2])
+        res, _ = job(client, "merge", {"recipe": {**recipe, "parameters": {"alpha": alpha}}})
+        if res["reused"]:
+            raise SystemExit(f"alpha {alpha} was a kept merge, not a re-merge")
+        moves.append((res["merge_seconds"], sum(proc.cpu_times()[:2]) - c0))
+        disks.append(disk_merge_reload(moved, device, cpu_dtype, work))
+    for key, runs in (("inplace_remerge", moves), ("disk_merge_reload", disks)):
+        out[f"{key}_s"] = round(statistics.median(s for s, _ in runs), 2)
+        out[f"{key}s_s"] = [round(s, 2) for s, _ in runs]
+        out[f"{key}s_cpu_s"] = [round(c, 2) for _, c in runs]
 
 
 def elementwise_floor(triple: dict, device: str, cpu_dtype: str) -> float:
@@ -192,8 +216,7 @@ def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, thread
         _, out["load_and_original_turn_s"] = job(client, "chat", {**chat, "recipe": None, "original": True})
         res, out["first_merge_job_s"] = job(client, "merge", {"recipe": recipe})
         out["first_merge_s"] = res["merge_seconds"]
-        res, _ = job(client, "merge", {"recipe": moved})
-        out["inplace_remerge_s"] = res["merge_seconds"]
+        slider_vs_disk(client, recipe, moved, device, cpu_dtype, work, out)
         _, out["chat_turn_s"] = job(client, "chat", chat)  # both panes: the merge live, then the original
         _, out["next_chat_turn_s"] = job(client, "chat", chat)
         _, out["third_chat_turn_s"] = job(client, "chat", chat)
@@ -211,7 +234,6 @@ def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, thread
         client.close()
     out["live_lm_gib"] = round(live_lm_bytes(triple, device, cpu_dtype) / GiB, 3)
     out["plain_generate_s"] = round(plain_generate(Path(triple["vlm"]), device, tokens, image, cpu_dtype), 3)
-    out["disk_merge_reload_s"] = round(disk_merge_reload(moved, device, cpu_dtype, work), 2)
     out["elementwise_floor_s"] = round(min(elementwise_floor(triple, device, cpu_dtype) for _ in range(2)), 3)
     for k in ("first_merge_job_s", "load_and_original_turn_s", "chat_turn_s", "next_chat_turn_s",
               "third_chat_turn_s"):
@@ -221,9 +243,12 @@ def run(shape: str, work: Path, device: str, tokens: int, cpu_dtype: str, thread
         "peak_anon_rss_over_live_lm": round(out["peak_anon_rss_gib"] / out["live_lm_gib"], 2),
         "next_chat_turn_over_plain_generate": round(out["next_chat_turn_s"] / out["plain_generate_s"], 2),  # <= 2.5
         "disk_merge_reload_over_inplace_remerge": round(out["disk_merge_reload_s"] / out["inplace_remerge_s"], 1),
+        "disk_merge_reload_over_inplace_remerge_cpu": round(statistics.median(out["disk_merge_reloads_cpu_s"])
+                                                            / statistics.median(out["inplace_remerges_cpu_s"]), 1),
         "inplace_remerge_over_elementwise_floor": round(out["inplace_remerge_s"] / out["elementwise_floor_s"], 1),
         "disk_merge_reload_over_elementwise_floor": round(out["disk_merge_reload_s"] / out["elementwise_floor_s"], 1),
     }
+    out["load_end"] = list(psutil.getloadavg())
     out["plan_7b"] = []
     for gpu in (24, 48, 80):
         p = plan_7b(gpu, 48)
