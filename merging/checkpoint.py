@@ -278,12 +278,21 @@ class Checkpoint:
                 fh = self._handles[f] = self._open_file(f)  # closed in close()
         view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
         got = 0
-        while got < len(view):  # pread: no shared file position; it may return short reads (large reads, NFS)
-            n = os.preadv(fh.fileno(), [view[got:]], offset + got)
+        while got < len(view):  # short reads happen (large reads, NFS)
+            n = self._read_at(fh, view[got:], offset + got)
             if not n:
                 raise LabError(f"{f} is truncated: could not read tensor bytes at offset {offset + got}")
             got += n
         return t
+
+    def _read_at(self, fh, view: memoryview, offset: int) -> int:
+        """Bytes read into view from offset: pread where the OS has it (no shared file position, so
+        threads need no lock), else seek + read under the lock."""
+        if hasattr(os, "preadv"):
+            return os.preadv(fh.fileno(), [view], offset)
+        with self._lock:
+            fh.seek(offset)
+            return fh.readinto(view) or 0
 
     def _check(self, name: str) -> str:
         if name not in self._files:
