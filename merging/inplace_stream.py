@@ -3,13 +3,14 @@ torch's threads side by side, straight into the tensor the parameter will hold.
 
 Each block runs whole on one thread (torch's ops single-threaded inside): no fork-join per op, so a
 core taken by another process slows only the blocks its thread holds while the other thread takes
-the rest (per-op parallelism on 2 shared cores made a streamed merge up to 10x slower:
+the rest (per-op parallelism on 2 shared cores made a streamed merge several times slower:
 merging.device.one_thread). The blocks, their merge and the merge report's sums are those of
 merging.tensor_merge.merge_rows, the sums added in block order, so the tensors equal the folder
 `python -m merging merge` writes, bit for bit, and the report equals its report.
 
-The tensors written into are a dropped merge's when there is one (Spares): a fresh tensor costs a
-page fault per 4 KiB page on its first write, on a CPU about as much as the merge itself.
+The tensors written into are a dropped merge's when there is one (Spares): a new tensor takes a
+page fault per 4 KiB page on its first write (at the Qwen2-0.5B shape, writing the rows took 0.80 s
+of a 3.73 s re-merge into new tensors, 0.26 s into a dropped merge's; BENCHMARKS.md).
 
 Remembered between merges (StreamMemo): whether a tensor's loaded original has the bits of its
 checkpoint's rows in the compute dtype (checked block by block on its first merge; from then on
