@@ -198,3 +198,20 @@ def test_two_merges_side_by_side_in_chat_and_evaluate(page):
     expect(page.locator("#status-evaluate")).to_contain_text("Done", timeout=120_000)
     expect(page.locator("#eval-table")).to_contain_text("compared: task_arithmetic alpha 0.5")
     page.locator("#eval-table").screenshot(path=str(OUT / "app_evaluate_two_merges.png"))
+
+
+def test_the_same_example_clicked_twice_is_asked_twice(page):
+    """(same page) an example clicked again once its answer is in asks it again (the box's value is the
+    same, so a change-only trigger would drop it)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="3 · Chat").click()
+    example = page.locator(".gallery-item, [data-testid='examples'] button, .examples button, table.examples td")
+    question = example.first.inner_text().strip()
+    asked = page.locator("#chat-original [data-testid='user']").filter(has_text=question)
+    answers = page.locator("#chat-original [data-testid='bot'], #chat-original .message.bot")
+    before = asked.count()
+    for n in (1, 2):
+        example.first.click()
+        expect(asked).to_have_count(before + n, timeout=90_000)
+        expect(answers.last).to_contain_text("answered by", timeout=90_000)
