@@ -151,8 +151,9 @@ def _planted(tmp_path: Path) -> dict[str, tuple[Path, bytes]]:
 
 
 def _chat_args(message: dict) -> list:
-    # /chat's inputs in order (the gr.State values are placeholders the server replaces with its own)
-    return [message, None, None, DEFAULT, "", "", "", 8, 0.0, False]
+    # /chat's inputs in order (the gr.State values are placeholders the server replaces with its own):
+    # (message, turns, this tab's merge, the model compared with, the triple, max new tokens, temperature, memory)
+    return [message, None, None, None, DEFAULT, "", "", "", 8, 0.0, False]
 
 
 def _refused(event, payload, secret_path: Path) -> None:
