@@ -33,8 +33,16 @@ def test_sweep_and_tune_tab(page):
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged with", timeout=90_000)
     page.get_by_role("tab", name="7 · Sweep & tune").click()
-    page.locator("#sweep-values textarea, #sweep-values input").first.fill("0, 0.5, 1")
+    expect(page.locator("#sweep-btn")).to_be_visible()
+    values = page.locator("#sweep-values textarea, #sweep-values input").first
+    for _ in range(5):  # a tab opened for the first time may still mount and put its initial value back
+        values.fill("0, 0.5, 1")
+        page.wait_for_timeout(400)
+        if values.input_value() == "0, 0.5, 1":
+            break
+    expect(values).to_have_value("0, 0.5, 1")
     page.locator("#sweep-limit input").fill("4")
+    expect(page.locator("#sweep-limit input")).to_have_value("4")
     page.locator("#sweep-btn").click()
     status = page.locator("#status-sweep")
     expect(status).to_contain_text("3 values of alpha scored", timeout=180_000)
