@@ -93,7 +93,8 @@ class InPlaceMerger:
     plan: a MemoryPlan (default: planned now from the free memory, the model already loaded)."""
 
     def __init__(self, model, vlm_ref: str, reasoner_ref: str, base_ref: str | None = None,
-                 device: str | None = None, snapshots: int = 0, plan: memory_plan.MemoryPlan | None = None):
+                 device: str | None = None, snapshots: int = 0, plan: memory_plan.MemoryPlan | None = None,
+                 hold_inputs_below: int = memory_plan.EXTRA_SET_MAX_BYTES):
         self.model = model
         self.refs = {"vlm": vlm_ref, "reasoner": reasoner_ref, **({"base": base_ref} if base_ref else {})}
         report = check_triple(vlm_ref, reasoner_ref, base_ref)
@@ -113,7 +114,7 @@ class InPlaceMerger:
         if plan is None:
             itemsize = first.element_size() if first.is_floating_point() else None
             plan = memory_plan.plan_triple(vlm_ref, reasoner_ref, base_ref, self.device, itemsize, loaded=True,
-                               max_sets=max(snapshots, 1))
+                                           max_sets=max(snapshots, 1), hold_inputs_below=hold_inputs_below)
         if not plan.fits:
             raise LabError(plan.problem)
         self.plan = plan
@@ -272,7 +273,7 @@ class InPlaceMerger:
                            fingerprints=self.fingerprints)
         bar = Progress(len(names), progress, cancel, bar=False)
         cks = {}
-        self._vlm_ck = Checkpoint.open(self.refs["vlm"])  # the VLM's rows, for streamed merges
+        self._vlm_ck = None  # the VLM's rows, opened by the first streamed merge (inputs held: none)
         streamer = RowStreamer(torch.get_num_threads(), self._memo, self.block_elems)
         try:
             self._restore(recycle=True)
@@ -300,7 +301,7 @@ class InPlaceMerger:
         finally:
             self._spare.clear()  # what the new merge did not reuse goes back to the system
             streamer.close()
-            for ck in (*cks.values(), self._vlm_ck):
+            for ck in (*cks.values(), *([self._vlm_ck] if self._vlm_ck is not None else [])):
                 ck.close()
             self._vlm_ck = None
         self._current = merge_key(recipe)
@@ -338,6 +339,8 @@ class InPlaceMerger:
         target = self._spare.take(c, p) if pointer else p.detach()
         if not pointer:
             self.dirty.add(c)  # written row block by row block from here on
+        if self._vlm_ck is None:
+            self._vlm_ck = Checkpoint.open(self.refs["vlm"])
         files = {**cks, "vlm": self._vlm_ck}
         files.update({r: Checkpoint.open(self.refs[r]) for r in ("reasoner", "base")
                       if r in self.refs and r not in files})

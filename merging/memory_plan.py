@@ -178,7 +178,7 @@ def _refusal(footprint: Footprint, device: str, device_free: int, host_free: int
 
 
 def plan(footprint: Footprint, device: str, device_free: int, host_free: int, headroom: int | None = None,
-         max_sets: int = MAX_SETS) -> MemoryPlan:
+         max_sets: int = MAX_SETS, hold_inputs_below: int = EXTRA_SET_MAX_BYTES) -> MemoryPlan:
     """Place each unit's pieces (see the module's docstring). device_free / host_free: bytes free
     now, before the model is loaded. On the CPU the device is host RAM: one pool."""
     cpu = device == "cpu"
@@ -200,9 +200,13 @@ def plan(footprint: Footprint, device: str, device_free: int, host_free: int, he
     stash_ok = pools.take("host", stash_bytes)
     stash = {u.layer: "device" if pointer.get(u.layer) else ("host" if stash_ok else "none") for u in units}
     inputs = {}
+    # On a CPU the inputs are read from the files at each merge (the page cache holds them, outside the
+    # process), unless all of them are under hold_inputs_below: then holding them costs less than the
+    # reads (the toy family re-merges 3x faster).
+    resident = cpu and sum(u.inputs for u in units) < hold_inputs_below
     for u in units:
         if cpu:
-            inputs[u.layer] = "file"
+            inputs[u.layer] = "device" if resident and pools.take("device", u.inputs) else "file"
         else:
             inputs[u.layer] = next((w for w in ("device", "host") if pools.take(w, u.inputs)), "file")
     # More merged states while there is room: each costs the pointer units' bytes on the device
@@ -309,7 +313,8 @@ def free_memory(device: str) -> tuple[int, int]:
 
 def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, serving_itemsize: int | None,
                 loaded: bool = False, max_sets: int = MAX_SETS,
-                freed: tuple[int, int] = (0, 0), limit: int | None = None) -> MemoryPlan:
+                freed: tuple[int, int] = (0, 0), limit: int | None = None,
+                hold_inputs_below: int = EXTRA_SET_MAX_BYTES) -> MemoryPlan:
     """The memory plan of a triple from its checkpoints' headers. loaded: the VLM is already in
     memory, so its live bytes are counted as free again; freed: (device, host) bytes that another
     loaded triple gives back before this one loads; limit: host RAM the worker may use at most."""
@@ -334,7 +339,7 @@ def plan_triple(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: s
             host_free += fp.live
         dev_free += fp.live
     return plan(fp, "cpu" if torch.device(device).type == "cpu" else str(device), dev_free, host_free,
-                            max_sets=max_sets)
+                max_sets=max_sets, hold_inputs_below=hold_inputs_below)
 
 
 def main_plan(args) -> int:

@@ -63,7 +63,8 @@ def assert_equals_folder(model, folder):
 def test_threaded_blocks_equal_the_folder_and_reuse_the_dropped_merge(tri, tmp_path, two_threads, snapshots):
     model = load(tri)
     original = state(model)
-    merger = InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]), snapshots=snapshots)
+    merger = InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]), snapshots=snapshots,
+                           hold_inputs_below=0)  # the inputs streamed from the files, as for a real model
     merger.block_elems = BLOCK
     p = merger.params["layers.1.mlp.down_proj.weight"]
     seen = []
@@ -92,7 +93,7 @@ def test_a_loaded_original_that_differs_from_its_file_is_not_used(tri, tmp_path,
     """A model class may change a weight while loading: the VLM's rows then come from the file,
     as in the folder, on every merge (the first merge finds the difference)."""
     model = load(tri)
-    merger = InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]))
+    merger = InPlaceMerger(model, str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]), hold_inputs_below=0)
     merger.block_elems = BLOCK
     c = "layers.0.self_attn.q_proj.weight"
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_the_first_failing_block_is_named_and_the_original_restored(tri, tmp_pat
         save_file(sd, f, metadata={"format": "pt"})
     model = load(bad)
     original = state(model)
-    merger = InPlaceMerger(model, str(bad["vlm"]), str(bad["reasoner"]), str(bad["base"]))
+    merger = InPlaceMerger(model, str(bad["vlm"]), str(bad["reasoner"]), str(bad["base"]), hold_inputs_below=0)
     merger.block_elems = BLOCK
     with pytest.raises(LabError, match=r"layers\.1\.mlp\.up_proj\.weight overflowed to Inf \(rows 6-8\)"):
         merger.apply(recipe(bad, alpha=1.0))

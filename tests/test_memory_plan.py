@@ -90,9 +90,13 @@ def test_a_model_larger_than_the_card_is_refused_with_what_to_free():
 def test_cpu_plan_is_one_pool_and_reads_inputs_from_the_files(tri):
     fp = footprint(tri, itemsize=4)
     changed = sum(u.changed for u in fp.units)
-    roomy = mp.plan(fp, "cpu", 0, fp.live + 10 * changed, headroom=0)
+    roomy = mp.plan(fp, "cpu", 0, fp.live + 10 * changed, headroom=0, hold_inputs_below=0)
     assert roomy.fits and all(x.merged == "device" and x.inputs == "file" for x in roomy.placements)
     assert roomy.use["device"] == 0 and roomy.use["host"] == fp.live + changed * roomy.sets
+    inputs = sum(u.inputs for u in fp.units)  # all of them small: held, where there is room
+    held = mp.plan(fp, "cpu", 0, fp.live + 10 * changed + inputs, headroom=0, hold_inputs_below=inputs + 1)
+    assert all(x.inputs == "device" for x in held.placements)
+    assert held.use["host"] == fp.live + changed * held.sets + inputs
     none = mp.plan(fp, "cpu", 0, fp.live, headroom=0)  # not a byte to spare
     assert none.fits and not none.instant_swap
     assert all(x.merged == "in-place" and x.original == "file" and x.stash == "none" for x in none.placements)
