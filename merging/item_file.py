@@ -185,6 +185,27 @@ def data_digest(jsonl: Path, items: list[dict]) -> str:
     return h.hexdigest()
 
 
+def _stamp(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_set_digests: dict[str, tuple] = {}  # JSONL path -> (its stamp, (image, stamp) of each image, digest)
+
+
 def set_digest(path: str | Path) -> str:
-    """data_digest of a whole JSONL set (every line checked first)."""
-    return data_digest(Path(path), check_items(path))
+    """data_digest of a whole JSONL set (every line checked first). A merge key asks for it at every
+    chat turn, so it is computed again only when the JSONL or one of its images changed on disk."""
+    path = Path(path)
+    known = _set_digests.get(str(path))
+    try:
+        if known and known[0] == _stamp(path) and all(_stamp(i) == s for i, s in known[1]):
+            return known[2]
+    except OSError:
+        pass  # a file gone: checked (and refused) below
+    items = check_items(path)
+    images = tuple((it["image_path"], _stamp(it["image_path"])) for it in items if it["image_path"] is not None)
+    stamp = _stamp(path)
+    digest = data_digest(path, items)
+    _set_digests[str(path)] = (stamp, images, digest)
+    return digest

@@ -74,7 +74,7 @@ class Comparison:
         def on_left(left, made, other):
             made = remember(left, made)
             options = choices(left, made)
-            return (made, *self._shown(pick(name_of(other), made) if name_of(other) in options else None, options))
+            return (made, *self._shown(other if name_of(other) in options else None, options))
 
         self.left.change(on_left, [self.left, self.made, self.other], [self.made, *outs], api_visibility="private",
                          queue=False)
