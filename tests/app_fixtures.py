@@ -6,6 +6,7 @@ untrained) is generated once per test session and passed with MERGE_LAB_TOY_DIR.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -155,3 +156,15 @@ def app_handle(toy_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def app_url(app_handle):
     return app_handle.url
+
+
+def press_cancel(client, api_name: str = "/cancel") -> str | None:
+    """Call a Cancel endpoint through gradio_client; None when the client lost its answer.
+
+    When the job being cancelled finishes at that very moment, the session's event stream closes (nothing
+    was pending any more) just after the cancel joined it, and gradio_client raises CancelledError for a
+    call the server did run. The caller then judges by the job's own result."""
+    try:
+        return client.predict(api_name=api_name)
+    except concurrent.futures.CancelledError:
+        return None
