@@ -58,15 +58,4 @@ def _dispatch(args) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except KeyboardInterrupt:
-        # An interrupt already reported (cli.run printed its line and noted the signal) whose repeat came
-        # back on the way out (seen once, under a full test run's load): the exit code stays 128 + that
-        # signal rather than Python's death by SIGINT (-2).
-        import signal  # lazy: only an interrupt needs it
-
-        from merging.interrupts import NOTED  # lazy: only an interrupt needs it
-
-        code = 128 + (NOTED[0] if NOTED else signal.SIGINT)
-    sys.exit(code)
+    sys.exit(main())

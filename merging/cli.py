@@ -94,6 +94,16 @@ def run(command: Callable[[], int], out_dir: str | None = None) -> int:
                 except KeyboardInterrupt:
                     if not interrupted:
                         raise
+        if interrupted:
+            _forget_the_escaped_interrupt()
+
+
+def _forget_the_escaped_interrupt() -> None:
+    # CPython 3.11 remembers a KeyboardInterrupt that escaped code run by exec() of a string (the
+    # dataclass and namedtuple factories do this while torch and transformers import) even though we
+    # caught it, and `python -m` then ends by SIGINT (-2) whatever exit code it returns. An exec() of
+    # a string that ends normally clears that flag.
+    exec("")  # noqa: S102 (an empty, constant string)
 
 
 def _interrupted(out_dir: str | None, signals: list[int]) -> int:
