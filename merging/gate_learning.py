@@ -16,6 +16,7 @@ and the same merge in place use the same gates, and a repeat learns nothing.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -39,9 +40,11 @@ from tasks import toydata as td
 INIT = 0.5  # every gate before learning (theta = logit(INIT)), and with steps 0
 LR = 0.1  # Adam on theta
 BATCH = 8  # prompts per step
+SMALL = 2**30  # learning holdings below this pass a step's prompts together (see per_pass)
 MAX_NEW_TOKENS = 24  # the VLM's answers, as long as the eval suites let it answer
+LABEL_CAP = 2 * MAX_NEW_TOKENS  # answer tokens a prompt's KL reads (an answer re-encoded can be longer)
 PROMPT_SEED = 50_000  # the toy perception scenes' own seed (the eval suites and the leaderboard's dev use others)
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -115,32 +118,64 @@ def vlm_answers(model, proc, prompts: list[tuple]) -> list[str]:
     return answers
 
 
-def answer_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log-probabilities at the positions that predict an answer token: (tokens, vocab)."""
-    mask = labels[:, 1:] != -100
-    return torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions whose logits predict an answer token in some row (labels[:, j + 1])."""
+    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
 
 
-def kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per answer token, averaged over the tokens."""
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+def answer_logp(kept: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log-probabilities at the positions that predict an answer token, from the logits at
+    answer_positions(labels) only: (tokens, vocab), row by row as logits[:, :-1][labels[:, 1:] != -100]."""
+    mask = (labels[:, 1:] != -100)[:, answer_positions(labels)]
+    return torch.log_softmax(kept[mask].float(), dim=-1)
 
 
-def distillation_batches(model, proc, n: int, seed: int, file: str | None = None) -> list[tuple[dict, torch.Tensor]]:
-    """(model inputs, the VLM's answer log-probabilities) per batch of BATCH prompts."""
+def kept_logits(model, inputs: dict, labels: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    """The logits at answer_positions(labels) alone (the vocabulary projection of the other positions,
+    and its gradient, are never formed), with PARAMS in place of the model's own (a functional forward)."""
+    at = answer_positions(labels)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:  # every VLM class in use has it
+        kw, pick = inputs, True
+    else:
+        kw, pick = {**inputs, "logits_to_keep": at}, False
+    out = (torch.func.functional_call(model, params, args=(), kwargs=kw) if params else model(**kw)).logits
+    return out[:, at] if pick else out
+
+
+def kl_sum(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the answer tokens (divided by a step's token count by the caller)."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+
+
+def _capped(labels: torch.Tensor) -> torch.Tensor:
+    """Only each row's first LABEL_CAP answer tokens stay labels."""
+    kept = (labels != -100).cumsum(1) <= LABEL_CAP
+    return torch.where(kept, labels, torch.full_like(labels, -100))
+
+
+def per_pass(s: Setup) -> int:
+    """**[choice]** Prompts per forward and backward. A real VLM's step takes its BATCH prompts one at a time,
+    their gradients adding up, so the activations held are one prompt's (all 8 at once would hold tens
+    of GiB at 7B); a small one's go together (the bundled family learns in 5 s instead of 9 on 2 cores,
+    the same gates to 1e-7)."""
+    return BATCH if learning_bytes(s) < SMALL else 1
+
+
+def distillation_batches(model, proc, n: int, seed: int, file: str | None = None,
+                         micro: int = 1) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs with labels, the VLM's answer log-probabilities, kept on the CPU) per MICRO prompts."""
     prompts = perception_prompts(n, seed, file)
-    n = len(prompts)
     answers = vlm_answers(model, proc, prompts)
     out = []
-    for i in range(0, n, BATCH):
-        b = build_batch(proc, [(img, q, a) for (img, q), a in zip(prompts[i:i + BATCH], answers[i:i + BATCH])])
+    for i in range(0, len(prompts), micro):
+        b = build_batch(proc, [(img, q, a) for (img, q), a in zip(prompts[i:i + micro], answers[i:i + micro])])
         b = {k: v.to(model.device) for k, v in b.items()}
         if "pixel_values" in b:
             b["pixel_values"] = b["pixel_values"].to(model.dtype)
-        labels = b.pop("labels")
+        labels = _capped(b.pop("labels"))
         with torch.no_grad():
-            teacher = answer_logp(model(**b).logits, labels)
-        out.append(({**b, "labels": labels}, teacher))
+            teacher = answer_logp(kept_logits(model, b, labels), labels)
+        out.append(({**b, "labels": labels}, teacher.cpu()))
     return out
 
 
@@ -154,7 +189,7 @@ def cache_key(s: Setup) -> str | None:
     if not s.fingerprints:
         return None
     what = [CACHE_VERSION, dict(sorted(s.fingerprints.items())), {k: s.knobs[k] for k in sorted(s.knobs)},
-            s.seed, sorted(s.names), INIT, LR, BATCH, MAX_NEW_TOKENS, PROMPT_SEED, learning_dtype(s.device)]
+            s.seed, sorted(s.names), INIT, LR, BATCH, per_pass(s), MAX_NEW_TOKENS, LABEL_CAP, PROMPT_SEED, learning_dtype(s.device)]
     if s.prompts:  # the prompts' bytes and images, not their path
         what.append(set_digest(s.prompts))
     return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:32]
@@ -213,13 +248,16 @@ def _matrices(s: Setup, model) -> dict[str, _Matrix]:
     return out
 
 
-def _student_kl(model, mats: dict[str, _Matrix], gates: dict[str, torch.Tensor], batch: dict,
-                teacher: torch.Tensor) -> torch.Tensor:
-    """KL of the model with every gated matrix at W_v + delta(g) (a functional forward)."""
-    over = {m.param: m.w_v + subspace_gates.delta(m.tau, m.pieces, gates[c]) for c, m in mats.items()}
+def _gated_weights(mats: dict[str, _Matrix], gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every gated matrix at W_v + delta(g), by its parameter's name: what the functional forward uses."""
+    return {m.param: m.w_v + subspace_gates.delta(m.tau, m.pieces, gates[c]) for c, m in mats.items()}
+
+
+def _student_kl_sum(model, over: dict, batch: dict, teacher: torch.Tensor) -> torch.Tensor:
+    """KL summed over the answer tokens of the model with the gated weights OVER in place."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = torch.func.functional_call(model, over, args=(), kwargs=inputs).logits
-    return kl(teacher, answer_logp(logits, batch["labels"]))
+    student = answer_logp(kept_logits(model, inputs, batch["labels"], over), batch["labels"])
+    return kl_sum(teacher.to(student.device), student)
 
 
 def _split(theta: torch.Tensor, mats: dict[str, _Matrix]) -> dict[str, torch.Tensor]:
@@ -238,26 +276,27 @@ def learning_dtype(device: str) -> str:
 
 
 def learning_bytes(s: Setup) -> int:
-    """What learning holds on its device besides activations: its own copy of the VLM and one task vector
-    per gated matrix, in the learning dtype."""
+    """What learning holds on its device besides one prompt's activations: its own copy of the VLM, and
+    for each gated matrix its task vector and the gated weight W_v + delta(g) the forward uses, in the
+    learning dtype."""
     with Checkpoint.open(s.refs["vlm"]) as ck:
         def size(name: str) -> int:
             return 4 if learning_dtype(s.device) == "float32" else ck.dtype(name).itemsize
 
         vlm = sum(math.prod(ck.shape(n)) * size(n) for n in ck.names())
         gated = sum(math.prod(ck.shape(s.layouts["vlm"].lm[c])) * size(s.layouts["vlm"].lm[c]) for c in s.names)
-    return vlm + gated
+    return vlm + 2 * gated
 
 
 def check_room(s: Setup) -> None:
     """LabError before anything loads when learning would not fit the device's free memory (a 7B pair
-    in bfloat16 holds about 28 GiB for every layer's gates: a 24 GB card learns part of the layers)."""
+    in bfloat16 holds about 40 GiB for every layer's gates: a 24 GB card learns part of the layers)."""
     need = learning_bytes(s)
     free, _ = free_memory(s.device)
     if need > 0.9 * free:
         raise LabError(f"frism: learning the gates of {len(s.names)} matrices holds about {need / 2**30:.1f} GiB "
-                       f"on {s.device} (its own copy of the VLM and the task vectors), {free / 2**30:.1f} GiB is "
-                       "free: merge fewer layers ('layers: [a, b]'), free the device, or set 'steps: 0'")
+                       f"on {s.device} (its own copy of the VLM, the task vectors and the gated weights), "
+                       f"{free / 2**30:.1f} GiB is free: merge fewer layers ('layers: [a, b]'), free the device, or set 'steps: 0'")
 
 
 @torch.enable_grad()  # InPlaceMerger.apply runs under no_grad
@@ -282,27 +321,30 @@ def learn(s: Setup, progress=None, cancel=None) -> Learned:
     for p in model.parameters():
         p.requires_grad_(False)
     mats = _matrices(s, model)
-    batches = distillation_batches(model, proc, int(s.knobs["examples"]), s.seed, s.prompts)
+    micro = per_pass(s)
+    batches = distillation_batches(model, proc, int(s.knobs["examples"]), s.seed, s.prompts, micro)
     total = sum(m.pieces.gates for m in mats.values())
     theta = torch.full((total,), math.log(INIT / (1 - INIT)), device=s.device, requires_grad=True)
     energy = {c: torch.tensor(m.pieces.energy, device=s.device) for c, m in mats.items()}
     opt = torch.optim.Adam([theta], lr=LR)
+    opt.zero_grad(set_to_none=True)
     learned = Learned(examples=sum(b["input_ids"].shape[0] for b, _ in batches))
     learned.kl_start = _mean_kl(model, mats, _split(theta.detach(), mats), batches)
     steps, beta = int(s.knobs["steps"]), float(s.knobs["beta"])
+    per_step = min(len(batches), max(1, BATCH // micro))
     for step in range(steps):
         if cancel is not None and cancel():
             raise Cancelled()
-        batch, teacher = batches[step % len(batches)]
+        group = [batches[(step * per_step + j) % len(batches)] for j in range(per_step)]
+        div = _accumulate(model, mats, _split(theta, mats), group, cancel)
         gates = _split(theta, mats)
-        div = _student_kl(model, mats, gates, batch, teacher)
-        loss = div - beta * subspace_gates.injected([energy[c] for c in mats], [gates[c] for c in mats])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        reward = beta * subspace_gates.injected([energy[c] for c in mats], [gates[c] for c in mats])
+        (-reward).backward()
         opt.step()
-        learned.losses.append(float(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        learned.losses.append(div - float(reward.detach()))
         if progress is not None:
-            progress(step + 1, steps, f"frism gates: step {step + 1}/{steps}, KL {float(div.detach()):.4f}")
+            progress(step + 1, steps, f"frism gates: step {step + 1}/{steps}, KL {div:.4f}")
     final = _split(theta.detach(), mats)
     learned.kl_end = _mean_kl(model, mats, final, batches)
     learned.injected = float(subspace_gates.injected([energy[c] for c in mats], [final[c] for c in mats]))
@@ -312,6 +354,25 @@ def learn(s: Setup, progress=None, cancel=None) -> Learned:
     return learned
 
 
+def _accumulate(model, mats: dict[str, _Matrix], gates: dict[str, torch.Tensor], group: list, cancel=None) -> float:
+    """One step's KL per answer token over GROUP's prompts, its gradient added into the gates' (one prompt's
+    activations held at a time; the gated weights are built once and serve every prompt)."""
+    over = _gated_weights(mats, gates)
+    tokens = max(1, sum(t.shape[0] for _, t in group))
+    div = 0.0
+    for b, t in group:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        part = _student_kl_sum(model, over, b, t) / tokens
+        part.backward(retain_graph=True)  # keeps the gated weights' graph for the next prompt
+        div += float(part.detach())
+        del part  # its activations go now, not when the next prompt's forward is done
+    return div
+
+
 @torch.no_grad()
 def _mean_kl(model, mats, gates, batches) -> float:
-    return sum(float(_student_kl(model, mats, gates, b, t)) for b, t in batches) / len(batches)
+    """The KL per answer token over every prompt."""
+    over = _gated_weights(mats, gates)
+    total = sum(float(_student_kl_sum(model, over, b, t)) for b, t in batches)
+    return total / max(1, sum(t.shape[0] for _, t in batches))

@@ -53,16 +53,40 @@ def pieces(tau: torch.Tensor, rank: int, groups: int, alias: str | None = None) 
 
 
 def delta(tau: torch.Tensor, p: Pieces, g) -> torch.Tensor:
-    """The injected update of one matrix for gates g (a list or a tensor, differentiable)."""
-    if p.tail:
-        out = g[-1] * tau
-        for i, v in enumerate(p.vs):
-            out = out + (g[i] - g[-1]) * ((tau @ v) @ v.T)
-        return out
-    out = torch.zeros_like(tau)
+    """The injected update of one matrix for gates g (a list, or a tensor that may need a gradient).
+    Built in one full-size buffer, each piece added as a rank-r_i product; under autograd the gates'
+    gradient is formed from rank-r_i products too (_GatedDelta), so learning keeps no full-size
+    intermediate per piece."""
+    if isinstance(g, torch.Tensor) and g.requires_grad and torch.is_grad_enabled():
+        return _GatedDelta.apply(g, tau, p)
+    return _build(tau, p, torch.as_tensor(g, dtype=tau.dtype, device=tau.device))
+
+
+def _build(tau: torch.Tensor, p: Pieces, g: torch.Tensor) -> torch.Tensor:
+    g = g.detach().to(tau.dtype)
+    out = tau * g[-1] if p.tail else torch.zeros_like(tau)
     for i, v in enumerate(p.vs):
-        out = out + g[i] * ((tau @ v) @ v.T)
+        out.addmm_((tau @ v) * (g[i] - g[-1] if p.tail else g[i]), v.T)
     return out
+
+
+class _GatedDelta(torch.autograd.Function):
+    """delta(g) with d<G, delta>/dg_i = <G, (tau V_i) V_i^T> = sum((G V_i) * (tau V_i)), and, with a
+    tail gate, d/dg_tail = <G, tau> - sum_i of those: autograd through the plain formula would keep
+    every piece's (tau V_i) V_i^T, several copies of all gated weights at once."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, tau: torch.Tensor, p: Pieces) -> torch.Tensor:
+        ctx.tau, ctx.p = tau, p  # held by the caller anyway: nothing is copied
+        return _build(tau, p, g)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        tau, p = ctx.tau, ctx.p
+        inner = [((grad @ v).float() * (tau @ v).float()).sum() for v in p.vs]
+        if p.tail:
+            inner.append(torch.sum(grad * tau, dtype=torch.float32) - sum(inner))
+        return torch.stack(inner), None, None
 
 
 def injected(energies: list[torch.Tensor], gates: list[torch.Tensor]) -> torch.Tensor:

@@ -127,6 +127,44 @@ def test_every_gate_zero_is_the_vlm_bit_for_bit(tri, tmp_path):
         torch.testing.assert_close(got[c], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rank,groups", [(6, 3), (40, 4)])  # with a tail gate; every direction in groups
+def test_the_gates_gradient_equals_autograd_of_the_documented_form(rank, groups):
+    """Learning's gradient (built from rank-r products, no piece materialised) against float64 autograd
+    through W_v + sum_i g_i U_i S_i V_i^T + g_tail (tau - U_k S_k V_k^T) from torch.linalg.svd."""
+    g0 = torch.Generator().manual_seed(7)
+    tau, upstream = torch.randn(24, 40, generator=g0), torch.randn(24, 40, generator=g0)
+    p = subspace_gates.pieces(tau, rank, groups)
+    gates = torch.rand(p.gates, generator=g0, requires_grad=True)
+    (subspace_gates.delta(tau, p, gates) * upstream).sum().backward()
+    ref = gates.detach().double().requires_grad_(True)
+    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+    k = min(rank, len(s))
+    form = sum(ref[i] * (u[:, idx] * s[idx]) @ vh[idx] for i, idx in enumerate(torch.tensor_split(torch.arange(k),
+                                                                                                   min(groups, k))))
+    if p.tail:
+        form = form + ref[-1] * (tau.double() - (u[:, :k] * s[:k]) @ vh[:k])
+    (form * upstream.double()).sum().backward()
+    torch.testing.assert_close(gates.grad.double(), ref.grad, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # and the value is the plain one
+        torch.testing.assert_close(subspace_gates.delta(tau, p, gates.detach().tolist()).double(), form.detach(),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_the_kl_reads_the_answer_positions_alone(smoke_family):
+    """Logits kept at the answer positions only give the log-probabilities of the full logits' answer rows."""
+    fam = family(smoke_family)
+    vlm, proc = load_model(fam["vlm"])
+    prompts = gate_learning.perception_prompts(3, 1)
+    batch = build_batch(proc, [(img, q, a) for (img, q), a in zip(prompts, ["2", "red circle", "3"])])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        full = vlm(**batch).logits
+        kept = gate_learning.kept_logits(vlm, batch, labels)
+    want = torch.log_softmax(full[:, :-1][labels[:, 1:] != -100].float(), -1)
+    assert kept.shape[1] < full.shape[1]
+    torch.testing.assert_close(gate_learning.answer_logp(kept, labels), want, atol=1e-5, rtol=1e-5)
+
+
 def kl_to_vlm(folder, vlm, proc, batch) -> float:
     """KL(VLM || merged) per answer token, from two plain forwards (not the learner's code)."""
     merged, _ = load_model(folder)
@@ -289,8 +327,9 @@ def test_prompts_are_refused_for_other_methods_and_when_missing(tri, tmp_path):
         from_dict({**base, "method": "frism", "prompts": "nowhere.jsonl"}, tmp_path)
 
 
-def test_learning_holds_its_vlm_copy_and_the_gated_task_vectors(tri):
-    """learning_bytes against the checkpoint's own numbers: every VLM tensor and each gated matrix, float32
+def test_learning_holds_its_vlm_copy_the_task_vectors_and_the_gated_weights(tri):
+    """learning_bytes against the checkpoint's own numbers: every VLM tensor and each gated matrix twice
+    (its task vector, and W_v + delta(g) for the forward), float32
     on a CPU."""
     from safetensors import safe_open
 
@@ -306,4 +345,4 @@ def test_learning_holds_its_vlm_copy_and_the_gated_task_vectors(tri):
             total += math.prod(n) * 4
         lm = report.layouts["vlm"].lm
         gated = sum(math.prod(f.get_slice(lm[c]).get_shape()) * 4 for c in names)
-    assert gate_learning.learning_bytes(s) == total + gated
+    assert gate_learning.learning_bytes(s) == total + 2 * gated
