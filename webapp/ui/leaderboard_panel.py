@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
-import yaml
 
 from analysis import leaderboard
 from analysis.evaluate import SUITES
@@ -20,7 +19,8 @@ from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import LEADERBOARD_LIMITS as LIMITS
-from webapp.ui import cancel_button, plot_export, shipped, url_state
+from webapp.ui import cancel_button, plot_export, shipped
+from webapp.ui.knobs_loader import knobs_into_merge
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
@@ -127,18 +127,8 @@ def _load_handler(merge: MergePanel, load_status: gr.Markdown):
         if result is None or index is None:
             return {load_status: "Run the leaderboard, then pick a row."}
         e = result["entries"][int(index)]
-        query = {"method": e["method"], **{k: str(v) for k, v in e["knobs"].items() if not isinstance(v, list)}}
-        state, notes = url_state.parse(query)
-        state, more = url_state.fit(state, dims)
-        ups = merge.apply(state, dims)
-        schedules = {k: v for k, v in e["knobs"].items() if isinstance(v, list)}  # a tuned row's
-        if schedules:
-            ups[merge.advanced] = yaml.safe_dump(schedules, default_flow_style=None).strip()
         what = f"{e['method']} ({e['label']}{': ' + _knobs_text(e['knobs']) if e['knobs'] else ''})"
-        ups[merge.status] = f"Loaded **{what}** from the leaderboard: press **Merge**."
-        warn = "".join(f"\n\n⚠ {n}" for n in notes + more)
-        ups[load_status] = f"✓ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"
-        return ups
+        return knobs_into_merge(merge, dims, e["method"], e["knobs"], what, "leaderboard", load_status)
 
     return load
 

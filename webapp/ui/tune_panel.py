@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 
 import gradio as gr
-import yaml
 
 from analysis.knob_figures import FRONT_LABEL_AT, describe, front_label, sweep_figure, tune_figure
 from merging import methods
 from merging.errors import LabError
 from webapp import presets
 from webapp.protocol import SWEEP_LIMITS, TUNE_LIMITS
-from webapp.ui import cancel_button, front_click, plot_export, url_state
+from webapp.ui import cancel_button, front_click, plot_export
+from webapp.ui.knobs_loader import knobs_into_merge
 from webapp.ui.lab import Lab, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
@@ -172,18 +172,8 @@ def _load_handler(merge: MergePanel, load_status: gr.Markdown):
         if result is None or index is None:
             return {load_status: "Run the tuner, then pick a point of the front."}
         p = result["front"][int(index)]
-        scalars = {k: str(v) for k, v in p["knobs"].items() if not isinstance(v, list)}
-        schedules = {k: v for k, v in p["knobs"].items() if isinstance(v, list)}
-        state, notes = url_state.parse({"method": result["method"], **scalars})
-        state, more = url_state.fit(state, dims)
-        ups = merge.apply(state, dims)
-        if schedules:
-            ups[merge.advanced] = yaml.safe_dump(schedules, default_flow_style=None).strip()
         what = f"{result['method']} ({describe(p['knobs'])})"
-        ups[merge.status] = f"Loaded **{what}** from the tuner: press **Merge**."
-        warn = "".join(f"\n\n⚠ {n}" for n in notes + more)
-        ups[load_status] = f"✓ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"
-        return ups
+        return knobs_into_merge(merge, dims, result["method"], p["knobs"], what, "tuner", load_status)
 
     return load
 
