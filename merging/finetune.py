@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from merging import drift_memory
 from merging.device import check_device
 from merging.drift import DriftResult, attach_hooks, compute_prior, drift_settings
 from merging.errors import Cancelled, LabError
@@ -240,6 +241,7 @@ def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=No
     data: training_data(spec) when the caller has it already; it is read (and refused) before any load."""
     s = spec["drift"]
     data = data or training_data(spec)
+    drift_memory.check_room(spec["vlm"], spec["reasoner"], device)  # before anything loads
     with AtomicFolder(out_dir) as tmp:
         prior = compute_prior(spec["vlm"], spec["reasoner"])
         # float32: the fine-tune's optimizer steps need the precision whatever the checkpoint's dtype.
