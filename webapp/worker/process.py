@@ -27,17 +27,15 @@ from pathlib import Path
 
 import torch
 
-from merging.drift import DriftResult, drift_settings
 from merging.engine import merge_to_disk
 from merging.errors import LabError
-from merging.finetune import run_drift, run_identity, training_data
-from merging.hub import resolve
 from merging.inplace import PARTIAL
 from merging.memory_plan import plan_triple
 from merging.recipe import from_dict
 from webapp.protocol import Cancelled, DriftRun, lane_of, recipe_key, triple_of
 from webapp.safety import limit_pil
 from webapp.worker.chat_jobs import run_chat
+from webapp.worker.drift_jobs import run_drift_job
 from webapp.worker.evaluate_jobs import run_evaluate
 from webapp.worker.models import SNAPSHOTS, ModelHolder, load_serving, pick_device, serving_itemsize
 from webapp.worker.outcome_jobs import run_outcome
@@ -379,19 +377,7 @@ def tune(ctx: JobContext, args: dict) -> dict:
 
 @job("drift")
 def drift(ctx: JobContext, args: dict) -> dict:
-    spec = {"vlm": resolve(args["vlm"]), "reasoner": args["reasoner"], "drift": drift_settings(args.get("drift")),
-            "data_by_name": bool(args.get("data_by_name")), "data_name": args.get("data_name")}
-    data = training_data(spec)  # read and checked before anything loads; its hash names the run
-    out_dir = Path(ctx.cache_dir or ".", "drift", recipe_key(run_identity(spec, data))).resolve()
-    progress = ctx.progress(yields=True)
-    if (out_dir / "config.json").is_file():  # the same settings ran before: its folder as it is
-        result = DriftResult(folder=str(out_dir), vlm=str(spec["vlm"]), reasoner=spec["reasoner"],
-                             settings=spec["drift"], reused=True)
-    else:
-        ctx.forget_drift()  # free the previous result's memory before training
-        result = run_drift(spec, out_dir, ctx.device, progress, ctx.flag, data)
-    ctx.drift_loaded(result.folder, progress)
-    return {"result": result, "device": ctx.device}
+    return run_drift_job(ctx, args)
 
 
 @job("export")
