@@ -276,15 +276,20 @@ def learning_dtype(device: str) -> str:
 
 
 def learning_bytes(s: Setup) -> int:
-    """What learning holds on its device besides one prompt's activations: its own copy of the VLM, and
-    for each gated matrix its task vector and the gated weight W_v + delta(g) the forward uses, in the
-    learning dtype."""
-    with Checkpoint.open(s.refs["vlm"]) as ck:
+    """What learning holds on its device besides one prompt's activations (holding_bytes of s)."""
+    return holding_bytes(s.refs["vlm"], s.layouts["vlm"].lm, s.names, s.device)
+
+
+def holding_bytes(vlm_ref: str, lm: dict, names: list[str], device: str) -> int:
+    """Its own copy of the VLM, and for each gated matrix (canonical NAMES; LM maps them to the
+    checkpoint's names) its task vector and the gated weight W_v + delta(g) the forward uses, in the
+    learning dtype on DEVICE."""
+    with Checkpoint.open(vlm_ref) as ck:
         def size(name: str) -> int:
-            return 4 if learning_dtype(s.device) == "float32" else ck.dtype(name).itemsize
+            return 4 if learning_dtype(device) == "float32" else ck.dtype(name).itemsize
 
         vlm = sum(math.prod(ck.shape(n)) * size(n) for n in ck.names())
-        gated = sum(math.prod(ck.shape(s.layouts["vlm"].lm[c])) * size(s.layouts["vlm"].lm[c]) for c in s.names)
+        gated = sum(math.prod(ck.shape(lm[c])) * size(lm[c]) for c in names)
     return vlm + 2 * gated
 
 

@@ -364,6 +364,11 @@ def main_plan(args) -> int:
         p = plan_triple(rec.vlm, rec.reasoner, rec.base, args.device, itemsize)
     if not p.fits:
         raise LabError(p.problem)
-    for line in p.lines():
+    # cycle: method_needs reads gate_learning and drift_memory, which take free_memory from here
+    from merging import method_needs
+
+    free = (int(args.gpu_gib * GiB) - CUDA_CONTEXT) if args.gpu_gib else free_memory(args.device)[0]
+    device = "cuda" if args.gpu_gib else args.device
+    for line in p.lines() + method_needs.lines(rec.vlm, rec.reasoner, rec.base, device, free, "(on its own)"):
         print(line)
     return 0

@@ -7,10 +7,11 @@ import glob
 import math
 import re
 
+import pytest
 import torch
 from safetensors import safe_open
 
-from merging.drift_memory import DriftBytes, GiB, drift_bytes, refusal
+from merging.drift_memory import HEADROOM, DriftBytes, GiB, drift_bytes, refusal
 from merging.finetune import trainable_parameters
 from merging.loading import load_model
 from tests.paths import TOY
@@ -65,3 +66,35 @@ def test_a_fine_tune_that_cannot_fit_is_refused_in_one_line():
 def test_the_bundled_family_fits_a_small_machine():
     b = drift_bytes(str(TOY / "vlm"), str(TOY / "math"))
     assert sum(b.on("cpu")) < 2**27 and refusal(b, "cpu", GiB, GiB, "toy") is None
+
+
+def _toy_bytes() -> tuple[int, int]:
+    """(frism's holding on a GPU, a DRIFT fine-tune's on a GPU) for the bundled family, from the headers:
+    the toy's checkpoint dtype is what learning keeps on a GPU; DRIFT is float32 throughout."""
+    total = gated = n_all = n_lm = n_proj = 0
+    layer2d = re.compile(r"^language_model\.model\.layers\.\d+\.")
+    for f in glob.glob(str(TOY / "vlm" / "*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = sf.get_slice(k)
+                n, item = math.prod(t.get_shape()), {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+                total += n * item
+                gated += n * item if layer2d.search(k) and len(t.get_shape()) == 2 else 0
+                n_all += n
+                n_lm += n if k.startswith("language_model.") else 0
+                n_proj += n if PROJ.search(k) else 0
+    return total + 2 * gated, 4 * n_all + 12 * n_lm + 4 * n_proj
+
+
+@pytest.mark.parametrize("margin", [-64, 64])
+def test_the_plan_says_whether_frism_and_drift_fit(margin):
+    """The plan's last lines: each method's bytes against the free memory, the verdict flipping 64 bytes either
+    side of the headroom's edge of the figure counted from the headers."""
+    from merging import method_needs
+
+    frism, drift = _toy_bytes()
+    for i, need in enumerate((frism, drift)):
+        free = int(need / HEADROOM) + margin
+        got = method_needs.lines(str(TOY / "vlm"), str(TOY / "math"), str(TOY / "base"), "cuda", free, "here")
+        assert got[i].endswith(": does not fit" if margin < 0 else ": fits"), got[i]
+    assert len(method_needs.lines(str(TOY / "vlm"), str(TOY / "math"), None, "cuda", GiB, "here")) == 1  # no base

@@ -121,10 +121,19 @@ def test_a_triple_that_cannot_fit_is_refused_before_loading(tmp_path):
     w.handle({"id": 2, "kind": "merge", "args": {"recipe": RECIPE}})
     events = [w.events.get(timeout=60) for _ in range(w.events.qsize())]
     plan = next(p for jid, ev, p in events if jid == 1 and ev == "result")
-    assert not plan["fits"] and "free" in plan["lines"][0]
+    assert not plan["fits"] and "free" in plan["lines"][0] and len(plan["lines"]) == 1
     error = next(p for jid, ev, p in events if jid == 2 and ev == "error")
     assert "GiB of host RAM" in error and "free" in error and "\n" not in error
     assert w.models.loaded is None
+
+
+def test_the_plan_says_what_frism_and_drift_would_hold_beside_the_served_model(tmp_path):
+    w = Worker(queue.Queue(), queue.Queue(), {"device": "cpu", "cache_dir": str(tmp_path)})
+    w.handle({"id": 1, "kind": "plan", "args": {"triple": TRIPLE}})
+    plan = next(p for jid, ev, p in (w.events.get(timeout=60) for _ in range(w.events.qsize())) if ev == "result")
+    frism, drift = plan["lines"][-2:]
+    assert plan["fits"] and frism.startswith("frism's gate learning, every layer gated: ")
+    assert drift.startswith("a DRIFT fine-tune: ") and drift.endswith("free beside the served model: fits")
 
 
 def test_the_plan_command_prints_the_plan_and_refuses_with_exit_2(tmp_path, capsys):
@@ -136,6 +145,7 @@ def test_the_plan_command_prints_the_plan_and_refuses_with_exit_2(tmp_path, caps
     out = capsys.readouterr().out
     # the toy's inputs are small: held in RAM (a real model's are read from the files at each merge)
     assert "live model:" in out and "inputs: host RAM (the CPU is the device)" in out
+    assert "frism's gate learning, every layer gated:" in out and "a DRIFT fine-tune:" in out  # their needs too
     assert main(["plan", str(recipe), "--gpu-gib", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: vlm needs") and "cuda memory" in err and "\n" not in err

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from merging import method_needs
 from merging.engine import merge_to_disk
 from merging.errors import LabError
 from merging.inplace import PARTIAL
@@ -305,7 +306,12 @@ def plan(ctx: JobContext, args: dict) -> dict:
         freed = (use.get("device", 0), use.get("host", 0)) if ctx.device != "cpu" else (use["host"], use["host"])
     p = plan_triple(*triple, ctx.device, serving_itemsize(ctx.device, ctx.models.cpu_dtype),
                     loaded=same, max_sets=SNAPSHOTS, freed=freed, limit=ctx.models.limit)
-    return {"fits": p.fits, "lines": p.lines(), "plan": p.to_json()}
+    lines = p.lines()
+    if p.fits:
+        free = (p.host_free if ctx.device == "cpu" else p.device_free) - p.use.get(
+            "host" if ctx.device == "cpu" else "device", 0)
+        lines += method_needs.lines(*triple, ctx.device, max(0, free), "beside the served model")
+    return {"fits": p.fits, "lines": lines, "plan": p.to_json()}
 
 
 @job("merge")
