@@ -31,10 +31,13 @@ MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
 DRIFT_KEYS = {"steps": (1, 100_000), "lr": (1e-7, 1.0), "alpha": (0.0, 100.0), "batch_size": (1, 1024),
               "examples": (1, 1_000_000), "seed": (0, 2**31), "replay": (0.0, 0.9), "mode": None,
-              "normalize_delta": None, "data": None}
+              "normalize_delta": None, "data": None, "layers": None}
 # data: a JSONL of image + question + answer (merging.finetune); None is the toy scenes, for the bundled
 # family only. examples caps how many items are used. replay: the share of the toy examples that are
 # perception questions (the VLM's own skill, replayed so that a fine-tune is not on visual math alone).
+# layers: [a, b], the decoder layers a..b (inclusive) that train, the rest of the model frozen; absent,
+# the whole language model trains (the paper's setting). Not in DRIFT_DEFAULTS, so that a recipe without
+# it names the same run as before the option existed.
 DRIFT_DEFAULTS = {"steps": 60, "lr": 3e-4, "alpha": 1.0, "batch_size": 8, "examples": 256, "seed": 0,
                   "replay": 0.0, "mode": "adaptive_cosine", "normalize_delta": True, "data": None}
 _EPS = 1e-12
@@ -81,12 +84,12 @@ def adjust_gradient(g: torch.Tensor, d: torch.Tensor, mode: str, alpha: float, d
     raise LabError(f"unknown DRIFT mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def compute_prior(vlm_ref: str, reasoner_ref: str, progress=None) -> dict[str, torch.Tensor]:
-    """canonical name -> D = W_r - W_v (float32, CPU) for every attention/MLP projection."""
+def compute_prior(vlm_ref: str, reasoner_ref: str, progress=None, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """canonical name -> D = W_r - W_v (float32, CPU) for every attention/MLP projection (of LAYERS only)."""
     report = check_triple(vlm_ref, reasoner_ref)
     report.raise_if_incompatible()
     lv, lr = report.layouts["vlm"], report.layouts["reasoner"]
-    names = [c for c in lv.lm if PRIOR_NAMES.match(c)]
+    names = [c for c in lv.lm if PRIOR_NAMES.match(c) and in_layers(c, layers)]
     if not names:
         raise LabError(f"DRIFT prior: no attention/MLP projections found in {vlm_ref}")
     prior = {}
@@ -152,7 +155,28 @@ def drift_settings(section: dict | None) -> dict:
             raise LabError(f"drift {k} = {v!r} is out of range; allowed {rng[0]} to {rng[1]}")
         if k in ("steps", "batch_size", "examples", "seed") and int(v) != v:
             raise LabError(f"drift {k} must be a whole number, got {v!r}")
+    if "layers" in out:
+        out["layers"] = layer_range(out["layers"])
     if out["replay"] and out["data"] is not None:
         raise LabError("drift replay mixes perception questions into the toy scenes only; with a data file, "
                        "put the items to replay into the file itself")
     return out
+
+
+def layer_range(value) -> list[int] | None:
+    """The `layers` setting: None, or [a, b] with 0 <= a <= b (checked against the model when it trains)."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in value) or not 0 <= value[0] <= value[1]):
+        raise LabError(f"drift layers must be [first, last] decoder layers (whole numbers, first <= last), got {value!r}")
+    return [int(value[0]), int(value[1])]
+
+
+def in_layers(canonical: str, layers: list[int] | None) -> bool:
+    """Whether a canonical language-model tensor trains: every one without a range, else those of the
+    decoder layers in it."""
+    if layers is None:
+        return True
+    m = re.match(r"^layers\.(\d+)\.", canonical)
+    return m is not None and layers[0] <= int(m.group(1)) <= layers[1]

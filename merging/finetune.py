@@ -172,14 +172,24 @@ def build_batch(processor, examples: list) -> dict:
     return out
 
 
-def trainable_parameters(model) -> list:
-    """The language model only: the vision tower and projector stay frozen."""
+def trainable_parameters(model, layers: list[int] | None = None) -> list:
+    """The language model only: the vision tower and projector stay frozen; with LAYERS [a, b], only the
+    decoder layers a..b train (the embeddings, the final norm and the head stay frozen too)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    keep = list(model.get_decoder().parameters())
-    head = model.get_output_embeddings()
-    if head is not None:
-        keep += [p for p in head.parameters() if all(p is not q for q in keep)]
+    if layers is None:
+        keep = list(model.get_decoder().parameters())
+        head = model.get_output_embeddings()
+        if head is not None:
+            keep += [p for p in head.parameters() if all(p is not q for q in keep)]
+    else:
+        blocks = getattr(model.get_decoder(), "layers", None)
+        if blocks is None:
+            raise LabError("drift layers: this model's decoder has no list of layers; train it whole (no 'layers')")
+        if layers[1] >= len(blocks):
+            raise LabError(f"drift layers {layers} is out of range: the model has {len(blocks)} decoder layers "
+                           f"(0 to {len(blocks) - 1})")
+        keep = [p for i in range(layers[0], layers[1] + 1) for p in blocks[i].parameters()]
     for p in keep:
         p.requires_grad_(True)
     return keep
@@ -187,12 +197,13 @@ def trainable_parameters(model) -> list:
 
 def finetune(model, processor, examples: list, steps: int, lr: float, batch_size: int, seed: int = 0,
              prior: dict | None = None, mode: str = "adaptive_cosine", alpha: float = 0.0,
-             progress=None, cancel=None, normalize_delta: bool = True) -> list[float]:
+             progress=None, cancel=None, normalize_delta: bool = True, layers: list[int] | None = None) -> list[float]:
     """Train in place; returns the loss of every step. With a prior, DRIFT hooks are attached
-    (also at alpha 0, so that alpha 0 is provably the plain fine-tune) and removed at the end."""
+    (also at alpha 0, so that alpha 0 is provably the plain fine-tune) and removed at the end.
+    layers: [a, b] trains those decoder layers only (trainable_parameters)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, layers)
     handles = attach_hooks(model, prior, mode, alpha, normalize_delta) if prior is not None else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
@@ -241,15 +252,16 @@ def run_drift(spec: dict, out_dir, device: str = "cpu", progress=None, cancel=No
     data: training_data(spec) when the caller has it already; it is read (and refused) before any load."""
     s = spec["drift"]
     data = data or training_data(spec)
-    drift_memory.check_room(spec["vlm"], spec["reasoner"], device)  # before anything loads
+    layers = s.get("layers")
+    drift_memory.check_room(spec["vlm"], spec["reasoner"], device, layers)  # before anything loads
     with AtomicFolder(out_dir) as tmp:
-        prior = compute_prior(spec["vlm"], spec["reasoner"])
+        prior = compute_prior(spec["vlm"], spec["reasoner"], layers=layers)
         # float32: the fine-tune's optimizer steps need the precision whatever the checkpoint's dtype.
         model, processor = load_model(spec["vlm"], device, dtype="float32")
         t0 = time.time()
         losses = finetune(model, processor, data.examples, int(s["steps"]), float(s["lr"]), int(s["batch_size"]),
                           int(s["seed"]), prior, s["mode"], float(s["alpha"]), progress, cancel,
-                          bool(s["normalize_delta"]))
+                          bool(s["normalize_delta"]), layers)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         seconds = time.time() - t0
