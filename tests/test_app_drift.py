@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.factories import make_tiny_triple
 from webapp.presets import CUSTOM
@@ -45,6 +46,30 @@ def test_drift_then_chat(client, app_handle):
     assert "reused" in again, again
     assert client.predict(api_name="/drift_cancel") == "Nothing is running."
     assert Path(folders[0]).is_dir()
+
+
+def test_the_layers_box_trains_those_layers_only(client, app_handle, toy_dir):
+    """A range trains those decoder layers (the result differs from the VLM there alone); a malformed box
+    and a range past the model are refused in one line, the latter by the worker before it loads."""
+    from safetensors.torch import load_file
+
+    runs = app_handle.cache / "drift"
+    before = {p.name for p in runs.iterdir()} if runs.is_dir() else set()
+    status = client.predict(preset=TOY_PRESET, mode="adaptive_cosine", alpha=1.0, steps=2, lr=1e-3, batch_size=4,
+                            examples=8, layers="6-7", api_name="/drift")
+    assert "of layers 6-7 done" in status and "2 steps" in status, status
+    (new,) = [p for p in runs.iterdir() if p.name not in before and not p.name.startswith(".")]
+    vlm, got = {}, {}
+    for f in sorted((toy_dir / "vlm").glob("*.safetensors")):
+        vlm.update(load_file(str(f)))
+    for f in sorted(new.glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    changed = {k for k in vlm if not torch.equal(vlm[k], got[k].to(vlm[k].dtype))}
+    assert changed and all(re.search(r"\.layers\.[67]\.", k) for k in changed), sorted(changed)[:5]
+    bad = client.predict(preset=TOY_PRESET, steps=2, examples=8, layers="six", api_name="/drift")
+    assert bad.startswith("✗ **Cannot run DRIFT:** drift layers: write first-last"), bad
+    past = client.predict(preset=TOY_PRESET, steps=2, examples=8, layers="6-9", api_name="/drift")
+    assert "drift layers [6, 9] is out of range: the model has 8 decoder layers (0 to 7)" in past, past
 
 
 def test_drift_cancel(client, app_handle):
@@ -104,7 +129,8 @@ def test_drift_on_an_uploaded_set(client, app_handle, toy_dir, tmp_path):
     files = _upload_set(tmp_path / "set", rows, toy_dir)
     shown = client.predict(files=[handle_file(str(p)) for p in files], api_name="/drift_data")
     assert shown.startswith("✓ **3 items** read from `train.jsonl`"), shown
-    before = {p.name for p in (app_handle.cache / "drift").iterdir()} if (app_handle.cache / "drift").is_dir() else set()
+    runs = app_handle.cache / "drift"
+    before = {p.name for p in runs.iterdir()} if runs.is_dir() else set() if (app_handle.cache / "drift").is_dir() else set()
     args = {"preset": TOY_PRESET, "mode": "adaptive_cosine", "alpha": 1.0, "steps": 4, "lr": 3e-3, "batch_size": 3,
             "examples": 3, "api_name": "/drift"}
     status = client.predict(files=[handle_file(str(p)) for p in files], **args)

@@ -10,6 +10,7 @@ The worker trains into <cache-dir>/drift/<hash of the models, the settings and t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -98,8 +99,19 @@ def live_status(variant, text: str):
     return text[:-len(LIVE)] + f"\n\n_The chat's left side no longer answers with it: {now} replaced it._"
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    """The layers box: empty is the whole language model; "20-27", "20, 27" or "20 27" a range; "5" one layer."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    parts = [x for x in re.split(r"[\s,\-–]+", text) if x]
+    if not 1 <= len(parts) <= 2 or not all(x.isdigit() for x in parts):
+        raise LabError(f"drift layers: write first-last, e.g. 20-27 (empty: the whole language model), got {text!r}")
+    return drift_settings({"layers": [int(parts[0]), int(parts[-1])]})["layers"]
+
+
 def _drift_handler(lab: Lab):
-    def drift(preset, vlm, reasoner, base, mode, alpha, steps, lr, batch_size, examples, files=None,
+    def drift(preset, vlm, reasoner, base, mode, alpha, steps, lr, batch_size, examples, files=None, layers="",
               request: gr.Request = None):
         """Fine-tune the triple's VLM (DRIFT, or plain at alpha 0) on the uploaded set (the toy scenes
         for the bundled family without one); chat then uses the result."""
@@ -110,7 +122,8 @@ def _drift_handler(lab: Lab):
             empty = [k for k, v in typed.items() if v is None]
             if empty:
                 raise LabError(f"drift {empty[0]}: enter a number ({_range(empty[0])})")
-            settings = drift_settings({"mode": mode, **typed})
+            span = parse_layers(layers)
+            settings = drift_settings({"mode": mode, **typed, **({"layers": span} if span else {})})
             data, shown = _data_args(lab, files, triple["vlm"], int(settings["examples"]))
         except (LabError, TypeError, ValueError) as e:
             yield f"✗ **Cannot run DRIFT:** {e}", gr.skip()
@@ -119,6 +132,7 @@ def _drift_handler(lab: Lab):
                 **data}
         job = lab.client.submit("drift", args, session_of(request))
         what = "Plain fine-tune" if settings["alpha"] == 0 else f"DRIFT ({settings['mode']}, alpha {alpha:g})"
+        what += f" of layers {span[0]}-{span[1]}" if span else ""
         try:
             for text, end in follow_status(lab.client, job, what):
                 if end is None:
@@ -156,6 +170,9 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> tuple[gr.Ma
         batch_size = gr.Number(DRIFT_DEFAULTS["batch_size"], label="batch size", precision=0,
                                info=_range("batch_size"))
         examples = gr.Number(DRIFT_DEFAULTS["examples"], label="examples", precision=0, info=_range("examples"))
+    layers = gr.Textbox("", label="layers that train", placeholder="empty: the whole language model", max_lines=1,
+                        elem_id="drift-layers", info="first-last decoder layers, e.g. 20-27: a 7B VLM trains on one "
+                        "card only this way (the memory plan says what a fine-tune holds)")
     gr.Markdown(DATA_HELP, elem_id="drift-data-help")
     files = gr.File(file_count="multiple", file_types=[".jsonl", ".json", ".zip", "image"], type="filepath",
                     label=".jsonl + images, or one .zip", elem_id="drift-files", height=180)
@@ -167,7 +184,7 @@ def build(lab: Lab, models: ModelsPanel, variant_state: gr.State) -> tuple[gr.Ma
     outcome = gr.Markdown("", elem_id="drift-outcome")
 
     files.change(_count_handler(lab), files, data_status, api_name="drift_data")
-    inputs = [*models.inputs, mode, alpha, steps, lr, batch_size, examples, files]
+    inputs = [*models.inputs, mode, alpha, steps, lr, batch_size, examples, files, layers]
     run_btn.click(_drift_handler(lab), inputs, [status, variant_state], api_name="drift", concurrency_limit=16)
     models.compatible.change(lambda ok: gr.update(interactive=bool(ok)), models.compatible, run_btn,
                              queue=False, api_visibility="private")
