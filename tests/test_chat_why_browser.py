@@ -1,13 +1,13 @@
 """The chat in a real headless Chromium: a question with a word the toy model does not know gets the
 warning before its answers, and under the chat both panes' key-token probabilities.
-The screenshot goes to docs/chat_why.png (the docs' picture of it)."""
+The screenshot goes to tests/_output/chat_why.png (docs/chat_why.png is a copy of one, taken by hand)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.app_fixtures import chromium
-from tests.paths import ROOT, TOY
+from tests.app_fixtures import SHOTS, chromium
+from tests.paths import TOY
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -35,4 +35,5 @@ def test_unknown_word_warning_and_key_token_table(app_url):
         for text in ("merged model", "original VLM", "count", "answer", "numbers 0-20"):
             expect(why).to_contain_text(text)
         page.locator("#chat-box").scroll_into_view_if_needed()
-        page.screenshot(path=str(ROOT / "docs" / "chat_why.png"), full_page=True)
+        SHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SHOTS / "chat_why.png"), full_page=True)
