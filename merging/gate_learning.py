@@ -305,9 +305,10 @@ def check_room(s: Setup) -> None:
 
 
 @torch.enable_grad()  # InPlaceMerger.apply runs under no_grad
-def learn(s: Setup, progress=None, cancel=None) -> Learned:
+def learn(s: Setup, progress=None, cancel=None, release=None) -> Learned:
     """The gates of s.names (steps 0: none learned, every gate INIT). progress(done, total, message)
-    after each step; cancel() -> True raises Cancelled."""
+    after each step; cancel() -> True raises Cancelled; release(), when given, is called before the
+    room is checked and the VLM copy loads, and only when the gates are learned (not from the cache)."""
     if cancel is not None and cancel():
         raise Cancelled()
     if int(s.knobs["steps"]) == 0 or not s.names:
@@ -320,6 +321,8 @@ def learn(s: Setup, progress=None, cancel=None) -> Learned:
     found = _cached(key)
     if found is not None and all(len(found.gates.get(c, ())) > 0 for c in s.names):
         return found
+    if release is not None:
+        release()
     check_room(s)
     t0 = time.time()
     model, proc = load_model(s.refs["vlm"], s.device, dtype=learning_dtype(s.device))

@@ -265,12 +265,11 @@ class InPlaceMerger:
         params.validate_lengths(recipe, self.num_layers)
         groups, _ = plan_groups(recipe, method, self.layouts)
         names = [c for g in groups for c in g.names]
-        self._load(names)
         cdtype = torch_dtype(recipe.dtype)
         knobs = recipe.knobs()
         # the fingerprints let ip_merging file its decompositions for the analyses
         ctx = MergeContext(seed=recipe.seed, device=self.device, num_layers=self.num_layers,
-                           fingerprints=self.fingerprints)
+                           fingerprints=self.fingerprints, release=self._release)
         bar = Progress(len(names), progress, cancel, bar=False)
         cks = {}
         self._vlm_ck = None  # the VLM's rows, opened by the first streamed merge (inputs held: none)
@@ -280,6 +279,7 @@ class InPlaceMerger:
             self._make_room()
             self._current = PARTIAL
             method.prepare(recipe, ctx, progress, cancel)
+            self._load(names)  # after prepare: a learning method may have had _release let go of them
             cks = self._open_inputs(names)
             for g in groups:
                 bar.check()
@@ -309,6 +309,14 @@ class InPlaceMerger:
         self._diagnostics = ctx.diagnostics
         self._out_dtype = torch_dtype(recipe.out_dtype) if recipe.out_dtype else None
         return ctx.diagnostics.as_dict()
+
+    def _release(self) -> None:
+        """Let go of what can be read again from the files: the reasoner's and base's tensors kept per the
+        plan, and spare buffers (a method's own learning needs the memory; _load brings the inputs back)."""
+        self.cache.clear()
+        self._spare.clear()
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def _make_room(self) -> None:
         """Drop the oldest kept merges until the new one fits the plan's count; their tensors become

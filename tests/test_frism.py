@@ -198,8 +198,18 @@ def test_gates_are_in_the_merge_report_and_in_place_gives_the_same_tensors(smoke
     rec = recipe(fam, steps=5, examples=8, rank=4, groups=2)
     model, _ = load_model(fam["vlm"])
     merger = InPlaceMerger(model, str(fam["vlm"]), str(fam["reasoner"]), str(fam["base"]))
-    extra = merger.apply(rec)  # learns (apply runs under no_grad), then the disk merge reuses the gates
+    merger.apply(from_dict({**rec.to_dict(), "method": "task_arithmetic", "parameters": {"alpha": 0.5}}))
+    held = len(merger.cache)  # the small family's inputs, kept in RAM by the plan
+    during = []
+
+    def progress(done, total, msg):
+        if msg.startswith("frism gates: step"):
+            during.append(len(merger.cache))
+
+    extra = merger.apply(rec, progress)  # learns (apply runs under no_grad), then the disk merge reuses the gates
     assert not extra["frism"]["learned"]["cached"]
+    # learning ran with the merger's copies of the inputs let go (a second VLM needs the room); they came back
+    assert held > 0 and during and set(during) == {0} and len(merger.cache) == held
     merge_to_disk(rec, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())["diagnostics"]["frism"]
     assert report["cached"]

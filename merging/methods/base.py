@@ -4,6 +4,7 @@ read from it (the leaderboard's grid, its paper, the app's knob toggles, its dia
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,10 @@ class MergeContext:
     # decompositions under them for the analyses, frism its learned gates.
     fingerprints: dict[str, str] | None = None
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
+    # Given by the in-place merger: frees what it holds that it can read again (its copies of the
+    # reasoner's and the base's tensors, spare buffers). A method about to need memory of its own (frism's
+    # learning, which loads a second VLM) calls it first; a merge to disk has nothing to free.
+    release: Callable[[], None] | None = None
 
     def generator(self, name: str, device: str | None = None) -> torch.Generator:
         """A generator seeded from the recipe seed and the tensor's canonical name.

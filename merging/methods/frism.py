@@ -71,7 +71,7 @@ class Frism(MergeMethod):
         setup = gate_learning.Setup({"vlm": recipe.vlm, "reasoner": recipe.reasoner, "base": recipe.base},
                                     report.layouts, names, knobs, recipe.seed, ctx.device,
                                     ctx.fingerprints or report.fingerprints, getattr(recipe, "prompts", None))
-        learned = gate_learning.learn(setup, progress, cancel)
+        learned = gate_learning.learn(setup, progress, cancel, ctx.release)
         ctx.diagnostics.methods[self.name] = {"learned": asdict(learned), "layers": {}}
 
     def merge_layer(self, layer, sets: dict[str, TensorSet], p: dict, ctx) -> dict[str, torch.Tensor]:
