@@ -98,6 +98,12 @@ class MemoryPlan:
         """Both chat panes answer without a re-merge."""
         return self.sets >= 1
 
+    def held_inputs(self) -> int:
+        """Bytes of the reasoner's and base's tensors the plan keeps on the device (on a CPU: in RAM),
+        which the merger lets go of while a method learns (InPlaceMerger._release)."""
+        size = {u.layer: u.inputs for u in self.footprint.units}
+        return sum(size.get(p.layer, 0) for p in self.placements if p.inputs == "device")
+
     def lines(self) -> list[str]:
         """What sits where, for the app and the CLI."""
         fp, gib = self.footprint, (lambda b: f"{b / GiB:.2f} GiB")

@@ -12,9 +12,11 @@ from merging.compat import check_triple
 GiB = 2**30
 
 
-def lines(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, free: int, where: str) -> list[str]:
+def lines(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, free: int, where: str,
+          released: int = 0) -> list[str]:
     """One line per method: what it holds on DEVICE and whether that fits in FREE bytes (WHERE says what
-    FREE is: on its own in the CLI, or beside the served model in the app)."""
+    FREE is: on its own in the CLI, or beside the served model in the app); frism's learning also has
+    RELEASED, what the in-place merger lets go of while it learns."""
     report = check_triple(vlm_ref, reasoner_ref, base_ref)
     lm = report.layouts["vlm"].lm
     out = []
@@ -22,7 +24,8 @@ def lines(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, fr
         with Checkpoint.open(vlm_ref) as ck:
             gated = [c for c in lm if c.startswith("layers.") and len(ck.shape(lm[c])) == 2]
         need = gate_learning.holding_bytes(vlm_ref, lm, gated, device)
-        out.append(_line("frism's gate learning, every layer gated", need, free, where))
+        more = f" (+{released / GiB:.2f} GiB of input copies let go while it learns)" if released else ""
+        out.append(_line("frism's gate learning, every layer gated", need, free + released, where + more))
     on_device, _ = drift_memory.drift_bytes(vlm_ref, reasoner_ref).on(device)
     out.append(_line("a DRIFT fine-tune", on_device, free, where))
     return out

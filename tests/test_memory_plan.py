@@ -146,3 +146,12 @@ def test_extra_merged_states_only_for_small_models(tri):
     fp = footprint(tri, itemsize=4)
     assert sum(u.changed for u in fp.units) < mp.EXTRA_SET_MAX_BYTES
     assert mp.plan(fp, "cpu", 0, fp.live + GiB, headroom=0).sets == mp.MAX_SETS
+
+
+def test_held_inputs_are_the_reasoner_and_base_bytes_the_plan_keeps(tri):
+    """What the merger can let go of while frism learns: every byte of the reasoner's and base's files when
+    the plan holds them (small inputs), nothing when it reads them from the files."""
+    held = mp.plan_triple(str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]), "cpu", 4)
+    assert held.held_inputs() == _bytes_by_safetensors(tri["reasoner"]) + _bytes_by_safetensors(tri["base"])
+    files = mp.plan_triple(str(tri["vlm"]), str(tri["reasoner"]), str(tri["base"]), "cpu", 4, hold_inputs_below=0)
+    assert {p.inputs for p in files.placements} == {"file"} and files.held_inputs() == 0

@@ -133,6 +133,7 @@ def test_the_plan_says_what_frism_and_drift_would_hold_beside_the_served_model(t
     plan = next(p for jid, ev, p in (w.events.get(timeout=60) for _ in range(w.events.qsize())) if ev == "result")
     frism, drift = plan["lines"][-2:]
     assert plan["fits"] and frism.startswith("frism's gate learning, every layer gated: ")
+    assert "of input copies let go while it learns): fits" in frism  # the toy's inputs are held in RAM
     assert drift.startswith("a DRIFT fine-tune: ") and drift.endswith("free beside the served model: fits")
 
 

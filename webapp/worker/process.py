@@ -310,7 +310,7 @@ def plan(ctx: JobContext, args: dict) -> dict:
     if p.fits:
         free = (p.host_free if ctx.device == "cpu" else p.device_free) - p.use.get(
             "host" if ctx.device == "cpu" else "device", 0)
-        lines += method_needs.lines(*triple, ctx.device, max(0, free), "beside the served model")
+        lines += method_needs.lines(*triple, ctx.device, max(0, free), "beside the served model", p.held_inputs())
     return {"fits": p.fits, "lines": lines, "plan": p.to_json()}
 
 
