@@ -26,6 +26,7 @@ from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
 from merging.errors import LabError
 from merging.inplace import map_parameters
+from merging.layout import split_canonical
 
 MODES = ("absolute", "gradnorm", "adaptive_cosine")
 PRIOR_NAMES = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
@@ -178,5 +179,5 @@ def in_layers(canonical: str, layers: list[int] | None) -> bool:
     decoder layers in it."""
     if layers is None:
         return True
-    m = re.match(r"^layers\.(\d+)\.", canonical)
-    return m is not None and layers[0] <= int(m.group(1)) <= layers[1]
+    layer, _ = split_canonical(canonical)
+    return layer is not None and layers[0] <= layer <= layers[1]

@@ -48,7 +48,7 @@ def drift_bytes(vlm_ref: str, reasoner_ref: str, layers: list[int] | None = None
     lv = report.layouts["vlm"]
     with Checkpoint.open(vlm_ref) as ck:
         size = {name: math.prod(ck.shape(name)) for name in ck.names()}
-    count = 1 + max((int(c.split(".")[1]) for c in lv.lm if c.startswith("layers.")), default=-1)
+    count = lv.num_layers
     if layers is not None and layers[1] >= count:  # as trainable_parameters says it, before anything loads
         raise LabError(f"drift layers {layers} is out of range: the model has {count} decoder layers (0 to {count - 1})")
     lm = {lv.lm[c] for c in lv.lm if in_layers(c, layers)}  # a tied head maps to the embedding: counted once

@@ -15,6 +15,7 @@ and the same merge in place use the same gates, and a repeat learns nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -33,6 +34,7 @@ from merging.errors import Cancelled, LabError
 from merging.finetune import build_batch, is_toy_family
 from merging.inplace import map_parameters
 from merging.item_file import read_items, set_digest
+from merging.layout import split_canonical
 from merging.loading import load_model, prompt, tokenizer_of, user_turn
 from merging.memory_plan import free_memory
 from tasks import toydata as td
@@ -130,11 +132,17 @@ def answer_logp(kept: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(kept[mask].float(), dim=-1)
 
 
+@functools.cache
+def _keeps_logits(cls) -> bool:
+    """Whether a model class's forward takes logits_to_keep (asked once per class, not per prompt)."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def kept_logits(model, inputs: dict, labels: torch.Tensor, params: dict | None = None) -> torch.Tensor:
     """The logits at answer_positions(labels) alone (the vocabulary projection of the other positions,
     and its gradient, are never formed), with PARAMS in place of the model's own (a functional forward)."""
     at = answer_positions(labels)
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:  # every VLM class in use has it
+    if not _keeps_logits(type(model)):  # every VLM class in use has logits_to_keep
         kw, pick = inputs, True
     else:
         kw, pick = {**inputs, "logits_to_keep": at}, False
@@ -273,6 +281,13 @@ def learning_dtype(device: str) -> str:
     dtype (bfloat16 for the public 7B pairs), VLM and task vectors alike, halving what learning holds; the
     gates themselves, Adam's state and the KL stay float32, and the merge still uses the exact tau_r."""
     return "float32" if torch.device(device).type == "cpu" else "auto"
+
+
+def gated_matrices(vlm_ref: str, lm: dict, canonicals) -> list[str]:
+    """The matrices frism gates among CANONICALS: every 2-D tensor of a decoder layer (LM maps canonical
+    names to the VLM checkpoint's)."""
+    with Checkpoint.open(vlm_ref) as ck:
+        return [c for c in canonicals if split_canonical(c)[0] is not None and len(ck.shape(lm[c])) == 2]
 
 
 def learning_bytes(s: Setup) -> int:

@@ -6,7 +6,6 @@ gate learning with every layer gated (merging/gate_learning.py) and a DRIFT fine
 from __future__ import annotations
 
 from merging import drift_memory, gate_learning
-from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
 
 GiB = 2**30
@@ -21,9 +20,7 @@ def lines(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, fr
     lm = report.layouts["vlm"].lm
     out = []
     if base_ref:  # frism needs the base
-        with Checkpoint.open(vlm_ref) as ck:
-            gated = [c for c in lm if c.startswith("layers.") and len(ck.shape(lm[c])) == 2]
-        need = gate_learning.holding_bytes(vlm_ref, lm, gated, device)
+        need = gate_learning.holding_bytes(vlm_ref, lm, gate_learning.gated_matrices(vlm_ref, lm, lm), device)
         more = f" (+{released / GiB:.2f} GiB of input copies let go while it learns)" if released else ""
         out.append(_line("frism's gate learning, every layer gated", need, free + released, where + more))
     on_device, _ = drift_memory.drift_bytes(vlm_ref, reasoner_ref).on(device)
