@@ -21,8 +21,6 @@ load_snapshot() and restore(), and read what is live from `current` / `weights_i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import OrderedDict
 
@@ -35,44 +33,12 @@ from merging.device import BLOCK_ELEMS, check_device, one_thread
 from merging.errors import LabError
 from merging.hub import resolve
 from merging.inplace_stream import RowStreamer, Spares, StreamMemo
-from merging.item_file import set_digest
 from merging.layout import ROLES, VOCAB_TENSORS, split_canonical
+from merging.merge_identity import merge_key, triple_fingerprints, weights_id
 from merging.merge_plan import plan_groups, torch_dtype
 from merging.methods import Diagnostics, MergeContext, TensorSet
 from merging.param_map import map_parameters  # also imported from here (drift, gate_learning)
 from merging.tensor_merge import Progress, merge_group, read_checked
-
-
-def merge_key(recipe) -> str:
-    """What a merge's weights depend on besides the triple (method, knobs with defaults filled in,
-    layers, embeddings, dtypes, seed, the prompts a method learned from), hashed: the name of a merged
-    state."""
-    d = {"method": recipe.method, "knobs": recipe.knobs(), "layers": list(recipe.layers) if recipe.layers else None,
-         "embeddings": recipe.embeddings, "dtype": recipe.dtype, "out_dtype": recipe.out_dtype, "seed": recipe.seed}
-    if getattr(recipe, "prompts", None):  # what the gates were learned from: the files' bytes, not their path
-        d["prompts"] = set_digest(recipe.prompts)
-    text = json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def weights_id(fingerprints: dict[str, str], key: str | None) -> str:
-    """Identity of a set of live weights, for caches: the VLM checkpoint's fingerprint for the
-    original (key None), else a hash of the triple's fingerprints and the merge key."""
-    if key is None:
-        return f"checkpoint:{fingerprints['vlm']}"
-    text = json.dumps([dict(sorted(fingerprints.items())), key], separators=(",", ":"))
-    return f"merge:{hashlib.sha256(text.encode()).hexdigest()[:24]}"
-
-
-def triple_fingerprints(vlm_ref: str, reasoner_ref: str, base_ref: str | None = None) -> dict[str, str]:
-    """{"vlm", "reasoner"[, "base"]} -> checkpoint fingerprint, the roles weights_id() expects."""
-    out = {}
-    for role, ref in (("vlm", vlm_ref), ("reasoner", reasoner_ref), ("base", base_ref)):
-        if ref:
-            with Checkpoint.open(ref) as ck:
-                out[role] = ck.fingerprint
-    return out
-
 
 # `current` while the weights are being changed, or after a change was interrupted: matches no
 # key and is not None, so every caller's next step re-establishes a known state.

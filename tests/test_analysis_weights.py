@@ -63,7 +63,7 @@ def stored(worker, name: str, parts: dict):
 
 def test_attention_after_a_cached_merge_measures_the_original(worker):
     from analysis import attention
-    from merging.inplace import triple_fingerprints, weights_id
+    from merging.merge_identity import triple_fingerprints, weights_id
 
     for r in (A, B, A):  # the third comes from the merger's snapshot
         run(worker, "merge", {"recipe": r})
@@ -85,7 +85,7 @@ def test_knockout_baseline_is_the_vlm_beside_any_merge(worker):
     from analysis import knockout
     from analysis.analyses.knockout_spec import eval_key
     from analysis.evaluate import evaluate
-    from merging.inplace import merge_key, triple_fingerprints, weights_id
+    from merging.merge_identity import merge_key, triple_fingerprints, weights_id
     from merging.recipe import from_dict
 
     run(worker, "merge", {"recipe": A})

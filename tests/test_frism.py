@@ -21,9 +21,10 @@ from merging.compat import check_triple
 from merging.engine import merge_to_disk
 from merging.errors import Cancelled, LabError
 from merging.finetune import build_batch
-from merging.inplace import InPlaceMerger, merge_key
+from merging.inplace import InPlaceMerger
 from merging.layout import derive_layout
 from merging.loading import load_model
+from merging.merge_identity import merge_key
 from merging.methods import MergeContext, TensorSet
 from merging.recipe import from_dict, load
 from tests.factories import make_tiny_triple

@@ -17,7 +17,8 @@ import torch
 
 from merging.engine import merge_to_disk
 from merging.errors import LabError
-from merging.inplace import PARTIAL, InPlaceMerger, merge_key, triple_fingerprints, weights_id
+from merging.inplace import PARTIAL, InPlaceMerger
+from merging.merge_identity import merge_key, triple_fingerprints, weights_id
 from merging.recipe import from_dict
 from tests.factories import file_tensors, make_tiny_triple
 from tests.test_memory_plan import forced_plans

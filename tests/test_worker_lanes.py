@@ -12,7 +12,8 @@ import torch
 
 from webapp.presets import TOY_ROOT
 from webapp.protocol import lane_of
-from webapp.worker.process import Lanes, Worker
+from webapp.worker.lanes import Lanes
+from webapp.worker.process import Worker
 
 TRIPLE = {"vlm": str(TOY_ROOT / "vlm"), "reasoner": str(TOY_ROOT / "math"), "base": str(TOY_ROOT / "base")}
 RECIPE = {**TRIPLE, "method": "task_arithmetic", "parameters": {"alpha": 0.8}}

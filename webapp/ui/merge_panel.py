@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import tempfile
@@ -19,7 +18,7 @@ from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.presets import TOY_ROOT
 from webapp.protocol import DriftRun, recipe_key, triple_of
-from webapp.ui import cancel_button, plot_export, recipes
+from webapp.ui import cancel_button, knob_controls, plot_export, recipes
 from webapp.ui.export_zip import zip_for_download
 from webapp.ui.lab import Lab, follow_status, made_of, session_of
 from webapp.ui.models_panel import ModelsPanel, check
@@ -61,13 +60,13 @@ class MergePanel:
         """Updates that show this panel in a url_state.LabState (the URL restore and the walkthrough)."""
         n = (dims or {}).get("num_layers")
         first, last = state.layers or (0, (n or 32) - 1)
-        ups = {self.method: state.method, self.about: _describe(state.method),
-               self.prior: _toggle_update(state.method, value=state.prior),
+        ups = {self.method: state.method, self.about: knob_controls.describe(state.method),
+               self.prior: knob_controls.toggle_update(state.method, value=state.prior),
                self.advanced: "", self.typed: "",
                self.first: gr.update(maximum=(n or 32) - 1, value=first),
                self.last: gr.update(maximum=(n or 32) - 1, value=last), self.layers_n: str(n or "")}
         values = {p.name: state.knob(p.name) for p in recipes.shown_params(state.method)}
-        ups.update(zip(self.knobs, _knob_updates(state.method, dims, values, state.prior)))
+        ups.update(zip(self.knobs, knob_controls.knob_updates(state.method, dims, values, state.prior)))
         return ups
 
 
@@ -81,93 +80,6 @@ def _report_text(report: dict | None) -> str:
     return "\n\n" + "\n".join(body + warns)
 
 
-def _name_knobs(fn):
-    """Name fn's pooled *knob_values in the API (Gradio reads the signature): knob1..knobN for the
-    sliders (a method's number knobs in order), choice1..choiceM for the radios (its choice knobs),
-    so clients can pass knob1=... without a hand-written parameter per control."""
-    sig = inspect.signature(fn)
-    fixed = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    names = [f"knob{i + 1}" for i in range(recipes.SLIDERS)] + [f"choice{i + 1}" for i in range(recipes.CHOICES)]
-    pooled = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
-    fn.__signature__ = sig.replace(parameters=fixed + pooled)
-    return fn
-
-
-def _knob_updates(method: str, dims: dict | None = None, values: dict | None = None, prior: bool = False) -> list:
-    """The pools' updates (sliders, then radios) that show `method`'s knobs at `values` (default: the
-    method's defaults), sliders capped for this model (dims: num_layers, hidden_size)."""
-    dims, values = dims or {}, values or {}
-    hides = recipes.toggle_hides(method, prior)
-    nums, chs = recipes.numeric_params(method), recipes.choice_params(method)
-    ups = []
-    for i in range(recipes.SLIDERS):
-        if i < len(nums):
-            p = nums[i]
-            spec = recipes.slider_spec(p, dims.get("num_layers"), dims.get("hidden_size"))
-            if p.name in values:
-                spec["value"] = min(max(values[p.name], spec["minimum"]), spec["maximum"])
-            ups.append(gr.update(visible=p.name not in hides, **spec))
-        else:
-            ups.append(gr.update(visible=False, value=None))
-    for i in range(recipes.CHOICES):
-        if i < len(chs):
-            spec = recipes.radio_spec(chs[i])
-            spec["value"] = int(values.get(chs[i].name, spec["value"]))
-            ups.append(gr.update(visible=True, **spec))
-        else:
-            ups.append(gr.update(visible=False, value=None))
-    return ups
-
-
-def _prior_updates(method: str, prior: bool) -> list:
-    """Show the sliders the method's toggle leaves in this state (frank: beta with the prior, w_v without)."""
-    if methods.get(method).toggle is None:
-        return [gr.skip()] * recipes.SLIDERS
-    hides = recipes.toggle_hides(method, prior)
-    names = [p.name for p in recipes.numeric_params(method)]
-    return [gr.update(visible=names[i] not in hides) if i < len(names) else gr.skip()
-            for i in range(recipes.SLIDERS)]
-
-
-def _toggle_default(method: str) -> bool:
-    m = methods.get(method)
-    return bool(m.toggle) and bool(next(p.default for p in m.params if p.name == m.toggle.knob))
-
-
-def _toggle_update(method: str, **value) -> dict:
-    """The toggle checkbox for this method: shown, with the method's own label, only when it has one."""
-    toggle = methods.get(method).toggle
-    if toggle is None:
-        return gr.update(visible=False, **value)
-    return gr.update(visible=True, label=toggle.label, info=toggle.info, **value)
-
-
-def _clamp_notes(method: str, typed: str, slider_values, dims: dict | None) -> list[str]:
-    """Which slider the browser clamped: a typed value outside its range, and what it became."""
-    try:
-        raw = json.loads(typed) if typed and len(typed) < 4096 else {}
-    except ValueError:
-        raw = {}
-    raw = raw if isinstance(raw, dict) else {}
-    dims, notes = dims or {}, []
-    for i, (p, v) in enumerate(zip(recipes.numeric_params(method), slider_values)):
-        t = raw.get(str(i))
-        if v is None or not isinstance(t, (int, float)) or isinstance(t, bool) or t == v:
-            continue
-        lo, hi, why = recipes.slider_range(p, dims.get("num_layers"), dims.get("hidden_size"))
-        if t > hi:
-            notes.append(f"`{p.name}`: {t:g} is above {why} ({hi:g}); clamped to {v:g}")
-        elif t < lo:
-            notes.append(f"`{p.name}`: {t:g} is below its minimum ({lo:g}); clamped to {v:g}")
-    return notes
-
-
-def _describe(method: str) -> str:
-    m = methods.get(method)
-    base = "" if m.needs_base else " (does not need the base model)"
-    return f"_{m.description or m.name}{base}_"
-
-
 TYPED_JS = """(v, typed) => { let o = {}; try { o = JSON.parse(typed || "{}"); } catch (e) {}
   o["%d"] = v; return JSON.stringify(o); }"""
 
@@ -176,8 +88,8 @@ def _controls() -> SimpleNamespace:
     """The panel's components, created in page order."""
     c = SimpleNamespace()
     c.method = gr.Dropdown(methods.names(), value=recipes.DEFAULT_METHOD, label="Merge method", elem_id="merge-method")
-    c.about = gr.Markdown(_describe(recipes.DEFAULT_METHOD))
-    ups = _knob_updates(recipes.DEFAULT_METHOD)
+    c.about = gr.Markdown(knob_controls.describe(recipes.DEFAULT_METHOD))
+    ups = knob_controls.knob_updates(recipes.DEFAULT_METHOD)
     c.sliders, c.radios = [], []
     for i in range(recipes.SLIDERS):
         spec = {k: v for k, v in ups[i].items() if k != "__type__"}
@@ -244,13 +156,14 @@ def _wire_controls(c: SimpleNamespace, models: ModelsPanel) -> None:
     def on_method(name, dims, prior):
         # the one checkbox serves every method's toggle: another method starts at its own default (frank's
         # prior left on would otherwise turn on ip_merging's threshold rule and hide top_fraction)
-        on = _toggle_default(name)
-        return [_describe(name), _toggle_update(name, value=on), ""] + _knob_updates(name, dims, None, on)
+        on = knob_controls.toggle_default(name)
+        return [knob_controls.describe(name), knob_controls.toggle_update(name, value=on), "",
+                *knob_controls.knob_updates(name, dims, None, on)]
 
     knobs = [*c.sliders, *c.radios]
     c.method.input(on_method, [c.method, models.dims, c.prior], [c.about, c.prior, c.typed, *knobs], queue=False,
                    api_visibility="private")
-    c.prior.change(_prior_updates, [c.method, c.prior], c.sliders, queue=False, api_visibility="private")
+    c.prior.change(knob_controls.prior_updates, [c.method, c.prior], c.sliders, queue=False, api_visibility="private")
     for i, s in enumerate(c.sliders):
         s.input(None, [s, c.typed], c.typed, js=TYPED_JS % i)
 
@@ -300,7 +213,7 @@ def live_line(variant, method, first, last, prior, advanced, dims, *knob_values)
 
 
 def _clamp_line(method, typed, dims, *slider_values) -> str:
-    return "".join(f"⚠ **Clamped:** {n}\n\n" for n in _clamp_notes(method, typed, slider_values, dims))
+    return "".join(f"⚠ **Clamped:** {n}\n\n" for n in knob_controls.clamp_notes(method, typed, slider_values, dims))
 
 
 def _merge_handler(lab: Lab):
@@ -315,7 +228,7 @@ def _merge_handler(lab: Lab):
             rep, triple = check(lab, preset, vlm, reasoner, base)
             rep.raise_if_incompatible()
             v = rep.layouts["vlm"]
-            clamped = _clamp_notes(method, typed, sliders, {"num_layers": v.num_layers, "hidden_size": v.hidden_size})
+            clamped = knob_controls.clamp_notes(method, typed, sliders, {"num_layers": v.num_layers, "hidden_size": v.hidden_size})
             recipe = recipes.build(triple, method, recipes.in_shown_order(method, sliders, radios), first_layer,
                                    last_layer, v.num_layers, bool(prior), per_layer_yaml or "")
         except LabError as e:
@@ -402,7 +315,7 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
     _wire_controls(c, models)
     inputs = [*models.inputs, c.method, c.first, c.last, c.prior, c.advanced, c.typed, *panel.knobs]
     outputs = [c.status, c.recipe_code, c.recipe_file, c.recipe_state, c.variant_state, c.change_plot, c.export_status]
-    c.merge_btn.click(_name_knobs(_merge_handler(lab)), inputs, outputs, api_name="merge", concurrency_limit=16)
+    c.merge_btn.click(knob_controls.name_knobs(_merge_handler(lab)), inputs, outputs, api_name="merge", concurrency_limit=16)
     # this panel's own jobs only: a knockout running in the analysis tab has its own Cancel
     cancel_button.wire(lab, c.cancel_btn, ("merge", "export"), api_name="cancel")
     c.export_btn.click(_export_handler(lab), c.recipe_state, [c.export_status, c.export_file], api_name="export",

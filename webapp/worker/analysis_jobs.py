@@ -4,7 +4,7 @@ The analyses, their defaults and their cache keys are analysis.analyses', the sa
 report's, so a result computed by either is served to the other; a result shipped with the bundled
 family (analysis.precomputed) is served when its key is the one asked, unless args["live"]. The live
 model is handed to an analysis only after the merger is checked to hold the weights the cache key
-names (merging.inplace.weights_id), so a result is never stored under weights it was not computed on.
+names (merging.merge_identity.weights_id), so a result is never stored under weights it was not computed on.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ uploaded eval set, with the model the worker already holds (worker side).
 
 The original is scored with the merger restored (Loaded.hold(None)), a merge with it applied, so
 both are the same weights chat answers with. Scores of the bundled suites are cached under the
-weights' id (merging.inplace.weights_id), the dtype and the number of items; an uploaded set is
+weights' id (merging.merge_identity.weights_id), the dtype and the number of items; an uploaded set is
 scored every time. Each item's outcome goes back too ("correct": "0110..." per model and suite), so
 the panel can give every accuracy its interval and the difference its paired interval.
 """

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from merging.errors import LabError
-from merging.inplace import InPlaceMerger, merge_key
+from merging.inplace import InPlaceMerger
 from merging.loading import load_model, serving_dtype
 from merging.memory_plan import plan_triple
+from merging.merge_identity import merge_key
 from merging.recipe import from_dict
 from webapp.protocol import Cancelled
 

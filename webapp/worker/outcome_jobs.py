@@ -2,7 +2,7 @@
 (or DRIFT run) on the same small sample of the image suites, each accuracy with its 95% Wilson
 interval and the paired difference with its bootstrap interval (worker side).
 
-Each model's per-item outcomes are cached under its weights' id (merging.inplace.weights_id), the
+Each model's per-item outcomes are cached under its weights' id (merging.merge_identity.weights_id), the
 dtype, the suites and the sample size, so a step clicked again, or the VLM scored for every step,
 costs nothing the second time.
 """

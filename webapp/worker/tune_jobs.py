@@ -18,7 +18,7 @@ from pathlib import Path
 from analysis import sweep as sweep_mod
 from analysis.cache import make_key
 from merging.errors import LabError
-from merging.inplace import triple_fingerprints
+from merging.merge_identity import triple_fingerprints
 from merging.recipe import from_dict
 from webapp.presets import TOY_ROOT
 from webapp.protocol import SWEEP_LIMITS, TUNE_LIMITS, triple_of
