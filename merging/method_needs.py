@@ -5,7 +5,7 @@ gate learning with every layer gated (merging/gate_learning.py) and a DRIFT fine
 
 from __future__ import annotations
 
-from merging import drift_memory, gate_learning
+from merging import drift_memory, gate_memory
 from merging.compat import check_triple
 
 GiB = 2**30
@@ -20,7 +20,7 @@ def lines(vlm_ref: str, reasoner_ref: str, base_ref: str | None, device: str, fr
     lm = report.layouts["vlm"].lm
     out = []
     if base_ref:  # frism needs the base
-        need = gate_learning.holding_bytes(vlm_ref, lm, gate_learning.gated_matrices(vlm_ref, lm, lm), device)
+        need = gate_memory.holding_bytes(vlm_ref, lm, gate_memory.gated_matrices(vlm_ref, lm, lm), device)
         more = f" (+{released / GiB:.2f} GiB of input copies let go while it learns)" if released else ""
         out.append(_line("frism's gate learning, every layer gated", need, free + released, where + more))
     on_device, _ = drift_memory.drift_bytes(vlm_ref, reasoner_ref).on(device)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from merging import gate_learning, methods, subspace_gates
+from merging import gate_learning, gate_memory, methods, subspace_gates
 from merging.checkpoint import Checkpoint
 from merging.compat import check_triple
 from merging.engine import merge_to_disk
@@ -356,4 +356,4 @@ def test_learning_holds_its_vlm_copy_the_task_vectors_and_the_gated_weights(tri)
             total += math.prod(n) * 4
         lm = report.layouts["vlm"].lm
         gated = sum(math.prod(f.get_slice(lm[c]).get_shape()) * 4 for c in names)
-    assert gate_learning.learning_bytes(s) == total + 2 * gated
+    assert gate_memory.learning_bytes(s) == total + 2 * gated

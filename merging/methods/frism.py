@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from merging import gate_learning, subspace_gates
+from merging import gate_learning, gate_memory, subspace_gates
 from merging.compat import check_triple
 from merging.merge_plan import plan_groups
 from merging.methods import MergeMethod, Paper, Param, TensorSet, layer_key, register
@@ -63,7 +63,7 @@ class Frism(MergeMethod):
         """Learn the gates of every matrix the recipe merges (or take them from the gate cache)."""
         report = check_triple(recipe.vlm, recipe.reasoner, recipe.base)
         groups, _ = plan_groups(recipe, self, report.layouts)
-        names = gate_learning.gated_matrices(recipe.vlm, report.layouts["vlm"].lm, [c for g in groups for c in g.names])
+        names = gate_memory.gated_matrices(recipe.vlm, report.layouts["vlm"].lm, [c for g in groups for c in g.names])
         knobs = {p.name: p.typed(recipe.knobs()[p.name]) for p in self.params}
         setup = gate_learning.Setup({"vlm": recipe.vlm, "reasoner": recipe.reasoner, "base": recipe.base},
                                     report.layouts, names, knobs, recipe.seed, ctx.device,
