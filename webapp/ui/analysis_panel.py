@@ -13,7 +13,7 @@ from merging.errors import LabError
 from merging.layout import ROLES
 from webapp.safety import check_images
 from webapp.ui import cancel_button, glossary, handout_panel, plot_export, shipped
-from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.lab import Lab, follow_result, session_of
 from webapp.ui.models_panel import ModelsPanel
 
 BASE_PARAMS = ("preset", "vlm", "reasoner", "base", "recipe")
@@ -65,22 +65,18 @@ def _handler(lab: Lab, a, n_extra: int = 0, live: bool = False):
             yield (f"✓ {shipped.status(e, 'Compute')}  \n{summary}", *figs)
             return
         job = lab.client.submit("analysis", {**args, "live": force}, session_of(request))
-        for text, end in follow_status(lab.client, job, f"Computing {a.title.lower()}"):
-            if end is None:
-                yield (text, *blank)
-                continue
-            ev, payload, el = end
-            if ev != "result":
-                yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *blank)
-                return
-            figs = [_figure(f) for f in payload["figures"]][:n_plots]
-            figs += [gr.skip()] * (n_plots - len(figs))
-            extra = (payload["beta"], gr.update(visible=True, value=f"Use β = {payload['beta']:.3f} for FRANK's "
-                                                                  "prior")) if n_extra else ()
-            summary = payload.get("summary", "")
-            mark = "■" if summary.startswith("**Partial") else "✓"  # a cancel that kept the finished part
-            ship = "".join(f"  \nThe VLM's part: {m}." for m in payload.get("precomputed") or ())
-            yield (f"{mark} {summary} ({el:.1f} s){ship}", *figs, *extra)
+        got = yield from follow_result(lab.client, job, f"Computing {a.title.lower()}", blank)
+        if got is None:
+            return
+        payload, el = got
+        figs = [_figure(f) for f in payload["figures"]][:n_plots]
+        figs += [gr.skip()] * (n_plots - len(figs))
+        extra = (payload["beta"], gr.update(visible=True, value=f"Use β = {payload['beta']:.3f} for FRANK's "
+                                                              "prior")) if n_extra else ()
+        summary = payload.get("summary", "")
+        mark = "■" if summary.startswith("**Partial") else "✓"  # a cancel that kept the finished part
+        ship = "".join(f"  \nThe VLM's part: {m}." for m in payload.get("precomputed") or ())
+        yield (f"{mark} {summary} ({el:.1f} s){ship}", *figs, *extra)
 
     names = [*BASE_PARAMS, *(k.api_name for k in a.knobs), *(["live"] if live else [])]
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]

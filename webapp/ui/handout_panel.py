@@ -11,7 +11,7 @@ import gradio as gr
 from webapp.protocol import recipe_key
 from webapp.ui import cancel_button
 from webapp.ui.export_zip import exports_folder
-from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.lab import Lab, follow_result, session_of
 from webapp.ui.recipe_paths import portable_ref
 from webapp.ui.walkthrough import STEPS
 
@@ -32,19 +32,15 @@ def _handler(lab: Lab):
         args = {"recipe": recipe, "shown_recipe": _shown(recipe, lab.models_root), "limit": int(limit or 0),
                 "lesson": [{"title": s.title, "text": s.text} for s in STEPS]}
         job = lab.client.submit("handout", args, session_of(request))
-        for text, end in follow_status(lab.client, job, "Writing the handout"):
-            if end is None:
-                yield text, gr.skip()
-                continue
-            ev, payload, el = end
-            if ev != "result":
-                yield f"{'■' if ev == 'cancelled' else '✗'} {payload}", gr.skip()
-                return
-            name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"handout-{recipe['method']}-{recipe_key(recipe)}-{int(time.time())}")
-            path = exports_folder() / f"{name}.html"
-            path.write_text(payload["html"], encoding="utf-8")
-            yield (f"✓ Written in {el:.1f} s: one HTML file that opens offline; download it below.",
-                   gr.update(value=str(path), visible=True))
+        got = yield from follow_result(lab.client, job, "Writing the handout", (gr.skip(),))
+        if got is None:
+            return
+        payload, el = got
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"handout-{recipe['method']}-{recipe_key(recipe)}-{int(time.time())}")
+        path = exports_folder() / f"{name}.html"
+        path.write_text(payload["html"], encoding="utf-8")
+        yield (f"✓ Written in {el:.1f} s: one HTML file that opens offline; download it below.",
+               gr.update(value=str(path), visible=True))
 
     return write
 

@@ -116,3 +116,19 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
     finally:
         if not job.done:  # the browser went away or the handler was stopped: stop the job too
             client.cancel(job)
+
+
+def follow_result(client: WorkerClient, job: Job, verb: str, keep: tuple):
+    """A handler's loop over follow_status: yields (status, *keep) while the job runs, and its one failure
+    line (error or cancel) with keep; returns (payload, seconds) of a result, None otherwise. Use as
+    `got = yield from follow_result(...)`."""
+    for text, end in follow_status(client, job, verb):
+        if end is None:
+            yield (text, *keep)
+            continue
+        ev, payload, el = end
+        if ev != "result":
+            yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *keep)
+            return None
+        return payload, el
+    return None

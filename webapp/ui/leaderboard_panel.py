@@ -21,7 +21,7 @@ from webapp import presets
 from webapp.protocol import LEADERBOARD_LIMITS as LIMITS
 from webapp.ui import cancel_button, plot_export, shipped
 from webapp.ui.knobs_loader import knobs_into_merge
-from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.lab import Lab, follow_result, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
 
@@ -99,22 +99,17 @@ def _run_handler(lab: Lab):
             yield (f"✓ {shipped.status(e, 'Run leaderboard')}", *_shown(e["data"]))
             return
         job = lab.client.submit("leaderboard", {**args, "live": bool(live)}, session_of(request))
-        for text, end in follow_status(lab.client, job, "Ranking the methods"):
-            if end is None:
-                yield (text, *keep)
-                continue
-            ev, payload, el = end
-            if ev != "result":
-                yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *keep)
-                return
-            result = payload["result"]
-            how = "from the cache" if payload["cached"] else "computed"
-            n = len(args["methods"])
-            if payload.get("precomputed"):
-                yield (f"✓ {payload['precomputed']} ({el:.1f} s).", *_shown(result))
-                return
-            yield (f"✓ {n} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and {args['dev_items']} "
-                   f"dev items per suite, up to {args['grid_size']} grid points each).", *_shown(result))
+        got = yield from follow_result(lab.client, job, "Ranking the methods", keep)
+        if got is None:
+            return
+        payload, el = got
+        result = payload["result"]
+        if payload.get("precomputed"):
+            yield (f"✓ {payload['precomputed']} ({el:.1f} s).", *_shown(result))
+            return
+        how = "from the cache" if payload["cached"] else "computed"
+        yield (f"✓ {len(args['methods'])} method(s) ranked in {el:.1f} s ({how}; {args['limit']} held-out and "
+               f"{args['dev_items']} dev items per suite, up to {args['grid_size']} grid points each).", *_shown(result))
 
     return run
 

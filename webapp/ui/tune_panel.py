@@ -25,7 +25,7 @@ from webapp import presets
 from webapp.protocol import SWEEP_LIMITS, TUNE_LIMITS
 from webapp.ui import cancel_button, front_click, plot_export
 from webapp.ui.knobs_loader import knobs_into_merge
-from webapp.ui.lab import Lab, follow_status, session_of
+from webapp.ui.lab import Lab, follow_result, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
 
@@ -147,21 +147,17 @@ def _tune_handler(lab: Lab):
         args["triple"] = {"vlm": str(presets.TOY_ROOT / "vlm"), "reasoner": str(presets.TOY_ROOT / "math"),
                           "base": str(presets.TOY_ROOT / "base")}
         job = lab.client.submit("tune", args, session_of(request))
-        for text, end in follow_status(lab.client, job, f"Tuning {method}"):
-            if end is None:
-                yield (text, *keep)
-                continue
-            ev, payload, el = end
-            if ev != "result":
-                yield (f"{'■' if ev == 'cancelled' else '✗'} {payload}", *keep)
-                return
-            r = payload["result"]
-            b = r["best"]
-            test = "  ".join(f"{s} {100 * v['acc']:.1f} [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
-                             for s, v in b["test"].items())
-            yield (f"✓ {r['trials']} trials in the study ({el:.1f} s this run); chosen: **{describe(b['knobs'])}**; "
-                   f"held-out: {test}", tune_figure(r, last_leaderboard(lab), in_app=True),
-                   gr.update(choices=front_choices(r), value=None, info=CLICK_INFO), r)
+        got = yield from follow_result(lab.client, job, f"Tuning {method}", keep)
+        if got is None:
+            return
+        payload, el = got
+        r = payload["result"]
+        b = r["best"]
+        test = "  ".join(f"{s} {100 * v['acc']:.1f} [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
+                         for s, v in b["test"].items())
+        yield (f"✓ {r['trials']} trials in the study ({el:.1f} s this run); chosen: **{describe(b['knobs'])}**; "
+               f"held-out: {test}", tune_figure(r, last_leaderboard(lab), in_app=True),
+               gr.update(choices=front_choices(r), value=None, info=CLICK_INFO), r)
 
     return run
 
