@@ -2,7 +2,7 @@
 
 A Job names the triple, the recipe's merge (or None), where results are cached and a Source: how
 the analysis gets a model holding the weights it asks for (the report loads folders from disk, the
-worker hands over its loaded model). Cache keys name the weights (merging.inplace.weights_id of
+worker hands over its loaded model). Cache keys name the weights (merging.merge_identity.weights_id of
 the triple and the recipe), never the source, so the report and the app serve each other's results.
 """
 
