@@ -190,8 +190,8 @@ def _wire_resets(lab: Lab, clear, reset, outs: list, recipe_state: gr.State, com
     comparison.follow(original_bot, lambda other: gr.update(label=right_title(other)))
     # Nothing on the worker to undo: each request names both panes' models. Dropping this tab's merge
     # makes the left pane say so.
-    reset.click(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot], api_name="reset_to_vlm",
-                queue=False)
+    # queued: only a queued event's new State values fire those States' change (the sweep's knobs, the export)
+    reset.click(lambda: (None, pane_updates(None)), None, [recipe_state, merged_bot], api_name="reset_to_vlm")
 
 
 def build(lab: Lab, models: ModelsPanel, recipe_state: gr.State, comparison):

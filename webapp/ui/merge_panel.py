@@ -330,8 +330,8 @@ def build(lab: Lab, models: ModelsPanel) -> MergePanel:
         return ("Another triple: press **Merge** to merge this one.", "", None, None, None,
                 gr.update(visible=False), "")
 
-    models.preset.input(triple_changed, [c.recipe_state, *models.inputs], outputs, queue=False,
-                        api_visibility="private")
+    # queued: only a queued event's new State values fire those States' change (the outcome line, the sweep's knobs)
+    models.preset.input(triple_changed, [c.recipe_state, *models.inputs], outputs, api_visibility="private")
     gr.on([c.variant_state.change, c.method.change, c.prior.change, c.first.change, c.last.change, c.advanced.change,
            *[k.change for k in panel.knobs]], live_line,
           [c.variant_state, c.method, c.first, c.last, c.prior, c.advanced, models.dims, *panel.knobs], c.live,

@@ -28,8 +28,10 @@ from webapp.ui.knobs_loader import knobs_into_merge
 from webapp.ui.lab import Lab, follow_result, follow_status, session_of
 from webapp.ui.merge_panel import MergePanel
 from webapp.ui.models_panel import ModelsPanel
+from webapp.ui.variants import variant_label
 
-ABOUT_SWEEP = ("**Sweep** one knob of the merge in **2 · Merge**: the worker merges the loaded model at each value "
+ABOUT_SWEEP = ("**Sweep** one knob of the merge live in the chat (the last one made with **Merge** in 2 · Merge): "
+               "the worker merges the loaded model at each value "
                "(no reload), scores it on the held-out suites and draws each point as it is scored; the bands are "
                "95% Wilson intervals. The checkpoint's weights are back afterwards, also after Cancel.")
 ABOUT_TUNE = ("**Tune** a method's knobs with optuna's multi-objective search (NSGA-II) on the **dev split** "
@@ -188,16 +190,23 @@ def _click_handler(load, load_status: gr.Markdown, pick: gr.Dropdown, box: gr.Te
     return click
 
 
-def _knob_choices(method):
+def _knob_choices(recipe, chosen):
+    """The sweep's knobs and line follow the live merge (what the sweep varies), not the panel's method
+    while it is being changed; a knob still offered stays chosen."""
+    if not isinstance(recipe, dict):
+        return gr.skip(), "Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs."
     try:
-        names = [p.name for p in methods.get(method).params if p.kind is float]
+        names = [p.name for p in methods.get(recipe["method"]).params if p.kind is float]
     except LabError:
         names = []
-    return gr.update(choices=names, value=names[0] if names else None)
+    line = f"Sweeps a knob of **{variant_label(recipe)}**, the merge live in the chat."
+    return gr.update(choices=names, value=chosen if chosen in names else names[0] if names else None), line
 
 
 def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     gr.Markdown(ABOUT_SWEEP)
+    sweeps = gr.Markdown("Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs.",
+                         elem_id="sweep-of")
     with gr.Row():
         first = [p.name for p in methods.get(methods.default_method().name).params if p.kind is float]
         knob = gr.Dropdown(first, value=first[0] if first else None, label="knob", elem_id="sweep-knob", min_width=150)
@@ -212,7 +221,8 @@ def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     sweep_btn.click(_sweep_handler(lab), [merge.recipe_state, knob, values, limit], [sweep_status, sweep_plot],
                     api_name="sweep", concurrency_limit=16)
     cancel_button.wire(lab, sweep_cancel, ("sweep",))
-    merge.method.change(_knob_choices, merge.method, knob, queue=False, api_visibility="private")
+    merge.recipe_state.change(_knob_choices, [merge.recipe_state, knob], [knob, sweeps], queue=False,
+                              api_visibility="private")
 
     gr.Markdown("---\n" + ABOUT_TUNE)
     with gr.Row():

@@ -68,7 +68,9 @@ def wire(lab: Lab, step_buttons: list, preset: gr.Dropdown, variant_state: gr.St
         button.click(lambda i=i: i, None, step, queue=False, api_visibility="private")
     preset.input(lambda p: gr.skip() if p == presets.DEFAULT else None, preset, step, queue=False,
                  api_visibility="private")
+    # always_last: a change while an outcome is being measured (another merge, another triple) runs once that
+    # measure ends, so the line always ends describing what is live, never the measure of a model gone
     variant_state.change(_handler(lab), [variant_state, step], [merge_outcome, drift_outcome],
-                         api_visibility="private", concurrency_limit=16)
+                         api_visibility="private", concurrency_limit=16, trigger_mode="always_last")
     return step
 
