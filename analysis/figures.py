@@ -18,6 +18,9 @@ VLM_COLOUR, REASONER_COLOUR = "#1f77b4", "#ff7f0e"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 SUITE_COLOURS = {"perception": "#2ca02c", "visual_math": "#d62728", "text_math": "#9467bd"}
+# An explicit height: a figure without one takes its container's, which is a sliver when the plot mounts in
+# a tab not yet shown (Gradio draws it there at 30-120 px)
+FIGURE_HEIGHT = 480
 
 
 def _nan(v):
@@ -92,6 +95,7 @@ def spectra_figure(spectra: dict) -> go.Figure:
         updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12,
                       "showactive": True}],
         legend={"title": "solid: VLM, dashed: reasoner"},
+        height=FIGURE_HEIGHT + 60,  # the layer slider under the plot
     )
     return fig
 
@@ -103,7 +107,7 @@ def ratio_figure(spectra: dict) -> go.Figure:
                              colorbar={"title": "ΣS_v/ΣS_r"}))
     fig.update_layout(title={"text": "Nuclear-norm ratio of the task vectors, VLM / reasoner"
                                      "<br><sub>below 1: the reasoner's is larger</sub>"},
-                      xaxis_title="projection matrix", yaxis_title="decoder layer")
+                      xaxis_title="projection matrix", yaxis_title="decoder layer", height=FIGURE_HEIGHT)
     return fig
 
 
@@ -115,23 +119,26 @@ def similarity_figure(sim: dict) -> go.Figure:
     cos_cols = modules + ["whole block"]
     cos = [row + [b] for row, b in zip(sim["cos"], sim["block_cos"])]
     band = chance_cosine.bands(sim)
-    fig = make_subplots(rows=2 if band else 1, cols=2, horizontal_spacing=0.16, vertical_spacing=0.22,
+    # wide gaps: the cosine colour bar sits between the two maps, clear of the second one's layer labels
+    fig = make_subplots(rows=2 if band else 1, cols=2, horizontal_spacing=0.26, vertical_spacing=0.24,
                         specs=[[{}, {}], [{"colspan": 2}, None]] if band else None, subplot_titles=(
-        "cosine(τ_v, τ_r): near 0 = near-orthogonal (FRANK Fig. 3)",
-        f"IP-Merging subspace similarity (top-{sim['rank']} directions)",
-        *(["every cosine against random task vectors of the same shapes (grey: 95% band ±1.96/√d)"] if band else [])))
+        "cosine(τ_v, τ_r) (FRANK Fig. 3)",
+        f"subspace similarity, top-{sim['rank']} (IP-Merging)",
+        *(["each cosine against random task vectors of its shape (grey: 95% band)"] if band else [])))
     fig.add_trace(_heatmap(cos, cos_cols, _hover_grid(cos, cos_cols, "cos"), "RdBu", zmin=-1, zmax=1, zmid=0,
-                           colorbar={"title": "cos", "x": 0.42, "len": 0.5 if band else 1, "y": 0.78 if band else 0.5}),
+                           colorbar={"title": "cos", "x": 0.39, "thickness": 14, "len": 0.5 if band else 1,
+                                     "y": 0.78 if band else 0.5}),
                   1, 1)
     sub = sim["subspace"]
     fig.add_trace(_heatmap(sub, modules, _hover_grid(sub, modules, "subspace similarity"), "Viridis",
-                           zmin=0, zmax=1, colorbar={"title": "sim", "x": 1.0, "len": 0.5 if band else 1,
+                           zmin=0, zmax=1, colorbar={"title": "sim", "x": 1.0, "thickness": 14, "len": 0.5 if band else 1,
                                                      "y": 0.78 if band else 0.5}), 1, 2)
     if band:
         _chance_strip(fig, cos, cos_cols, [band[0][m] for m in modules], band[1])
     fig.update_layout(title="How aligned are the VLM's and the reasoner's task vectors?",
-                      height=760 if band else None)
-    fig.update_xaxes(title_text="projection matrix", row=1)
+                      height=820 if band else FIGURE_HEIGHT, margin={"l": 70, "r": 20, "b": 130})
+    if not band:  # with the strip below, the column names say it and a title would collide with its title
+        fig.update_xaxes(title_text="projection matrix", row=1)
     fig.update_yaxes(title_text="decoder layer", row=1, col=1)
     return fig
 
@@ -146,12 +153,13 @@ def _chance_strip(fig, cos, cols, module_bands, block_bands) -> None:
                   2, 1)
     for i, row in enumerate(cos):
         fig.add_trace(go.Scatter(x=cols, y=[_nan(v) for v in row], mode="markers", name=f"layer {i}",
-                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 7}, legendgroup="layers",
+                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 7},
                                  text=[f"layer {i}, {c}: cos = {_fmt(v, '.4f')}, chance band ±{w:.4f}"
                                        for c, v, w in zip(cols, row, widths)],
                                  hovertemplate="%{text}<extra></extra>"), 2, 1)
     fig.update_yaxes(title_text="cosine", zeroline=True, row=2, col=1)
-    fig.update_layout(legend={"y": 0.3}, barmode="overlay")
+    # under the strip, across the width: a legend on the right would narrow all three plots
+    fig.update_layout(legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, barmode="overlay")
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -187,7 +195,7 @@ def attention_figure(att: dict) -> go.Figure:
                                      f"<br><sub>{attention_shape(att)}</sub>"},
                       xaxis={"title": "decoder layer l", "dtick": 1},  # whole layers only
                       yaxis_title="a_l = text→image / (text→image + text→text)", yaxis_tickformat=".0%",
-                      legend={"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"})
+                      legend={"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"}, height=FIGURE_HEIGHT)
     return fig
 
 
@@ -248,7 +256,7 @@ def changes_figure(ch: dict) -> go.Figure:
             for i, row in enumerate(z)]
     fig = go.Figure(_heatmap(z, modules, text, "Viridis", zmin=0, colorbar={"title": "relative change"}))
     fig.update_layout(title="Where the merge changed the VLM's language model", xaxis_title="weight",
-                      yaxis_title="decoder layer")
+                      yaxis_title="decoder layer", height=FIGURE_HEIGHT)
     return fig
 
 

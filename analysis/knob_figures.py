@@ -111,7 +111,11 @@ def tune_figure(result: dict, board: dict | None = None, in_app: bool = False) -
     fig.update_layout(title={"text": f"{result['method']}: {result['trials']} trials on dev<br><sup>error bars: "
                              f"95% Wilson intervals{load}</sup>"},
                       xaxis={"title": "perception accuracy (%)"}, yaxis={"title": "visual_math accuracy (%)"},
-                      template="plotly_white", height=520, margin={"t": 70}, legend={"orientation": "h", "y": -0.18})
+                      template="plotly_white", margin={"t": 70, "b": 60},
+                      # the leaderboard's rows can add 20 entries: on the right, in their own column, the plot
+                      # keeps its size and the axis title stays clear of them
+                      height=max(520, 120 + 19 * len(fig.data)), legend={"x": 1.02, "y": 1, "yanchor": "top",
+                                                                        "font": {"size": 11}})
     return fig
 
 

@@ -331,6 +331,9 @@ def test_a_step_shows_its_measured_outcome_and_the_panel_says_what_is_live(open_
     for words in ("perception", "visual math", "95% interval", "points"):
         expect(outcome).to_contain_text(words)
     assert re.search(r"the VLM \d+\.\d% \[\d+\.\d, \d+\.\d\] → \d+\.\d% \[", outcome.inner_text())
+    for suite in ("visual math", "perception"):  # the step's text quotes what its outcome shows
+        a, b = re.search(suite + r"[^:]*: the VLM (\d+\.\d)% \[[^]]*\] → (\d+\.\d)%", outcome.inner_text()).groups()
+        assert f"{suite} {round(float(a))}% -> {round(float(b))}%" in STEPS[3].text, (suite, a, b)
     merged = re.search(r"changed \d+ of (\d+) tensors in scope", status.inner_text()).group(1)
     assert f"{merged} of its" in compat.inner_text()  # one count in both places
     outcome.screenshot(path=str(OUT / "teaching_step4_outcome.png"))
@@ -356,3 +359,10 @@ def test_a_step_shows_its_measured_outcome_and_the_panel_says_what_is_live(open_
     expect(page.locator("#clamp-note")).to_contain_text("alpha")
     expect(page.locator("#clamp-note")).to_contain_text("99 is above its maximum")
     page.screenshot(path=str(OUT / "teaching_live_line.png"), full_page=True)
+
+    page.get_by_label("Model triple").click()  # another triple: the outcome of the merge dropped goes too
+    page.get_by_role("option", name=presets.CUSTOM, exact=True).click()
+    expect(status).to_contain_text("Another triple")
+    expect(outcome).to_have_text("")
+    page.get_by_role("tab", name="7 · Sweep & tune").click()
+    expect(page.locator("#sweep-of")).to_contain_text("Nothing merged yet")
