@@ -7,6 +7,7 @@ as a sentence ("layer 3, mlp.up_proj: cos = 0.02"), so a student can use it with
 from __future__ import annotations
 
 import math
+import textwrap
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -177,6 +178,11 @@ def attention_shape(att: dict) -> str:
     return f"Here it {verdict} ({path}){fit}"
 
 
+def _wrapped(text: str, width: int = 95) -> str:
+    """A subtitle in lines plotly can show: it never wraps one itself, and cuts it at the plot's edge."""
+    return "<br>".join(textwrap.wrap(text, width))
+
+
 def attention_figure(att: dict) -> go.Figure:
     """a_l per layer with the fitted exponential and beta in the legend (FRANK Fig. 2)."""
     shares = att["shares"]
@@ -192,7 +198,7 @@ def attention_figure(att: dict) -> go.Figure:
         name=f"fit a_l = {c:.3g}·exp(−β·l), β = {beta:.3f}, R² = {_fmt(att.get('r2'), '.2f')}",
         hovertemplate="fit at layer %{x:.1f}: %{y:.1%}<extra></extra>"))
     fig.update_layout(title={"text": "Visual attention per layer: share of text→image attention"
-                                     f"<br><sub>{attention_shape(att)}</sub>"},
+                                     f"<br><sub>{_wrapped(attention_shape(att))}</sub>"},
                       xaxis={"title": "decoder layer l", "dtick": 1},  # whole layers only
                       yaxis_title="a_l = text→image / (text→image + text→text)", yaxis_tickformat=".0%",
                       legend={"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"}, height=FIGURE_HEIGHT)
