@@ -116,6 +116,8 @@ def test_evaluate_panel_in_browser(page, toy_dir, tmp_path, app_handle):
         expect(page.locator("#eval-disagree")).to_contain_text("line")
     pictured = page.locator("#eval-gallery img")
     assert pictured.count() <= differ
+    if pictured.count():  # the caption key names what the merge is compared with (here the VLM)
+        expect(page.locator("#eval-gallery")).to_contain_text("(line: the VLM's answer → this merge's)")
     if pictured.count():  # each picture loads (the staged upload they came from is gone by now)
         page.wait_for_function("() => [...document.querySelectorAll('#eval-gallery img')]"
                                ".every(i => i.complete && i.naturalWidth > 0)")

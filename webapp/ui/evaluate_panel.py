@@ -96,6 +96,11 @@ def disagreement_views(found: list[dict], other_label: str | None = None) -> tup
     return table, gallery
 
 
+def gallery_label(other_label: str | None) -> str:
+    """The gallery's caption key, naming what the merge is compared with (the VLM unless another is picked)."""
+    return f"those items with their image (line: {other_label or 'the VLM'}'s answer → this merge's)"
+
+
 def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame([], columns=columns)
 
@@ -183,7 +188,7 @@ def _own_handler(lab: Lab):
                 total = payload["disagree_total"]
                 shown = f" (the first {len(payload['disagree'])} listed)" if total > len(payload["disagree"]) else ""
                 yield (f"{text} {n} items; the two models' final answers differ on **{total}**{shown}.", acc, table,
-                       gallery)
+                       gr.update(value=gallery, label=gallery_label(variant_label(other))))
         finally:  # scored (or refused, or cancelled): the unpacked set goes
             eval_upload.unstage(Path(lab.read_roots[0]), args["suite_file"])
 
@@ -204,7 +209,7 @@ def _own_section(lab: Lab, base_inputs: list) -> None:
     disagree = gr.Dataframe(_empty(DISAGREE_COLUMNS), label="where the two models answer differently",
                             interactive=False, wrap=True, elem_id="eval-disagree", max_height=360,
                             column_widths=["8%", "50%", "12%", "15%", "15%"])
-    gallery = gr.Gallery(label="those items with their image (line: the VLM's answer → the merge's)", columns=4, height="auto", elem_id="eval-gallery",
+    gallery = gr.Gallery(label=gallery_label(None), columns=4, height="auto", elem_id="eval-gallery",
                          object_fit="contain")
     own_btn.click(_own_handler(lab), [files, *base_inputs], [own_status, own_table, disagree, gallery],
                   api_name="evaluate_own", concurrency_limit=16)
