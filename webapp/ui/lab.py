@@ -73,20 +73,23 @@ def bar(done: int, total: int, width: int = 20) -> str:
     return f"`{'█' * full}{'░' * (width - full)}` {frac * 100:3.0f}%"
 
 
-def time_left(run_s: float, done: int, total: int) -> str:
-    """'; about 40 s left' at the pace so far; while nothing is done yet, that it is being estimated."""
+def time_left(run_s: float, done: int, total: int, done_before: int = 0) -> str:
+    """'; about 40 s left' at the pace of the run_s seconds in which done - done_before steps were done;
+    while none is, that it is being estimated. done_before: steps already done when the clock started (a
+    cached or precomputed part counts as done at once, and would make the pace look far faster)."""
     if total <= 0 or done >= total:
         return ""
-    if done <= 0:
+    if done <= done_before:
         return "; estimating the time left"
-    left = run_s * (total - done) / done
+    left = run_s * (total - done) / (done - done_before)
     return f"; about {left:.0f} s left" if left < 90 else f"; about {left / 60:.0f} min left"
 
 
 def follow_status(client: WorkerClient, job: Job, verb: str):
     """Yield (markdown status, terminal event or None) while a job runs; the last has the event."""
     t0 = time.monotonic()
-    started = None  # when the worker picked the job up: the time left is estimated from then
+    started = None  # when the worker picked the job up
+    pace_from = None  # (seconds, steps done) at the first progress line: the time left is estimated from then
     last = f"○ **{verb}…**"
     try:
         for ev, payload in client.follow(job):
@@ -108,7 +111,10 @@ def follow_status(client: WorkerClient, job: Job, verb: str):
                 last = f"○ **{verb}…** ({el:.1f} s)"
             elif ev == "progress":
                 done, total, msg = payload
-                last = f"○ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s{time_left(el - (started or 0), done, total)})"
+                if pace_from is None:  # what is done by the first line came from a cache, or is the first step
+                    pace_from = (started or 0, 0) if done <= 1 else (el, done)
+                left = time_left(el - pace_from[0], done, total, pace_from[1])
+                last = f"○ **{verb}…** {bar(done, total)} — {msg} ({el:.1f} s{left})"
             elif ev in ("result", "error", "cancelled"):
                 yield last, (ev, payload, el)
                 return
