@@ -243,10 +243,13 @@ def knockout_figure(results: dict) -> go.Figure:
                 fig.add_trace(_drop_trace(label, ko, g, s, dashes[k % len(dashes)], col == 1), 1, col)
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
     partial = next((ko["partial"] for ko in results.values() if ko.get("partial")), None)
-    fig.update_layout(title={"text": "Layer knockout: accuracy lost when one layer's weights are set to 1/out"
-                                     "<br><sub>purple: text_math, no image (the control): a layer reads the image "
-                                     "where perception drops and it holds<br>bars: 95% intervals · below 0: the "
-                                     "knockout helped</sub>" + (f"<br><sub><b>Partial</b> ({partial})</sub>" if partial else ""), "y": 0.98, "yanchor": "top"}, margin={"t": 150, "b": 60}, height=680,
+    # a short first line: plotly's toolbar sits over the end of a long one
+    fig.update_layout(title={"text": "Layer knockout: the accuracy each layer's knockout costs"
+                                     "<br><sub>knocked out: the layer's weights set to 1/out · purple: text_math, no "
+                                     "image (the control): a layer reads the image<br>where perception drops and it "
+                                     "holds · bars: 95% intervals · below 0: the knockout helped</sub>"
+                                     + (f"<br><sub><b>Partial</b> ({partial})</sub>" if partial else ""),
+                             "y": 0.98, "yanchor": "top"}, margin={"t": 150, "b": 60}, height=680,
                       legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"})
     fig.update_xaxes(title_text="decoder layer knocked out", dtick=1)
     fig.update_yaxes(title_text="accuracy drop vs intact model", tickformat=".0%", col=1)

@@ -16,6 +16,13 @@ from merging.errors import Cancelled
 DEFAULT_LIMIT = 40
 
 
+def _named(recipe) -> str:
+    """'task_arithmetic alpha 1': the method and its knobs, so the legend says which merge was knocked out."""
+    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
+                      for k, v in (recipe.parameters or {}).items())
+    return f"{recipe.method} {knobs}".strip()
+
+
 def eval_key(eval_dir: Path) -> str:
     """Content hash of the eval suites, so knockout results follow regenerated suites."""
     h = hashlib.sha256()
@@ -45,7 +52,7 @@ class Knockout(Analysis):
                 "suites": list(knockout.SUITES)}
 
     def run(self, job, p):
-        models = [("VLM", False)] + ([(f"merged ({job.recipe.method})", True)] if job.recipe else [])
+        models = [("VLM", False)] + ([(f"merged ({_named(job.recipe)})", True)] if job.recipe else [])
         evaluate_fn = partial(evaluate, eval_dir=job.eval_dir, return_items=True, stop_at_answer=True)
 
         def one(i: int, label: str, merged: bool):
