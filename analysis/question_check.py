@@ -6,7 +6,7 @@ confidence about a question it never read. That is every word outside the bundle
 closed vocabulary (95 words, numbers 0-20). For a closed word-level vocabulary that holds the toy
 family's template words, the check also says what the model understands (its question templates,
 its vocabulary, its kind of picture) and offers a rewording: each unknown word replaced by
-**[choice]** its entry in SYNONYMS, else the known words nearest by edit distance (at most 2 edits,
+**[choice]** its entry in SYNONYMS, else the known words nearest by edit distance (at most 1 edit under 6 letters, 2 otherwise,
 and fewer than half the word's letters), then the closest of the family's question templates
 (difflib's ratio over words), filled with the question's own shape and numbers.
 """
@@ -108,7 +108,8 @@ def nearest(word: str, words: list[str]) -> list[str]:
     if w.isdigit():
         return []
     scored = sorted((edit_distance(w, k), k) for k in words if not k.isdigit())
-    best = [(d, k) for d, k in scored if d <= 2 and 2 * d < len(w)]
+    budget = 1 if len(w) < 6 else 2  # two edits make most short words another word ('tally' -> 'balls')
+    best = [(d, k) for d, k in scored if d <= budget and 2 * d < len(w)]
     return [k for _, k in best[:3]]
 
 

@@ -45,6 +45,8 @@ def test_misspelling_number_out_of_range_and_word_problem(tok):
     assert c.rewording == "how many squares are there ?"
     c = check_question(tok, "25 triangles are taken away . how many triangles are left ?", sample())
     assert c.unknown == ["25"] and c.suggestions["25"] == []  # a number gets no look-alike
+    c = check_question(tok, "tally the balls", sample())  # 2 edits from 'balls': another word, not a typo
+    assert c.suggestions["tally"] == []
     c = check_question(tok, "2 sqaures are taken away . how many squares are left ?", sample())
     assert c.rewording == "2 squares are taken away . how many squares are left ?"  # the question's own number
     c = check_question(tok, "tom has 3 dogs and gets 4 . how many dogs does tom have now ?")
