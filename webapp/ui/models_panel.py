@@ -58,7 +58,7 @@ def report_markdown(rep, preset: str) -> str:
     vocab = sorted(c for c in v.lm if c in VOCAB_TENSORS)
     kept = f" ({' and '.join(vocab)} keep the VLM's)" if vocab else ""
     summary = (f"\n\n{v.num_layers} decoder layers · hidden size {v.hidden_size} · "
-               f"{len(v.lm) - len(vocab)} of its {len(v.lm)} language-model tensors merged{kept} · "
+               f"{len(v.lm) - len(vocab)} of its {len(v.lm)} language-model tensors merged over all layers{kept} · "
                f"{len(v.other)} vision/projector tensors untouched")
     dist = ""
     if rep.distances:
