@@ -34,6 +34,7 @@ def test_sweep_and_tune_tab(page):
     expect(page.locator("#merge-status")).to_contain_text("Merged with", timeout=90_000)
     page.get_by_role("tab", name="7 · Sweep & tune").click()
     expect(page.locator("#sweep-btn")).to_be_visible()
+    expect(page.locator("#sweep-of")).to_contain_text("task_arithmetic alpha")  # the merge it varies, named
     values = page.locator("#sweep-values textarea, #sweep-values input").first
     for _ in range(5):  # a tab opened for the first time may still mount and put its initial value back
         values.fill("0, 0.5, 1")
