@@ -92,6 +92,10 @@ def test_sweep_and_tune_tab(page):
     expect(page.locator("#merge-method input")).to_have_value(page.locator("#tune-method input").input_value())
     schedules = {k: pytest.approx(v) for k, v in knobs.items() if isinstance(v, list)}
     assert schedules and yaml.safe_load(per_layer.input_value()) == schedules, per_layer.input_value()
+    # the link carries the schedule too, so a shared link opens this very merge
+    page.wait_for_function("() => new URLSearchParams(location.search).has('per_layer')", timeout=10_000)
+    linked = page.evaluate("() => new URLSearchParams(location.search).get('per_layer')")
+    assert yaml.safe_load(linked) == schedules, linked
     expect(page.locator("#tune-point input")).to_have_value(label)  # the list names the point clicked
     page.screenshot(path=str(SHOTS / "app_tune_click.png"), full_page=True)
     page.locator("#tune-point input").click()

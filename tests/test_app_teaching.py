@@ -160,6 +160,18 @@ def test_a_link_opens_the_evaluate_and_leaderboard_tabs(open_page):
         page.wait_for_function(f"() => location.search.includes('tab={tab}')")
 
 
+def test_a_link_carries_the_per_layer_box(open_page):
+    """A tuned schedule shared by link: the per-layer box opens with it, and the page's own URL keeps it."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import expect
+
+    page = open_page("method=task_arithmetic&per_layer=" + quote("alpha: [1.2, 0.3]"))
+    page.get_by_text("Layer range and per-layer values").click()
+    expect(page.get_by_label("Per-layer values (YAML, overrides the sliders)")).to_have_value("alpha: [1.2, 0.3]")
+    wait_query(page, "q.get('per_layer') === 'alpha: [1.2, 0.3]' && q.has('alpha')")
+
+
 def test_a_link_can_name_a_custom_triple_inside_the_models_root(open_page):
     from playwright.sync_api import expect
 

@@ -177,14 +177,15 @@ def test_the_browsers_encoder_writes_what_encode_writes():
         prior = m == "frank"
         if prior:
             knobs["use_prior"] = 1
-        state = LabState(method=m, knobs=knobs, layers=(1, 3), tab="knockout")
+        per_layer = "alpha: [1.2, 0.3]" if m == "task_arithmetic" else ""
+        state = LabState(method=m, knobs=knobs, layers=(1, 3), tab="knockout", per_layer=per_layer)
         pool = ([v for _, v in nums] + [None] * (recipes.SLIDERS - len(nums))
                 + [v for _, v in chs] + [None] * (recipes.CHOICES - len(chs)))
-        args = [presets.DEFAULT, "", "", "", m, prior, 1, 3, "4", "knockout", *pool]
+        args = [presets.DEFAULT, "", "", "", m, prior, 1, 3, "4", "knockout", per_layer, *pool]
         cases.append((encode(state, 4), args))
     custom = LabState(preset=presets.CUSTOM, vlm="a b/vlm", reasoner="math", base="base")
     cases.append((encode(custom, 4), [presets.CUSTOM, "a b/vlm", "math", "base", "task_arithmetic", False, 0, 3, "4",
-                                      "chat", 1.0] + [None] * (recipes.SLIDERS + recipes.CHOICES - 1)))
+                                      "chat", "  ", 1.0] + [None] * (recipes.SLIDERS + recipes.CHOICES - 1)))
     script = ("const out = []; globalThis.location = {pathname: '/', search: ''};"
               "globalThis.history = {state: null, replaceState: (s, t, u) => out.push(u)};"
               f"const f = {url_state.encoder_js().strip()};"
@@ -192,3 +193,19 @@ def test_the_browsers_encoder_writes_what_encode_writes():
               "console.log(JSON.stringify(out));")
     got = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True).stdout)
     assert got == ["?" + q for q, _ in cases]
+
+
+def test_a_per_layer_schedule_travels_in_the_link_and_bad_ones_are_named():
+    """A tuned schedule (the per-layer box) round-trips through encode and parse; text that is not a mapping
+    of the method's per-layer knobs to lists of numbers is named in a note and left out, never raised."""
+    state = LabState(method="task_arithmetic", knobs={"alpha": 1.0}, per_layer="alpha: [1.2055, 0.29]")
+    query = dict(parse_qsl(encode(state, 8)))
+    assert query["per_layer"] == "alpha: [1.2055, 0.29]"
+    back, notes = parse(query)
+    assert notes == [] and back.per_layer == "alpha: [1.2055, 0.29]" and back.knobs == {"alpha": 1.0}
+    for text, why in (("alpha: [1, x]", "is not a per-layer knob of task_arithmetic with a list of numbers"),
+                      ("rank: [1, 2]", "`rank` is not a per-layer knob"), ("[1, 2]", "is not a mapping"),
+                      ("alpha: [1, 2", "per_layer")):
+        got, notes = parse({"method": "task_arithmetic", "per_layer": text})
+        assert got.per_layer == "" and len(notes) == 1 and notes[0].startswith("`per_layer`: "), (text, notes)
+        assert why in notes[0], (text, notes)

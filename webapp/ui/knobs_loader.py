@@ -16,11 +16,10 @@ def knobs_into_merge(merge: MergePanel, dims, method: str, knobs: dict, what: st
     SOURCE says where it came from. Knobs the current triple cannot take are fitted and warned about."""
     scalars = {k: str(v) for k, v in knobs.items() if not isinstance(v, list)}
     schedules = {k: v for k, v in knobs.items() if isinstance(v, list)}
-    state, notes = url_state.parse({"method": method, **scalars})
+    per_layer = {"per_layer": yaml.safe_dump(schedules, default_flow_style=None).strip()} if schedules else {}
+    state, notes = url_state.parse({"method": method, **scalars, **per_layer})
     state, more = url_state.fit(state, dims)
     ups = merge.apply(state, dims)
-    if schedules:
-        ups[merge.advanced] = yaml.safe_dump(schedules, default_flow_style=None).strip()
     ups[merge.status] = f"Loaded **{what}** from the {source}: press **Merge**."
     warn = "".join(f"\n\n⚠ {n}" for n in notes + more)
     ups[load_status] = f"✓ {what} is set in **2 · Merge**; press **Merge** there to use it.{warn}"

@@ -62,7 +62,7 @@ class MergePanel:
         first, last = state.layers or (0, (n or 32) - 1)
         ups = {self.method: state.method, self.about: knob_controls.describe(state.method),
                self.prior: knob_controls.toggle_update(state.method, value=state.prior),
-               self.advanced: "", self.typed: "",
+               self.advanced: state.per_layer, self.typed: "",
                self.first: gr.update(maximum=(n or 32) - 1, value=first),
                self.last: gr.update(maximum=(n or 32) - 1, value=last), self.layers_n: str(n or "")}
         values = {p.name: state.knob(p.name) for p in recipes.shown_params(state.method)}

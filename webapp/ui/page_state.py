@@ -101,7 +101,7 @@ def wire(demo: gr.Blocks, lab: Lab, models: ModelsPanel, merge: MergePanel, tabs
     outputs = [*model_outs, models.preset, models.vlm, models.reasoner, models.base, *merge.apply_targets,
                tabs.main, an_tabs, tabs.drift, tab_box, an_box, message]
     url_inputs = [models.preset, models.vlm, models.reasoner, models.base, merge.method, merge.prior, merge.first,
-                  merge.last, merge.layers_n, tab_box, *merge.knobs]
+                  merge.last, merge.layers_n, tab_box, merge.advanced, *merge.knobs]
     encoder = url_state.encoder_js()
 
     def restore(request: gr.Request):

@@ -4,7 +4,8 @@
 
 Keys: `preset` (a preset's slug or label; absent: the bundled toy family), or `vlm`, `reasoner` and
 `base` (folders inside the app's --models-root), `method`, the method's knobs by name (frank's prior
-as `use_prior`), `layers` (FIRST-LAST, absent: all) and `tab` (chat, drift, an analysis' name, evaluate or leaderboard);
+as `use_prior`), `layers` (FIRST-LAST, absent: all), `per_layer` (the per-layer box's YAML, e.g. a tuned
+schedule `{alpha: [1.2, 1.1]}`) and `tab` (chat, drift, an analysis' name, evaluate or leaderboard);
 Gradio's own parameters (`__theme`) are left alone.
 parse() never raises: each parameter it cannot use is named in a message and left at its default.
 The page writes the URL in the browser (encoder_js(), the same format as encode()).
@@ -22,11 +23,12 @@ from urllib.parse import urlencode
 
 from analysis import analyses
 from merging import methods
+from merging.errors import LabError
 from webapp import presets
 from webapp.ui import recipes
 
 ROLES = ("vlm", "reasoner", "base")
-RESERVED = ("preset", *ROLES, "method", "layers", "tab")
+RESERVED = ("preset", *ROLES, "method", "layers", "per_layer", "tab")
 PAGES = ("evaluate", "leaderboard")  # main tabs of their own (ids "tab-<name>")
 TABS = ("chat", "drift", *analyses.names(), *PAGES)  # drift: the chat tab with the DRIFT panel open
 MAX_VALUE = 300  # characters of one parameter's value
@@ -42,6 +44,7 @@ class LabState:
     method: str = recipes.DEFAULT_METHOD
     knobs: dict = field(default_factory=dict)  # knob name -> value; a missing knob is at its default
     layers: tuple[int, int] | None = None  # inclusive decoder-layer range; None: all layers
+    per_layer: str = ""  # the per-layer box's YAML (knob -> one value per layer, or a gradient's anchors)
     tab: str = "chat"
 
     def knob(self, name: str):
@@ -173,6 +176,27 @@ def _layers(text: str, notes: list[str]) -> tuple[int, int] | None:
     return int(m[1]), int(m[2])
 
 
+def _per_layer(method: str, text: str, notes: list[str]) -> str:
+    """The per-layer box's text from a link, or "" (noted) when it is not a mapping of this method's
+    per-layer knobs to lists of numbers; the values' lengths and ranges are the Merge's to check."""
+    m = methods.get(method)
+    per_layer = {p.name for p in m.params if p.per_layer} | {a for p in m.params if p.per_layer for a in p.aliases}
+    try:
+        got = recipes.parse_yaml(text, "per_layer")
+    except LabError as e:
+        notes.append(f"`per_layer`: {e}; ignored")
+        return ""
+    bad = "" if isinstance(got, dict) and got else "is not a mapping of knobs to values"
+    if not bad:
+        odd = [k for k, v in got.items() if k not in per_layer or not isinstance(v, list)
+               or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)]
+        bad = f"{show(odd[0])} is not a per-layer knob of {method} with a list of numbers" if odd else ""
+    if bad:
+        notes.append(f"`per_layer`: {bad}; ignored")
+        return ""
+    return text.strip()
+
+
 def parse(query: Mapping, models_root: str | None = None) -> tuple[LabState, list[str]]:
     """The state a URL's query asks for, and one message per parameter that could not be used."""
     notes: list[str] = []
@@ -191,11 +215,12 @@ def parse(query: Mapping, models_root: str | None = None) -> tuple[LabState, lis
     else:
         knobs = _knobs(method, query, notes)
     layers = _layers(query["layers"], notes) if "layers" in query else None
+    per_layer = _per_layer(method, query["per_layer"], notes) if query.get("per_layer", "").strip() else ""
     tab = query.get("tab", "chat")
     if tab not in TABS:
         notes.append(f"`tab`: {show(tab)} is not one of {', '.join(TABS)}; opening chat")
         tab = "chat"
-    return LabState(method=method, knobs=knobs, layers=layers, tab=tab, **fields), notes
+    return LabState(method=method, knobs=knobs, layers=layers, per_layer=per_layer, tab=tab, **fields), notes
 
 
 def fit(state: LabState, dims: dict | None) -> tuple[LabState, list[str]]:
@@ -250,6 +275,8 @@ def encode(state: LabState, num_layers: int | None = None) -> str:
     q += encoded_knobs(state)
     if state.layers and num_layers and state.layers != (0, num_layers - 1):
         q.append(("layers", f"{state.layers[0]}-{state.layers[1]}"))
+    if state.per_layer.strip():
+        q.append(("per_layer", state.per_layer.strip()))
     if state.tab != "chat":
         q.append(("tab", state.tab))
     return urlencode(q)
@@ -270,7 +297,7 @@ def js_layout() -> dict:
 
 
 ENCODER = """
-(preset, vlm, reasoner, base, method, prior, first, last, nLayers, tab, ...pool) => {
+(preset, vlm, reasoner, base, method, prior, first, last, nLayers, tab, perLayer, ...pool) => {
   const L = %s;
   const q = new URLSearchParams();
   for (const [k, v] of new URLSearchParams(location.search)) if (k.startsWith("__")) q.set(k, v);
@@ -285,6 +312,7 @@ ENCODER = """
   if (m.toggle) q.set(m.toggle, prior ? "1" : "0");
   const n = parseInt(nLayers);
   if (n > 0 && (Number(first) > 0 || Number(last) < n - 1)) q.set("layers", `${Number(first)}-${Number(last)}`);
+  if (perLayer && perLayer.trim()) q.set("per_layer", perLayer.trim());
   if (tab && tab !== "chat") q.set("tab", tab);
   const s = q.toString();
   history.replaceState(history.state, "", s ? "?" + s : location.pathname);
