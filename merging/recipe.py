@@ -132,6 +132,12 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def knobs_text(parameters: dict | None) -> str:
+    """A recipe's knobs in a line: 'alpha 0.5, density 0.7', a list as 'alpha per layer'."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
+                     for k, v in (parameters or {}).items())
+
+
 def resolve_ref(ref: str, recipe_dir: Path | None) -> str:
     """Local paths are taken relative to the working directory, then to the recipe's folder."""
     p = Path(ref).expanduser()

@@ -10,6 +10,7 @@ from analysis import knockout
 from analysis.analyses import Analysis, Figure, Knob, register
 from analysis.evaluate import evaluate
 from merging.errors import Cancelled
+from merging.recipe import knobs_text
 
 # 40 items a suite: a 95% interval of about +-15 points at 50% (+-9 at 90%), against +-30 at 8 items
 # whose steps were 12.5 points; 166 s for the VLM and a merge through the app's worker on 2 shared cores.
@@ -18,9 +19,7 @@ DEFAULT_LIMIT = 40
 
 def _named(recipe) -> str:
     """'task_arithmetic alpha 1': the method and its knobs, so the legend says which merge was knocked out."""
-    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
-                      for k, v in (recipe.parameters or {}).items())
-    return f"{recipe.method} {knobs}".strip()
+    return f"{recipe.method} {knobs_text(recipe.parameters)}".strip()
 
 
 def eval_key(eval_dir: Path) -> str:

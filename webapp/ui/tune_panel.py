@@ -38,6 +38,7 @@ ABOUT_TUNE = ("**Tune** a method's knobs with optuna's multi-objective search (N
               "(never the held-out items), maximising perception and visual math; per-layer knobs are searched "
               "as a start → end schedule. Running it again continues the same study. The chosen point (perception "
               "within 3 points of the VLM's on dev, then the best visual math) is scored on the held-out suites.")
+NOTHING_MERGED = "Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs."
 CLICK_INFO = "or click the point on the plot above"
 TOY_ONLY = "the tuner runs on the bundled toy family only (its dev split is made from the toy tasks)"
 
@@ -194,7 +195,7 @@ def _knob_choices(recipe, chosen):
     """The sweep's knobs and line follow the live merge (what the sweep varies), not the panel's method
     while it is being changed; a knob still offered stays chosen."""
     if not isinstance(recipe, dict):
-        return gr.skip(), "Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs."
+        return gr.skip(), NOTHING_MERGED
     try:
         names = [p.name for p in methods.get(recipe["method"]).params if p.kind is float]
     except LabError:
@@ -205,8 +206,7 @@ def _knob_choices(recipe, chosen):
 
 def build(lab: Lab, models: ModelsPanel, merge: MergePanel) -> None:
     gr.Markdown(ABOUT_SWEEP)
-    sweeps = gr.Markdown("Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs.",
-                         elem_id="sweep-of")
+    sweeps = gr.Markdown(NOTHING_MERGED, elem_id="sweep-of")
     with gr.Row():
         first = [p.name for p in methods.get(methods.default_method().name).params if p.kind is float]
         knob = gr.Dropdown(first, value=first[0] if first else None, label="knob", elem_id="sweep-knob", min_width=150)

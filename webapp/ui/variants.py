@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from merging.recipe import knobs_text
 from webapp.protocol import DriftRun
 
 VLM = "the original VLM"
@@ -14,8 +15,7 @@ def variant_label(variant) -> str | None:
         return None
     if isinstance(variant, DriftRun):
         return variant.label
-    knobs = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} per layer"
-                      for k, v in (variant.get("parameters") or {}).items())
+    knobs = knobs_text(variant.get("parameters"))
     layers = variant.get("layers")
     where = f", layers {layers[0]}-{layers[1]}" if layers else ""
     return f"{variant['method']}{' ' + knobs if knobs else ''}{where}"
