@@ -5,7 +5,10 @@ each over its Param range: the method's author named them as the ones worth tuni
 tuned point then competes with the grid's best on the same knobs. A float knob that may vary per
 layer is searched as a schedule: a start and an end value, the recipe's 2-anchor gradient
 (merging.params: linear from the first to the last decoder layer); start == end is the constant.
-An int knob is searched over its whole numbers, a bool knob over 0 and 1.
+An int knob is searched over its whole numbers, a bool knob over 0 and 1; a knob naming a decoder
+layer (Param.layer_index) only over the model's layers. Where the method has a toggle (frank's
+use_prior) among the searched knobs, it is drawn first and the knobs that mean nothing in its state
+are not drawn at all (a conditional space: no trial is spent on a combination the method refuses).
 """
 
 from __future__ import annotations
@@ -16,13 +19,30 @@ from merging.errors import LabError
 
 
 def searched(method: str, num_layers: int) -> list:
-    """The Params the tuner varies, in the method's order."""
+    """The Params the tuner varies, in the method's order (its toggle, if searched, first)."""
     m = methods.get(method)
     named = {k for point in m.grid(num_layers) for k in point}
     params = [p for p in m.params if p.name in named]
     if not params:
         raise LabError(f"method {method!r} names no knobs to tune (its leaderboard grid varies none)")
-    return params
+    toggle = _toggle(m, params)
+    return sorted(params, key=lambda p: p.name != toggle.knob) if toggle else params
+
+
+def _toggle(m, params):
+    """The method's toggle when the tuner searches it, else None."""
+    return m.toggle if m.toggle and any(p.name == m.toggle.knob for p in params) else None
+
+
+def _drawn(method: str, num_layers: int, toggle_on: bool | None) -> list:
+    """The searched Params a trial draws once its toggle (if any) is known."""
+    m = methods.get(method)
+    params = searched(method, num_layers)
+    toggle = _toggle(m, params)
+    if toggle is None or toggle_on is None:
+        return params
+    hidden = set(toggle.hides(toggle_on))
+    return [p for p in params if p.name not in hidden]
 
 
 def is_schedule(p, num_layers: int) -> bool:
@@ -32,22 +52,29 @@ def is_schedule(p, num_layers: int) -> bool:
 def suggest(trial, method: str, num_layers: int) -> dict:
     """One trial's knobs, as recipe parameters (a schedule as [start, end])."""
     knobs: dict = {}
-    for p in searched(method, num_layers):
-        if is_schedule(p, num_layers):
+    toggle = _toggle(methods.get(method), searched(method, num_layers))
+    on = bool(trial.suggest_int(toggle.knob, 0, 1)) if toggle else None
+    for p in _drawn(method, num_layers, on):
+        if toggle and p.name == toggle.knob:
+            knobs[p.name] = int(on)
+        elif is_schedule(p, num_layers):
             start = trial.suggest_float(f"{p.name}_start", float(p.lo), float(p.hi))
             end = trial.suggest_float(f"{p.name}_end", float(p.lo), float(p.hi))
             knobs[p.name] = [round(start, 4), round(end, 4)]
         elif p.kind is float:
             knobs[p.name] = round(trial.suggest_float(p.name, float(p.lo), float(p.hi)), 4)
         else:
-            knobs[p.name] = trial.suggest_int(p.name, int(p.lo), int(p.hi))
+            lo, hi = p.bounds(num_layers)
+            knobs[p.name] = trial.suggest_int(p.name, int(lo), int(hi))
     return knobs
 
 
 def defaults_params(method: str, num_layers: int) -> dict:
     """The trial parameters of the method's defaults (enqueued first: the search never loses them)."""
     out: dict = {}
-    for p in searched(method, num_layers):
+    toggle = _toggle(methods.get(method), searched(method, num_layers))
+    on = bool(methods.get(method).param(toggle.knob).default) if toggle else None
+    for p in _drawn(method, num_layers, on):
         if is_schedule(p, num_layers):
             out[f"{p.name}_start"] = out[f"{p.name}_end"] = float(p.default)
         else:

@@ -33,6 +33,8 @@ class Param:
     # An int knob that picks one of a few rules: the rules' names, value 0 first. Recipes may
     # write the name (`rescale: l1`); the knob still holds the number.
     choices: tuple[str, ...] = ()
+    # An int knob naming a decoder layer: on a given model it ends at the last layer (sliders, tuner).
+    layer_index: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -41,6 +43,12 @@ class Param:
             raise ValueError(f"knob {self.name!r}: a bool knob ranges over 0..1")
         if self.choices and (self.kind is not int or (self.lo, self.hi) != (0, len(self.choices) - 1)):
             raise ValueError(f"knob {self.name!r}: a knob with named choices is an int from 0 to their count - 1")
+
+    def bounds(self, num_layers: int | None = None) -> tuple[float, float]:
+        """(lo, hi) on a model of num_layers decoder layers: a layer knob ends at the last layer."""
+        if self.layer_index and num_layers:
+            return self.lo, min(self.hi, num_layers - 1)
+        return self.lo, self.hi
 
     def choice(self, value) -> str:
         """The name of a choice knob's value (e.g. "l1" for rescale 0)."""

@@ -29,7 +29,7 @@ class LayerSwap(MergeMethod):
         Param("alpha", 1.0, 0.0, 1.0, "weight on the reasoner in the later layers (default 1: they are "
                                             "swapped for the reasoner's)"),
         Param("base_layer_num", FIRST_HALF, FIRST_HALF, 10_000, "last layer kept from the VLM; -1 = none "
-              "(as in the BR2V code); -2 = the first half", kind=int, per_layer=False),
+              "(as in the BR2V code); -2 = the first half", kind=int, per_layer=False, layer_index=True),
     )
     paper = BR2V
 

@@ -71,9 +71,9 @@ def slider_range(p, num_layers: int | None = None, hidden_size: int | None = Non
     """(lo, hi, why hi) of a knob's slider: layer knobs end at the last layer, integer knobs with
     huge ranges (ip_merging's rank) at the model's hidden size, else at CAP when it is not known."""
     hi, why = p.hi, "its maximum"
-    if p.integer and "layer" in p.name and num_layers:
+    if p.layer_index and num_layers:
         if num_layers - 1 < hi:
-            hi, why = num_layers - 1, "this model's last layer"
+            hi, why = p.bounds(num_layers)[1], "this model's last layer"
     elif p.integer and hi > CAP:
         hi, why = (hidden_size, "this model's hidden size") if hidden_size else (CAP, "the slider's maximum")
         hi = min(hi, p.hi)
