@@ -2,7 +2,8 @@
 
 optuna's multi-objective NSGA-II sampler maximises (perception, visual_math) on the leaderboard's
 dev split (analysis.leaderboard.build_dev_split: its own seed, disjoint from the held-out suites),
-over the knobs analysis.tune_space names (per-layer knobs as a start -> end schedule). Each trial
+over the knobs analysis.tune_space names (per-layer knobs as a start -> end schedule), starting
+from the method's defaults and its leaderboard grid points. Each trial
 merges the loaded VLM in place (merging.inplace.InPlaceMerger) and scores it; the merger is
 restored after every trial, so the model ends as the checkpoint's weights.
 
@@ -83,7 +84,8 @@ def open_study(folder: Path, method: str, settings: dict, seed: int) -> optuna.S
     had = study.user_attrs.get("settings")
     if had is None:
         study.set_user_attr("settings", settings)
-        study.enqueue_trial(tune_space.defaults_params(method, settings["num_layers"]))
+        for params in tune_space.start_points(method, settings["num_layers"]):
+            study.enqueue_trial(params)
     elif had != settings:
         diff = next(k for k in settings if had.get(k) != settings[k])
         raise LabError(f"{folder} holds a study with {diff} {had.get(diff)!r}, not {settings[diff]!r}; "

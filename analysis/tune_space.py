@@ -69,14 +69,33 @@ def suggest(trial, method: str, num_layers: int) -> dict:
     return knobs
 
 
-def defaults_params(method: str, num_layers: int) -> dict:
-    """The trial parameters of the method's defaults (enqueued first: the search never loses them)."""
+def point_params(method: str, num_layers: int, knobs: dict) -> dict:
+    """The trial parameters of one point given as recipe knobs (the rest at the method's defaults);
+    a constant per-layer knob is a schedule whose start equals its end."""
+    m = methods.get(method)
+    values = {**m.defaults(), **knobs}
+    toggle = _toggle(m, searched(method, num_layers))
+    on = bool(values[toggle.knob]) if toggle else None
     out: dict = {}
-    toggle = _toggle(methods.get(method), searched(method, num_layers))
-    on = bool(methods.get(method).param(toggle.knob).default) if toggle else None
     for p in _drawn(method, num_layers, on):
         if is_schedule(p, num_layers):
-            out[f"{p.name}_start"] = out[f"{p.name}_end"] = float(p.default)
+            out[f"{p.name}_start"] = out[f"{p.name}_end"] = float(values[p.name])
         else:
-            out[p.name] = float(p.default) if p.kind is float else int(p.default)
+            out[p.name] = float(values[p.name]) if p.kind is float else int(values[p.name])
+    return out
+
+
+def defaults_params(method: str, num_layers: int) -> dict:
+    """The trial parameters of the method's defaults."""
+    return point_params(method, num_layers, {})
+
+
+def start_points(method: str, num_layers: int) -> list[dict]:
+    """[choice] The trials a new study starts with: the defaults, then each point of the leaderboard's
+    grid (a warm start: the tuner's front on dev is then never worse than the grid's best)."""
+    out = []
+    for knobs in [{}] + methods.get(method).grid(num_layers):
+        params = point_params(method, num_layers, knobs)
+        if params not in out:
+            out.append(params)
     return out

@@ -47,3 +47,26 @@ def test_frank_draws_its_prior_or_w_v_never_both():
     assert all("beta" not in k and "w_v" in k for k in off)
     # the defaults, enqueued as the first trial, are the prior off with w_v 0.5 everywhere
     assert tune_space.defaults_params("frank", NUM_LAYERS) == {"use_prior": 0, "w_v_start": 0.5, "w_v_end": 0.5}
+
+
+def _as_knobs(method: str, params: dict) -> dict:
+    """Trial parameters back to recipe knobs, as a FixedTrial hands them to suggest."""
+    return tune_space.suggest(optuna.trial.FixedTrial(params), method, NUM_LAYERS)
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_a_study_starts_from_the_defaults_and_every_grid_point(method):
+    starts = [_as_knobs(method, p) for p in tune_space.start_points(method, NUM_LAYERS)]
+    m = methods.get(method)
+    for knobs in [{}] + m.grid(NUM_LAYERS):
+        want = {**m.defaults(), **knobs}
+        # some start is this point: each knob it sets holds the point's value (a schedule start == end)
+        assert any(all(v in (want[k], [want[k], want[k]]) for k, v in s.items()) for s in starts), knobs
+    for s in starts:
+        from_dict({**TRIPLE, "method": method, "parameters": s})
+    assert len(starts) == len({repr(s) for s in starts})  # no point twice
+
+
+def test_task_arithmetics_start_points_are_its_defaults_then_its_grid():
+    starts = [_as_knobs("task_arithmetic", p) for p in tune_space.start_points("task_arithmetic", NUM_LAYERS)]
+    assert [s["alpha"] for s in starts] == [[a, a] for a in (1.0, 0.2, 0.4, 0.6, 0.8, 1.2)]
