@@ -202,7 +202,7 @@ def test_two_merges_side_by_side_in_chat_and_evaluate(page):
 
 def test_the_same_example_clicked_twice_is_asked_twice(page):
     """(same page) an example clicked again once its answer is in asks it again (the box's value is the
-    same, so a change-only trigger would drop it)."""
+    same, so a change-only trigger would drop it); both panes then show the newest answer."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="3 · Chat").click()
@@ -215,3 +215,12 @@ def test_the_same_example_clicked_twice_is_asked_twice(page):
         example.first.click()
         expect(asked).to_have_count(before + n, timeout=90_000)
         expect(answers.last).to_contain_text("answered by", timeout=90_000)
+    # both panes follow the newest answer: each pane's scrolling box (it overflows by now) ends at its bottom
+    page.wait_for_timeout(1000)  # the pane scrolls once the answer's last chunk is drawn
+    for pane in ("#chat-merged", "#chat-original"):
+        boxes = page.locator(pane).evaluate("""root => [root, ...root.querySelectorAll('*')]
+            .filter(e => /auto|scroll/.test(getComputedStyle(e).overflowY) && e.scrollHeight > e.clientHeight + 2)
+            .map(e => [e.scrollTop, e.clientHeight, e.scrollHeight])""")
+        assert boxes, f"{pane} does not overflow yet"
+        top, seen, total = boxes[0]
+        assert top + seen >= total - 4, (pane, boxes)  # scrolled to the newest answer
