@@ -40,7 +40,7 @@ LEADERBOARD_LIMITS = {"limit": (1, 300, 30), "dev_items": (1, 200, 20), "grid_si
 # (lowest, highest, default): a sweep's items per suite; a tune's trials per run, seconds (0: no limit),
 # dev items scored per trial, dev split size, held-out items per suite for the chosen point
 SWEEP_LIMITS = {"limit": (1, 300, 20)}
-TUNE_LIMITS = {"trials": (1, 200, 10), "seconds": (0, 3600, 0), "limit": (1, 200, 30),
+TUNE_LIMITS = {"trials": (1, 200, 20), "seconds": (0, 3600, 0), "limit": (1, 200, 30),
                "dev_items": (1, 200, 100), "test_limit": (1, 300, 100)}
 
 

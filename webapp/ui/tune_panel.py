@@ -36,8 +36,10 @@ ABOUT_SWEEP = ("**Sweep** one knob of the merge live in the chat (the last one m
                "95% Wilson intervals. The checkpoint's weights are back afterwards, also after Cancel.")
 ABOUT_TUNE = ("**Tune** a method's knobs with optuna's multi-objective search (NSGA-II) on the **dev split** "
               "(never the held-out items), maximising perception and visual math; per-layer knobs are searched "
-              "as a start → end schedule. Running it again continues the same study. The chosen point (perception "
-              "within 3 points of the VLM's on dev, then the best visual math) is scored on the held-out suites.")
+              "as a start → end schedule. A new study first scores the method's defaults and the leaderboard's "
+              "grid points (4-7 points in all), then searches beyond them; running it again continues the same "
+              "study. The chosen point (perception within 3 points of the VLM's on dev, then the best visual "
+              "math) is scored on the held-out suites.")
 NOTHING_MERGED = "Nothing merged yet: press **Merge** in 2 · Merge, then sweep one of its knobs."
 CLICK_INFO = "or click the point on the plot above"
 TOY_ONLY = "the tuner runs on the bundled toy family only (its dev split is made from the toy tasks)"
