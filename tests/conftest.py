@@ -31,3 +31,18 @@ def smoke_family(tmp_path_factory):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, r.stdout
+
+
+@pytest.fixture(scope="session")
+def kits(tmp_path_factory):
+    """family -> its {vlm, reasoner, base} folders (tests.family_kits), each built once per test session."""
+    from tests.family_kits import build  # lazy: only the family tests pay for importing transformers
+
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str) -> dict:
+        if family not in built:
+            built[family] = build(family, root / family)
+        return built[family]
+
+    return get

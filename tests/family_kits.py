@@ -9,6 +9,7 @@ family's layout rule for the tokens of one image.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +29,12 @@ SPECIALS = {
     "gemma3": ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"],
 }
 SPECIALS["qwen2_5_vl"] = SPECIALS["qwen2_vl"]
+NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+# the processor each family loads here: transformers' own class (the lab's image-only one derives from
+# Qwen's), except Pixtral's, which transformers cannot import without torchvision
+PROCESSORS = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "idefics2": "Idefics2Processor",
+              "idefics3": "Idefics3Processor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+              "gemma3": "Gemma3Processor"}
 FAMILIES = ("llava", "llava_next", "idefics2", "idefics3", "qwen2_vl", "qwen2_5_vl", "mistral3", "gemma3")
 BASE = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = 128
