@@ -19,29 +19,26 @@ from merging.errors import LabError
 
 
 def searched(method: str, num_layers: int) -> list:
-    """The Params the tuner varies, in the method's order (its toggle, if searched, first)."""
+    """The Params the tuner varies, in the method's order."""
     m = methods.get(method)
     named = {k for point in m.grid(num_layers) for k in point}
     params = [p for p in m.params if p.name in named]
     if not params:
         raise LabError(f"method {method!r} names no knobs to tune (its leaderboard grid varies none)")
-    toggle = _toggle(m, params)
-    return sorted(params, key=lambda p: p.name != toggle.knob) if toggle else params
+    return params
 
 
-def _toggle(m, params):
-    """The method's toggle when the tuner searches it, else None."""
-    return m.toggle if m.toggle and any(p.name == m.toggle.knob for p in params) else None
+def _space(method: str, num_layers: int) -> tuple[list, object]:
+    """(the searched Params, the method's toggle when it is one of them, else None)."""
+    params, toggle = searched(method, num_layers), methods.get(method).toggle
+    return params, toggle if toggle and any(p.name == toggle.knob for p in params) else None
 
 
-def _drawn(method: str, num_layers: int, toggle_on: bool | None) -> list:
-    """The searched Params a trial draws once its toggle (if any) is known."""
-    m = methods.get(method)
-    params = searched(method, num_layers)
-    toggle = _toggle(m, params)
-    if toggle is None or toggle_on is None:
+def _drawn(params: list, toggle, on: bool | None) -> list:
+    """The searched Params besides the toggle that mean something in its state (all, without one)."""
+    if toggle is None:
         return params
-    hidden = set(toggle.hides(toggle_on))
+    hidden = {toggle.knob, *toggle.hides(on)}
     return [p for p in params if p.name not in hidden]
 
 
@@ -50,14 +47,15 @@ def is_schedule(p, num_layers: int) -> bool:
 
 
 def suggest(trial, method: str, num_layers: int) -> dict:
-    """One trial's knobs, as recipe parameters (a schedule as [start, end])."""
+    """One trial's knobs, as recipe parameters (a schedule as [start, end]); the toggle, if any, first."""
+    params, toggle = _space(method, num_layers)
     knobs: dict = {}
-    toggle = _toggle(methods.get(method), searched(method, num_layers))
-    on = bool(trial.suggest_int(toggle.knob, 0, 1)) if toggle else None
-    for p in _drawn(method, num_layers, on):
-        if toggle and p.name == toggle.knob:
-            knobs[p.name] = int(on)
-        elif is_schedule(p, num_layers):
+    on = None
+    if toggle:
+        on = bool(trial.suggest_int(toggle.knob, 0, 1))
+        knobs[toggle.knob] = int(on)
+    for p in _drawn(params, toggle, on):
+        if is_schedule(p, num_layers):
             start = trial.suggest_float(f"{p.name}_start", float(p.lo), float(p.hi))
             end = trial.suggest_float(f"{p.name}_end", float(p.lo), float(p.hi))
             knobs[p.name] = [round(start, 4), round(end, 4)]
@@ -72,12 +70,14 @@ def suggest(trial, method: str, num_layers: int) -> dict:
 def point_params(method: str, num_layers: int, knobs: dict) -> dict:
     """The trial parameters of one point given as recipe knobs (the rest at the method's defaults);
     a constant per-layer knob is a schedule whose start equals its end."""
-    m = methods.get(method)
-    values = {**m.defaults(), **knobs}
-    toggle = _toggle(m, searched(method, num_layers))
-    on = bool(values[toggle.knob]) if toggle else None
+    params, toggle = _space(method, num_layers)
+    values = {**methods.get(method).defaults(), **knobs}
     out: dict = {}
-    for p in _drawn(method, num_layers, on):
+    on = None
+    if toggle:
+        on = bool(values[toggle.knob])
+        out[toggle.knob] = int(on)
+    for p in _drawn(params, toggle, on):
         if is_schedule(p, num_layers):
             out[f"{p.name}_start"] = out[f"{p.name}_end"] = float(values[p.name])
         else:

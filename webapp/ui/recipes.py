@@ -72,7 +72,7 @@ def slider_range(p, num_layers: int | None = None, hidden_size: int | None = Non
     huge ranges (ip_merging's rank) at the model's hidden size, else at CAP when it is not known."""
     hi, why = p.hi, "its maximum"
     if p.layer_index and num_layers:
-        if num_layers - 1 < hi:
+        if p.bounds(num_layers)[1] < hi:
             hi, why = p.bounds(num_layers)[1], "this model's last layer"
     elif p.integer and hi > CAP:
         hi, why = (hidden_size, "this model's hidden size") if hidden_size else (CAP, "the slider's maximum")
